@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Both install
+# what they need on a fresh Debian 12 machine (as root) first.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bootstrap build lint clean
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+# Recompiles the BPF objects and the cffi binding in place (editable install).
+build: bootstrap
+	@$(PY) -m pip install -q --no-build-isolation --no-deps -e . >/dev/null
+
+demo: build
+	$(PY) examples/count_traffic.py
+
+lint: bootstrap
+	$(VENV)/bin/ruff check src tests examples bench
+	$(VENV)/bin/ruff format --check src tests examples bench
+	$(VENV)/bin/mypy --strict src
+	clang-format --dry-run -Werror $$(find csrc -name '*.c' -o -name '*.h')
+
+test: build lint
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf build dist $(VENV) src/*.egg-info src/pyebpflb/bpf src/pyebpflb/_bpf/_libbpf*.so src/pyebpflb/_bpf/_libbpf.c

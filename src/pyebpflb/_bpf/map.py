@@ -1,0 +1,415 @@
+"""BPF maps: typed lookup, update, delete, iteration and batch operations.
+
+A :class:`Map` is a file descriptor plus what is needed to read it: key and
+value sizes, and optionally the C types (from ``csrc/include``) to decode them
+into cffi structs. Keys and values may be given as ``bytes`` of the exact
+size, as a cffi cdata of the right type, or, for typed maps, as anything
+``ffi.new`` accepts (an ``int``, a ``dict`` of fields, a list).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from pyebpflb._bpf._call import c_string, check
+from pyebpflb._bpf._libbpf import ffi, lib
+from pyebpflb.errors import NotSupported
+
+
+class MapType(enum.IntEnum):
+    HASH = lib.BPF_MAP_TYPE_HASH
+    ARRAY = lib.BPF_MAP_TYPE_ARRAY
+    PERCPU_HASH = lib.BPF_MAP_TYPE_PERCPU_HASH
+    PERCPU_ARRAY = lib.BPF_MAP_TYPE_PERCPU_ARRAY
+    LRU_HASH = lib.BPF_MAP_TYPE_LRU_HASH
+    LRU_PERCPU_HASH = lib.BPF_MAP_TYPE_LRU_PERCPU_HASH
+    LPM_TRIE = lib.BPF_MAP_TYPE_LPM_TRIE
+    RINGBUF = lib.BPF_MAP_TYPE_RINGBUF
+    ARRAY_OF_MAPS = lib.BPF_MAP_TYPE_ARRAY_OF_MAPS
+    HASH_OF_MAPS = lib.BPF_MAP_TYPE_HASH_OF_MAPS
+
+
+class UpdateFlag(enum.IntEnum):
+    """``flags`` of an update: create or replace, create only, replace only."""
+
+    ANY = lib.BPF_ANY
+    NOEXIST = lib.BPF_NOEXIST
+    EXIST = lib.BPF_EXIST
+
+
+_PERCPU = {MapType.PERCPU_HASH, MapType.PERCPU_ARRAY, MapType.LRU_PERCPU_HASH}
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs: the number of slots in a per-CPU value."""
+    return check(lib.libbpf_num_possible_cpus(), "count possible CPUs")
+
+
+class Map:
+    """An open BPF map. Use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        name: str,
+        map_type: int,
+        key_size: int,
+        value_size: int,
+        max_entries: int,
+        key_type: str | None = None,
+        value_type: str | None = None,
+        owns_fd: bool = True,
+    ) -> None:
+        self._fd = fd
+        self.name = name
+        self.type = map_type
+        self.key_size = key_size
+        self.value_size = value_size
+        self.max_entries = max_entries
+        self.key_type = _checked_type(key_type, key_size, name, "key")
+        self.value_type = _checked_type(value_type, value_size, name, "value")
+        self._owns_fd = owns_fd
+        self.percpu = map_type in _PERCPU
+        self._cpus = possible_cpus() if self.percpu else 1
+        # Per-CPU values are laid out with an 8-byte stride per CPU.
+        self._stride = (value_size + 7) & ~7 if self.percpu else value_size
+
+    # -- construction -------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        map_type: MapType,
+        *,
+        key_size: int,
+        value_size: int,
+        max_entries: int,
+        name: str = "",
+        key_type: str | None = None,
+        value_type: str | None = None,
+    ) -> Map:
+        """Create a new map in the kernel (not part of any object)."""
+        fd = check(
+            lib.bpf_map_create(
+                int(map_type), c_string(name[:15]), key_size, value_size, max_entries, ffi.NULL
+            ),
+            f"create {map_type.name} map {name!r}",
+        )
+        return cls(
+            fd,
+            name=name,
+            map_type=int(map_type),
+            key_size=key_size,
+            value_size=value_size,
+            max_entries=max_entries,
+            key_type=key_type,
+            value_type=value_type,
+        )
+
+    @classmethod
+    def from_fd(
+        cls, fd: int, *, key_type: str | None = None, value_type: str | None = None
+    ) -> Map:
+        """Wrap a map fd; the new object owns ``fd`` and closes it."""
+        info = ffi.new("struct bpf_map_info *")
+        size = ffi.new("__u32 *", ffi.sizeof("struct bpf_map_info"))
+        try:
+            check(lib.bpf_obj_get_info_by_fd(fd, info, size), f"read info of map fd {fd}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(
+            fd,
+            name=ffi.string(info.name).decode(),
+            map_type=info.type,
+            key_size=info.key_size,
+            value_size=info.value_size,
+            max_entries=info.max_entries,
+            key_type=key_type,
+            value_type=value_type,
+        )
+
+    @classmethod
+    def from_pinned(
+        cls, path: str | os.PathLike[str], *, key_type: str | None = None,
+        value_type: str | None = None,
+    ) -> Map:
+        """Open a map pinned on a bpffs at ``path``."""
+        fd = check(lib.bpf_obj_get(c_string(os.fspath(path))), f"open pinned map {path}")
+        return cls.from_fd(fd, key_type=key_type, value_type=value_type)
+
+    @classmethod
+    def from_id(cls, map_id: int, **types: str | None) -> Map:
+        """Open a map by its kernel id (as shown by ``bpftool map``)."""
+        fd = check(lib.bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+        return cls.from_fd(fd, **types)
+
+    # -- identity -------------------------------------------------------
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError(f"map {self.name!r} is closed")
+        return self._fd
+
+    @property
+    def id(self) -> int:
+        """The kernel's id of this map."""
+        info = ffi.new("struct bpf_map_info *")
+        size = ffi.new("__u32 *", ffi.sizeof("struct bpf_map_info"))
+        check(lib.bpf_obj_get_info_by_fd(self.fd, info, size), f"read info of map {self.name}")
+        return int(info.id)
+
+    def pin(self, path: str | os.PathLike[str]) -> None:
+        """Pin the map at ``path`` on a bpffs, so it outlives this process."""
+        check(lib.bpf_obj_pin(self.fd, c_string(os.fspath(path))), f"pin map {self.name} at {path}")
+
+    # -- element operations -----------------------------------------------
+    def lookup(self, key: Any) -> Any:
+        """The value for ``key``, or ``None`` when the key is absent.
+
+        Per-CPU maps give a list with one value per possible CPU.
+        """
+        out = ffi.new("char[]", self._stride * self._cpus)
+        ret = lib.bpf_map_lookup_elem(self.fd, self._key(key), out)
+        if ret == -errno.ENOENT:
+            return None
+        check(ret, f"look up in map {self.name}")
+        return self._decode_value(out, 0)
+
+    def __getitem__(self, key: Any) -> Any:
+        value = self.lookup(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def update(self, key: Any, value: Any, flags: UpdateFlag = UpdateFlag.ANY) -> None:
+        check(
+            lib.bpf_map_update_elem(self.fd, self._key(key), self._value(value), int(flags)),
+            f"update map {self.name}",
+        )
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.update(key, value)
+
+    def delete(self, key: Any) -> None:
+        """Remove ``key``; :class:`KeyError` when it is absent."""
+        ret = lib.bpf_map_delete_elem(self.fd, self._key(key))
+        if ret == -errno.ENOENT:
+            raise KeyError(key)
+        check(ret, f"delete from map {self.name}")
+
+    def __delitem__(self, key: Any) -> None:
+        self.delete(key)
+
+    def __contains__(self, key: Any) -> bool:
+        return self.lookup(key) is not None
+
+    def keys(self) -> Iterator[Any]:
+        """Iterate the keys. Concurrent kernel writes may add or drop keys."""
+        prev = ffi.NULL
+        while True:
+            nxt = ffi.new("char[]", self.key_size)
+            ret = lib.bpf_map_get_next_key(self.fd, prev, nxt)
+            if ret == -errno.ENOENT:
+                return
+            check(ret, f"iterate map {self.name}")
+            yield self._decode(nxt, 0, self.key_size, self.key_type)
+            prev = nxt
+
+    __iter__ = keys
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:  # deleted between the two calls
+                yield key, value
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.keys())
+
+    # -- batch operations ------------------------------------------------
+    def update_batch(
+        self, keys: Sequence[Any], values: Sequence[Any], flags: UpdateFlag = UpdateFlag.ANY
+    ) -> None:
+        """Write many entries in one system call (kernel >= 5.6)."""
+        if len(keys) != len(values):
+            raise ValueError(f"update_batch got {len(keys)} keys but {len(values)} values")
+        if not keys:
+            return
+        key_buf = self._pack(keys, self.key_size, self._key)
+        value_buf = self._pack(values, self._stride * self._cpus, self._value)
+        count = ffi.new("__u32 *", len(keys))
+        opts = _batch_opts(int(flags))
+        self._batch_call(
+            lib.bpf_map_update_batch(self.fd, key_buf, value_buf, count, opts), "update"
+        )
+
+    def delete_batch(self, keys: Sequence[Any]) -> None:
+        """Remove many keys in one system call; all must exist."""
+        if not keys:
+            return
+        key_buf = self._pack(keys, self.key_size, self._key)
+        count = ffi.new("__u32 *", len(keys))
+        ret = lib.bpf_map_delete_batch(self.fd, key_buf, count, _batch_opts(0))
+        if ret == -errno.ENOENT:
+            raise KeyError(f"{len(keys) - count[0]} of the keys are not in map {self.name}")
+        self._batch_call(ret, "delete")
+
+    def lookup_batch(self, chunk: int = 256) -> list[tuple[Any, Any]]:
+        """Read all entries, ``chunk`` per system call."""
+        result: list[tuple[Any, Any]] = []
+        # The kernel's batch token is opaque; a key-sized buffer is large
+        # enough for hash maps, and arrays use a 4-byte index.
+        token_size = max(self.key_size, 4)
+        in_batch = ffi.NULL
+        out_batch = ffi.new("char[]", token_size)
+        while True:
+            keys = ffi.new("char[]", self.key_size * chunk)
+            values = ffi.new("char[]", self._stride * self._cpus * chunk)
+            count = ffi.new("__u32 *", chunk)
+            ret = lib.bpf_map_lookup_batch(
+                self.fd, in_batch, out_batch, keys, values, count, _batch_opts(0)
+            )
+            if ret < 0 and ret != -errno.ENOENT:
+                self._batch_call(ret, "look up")
+            for i in range(count[0]):
+                key = self._decode(keys, i * self.key_size, self.key_size, self.key_type)
+                value = self._decode_value(values, i * self._stride * self._cpus)
+                result.append((key, value))
+            if ret == -errno.ENOENT:  # the last chunk
+                return result
+            in_batch, out_batch = out_batch, ffi.new("char[]", token_size)
+
+    def _batch_call(self, ret: int, what: str) -> None:
+        if ret in (-_KERNEL_ENOTSUPP, -errno.EOPNOTSUPP):
+            raise NotSupported(
+                f"batch {what} on map {self.name} ({_type_name(self.type)}) is not supported "
+                "by this kernel; use the per-element operations"
+            )
+        check(ret, f"batch {what} map {self.name}")
+
+    # -- encoding ----------------------------------------------------------
+    def _key(self, key: Any) -> Any:
+        return self._encode(key, self.key_size, self.key_type, "key")
+
+    def _value(self, value: Any) -> Any:
+        if not self.percpu:
+            return self._encode(value, self.value_size, self.value_type, "value")
+        # A per-CPU update writes every CPU's slot: a list gives one value per
+        # CPU, a single value is copied to all of them.
+        per_cpu = value if isinstance(value, list) else [value] * self._cpus
+        if len(per_cpu) != self._cpus:
+            raise ValueError(
+                f"per-CPU map {self.name} needs {self._cpus} values (one per possible CPU), "
+                f"got {len(per_cpu)}"
+            )
+        buf = ffi.new("char[]", self._stride * self._cpus)
+        for cpu, item in enumerate(per_cpu):
+            encoded = self._encode(item, self.value_size, self.value_type, "value")
+            ffi.memmove(buf + cpu * self._stride, encoded, self.value_size)
+        return buf
+
+    def _encode(self, obj: Any, size: int, ctype: str | None, what: str) -> Any:
+        if isinstance(obj, (bytes, bytearray)):
+            if len(obj) != size:
+                raise ValueError(
+                    f"{what} for map {self.name} must be {size} bytes, got {len(obj)}"
+                )
+            return ffi.from_buffer(obj)
+        if isinstance(obj, ffi.CData):
+            ctype_of = ffi.typeof(obj)
+            pointer = ctype_of.kind == "pointer"
+            actual = ffi.sizeof(ctype_of.item) if pointer else ffi.sizeof(obj)
+            if actual != size:
+                raise ValueError(
+                    f"{what} for map {self.name} must be {size} bytes, got a {actual}-byte "
+                    f"{ctype_of.cname}"
+                )
+            return obj if pointer else ffi.addressof(obj)
+        if ctype is not None:
+            return ffi.new(f"{ctype} *", obj)
+        if isinstance(obj, int):
+            return ffi.from_buffer(obj.to_bytes(size, "little" if _LITTLE else "big"))
+        raise TypeError(
+            f"{what} for untyped map {self.name} must be bytes or int, got {type(obj).__name__}"
+        )
+
+    def _pack(self, items: Iterable[Any], size: int, encode: Any) -> Any:
+        items = list(items)
+        buf = ffi.new("char[]", size * len(items))
+        for i, item in enumerate(items):
+            ffi.memmove(buf + i * size, encode(item), size)
+        return buf
+
+    def _decode(self, buf: Any, offset: int, size: int, ctype: str | None) -> Any:
+        if ctype is None:
+            return bytes(ffi.buffer(buf + offset, size))
+        out = ffi.new(f"{ctype} *")
+        ffi.memmove(out, buf + offset, size)
+        kind = ffi.typeof(out).item.kind
+        return out[0] if kind == "primitive" else out
+
+    def _decode_value(self, buf: Any, offset: int) -> Any:
+        if not self.percpu:
+            return self._decode(buf, offset, self.value_size, self.value_type)
+        return [
+            self._decode(buf, offset + cpu * self._stride, self.value_size, self.value_type)
+            for cpu in range(self._cpus)
+        ]
+
+    # -- lifetime ------------------------------------------------------------
+    def close(self) -> None:
+        if self._fd >= 0 and self._owns_fd:
+            os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> Map:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._fd < 0 else f"fd={self._fd}"
+        kind = _type_name(self.type)
+        return f"<Map {self.name!r} {kind} max_entries={self.max_entries} {state}>"
+
+
+# The kernel's ENOTSUPP (524), which user space's errno module does not name.
+_KERNEL_ENOTSUPP = 524
+_LITTLE = ffi.cast("__u16 *", ffi.new("char[]", b"\x01\x00"))[0] == 1
+
+
+def _type_name(map_type: int) -> str:
+    try:
+        return MapType(map_type).name
+    except ValueError:
+        return f"type {map_type}"
+
+
+def _checked_type(ctype: str | None, size: int, name: str, what: str) -> str | None:
+    if ctype is None:
+        return None
+    try:
+        actual = ffi.sizeof(ctype)
+    except ffi.error as exc:
+        raise ValueError(f"unknown C type {ctype!r} for the {what} of map {name}") from exc
+    if actual != size:
+        raise ValueError(
+            f"C type {ctype!r} is {actual} bytes but the {what} of map {name} is {size} bytes"
+        )
+    return ctype
+
+
+def _batch_opts(elem_flags: int) -> Any:
+    opts = ffi.new("struct bpf_map_batch_opts *")
+    opts.sz = ffi.sizeof("struct bpf_map_batch_opts")
+    opts.elem_flags = elem_flags
+    return opts
+
+
+__all__ = ["Map", "MapType", "UpdateFlag", "possible_cpus"]

@@ -1,0 +1,209 @@
+"""BPF objects: open an ELF from memory, configure its maps, load it."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from pyebpflb._bpf import log
+from pyebpflb._bpf._call import c_string, check, check_ptr
+from pyebpflb._bpf._libbpf import ffi, lib
+from pyebpflb._bpf.map import Map
+from pyebpflb._bpf.program import Program
+from pyebpflb.errors import BpfError, MissingPrivilege, VerifierError
+
+
+class Object:
+    """A BPF object file, opened from bytes.
+
+    Between :meth:`open` and :meth:`load` the maps can be sized, pinned or
+    replaced by existing maps; after :meth:`load` the programs and maps are
+    in the kernel and reachable through :attr:`programs` and :attr:`maps`.
+    Closing the object closes its fds: programs stay in the kernel only while
+    something else holds them (a tc filter, an XDP hook, a pin).
+    """
+
+    def __init__(self, obj: Any, name: str, buffer: Any) -> None:
+        self._obj = obj
+        self.name = name
+        # libbpf keeps pointers into the ELF image until close.
+        self._buffer = buffer
+        self._keep: list[Any] = []
+        self._loaded = False
+        self.programs: dict[str, Program] = {}
+        self.maps: dict[str, Map] = {}
+
+    @classmethod
+    def open(cls, data: bytes, name: str, *, pin_dir: str | os.PathLike[str] | None = None) -> Object:
+        """Open the ELF image ``data``; nothing reaches the kernel yet.
+
+        With ``pin_dir``, every map of the object is pinned there by name on
+        load, and a map already pinned there is reused instead of created.
+        """
+        buffer = ffi.from_buffer(data)
+        opts = ffi.new("struct bpf_object_open_opts *")
+        opts.sz = ffi.sizeof("struct bpf_object_open_opts")
+        object_name = c_string(name)
+        opts.object_name = object_name
+        with log.capture() as lines:
+            obj = lib.bpf_object__open_mem(buffer, len(data), opts)
+        if obj == ffi.NULL:
+            err = ffi.errno
+            said = " ".join(line.strip() for line in lines[-3:])
+            raise BpfError(err, f"open BPF object {name!r}", f"libbpf said: {said}" if said else "")
+        self = cls(obj, name, buffer)
+        self._keep.append(object_name)
+        if pin_dir is not None:
+            for bpf_map in self._libbpf_maps():
+                if not lib.bpf_map__is_internal(bpf_map):
+                    path = os.path.join(os.fspath(pin_dir), ffi.string(lib.bpf_map__name(bpf_map)).decode())
+                    check(lib.bpf_map__set_pin_path(bpf_map, c_string(path)), f"set pin path {path}")
+        return self
+
+    def _libbpf_maps(self) -> list[Any]:
+        result = []
+        bpf_map = lib.bpf_object__next_map(self._obj, ffi.NULL)
+        while bpf_map != ffi.NULL:
+            result.append(bpf_map)
+            bpf_map = lib.bpf_object__next_map(self._obj, bpf_map)
+        return result
+
+    def _libbpf_map(self, name: str) -> Any:
+        for bpf_map in self._libbpf_maps():
+            if ffi.string(lib.bpf_map__name(bpf_map)).decode() == name:
+                return bpf_map
+        known = ", ".join(sorted(self.map_names()))
+        raise KeyError(f"object {self.name!r} has no map {name!r}; it has: {known}")
+
+    def map_names(self) -> list[str]:
+        return [ffi.string(lib.bpf_map__name(m)).decode() for m in self._libbpf_maps()]
+
+    # -- before load ---------------------------------------------------------
+    def set_max_entries(self, map_name: str, max_entries: int) -> None:
+        """Size a map before load."""
+        self._before_load("size a map")
+        if max_entries < 1:
+            raise ValueError(f"max_entries of map {map_name!r} must be at least 1, got {max_entries}")
+        check(
+            lib.bpf_map__set_max_entries(self._libbpf_map(map_name), max_entries),
+            f"set max_entries of map {map_name}",
+        )
+
+    def reuse_map(self, map_name: str, existing: Map) -> None:
+        """Use ``existing`` (e.g. a pinned map) instead of creating ``map_name``."""
+        self._before_load("reuse a map")
+        check(
+            lib.bpf_map__reuse_fd(self._libbpf_map(map_name), existing.fd),
+            f"reuse map fd {existing.fd} for {map_name}",
+        )
+
+    def _before_load(self, what: str) -> None:
+        if self._loaded:
+            raise RuntimeError(f"cannot {what} of object {self.name!r}: it is already loaded")
+        if self._obj is None:
+            raise RuntimeError(f"cannot {what} of object {self.name!r}: it is closed")
+
+    # -- load ------------------------------------------------------------------
+    def load(self) -> Object:
+        """Load every program and create (or reuse) every map."""
+        self._before_load("load")
+        with log.capture() as lines:
+            ret = lib.bpf_object__load(self._obj)
+        if ret < 0:
+            err = -ret
+            text = "".join(lines)
+            operation = f"load BPF object {self.name!r}"
+            if err == errno.EPERM:
+                raise MissingPrivilege(err, operation)
+            raise VerifierError(err, operation, text)
+        self._loaded = True
+        btf = lib.bpf_object__btf(self._obj)
+        for bpf_map in self._libbpf_maps():
+            name = ffi.string(lib.bpf_map__name(bpf_map)).decode()
+            self.maps[name] = Map(
+                lib.bpf_map__fd(bpf_map),
+                name=name,
+                map_type=lib.bpf_map__type(bpf_map),
+                key_size=lib.bpf_map__key_size(bpf_map),
+                value_size=lib.bpf_map__value_size(bpf_map),
+                max_entries=lib.bpf_map__max_entries(bpf_map),
+                key_type=_c_type(btf, lib.bpf_map__btf_key_type_id(bpf_map), lib.bpf_map__key_size(bpf_map)),
+                value_type=_c_type(btf, lib.bpf_map__btf_value_type_id(bpf_map), lib.bpf_map__value_size(bpf_map)),
+                owns_fd=False,
+            )
+        prog = lib.bpf_object__next_program(self._obj, ffi.NULL)
+        while prog != ffi.NULL:
+            name = ffi.string(lib.bpf_program__name(prog)).decode()
+            self.programs[name] = Program(
+                lib.bpf_program__fd(prog),
+                name,
+                ffi.string(lib.bpf_program__section_name(prog)).decode(),
+                lib.bpf_program__type(prog),
+                prog,
+            )
+            prog = lib.bpf_object__next_program(self._obj, prog)
+        return self
+
+    def program(self, name: str) -> Program:
+        try:
+            return self.programs[name]
+        except KeyError:
+            raise KeyError(_missing("program", name, self.name, self.programs)) from None
+
+    def map(self, name: str) -> Map:
+        try:
+            return self.maps[name]
+        except KeyError:
+            raise KeyError(_missing("map", name, self.name, self.maps)) from None
+
+    # -- lifetime ------------------------------------------------------------------
+    def close(self) -> None:
+        if self._obj is not None:
+            lib.bpf_object__close(self._obj)
+            self._obj = None
+            for bpf_map in self.maps.values():
+                bpf_map.close()
+            self.maps = {}
+            self.programs = {}
+
+    def __enter__(self) -> Object:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._obj is None else ("loaded" if self._loaded else "opened")
+        return f"<Object {self.name!r} {state} programs={list(self.programs)} maps={list(self.maps)}>"
+
+
+def _missing(kind: str, name: str, obj: str, known: Mapping[str, object]) -> str:
+    return f"object {obj!r} has no {kind} {name!r}; it has: {', '.join(sorted(known)) or 'none'}"
+
+
+def _c_type(btf: Any, type_id: int, size: int) -> str | None:
+    """The cffi type name of a BTF type, when cffi knows a type of that name and size.
+
+    This is how maps come out typed by the structs of ``csrc/include``: the
+    BPF object's BTF names the key and value types, and the binding was built
+    from the same headers.
+    """
+    if btf == ffi.NULL or type_id == 0:
+        return None
+    btf_type = lib.btf__type_by_id(btf, type_id)
+    if btf_type == ffi.NULL:
+        return None
+    name = ffi.string(lib.btf__name_by_offset(btf, btf_type.name_off)).decode()
+    kind = lib.btf_kind(btf_type)
+    if kind == lib.BTF_KIND_STRUCT:
+        name = f"struct {name}"
+    elif kind == lib.BTF_KIND_UNION:
+        name = f"union {name}"
+    elif kind not in (lib.BTF_KIND_TYPEDEF, lib.BTF_KIND_INT):
+        return None
+    try:
+        return name if ffi.sizeof(name) == size else None
+    except ffi.error:
+        return None

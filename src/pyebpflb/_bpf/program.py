@@ -1,0 +1,87 @@
+"""Loaded BPF programs: identity and BPF_PROG_TEST_RUN."""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Any, NamedTuple
+
+from pyebpflb._bpf._call import c_string, check
+from pyebpflb._bpf._libbpf import ffi, lib
+
+
+class ProgramType(enum.IntEnum):
+    SCHED_CLS = lib.BPF_PROG_TYPE_SCHED_CLS
+    XDP = lib.BPF_PROG_TYPE_XDP
+    CGROUP_SKB = lib.BPF_PROG_TYPE_CGROUP_SKB
+
+
+class TestRun(NamedTuple):
+    """Result of one BPF_PROG_TEST_RUN."""
+
+    retval: int
+    """What the program returned (an ``int``; tc's TC_ACT_UNSPEC is -1)."""
+    data: bytes
+    """The packet as the program left it."""
+    duration_ns: int
+    """Mean run time per repetition, as measured by the kernel."""
+
+
+class Program:
+    """A program of a loaded :class:`~pyebpflb._bpf.Object`; the object owns its fd."""
+
+    def __init__(
+        self, fd: int, name: str, section: str, prog_type: int, handle: Any = None
+    ) -> None:
+        self.fd = fd
+        # libbpf's struct bpf_program, for attach calls that create bpf_links.
+        self._handle = handle
+        self.name = name
+        self.section = section
+        self.type = prog_type
+
+    @property
+    def id(self) -> int:
+        """The kernel's id of this program (as in ``bpftool prog``)."""
+        info = ffi.new("struct bpf_prog_info *")
+        size = ffi.new("__u32 *", ffi.sizeof("struct bpf_prog_info"))
+        check(lib.bpf_obj_get_info_by_fd(self.fd, info, size), f"read info of program {self.name}")
+        return int(info.id)
+
+    def test_run(
+        self, data: bytes, *, repeat: int = 1, ctx: bytes | None = None, headroom: int = 512
+    ) -> TestRun:
+        """Run the program on ``data`` in the kernel without any interface.
+
+        ``repeat`` runs it that many times (the duration is the mean).
+        ``headroom`` is how many bytes the program may grow the packet by.
+        """
+        if repeat < 1:
+            raise ValueError(f"repeat must be at least 1, got {repeat}")
+        if len(data) == 0:
+            raise ValueError("test_run needs a packet of at least one byte")
+        data_in = ffi.from_buffer(data)
+        data_out = ffi.new("char[]", len(data) + headroom)
+        opts = ffi.new("struct bpf_test_run_opts *")
+        opts.sz = ffi.sizeof("struct bpf_test_run_opts")
+        opts.data_in = data_in
+        opts.data_size_in = len(data)
+        opts.data_out = data_out
+        opts.data_size_out = len(data) + headroom
+        opts.repeat = repeat
+        ctx_in: Any = None
+        if ctx is not None:
+            ctx_in = ffi.from_buffer(ctx)
+            opts.ctx_in = ctx_in
+            opts.ctx_size_in = len(ctx)
+        check(lib.bpf_prog_test_run_opts(self.fd, opts), f"test run of program {self.name}")
+        retval = int(ffi.cast("int", opts.retval))
+        out = bytes(ffi.buffer(data_out, opts.data_size_out))
+        return TestRun(retval=retval, data=out, duration_ns=int(opts.duration))
+
+    def pin(self, path: str | os.PathLike[str]) -> None:
+        """Pin the program on a bpffs at ``path``."""
+        check(lib.bpf_obj_pin(self.fd, c_string(os.fspath(path))), f"pin program {self.name}")
+
+    def __repr__(self) -> str:
+        return f"<Program {self.name!r} section={self.section!r} fd={self.fd}>"

@@ -1,0 +1,70 @@
+"""The one exception hierarchy of pyebpflb.
+
+Every error the library raises on purpose derives from :class:`PyEbpfLbError`.
+Errors that come from the kernel also derive from :class:`OSError` (through
+:class:`BpfError`) and carry ``errno``, so callers may catch either.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+
+PRIVILEGE_HINT = "needs CAP_BPF and CAP_NET_ADMIN (CAP_SYS_ADMIN on older kernels): run as root"
+
+
+class PyEbpfLbError(Exception):
+    """Base class of every error raised by pyebpflb."""
+
+
+class BpfError(PyEbpfLbError, OSError):
+    """The kernel or libbpf refused an operation.
+
+    ``errno`` holds the error number, ``operation`` says what was attempted.
+    """
+
+    def __init__(self, err: int, operation: str, detail: str = "") -> None:
+        message = f"{operation}: {os.strerror(err)} (errno {err})"
+        if detail:
+            message = f"{message}; {detail}"
+        OSError.__init__(self, err, message)
+        self.operation = operation
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class MissingPrivilege(BpfError, PermissionError):
+    """The caller lacks the capabilities the operation needs."""
+
+    def __init__(self, err: int, operation: str) -> None:
+        super().__init__(err, operation, PRIVILEGE_HINT)
+
+
+class VerifierError(BpfError):
+    """The kernel verifier (or libbpf while loading) rejected a program.
+
+    ``log`` holds what libbpf and the verifier said during the load.
+    """
+
+    def __init__(self, err: int, operation: str, log: str) -> None:
+        tail = "\n".join(log.strip().splitlines()[-20:])
+        super().__init__(err, operation, f"verifier/libbpf log (last lines):\n{tail}")
+        self.log = log
+
+
+class MapFull(BpfError):
+    """A map has no room for another entry (E2BIG/ENOSPC from the kernel)."""
+
+
+class NotSupported(PyEbpfLbError):
+    """The running kernel or libbpf lacks a feature the operation needs."""
+
+
+def from_errno(err: int, operation: str) -> BpfError:
+    """The most specific exception for a kernel error number."""
+    if err == errno_mod.EPERM:
+        return MissingPrivilege(err, operation)
+    if err in (errno_mod.E2BIG, errno_mod.ENOSPC):
+        return MapFull(err, operation)
+    return BpfError(err, operation)

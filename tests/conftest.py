@@ -1,0 +1,64 @@
+"""Fixtures shared by the suite. Every test here runs against the real kernel."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import sandbox
+
+from pyebpflb import objects
+from pyebpflb._bpf import Object
+
+PIN_ROOT = pathlib.Path("/sys/fs/bpf/pyebpflb-test")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0:
+        reason = "needs root (CAP_BPF, CAP_NET_ADMIN) to load BPF programs: run `make test` as root"
+        for item in items:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """After the whole suite: no namespace and no pin of this run remains."""
+    yield
+    if os.geteuid() != 0:
+        return
+    left = sandbox.ours()
+    pins = sorted(str(p) for p in PIN_ROOT.rglob("*")) if PIN_ROOT.exists() else []
+    assert not left, f"network namespaces left behind: {left}"
+    assert not pins, f"pins left behind: {pins}"
+
+
+@pytest.fixture
+def counter() -> Iterator[Object]:
+    """The shipped counter object, loaded."""
+    with objects.open_object("counter").load() as obj:
+        yield obj
+
+
+@pytest.fixture
+def veth() -> Iterator[sandbox.VethPair]:
+    with sandbox.veth_pair() as pair:
+        yield pair
+
+
+@pytest.fixture
+def pin_dir(request: pytest.FixtureRequest) -> Iterator[pathlib.Path]:
+    """An empty folder on the bpffs, removed with everything pinned in it."""
+    from pyebpflb._bpf import fs
+
+    fs.ensure_bpffs()
+    path = PIN_ROOT / f"{os.getpid()}-{request.node.name}"
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+        if PIN_ROOT.exists() and not any(PIN_ROOT.iterdir()):
+            PIN_ROOT.rmdir()
