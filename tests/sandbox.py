@@ -79,14 +79,18 @@ def veth_pair(subnet: int = 0) -> Iterator[VethPair]:
                         knob.write("1")
         with NetNS(left_ns) as left:
             left.link(
-                "add", ifname="veth-l", kind="veth", address=left_mac,
+                "add",
+                ifname="veth-l",
+                kind="veth",
+                address=left_mac,
                 peer={"ifname": "veth-r", "net_ns_fd": right_ns, "address": right_mac},
             )
             _configure(left, "veth-l", left_ip, right_ip, right_mac)
         with NetNS(right_ns) as right:
             _configure(right, "veth-r", right_ip, left_ip, left_mac)
         yield VethPair(
-            Host(left_ns, "veth-l", left_ip, left_mac), Host(right_ns, "veth-r", right_ip, right_mac)
+            Host(left_ns, "veth-l", left_ip, left_mac),
+            Host(right_ns, "veth-r", right_ip, right_mac),
         )
     finally:
         for name in created:

@@ -68,8 +68,9 @@ def test_iteration_sees_every_key_once(hash_map: Map) -> None:
 
 
 def test_full_map_raises_mapfull_and_keeps_its_entries() -> None:
-    with Map.create(MapType.HASH, key_size=4, value_size=4, max_entries=2, key_type="__u32",
-                    value_type="__u32") as small:
+    with Map.create(
+        MapType.HASH, key_size=4, value_size=4, max_entries=2, key_type="__u32", value_type="__u32"
+    ) as small:
         small[1] = 10
         small[2] = 20
         with pytest.raises(MapFull):
@@ -91,8 +92,14 @@ def test_untyped_map_takes_and_gives_bytes() -> None:
 
 def test_a_type_that_does_not_fit_the_map_is_refused() -> None:
     with pytest.raises(ValueError, match="is 16 bytes but the key of map m is 4 bytes"):
-        Map.create(MapType.HASH, key_size=4, value_size=4, max_entries=1, name="m",
-                   key_type="struct pyebpflb_counter_value")
+        Map.create(
+            MapType.HASH,
+            key_size=4,
+            value_size=4,
+            max_entries=1,
+            name="m",
+            key_type="struct pyebpflb_counter_value",
+        )
 
 
 def test_batch_update_lookup_delete(hash_map: Map) -> None:
@@ -102,7 +109,7 @@ def test_batch_update_lookup_delete(hash_map: Map) -> None:
     got = {k.ifindex: (v.packets, v.bytes) for k, v in hash_map.lookup_batch(chunk=16)}
     assert got == {i: (i, 2 * i) for i in range(1, 41)}
     hash_map.delete_batch(keys[:30])
-    assert sorted(k.ifindex for k in hash_map.keys()) == list(range(31, 41))
+    assert sorted(k.ifindex for k in hash_map) == list(range(31, 41))
 
 
 def test_batch_delete_of_absent_keys_raises_keyerror(hash_map: Map) -> None:

@@ -15,7 +15,9 @@ def filters(host_ns: str, iface: str, direction: str) -> list[str]:
     """What `tc filter show` prints, one line per filter (the user's view)."""
     out = subprocess.run(
         ["ip", "netns", "exec", host_ns, "tc", "filter", "show", "dev", iface, direction],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     # tc prints a header line per priority slot; filters are the lines with a handle.
     return [line for line in out.splitlines() if line.startswith("filter") and " handle " in line]
@@ -24,7 +26,9 @@ def filters(host_ns: str, iface: str, direction: str) -> list[str]:
 def qdiscs(host_ns: str, iface: str) -> str:
     return subprocess.run(
         ["ip", "netns", "exec", host_ns, "tc", "qdisc", "show", "dev", iface],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
 
@@ -77,8 +81,23 @@ def test_detach_keeps_a_foreign_filter_and_its_clsact_qdisc(
     assert link.created_qdisc
     # Somebody else's classic BPF filter (accept all) on the same hook.
     subprocess.run(
-        ["ip", "netns", "exec", host.netns, "tc", "filter", "add", "dev", host.iface, "ingress",
-         "pref", "200", "bpf", "bytecode", "1,6 0 0 4294967295,"],
+        [
+            "ip",
+            "netns",
+            "exec",
+            host.netns,
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            host.iface,
+            "ingress",
+            "pref",
+            "200",
+            "bpf",
+            "bytecode",
+            "1,6 0 0 4294967295,",
+        ],
         check=True,
     )
     assert len(filters(host.netns, host.iface, "ingress")) >= 2
@@ -90,9 +109,7 @@ def test_detach_keeps_a_foreign_filter_and_its_clsact_qdisc(
     assert "clsact" in qdiscs(host.netns, host.iface)
 
 
-def test_a_clsact_qdisc_we_did_not_create_is_never_removed(
-    veth: VethPair, counter: Object
-) -> None:
+def test_a_clsact_qdisc_we_did_not_create_is_never_removed(veth: VethPair, counter: Object) -> None:
     host = veth.left
     subprocess.run(
         ["ip", "netns", "exec", host.netns, "tc", "qdisc", "add", "dev", host.iface, "clsact"],
@@ -114,5 +131,5 @@ def test_bad_direction_and_priority_are_refused(counter: Object) -> None:
     prog = counter.program("count_tc_ingress")
     with pytest.raises(ValueError, match="'ingress' or 'egress', got 'sideways'"):
         TcLink.attach(prog, "lo", "sideways")
-    with pytest.raises(ValueError, match="priority must be in 1..65535, got 0"):
+    with pytest.raises(ValueError, match=r"priority must be in 1\.\.65535, got 0"):
         TcLink.attach(prog, "lo", priority=0)

@@ -37,8 +37,9 @@ def test_xdp_never_replaces_another_program(veth: VethPair, counter: Object) -> 
 
 def test_generic_mode_attach(veth: VethPair, counter: Object) -> None:
     host = veth.left
-    with netns.entered(host.netns), XdpLink.attach(
-        counter.program("count_xdp"), host.iface, "generic"
+    with (
+        netns.entered(host.netns),
+        XdpLink.attach(counter.program("count_xdp"), host.iface, "generic"),
     ):
         assert xdp.attached_id(host.iface) == counter.program("count_xdp").id
     with netns.entered(host.netns):

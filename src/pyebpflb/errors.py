@@ -53,6 +53,10 @@ class VerifierError(BpfError):
         self.log = log
 
 
+class NotFound(BpfError, FileNotFoundError):
+    """What the operation names does not exist (ENOENT): a pin path, a map key, an id."""
+
+
 class MapFull(BpfError):
     """A map has no room for another entry (E2BIG/ENOSPC from the kernel)."""
 
@@ -65,6 +69,8 @@ def from_errno(err: int, operation: str) -> BpfError:
     """The most specific exception for a kernel error number."""
     if err == errno_mod.EPERM:
         return MissingPrivilege(err, operation)
+    if err == errno_mod.ENOENT:
+        return NotFound(err, operation)
     if err in (errno_mod.E2BIG, errno_mod.ENOSPC):
         return MapFull(err, operation)
     return BpfError(err, operation)

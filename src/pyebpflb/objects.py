@@ -18,7 +18,9 @@ def available() -> list[str]:
     folder = importlib.resources.files("pyebpflb") / "bpf"
     if not folder.is_dir():
         return []
-    return sorted(p.name.removesuffix(".bpf.o") for p in folder.iterdir() if p.name.endswith(".bpf.o"))
+    return sorted(
+        p.name.removesuffix(".bpf.o") for p in folder.iterdir() if p.name.endswith(".bpf.o")
+    )
 
 
 def image(name: str) -> bytes:

@@ -111,9 +111,7 @@ class Map:
         )
 
     @classmethod
-    def from_fd(
-        cls, fd: int, *, key_type: str | None = None, value_type: str | None = None
-    ) -> Map:
+    def from_fd(cls, fd: int, *, key_type: str | None = None, value_type: str | None = None) -> Map:
         """Wrap a map fd; the new object owns ``fd`` and closes it."""
         info = ffi.new("struct bpf_map_info *")
         size = ffi.new("__u32 *", ffi.sizeof("struct bpf_map_info"))
@@ -135,7 +133,10 @@ class Map:
 
     @classmethod
     def from_pinned(
-        cls, path: str | os.PathLike[str], *, key_type: str | None = None,
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        key_type: str | None = None,
         value_type: str | None = None,
     ) -> Map:
         """Open a map pinned on a bpffs at ``path``."""
@@ -316,9 +317,7 @@ class Map:
     def _encode(self, obj: Any, size: int, ctype: str | None, what: str) -> Any:
         if isinstance(obj, (bytes, bytearray)):
             if len(obj) != size:
-                raise ValueError(
-                    f"{what} for map {self.name} must be {size} bytes, got {len(obj)}"
-                )
+                raise ValueError(f"{what} for map {self.name} must be {size} bytes, got {len(obj)}")
             return ffi.from_buffer(obj)
         if isinstance(obj, ffi.CData):
             ctype_of = ffi.typeof(obj)

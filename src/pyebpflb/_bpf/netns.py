@@ -51,4 +51,3 @@ def entered(netns: str | None) -> Iterator[None]:
     finally:
         os.close(target)
         os.close(home)
-

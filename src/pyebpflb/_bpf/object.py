@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pyebpflb._bpf import log
-from pyebpflb._bpf._call import c_string, check, check_ptr
+from pyebpflb._bpf._call import c_string, check
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.map import Map
 from pyebpflb._bpf.program import Program
@@ -36,7 +36,9 @@ class Object:
         self.maps: dict[str, Map] = {}
 
     @classmethod
-    def open(cls, data: bytes, name: str, *, pin_dir: str | os.PathLike[str] | None = None) -> Object:
+    def open(
+        cls, data: bytes, name: str, *, pin_dir: str | os.PathLike[str] | None = None
+    ) -> Object:
         """Open the ELF image ``data``; nothing reaches the kernel yet.
 
         With ``pin_dir``, every map of the object is pinned there by name on
@@ -58,8 +60,12 @@ class Object:
         if pin_dir is not None:
             for bpf_map in self._libbpf_maps():
                 if not lib.bpf_map__is_internal(bpf_map):
-                    path = os.path.join(os.fspath(pin_dir), ffi.string(lib.bpf_map__name(bpf_map)).decode())
-                    check(lib.bpf_map__set_pin_path(bpf_map, c_string(path)), f"set pin path {path}")
+                    path = os.path.join(
+                        os.fspath(pin_dir), ffi.string(lib.bpf_map__name(bpf_map)).decode()
+                    )
+                    check(
+                        lib.bpf_map__set_pin_path(bpf_map, c_string(path)), f"set pin path {path}"
+                    )
         return self
 
     def _libbpf_maps(self) -> list[Any]:
@@ -85,7 +91,9 @@ class Object:
         """Size a map before load."""
         self._before_load("size a map")
         if max_entries < 1:
-            raise ValueError(f"max_entries of map {map_name!r} must be at least 1, got {max_entries}")
+            raise ValueError(
+                f"max_entries of map {map_name!r} must be at least 1, got {max_entries}"
+            )
         check(
             lib.bpf_map__set_max_entries(self._libbpf_map(map_name), max_entries),
             f"set max_entries of map {map_name}",
@@ -129,8 +137,12 @@ class Object:
                 key_size=lib.bpf_map__key_size(bpf_map),
                 value_size=lib.bpf_map__value_size(bpf_map),
                 max_entries=lib.bpf_map__max_entries(bpf_map),
-                key_type=_c_type(btf, lib.bpf_map__btf_key_type_id(bpf_map), lib.bpf_map__key_size(bpf_map)),
-                value_type=_c_type(btf, lib.bpf_map__btf_value_type_id(bpf_map), lib.bpf_map__value_size(bpf_map)),
+                key_type=_c_type(
+                    btf, lib.bpf_map__btf_key_type_id(bpf_map), lib.bpf_map__key_size(bpf_map)
+                ),
+                value_type=_c_type(
+                    btf, lib.bpf_map__btf_value_type_id(bpf_map), lib.bpf_map__value_size(bpf_map)
+                ),
                 owns_fd=False,
             )
         prog = lib.bpf_object__next_program(self._obj, ffi.NULL)
@@ -176,7 +188,9 @@ class Object:
 
     def __repr__(self) -> str:
         state = "closed" if self._obj is None else ("loaded" if self._loaded else "opened")
-        return f"<Object {self.name!r} {state} programs={list(self.programs)} maps={list(self.maps)}>"
+        return (
+            f"<Object {self.name!r} {state} programs={list(self.programs)} maps={list(self.maps)}>"
+        )
 
 
 def _missing(kind: str, name: str, obj: str, known: Mapping[str, object]) -> str:

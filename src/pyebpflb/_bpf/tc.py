@@ -13,6 +13,7 @@ import enum
 import errno
 from typing import Any
 
+from pyebpflb._bpf import log
 from pyebpflb._bpf._call import check
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.netlink import TC_H_EGRESS, TC_H_INGRESS, count_filters, ifindex_of
@@ -59,7 +60,10 @@ def _opts(handle: int, priority: int) -> Any:
 
 
 def query(
-    iface: str | int, direction: Direction | str, *, handle: int = DEFAULT_HANDLE,
+    iface: str | int,
+    direction: Direction | str,
+    *,
+    handle: int = DEFAULT_HANDLE,
     priority: int = DEFAULT_PRIORITY,
 ) -> int | None:
     """The id of the program in the filter at (handle, priority), or ``None``."""
@@ -76,7 +80,12 @@ class TcLink:
     """One of our tc filters: a program on an interface's ingress or egress."""
 
     def __init__(
-        self, ifindex: int, direction: Direction, handle: int, priority: int, prog_id: int,
+        self,
+        ifindex: int,
+        direction: Direction,
+        handle: int,
+        priority: int,
+        prog_id: int,
         created_qdisc: bool,
     ) -> None:
         self.ifindex = ifindex
@@ -105,8 +114,11 @@ class TcLink:
             raise ValueError(f"tc priority must be in 1..65535, got {priority}")
         ifindex = ifindex_of(iface)
         hook = _hook(ifindex, where)
-        ret = lib.bpf_tc_hook_create(hook)
-        if ret != -errno.EEXIST:
+        with log.capture(silent=True) as said:
+            ret = lib.bpf_tc_hook_create(hook)
+        if ret != -errno.EEXIST:  # a clsact qdisc is there already: share it
+            for line in said:
+                log.logger.warning("libbpf: %s", line.rstrip())
             check(ret, f"create clsact qdisc on ifindex {ifindex}")
         created = ret == 0
         opts = _opts(handle, priority)

@@ -1,0 +1,91 @@
+"""Pinning maps and reusing them from another process."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pyebpflb import objects
+from pyebpflb._bpf import Map
+
+SECOND_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    from pyebpflb import objects
+    with objects.open_object("counter", pin_dir=sys.argv[1]).load() as obj:
+        counters = obj.map("iface_counters")
+        seen = [v.packets for v in counters[{"ifindex": 1, "hook": 1}]]
+        counters[{"ifindex": 2, "hook": 2}] = {"packets": 42, "bytes": 4200}
+        print(json.dumps({"map_id": counters.id, "seen": seen}))
+    """
+)
+
+
+def test_second_process_reuses_the_pinned_maps(pin_dir: pathlib.Path) -> None:
+    with objects.open_object("counter", pin_dir=pin_dir).load() as obj:
+        counters = obj.map("iface_counters")
+        assert sorted(p.name for p in pin_dir.iterdir()) == [
+            "counter_config",
+            "counter_events",
+            "iface_counters",
+        ]
+        counters[{"ifindex": 1, "hook": 1}] = {"packets": 7, "bytes": 700}
+        out = subprocess.run(
+            [sys.executable, "-c", SECOND_PROCESS, str(pin_dir)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        other = json.loads(out.stdout)
+        assert other["map_id"] == counters.id
+        assert set(other["seen"]) == {7}
+        written = counters[{"ifindex": 2, "hook": 2}]
+        assert {v.packets for v in written} == {42}
+
+
+def test_pinned_map_outlives_its_object_and_opens_by_path(pin_dir: pathlib.Path) -> None:
+    with objects.open_object("counter", pin_dir=pin_dir).load() as obj:
+        obj.map("counter_config")[0] = {"emit_events": 1}
+        map_id = obj.map("counter_config").id
+    with Map.from_pinned(
+        pin_dir / "counter_config", key_type="__u32", value_type="struct pyebpflb_counter_config"
+    ) as config:
+        assert config.id == map_id
+        assert config[0].emit_events == 1
+
+
+def test_explicit_pin_of_a_created_map(pin_dir: pathlib.Path) -> None:
+    from pyebpflb._bpf import MapType
+
+    with Map.create(
+        MapType.ARRAY,
+        key_size=4,
+        value_size=4,
+        max_entries=1,
+        name="explicit",
+        key_type="__u32",
+        value_type="__u32",
+    ) as created:
+        created[0] = 99
+        created.pin(pin_dir / "explicit")
+    with Map.from_pinned(pin_dir / "explicit", key_type="__u32", value_type="__u32") as again:
+        assert again[0] == 99
+        assert again.name == "explicit"
+
+
+def test_reuse_map_before_load_shares_state(pin_dir: pathlib.Path) -> None:
+    with objects.open_object("counter").load() as first, objects.open_object("counter") as second:
+        second.reuse_map("counter_config", first.map("counter_config"))
+        second.load()
+        first.map("counter_config")[0] = {"emit_events": 5}
+        assert second.map("counter_config")[0].emit_events == 5
+
+
+def test_opening_a_missing_pin_names_the_path(pin_dir: pathlib.Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        Map.from_pinned(pin_dir / "nothing-here")
