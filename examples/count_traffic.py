@@ -50,7 +50,20 @@ def ip(*args: str) -> None:
 def build_sandbox() -> None:
     ip("netns", "add", LEFT)
     ip("netns", "add", RIGHT)
-    ip("-n", LEFT, "link", "add", "veth-l", "type", "veth", "peer", "name", "veth-r", "netns", RIGHT)
+    ip(
+        "-n",
+        LEFT,
+        "link",
+        "add",
+        "veth-l",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "veth-r",
+        "netns",
+        RIGHT,
+    )
     for ns, iface, addr in ((LEFT, "veth-l", LEFT_IP), (RIGHT, "veth-r", RIGHT_IP)):
         ip("-n", ns, "addr", "add", f"{addr}/24", "dev", iface)
         ip("-n", ns, "link", "set", iface, "up")
@@ -77,7 +90,9 @@ def send_traffic() -> int:
 
 
 def main() -> int:
-    print(f"pyebpflb {pyebpflb.__version__}, libbpf {libbpf_version()}, kernel {os.uname().release}")
+    print(
+        f"pyebpflb {pyebpflb.__version__}, libbpf {libbpf_version()}, kernel {os.uname().release}"
+    )
     print(f"sandbox: {LEFT} ({LEFT_IP}) <-veth-> {RIGHT} ({RIGHT_IP})")
     build_sandbox()
     try:
