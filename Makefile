@@ -19,7 +19,7 @@ lint: bootstrap
 	$(VENV)/bin/ruff check src tests examples bench
 	$(VENV)/bin/ruff format --check src tests examples bench
 	$(VENV)/bin/mypy --strict src
-	clang-format --dry-run -Werror $$(find csrc -name '*.c' -o -name '*.h')
+	clang-format --dry-run -Werror $$(find csrc tests/bpf -name '*.c' -o -name '*.h')
 
 test: build lint
 	$(VENV)/bin/pytest

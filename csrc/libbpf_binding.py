@@ -83,6 +83,7 @@ const char *bpf_map__pin_path(const struct bpf_map *map);
 bool bpf_map__is_pinned(const struct bpf_map *map);
 bool bpf_map__is_internal(const struct bpf_map *map);
 int bpf_map__reuse_fd(struct bpf_map *map, int fd);
+int bpf_map__unpin(struct bpf_map *map, const char *path);
 
 int bpf_link__fd(const struct bpf_link *link);
 int bpf_link__destroy(struct bpf_link *link);

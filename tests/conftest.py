@@ -11,7 +11,8 @@ import pytest
 import sandbox
 
 from pyebpflb import objects
-from pyebpflb._bpf import Object
+from pyebpflb._bpf import MapType, Object, ProgramType, features
+from pyebpflb.errors import NotSupported
 
 PIN_ROOT = pathlib.Path("/sys/fs/bpf/pyebpflb-test")
 
@@ -35,9 +36,22 @@ def nothing_left_behind() -> Iterator[None]:
     assert not pins, f"pins left behind: {pins}"
 
 
+def require(feature: ProgramType | MapType) -> None:
+    """Skip (with the reason) where the kernel lacks ``feature``."""
+    try:
+        if isinstance(feature, ProgramType):
+            features.require_program_type(feature)
+        else:
+            features.require_map_type(feature)
+    except NotSupported as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture
 def counter() -> Iterator[Object]:
-    """The shipped counter object, loaded."""
+    """The shipped counter object, loaded (it needs XDP, cgroup_skb and ring buffers)."""
+    for feature in (ProgramType.XDP, ProgramType.CGROUP_SKB, MapType.RINGBUF):
+        require(feature)
     with objects.open_object("counter").load() as obj:
         yield obj
 

@@ -81,22 +81,40 @@ UNPRIVILEGED = textwrap.dedent(
 )
 
 
-def test_loading_without_capabilities_raises_permission_error_naming_them() -> None:
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("setpriv (util-linux) is missing: cannot drop capabilities in a subprocess")
-    # Root with an empty bounding set gets no capabilities at exec: no CAP_BPF,
-    # no CAP_NET_ADMIN, no CAP_SYS_ADMIN.
-    out = subprocess.run(
+def can_run_as_nobody() -> bool:
+    probe = subprocess.run(
         [
-            setpriv,
-            "--inh-caps=-all",
-            "--bounding-set=-all",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
             "--",
             sys.executable,
             "-c",
-            UNPRIVILEGED,
+            "import pyebpflb",
         ],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("who", ["root-without-capabilities", "nobody"])
+def test_loading_without_privileges_raises_permission_error_naming_them(who: str) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is missing: cannot drop privileges in a subprocess")
+    if who == "root-without-capabilities":
+        # Root with an empty bounding set gets no capabilities at exec: no
+        # CAP_BPF, no CAP_NET_ADMIN, no CAP_SYS_ADMIN.
+        drop = ["--inh-caps=-all", "--bounding-set=-all"]
+    else:
+        if not can_run_as_nobody():
+            pytest.skip(
+                f"user nobody cannot run {sys.executable} or read the package "
+                "(e.g. a Python under /root); the capability-less root case covers this"
+            )
+        drop = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+    out = subprocess.run(
+        ["setpriv", *drop, "--", sys.executable, "-c", UNPRIVILEGED],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},

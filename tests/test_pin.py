@@ -89,3 +89,70 @@ def test_reuse_map_before_load_shares_state(pin_dir: pathlib.Path) -> None:
 def test_opening_a_missing_pin_names_the_path(pin_dir: pathlib.Path) -> None:
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         Map.from_pinned(pin_dir / "nothing-here")
+
+
+def test_unpin_maps_removes_the_pins_and_the_folder(pin_dir: pathlib.Path) -> None:
+    folder = pin_dir / "datapath"
+    with objects.open_object("counter", pin_dir=folder).load() as obj:
+        assert len(list(folder.iterdir())) == 3
+        obj.unpin_maps()
+        assert not folder.exists()
+        obj.map("counter_config")[0] = {"emit_events": 1}  # the maps live on while open
+
+
+def test_unpin_refuses_a_pin_that_holds_another_map(pin_dir: pathlib.Path) -> None:
+    from pyebpflb._bpf import MapType
+
+    def small() -> Map:
+        return Map.create(MapType.ARRAY, key_size=4, value_size=4, max_entries=1)
+
+    with small() as first, small() as second:
+        first.pin(pin_dir / "first")
+        with pytest.raises(ValueError, match=r"holds object id \d+, not map"):
+            second.unpin(pin_dir / "first")
+        assert (pin_dir / "first").exists()
+        first.unpin(pin_dir / "first")
+        assert not (pin_dir / "first").exists()
+
+
+def test_program_pin_keeps_the_program_after_its_object_closes(pin_dir: pathlib.Path) -> None:
+    with objects.open_object("counter").load() as obj:
+        prog = obj.program("count_xdp")
+        prog_id = prog.id
+        prog.pin(pin_dir / "prog")
+    shown = subprocess.run(
+        ["bpftool", "prog", "show", "pinned", str(pin_dir / "prog")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert shown.startswith(f"{prog_id}: xdp")
+    (pin_dir / "prog").unlink()
+
+
+BPFFS_IN_NETNS = textwrap.dedent(
+    """
+    from pyebpflb._bpf import fs
+    before = fs.fs_type("/sys/fs/bpf")
+    fs.ensure_bpffs()
+    print(before, fs.fs_type("/sys/fs/bpf"))
+    """
+)
+
+
+def test_ensure_bpffs_mounts_one_under_ip_netns_exec() -> None:
+    import sandbox
+
+    name = sandbox.new_name("fs")
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        # `ip netns exec` gives the command a fresh /sys without a bpffs.
+        out = subprocess.run(
+            ["ip", "netns", "exec", name, sys.executable, "-c", BPFFS_IN_NETNS],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    assert out == ["sysfs", "bpf"]

@@ -9,25 +9,30 @@ import textwrap
 import zipfile
 
 import pytest
+from sandbox import VethPair
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 USE_WITHOUT_COMPILER = textwrap.dedent(
     """
-    import shutil
+    import shutil, sys
     assert shutil.which("clang") is None and shutil.which("cc") is None, "a compiler is on PATH"
     import pyebpflb
     from pyebpflb import objects
-    with objects.open_object("counter").load() as obj:
+    from pyebpflb._bpf import TcLink, netns, tc
+    with objects.open_object("counter").load() as obj, netns.entered(sys.argv[1]):
+        prog = obj.program("count_tc_ingress")
+        with TcLink.attach(prog, sys.argv[2], "ingress"):
+            attached = tc.query(sys.argv[2], "ingress") == prog.id
         print(pyebpflb.__file__)
-        print(sorted(obj.programs))
+        print(attached, tc.query(sys.argv[2], "ingress"))
     """
 )
 
 
 @pytest.mark.slow
-def test_wheel_contains_the_bpf_objects_and_loads_them_in_a_fresh_venv(
-    tmp_path: pathlib.Path,
+def test_wheel_contains_the_bpf_objects_and_attaches_them_from_a_fresh_venv(
+    tmp_path: pathlib.Path, veth: VethPair
 ) -> None:
     wheels = tmp_path / "wheels"
     subprocess.run(
@@ -54,13 +59,13 @@ def test_wheel_contains_the_bpf_objects_and_loads_them_in_a_fresh_venv(
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", str(wheel)], check=True)
     out = subprocess.run(
-        [venv / "bin" / "python", "-c", USE_WITHOUT_COMPILER],
+        [venv / "bin" / "python", "-c", USE_WITHOUT_COMPILER, veth.left.netns, veth.left.iface],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         env={"PATH": str(tmp_path / "empty")},
     )
     assert out.returncode == 0, out.stderr
-    installed_at, programs = out.stdout.splitlines()
+    installed_at, attached = out.stdout.splitlines()
     assert installed_at.startswith(str(venv))  # not the source tree
-    assert "count_tc_ingress" in programs
+    assert attached == "True None"  # attached while the link was open, gone after

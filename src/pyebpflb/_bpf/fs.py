@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from pyebpflb._bpf._call import c_string
+from pyebpflb._bpf._call import c_string, check
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb.errors import from_errno
 
@@ -68,3 +68,35 @@ def cgroup2_root() -> str:
     target = "/run/pyebpflb/cgroup2"
     mount("cgroup2", target, "cgroup2")
     return target
+
+
+def object_id(fd: int) -> int:
+    """The kernel id of a BPF map, program or link fd."""
+    # bpf_map_info, bpf_prog_info and bpf_link_info all begin with (type, id);
+    # the kernel fills only as much of the info as the length asks for.
+    head = ffi.new("__u32[2]")
+    size = ffi.new("__u32 *", ffi.sizeof(head))
+    check(lib.bpf_obj_get_info_by_fd(fd, head, size), f"read the id of fd {fd}")
+    return int(head[1])
+
+
+def pin(fd: int, path: str | os.PathLike[str], what: str) -> None:
+    """Pin ``fd`` at ``path`` on a bpffs, mounting /sys/fs/bpf first if needed."""
+    target = os.fspath(path)
+    ensure_bpffs(os.path.dirname(target) or ".")
+    check(lib.bpf_obj_pin(fd, c_string(target)), f"pin {what} at {target}")
+
+
+def unpin(fd: int, path: str | os.PathLike[str], what: str) -> None:
+    """Remove the pin at ``path`` if it is ``fd``'s object; refuse to remove another's."""
+    target = os.fspath(path)
+    pinned = check(lib.bpf_obj_get(c_string(target)), f"open pin {target}")
+    try:
+        pinned_id, own_id = object_id(pinned), object_id(fd)
+    finally:
+        os.close(pinned)
+    if pinned_id != own_id:
+        raise ValueError(
+            f"the pin {target} holds object id {pinned_id}, not {what} (id {own_id}); left in place"
+        )
+    os.unlink(target)

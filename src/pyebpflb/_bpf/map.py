@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from pyebpflb._bpf import fs
 from pyebpflb._bpf._call import c_string, check
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb.errors import NotSupported
@@ -158,15 +159,16 @@ class Map:
 
     @property
     def id(self) -> int:
-        """The kernel's id of this map."""
-        info = ffi.new("struct bpf_map_info *")
-        size = ffi.new("__u32 *", ffi.sizeof("struct bpf_map_info"))
-        check(lib.bpf_obj_get_info_by_fd(self.fd, info, size), f"read info of map {self.name}")
-        return int(info.id)
+        """The kernel's id of this map (as in ``bpftool map``)."""
+        return fs.object_id(self.fd)
 
     def pin(self, path: str | os.PathLike[str]) -> None:
         """Pin the map at ``path`` on a bpffs, so it outlives this process."""
-        check(lib.bpf_obj_pin(self.fd, c_string(os.fspath(path))), f"pin map {self.name} at {path}")
+        fs.pin(self.fd, path, f"map {self.name}")
+
+    def unpin(self, path: str | os.PathLike[str]) -> None:
+        """Remove this map's pin at ``path`` (the map lives on while it is open)."""
+        fs.unpin(self.fd, path, f"map {self.name}")
 
     # -- element operations -----------------------------------------------
     def lookup(self, key: Any) -> Any:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from pyebpflb._bpf import log
+from pyebpflb._bpf import fs, log
 from pyebpflb._bpf._call import c_string, check
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.map import Map
@@ -32,6 +33,7 @@ class Object:
         self._buffer = buffer
         self._keep: list[Any] = []
         self._loaded = False
+        self.pin_dir: str | None = None
         self.programs: dict[str, Program] = {}
         self.maps: dict[str, Map] = {}
 
@@ -57,6 +59,7 @@ class Object:
             raise BpfError(err, f"open BPF object {name!r}", f"libbpf said: {said}" if said else "")
         self = cls(obj, name, buffer)
         self._keep.append(object_name)
+        self.pin_dir = None if pin_dir is None else os.fspath(pin_dir)
         if pin_dir is not None:
             for bpf_map in self._libbpf_maps():
                 if not lib.bpf_map__is_internal(bpf_map):
@@ -117,6 +120,9 @@ class Object:
     def load(self) -> Object:
         """Load every program and create (or reuse) every map."""
         self._before_load("load")
+        if self.pin_dir is not None:
+            fs.ensure_bpffs(os.path.dirname(self.pin_dir.rstrip("/")) or "/")
+            os.makedirs(self.pin_dir, mode=0o700, exist_ok=True)
         with log.capture() as lines:
             ret = lib.bpf_object__load(self._obj)
         if ret < 0:
@@ -157,6 +163,17 @@ class Object:
             )
             prog = lib.bpf_object__next_program(self._obj, prog)
         return self
+
+    def unpin_maps(self) -> None:
+        """Remove the pins this object's maps have under ``pin_dir`` (and the folder, if empty)."""
+        if self.pin_dir is None:
+            return
+        for bpf_map in self._libbpf_maps():
+            if lib.bpf_map__is_pinned(bpf_map):
+                name = ffi.string(lib.bpf_map__name(bpf_map)).decode()
+                check(lib.bpf_map__unpin(bpf_map, ffi.NULL), f"unpin map {name}")
+        with contextlib.suppress(OSError):  # not empty: somebody else pinned there too
+            os.rmdir(self.pin_dir)
 
     def program(self, name: str) -> Program:
         try:

@@ -6,7 +6,8 @@ import enum
 import os
 from typing import Any, NamedTuple
 
-from pyebpflb._bpf._call import c_string, check
+from pyebpflb._bpf import fs
+from pyebpflb._bpf._call import check
 from pyebpflb._bpf._libbpf import ffi, lib
 
 
@@ -43,10 +44,7 @@ class Program:
     @property
     def id(self) -> int:
         """The kernel's id of this program (as in ``bpftool prog``)."""
-        info = ffi.new("struct bpf_prog_info *")
-        size = ffi.new("__u32 *", ffi.sizeof("struct bpf_prog_info"))
-        check(lib.bpf_obj_get_info_by_fd(self.fd, info, size), f"read info of program {self.name}")
-        return int(info.id)
+        return fs.object_id(self.fd)
 
     def test_run(
         self, data: bytes, *, repeat: int = 1, ctx: bytes | None = None, headroom: int = 512
@@ -80,8 +78,12 @@ class Program:
         return TestRun(retval=retval, data=out, duration_ns=int(opts.duration))
 
     def pin(self, path: str | os.PathLike[str]) -> None:
-        """Pin the program on a bpffs at ``path``."""
-        check(lib.bpf_obj_pin(self.fd, c_string(os.fspath(path))), f"pin program {self.name}")
+        """Pin the program on a bpffs at ``path``, so it outlives this process."""
+        fs.pin(self.fd, path, f"program {self.name}")
+
+    def unpin(self, path: str | os.PathLike[str]) -> None:
+        """Remove this program's pin at ``path``."""
+        fs.unpin(self.fd, path, f"program {self.name}")
 
     def __repr__(self) -> str:
         return f"<Program {self.name!r} section={self.section!r} fd={self.fd}>"
