@@ -9,6 +9,7 @@ talks to the kernel through this package.
 from pyebpflb._bpf import log as _log  # noqa: F401  (routes libbpf's messages first)
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.cgroup import CgroupLink
+from pyebpflb._bpf.link import Link
 from pyebpflb._bpf.map import Map, MapType, UpdateFlag, possible_cpus
 from pyebpflb._bpf.object import Object
 from pyebpflb._bpf.program import Program, ProgramType, TestRun
@@ -25,6 +26,7 @@ def libbpf_version() -> str:
 __all__ = [
     "CgroupLink",
     "Direction",
+    "Link",
     "Map",
     "MapType",
     "Object",

@@ -10,14 +10,16 @@ import os
 
 from pyebpflb._bpf._call import check_ptr
 from pyebpflb._bpf._libbpf import lib
+from pyebpflb._bpf.link import Link
 from pyebpflb._bpf.program import Program
 
 
-class CgroupLink:
+class CgroupLink(Link):
     """A program attached to a cgroup (v2) directory."""
 
     def __init__(self, link: object, path: str, program: Program) -> None:
         self._link = link
+        self.attached = True
         self.path = path
         self.program = program
 
@@ -39,25 +41,14 @@ class CgroupLink:
             os.close(fd)
         return cls(link, path, program)
 
-    @property
-    def attached(self) -> bool:
-        return self._link is not None
-
     def detach(self) -> None:
         if self._link is not None:
             lib.bpf_link__destroy(self._link)
             self._link = None
-
-    close = detach
-
-    def __enter__(self) -> CgroupLink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
+            self.attached = False
 
     def __repr__(self) -> str:
-        state = "attached" if self._link is not None else "detached"
+        state = "attached" if self.attached else "detached"
         return f"<CgroupLink {self.program.name} on {self.path} {state}>"
 
 

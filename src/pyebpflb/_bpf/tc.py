@@ -16,6 +16,7 @@ from typing import Any
 from pyebpflb._bpf import log
 from pyebpflb._bpf._call import check
 from pyebpflb._bpf._libbpf import ffi, lib
+from pyebpflb._bpf.link import Link
 from pyebpflb._bpf.netlink import TC_H_EGRESS, TC_H_INGRESS, count_filters, ifindex_of
 from pyebpflb._bpf.program import Program
 
@@ -76,7 +77,7 @@ def query(
     return int(opts.prog_id)
 
 
-class TcLink:
+class TcLink(Link):
     """One of our tc filters: a program on an interface's ingress or egress."""
 
     def __init__(
@@ -147,14 +148,6 @@ class TcLink:
         self.attached = False
         if self.created_qdisc:
             _destroy_hook_if_empty(self.ifindex)
-
-    close = detach
-
-    def __enter__(self) -> TcLink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"

@@ -13,6 +13,7 @@ from typing import Any
 
 from pyebpflb._bpf._call import check
 from pyebpflb._bpf._libbpf import ffi, lib
+from pyebpflb._bpf.link import Link
 from pyebpflb._bpf.netlink import ifindex_of
 from pyebpflb._bpf.program import Program
 from pyebpflb.errors import BpfError
@@ -40,7 +41,7 @@ def attached_id(iface: str | int, mode: XdpMode = XdpMode.AUTO) -> int | None:
     return int(prog_id[0]) or None
 
 
-class XdpLink:
+class XdpLink(Link):
     """Our XDP program on one interface."""
 
     def __init__(self, ifindex: int, program: Program, mode: XdpMode) -> None:
@@ -87,14 +88,6 @@ class XdpLink:
         if ret not in (-errno.EEXIST, -errno.ENODEV):
             check(ret, f"detach XDP from ifindex {self.ifindex}")
         self.attached = False
-
-    close = detach
-
-    def __enter__(self) -> XdpLink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
