@@ -156,3 +156,20 @@ def test_ensure_bpffs_mounts_one_under_ip_netns_exec() -> None:
     finally:
         subprocess.run(["ip", "netns", "del", name], check=True)
     assert out == ["sysfs", "bpf"]
+
+
+def test_an_incompatible_pinned_map_fails_the_load_and_is_kept(pin_dir: pathlib.Path) -> None:
+    from pyebpflb import LoadError, VerifierError
+
+    with objects.open_object("counter", pin_dir=pin_dir) as first:
+        first.set_max_entries("iface_counters", 10)
+        first.load()
+        with (
+            objects.open_object("counter", pin_dir=pin_dir) as second,
+            pytest.raises(LoadError) as info,
+        ):
+            second.load()
+        assert not isinstance(info.value, VerifierError)
+        assert "iface_counters" in info.value.log
+        with Map.from_pinned(pin_dir / "iface_counters") as kept:
+            assert kept.max_entries == 10

@@ -10,6 +10,7 @@ and a first program, :class:`~pyebpflb.counter.InterfaceCounter`.
 from pyebpflb.counter import Count, InterfaceCounter
 from pyebpflb.errors import (
     BpfError,
+    LoadError,
     MapFull,
     MissingPrivilege,
     NotFound,
@@ -24,6 +25,7 @@ __all__ = [
     "BpfError",
     "Count",
     "InterfaceCounter",
+    "LoadError",
     "MapFull",
     "MissingPrivilege",
     "NotFound",

@@ -41,16 +41,20 @@ class MissingPrivilege(BpfError, PermissionError):
         super().__init__(err, operation, PRIVILEGE_HINT)
 
 
-class VerifierError(BpfError):
-    """The kernel verifier (or libbpf while loading) rejected a program.
+class LoadError(BpfError):
+    """Loading a BPF object failed (a map could not be created or reused, ...).
 
-    ``log`` holds what libbpf and the verifier said during the load.
+    ``log`` holds everything libbpf and the kernel said during the load.
     """
 
     def __init__(self, err: int, operation: str, log: str) -> None:
         tail = "\n".join(log.strip().splitlines()[-20:])
-        super().__init__(err, operation, f"verifier/libbpf log (last lines):\n{tail}")
+        super().__init__(err, operation, f"libbpf/verifier log (last lines):\n{tail}")
         self.log = log
+
+
+class VerifierError(LoadError):
+    """The kernel verifier rejected a program; ``log`` holds the verifier's log."""
 
 
 class NotFound(BpfError, FileNotFoundError):

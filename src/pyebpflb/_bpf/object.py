@@ -13,7 +13,7 @@ from pyebpflb._bpf._call import c_string, check
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.map import Map
 from pyebpflb._bpf.program import Program
-from pyebpflb.errors import BpfError, MissingPrivilege, VerifierError
+from pyebpflb.errors import BpfError, LoadError, MissingPrivilege, VerifierError
 
 
 class Object:
@@ -59,17 +59,20 @@ class Object:
             raise BpfError(err, f"open BPF object {name!r}", f"libbpf said: {said}" if said else "")
         self = cls(obj, name, buffer)
         self._keep.append(object_name)
-        self.pin_dir = None if pin_dir is None else os.fspath(pin_dir)
         if pin_dir is not None:
-            for bpf_map in self._libbpf_maps():
-                if not lib.bpf_map__is_internal(bpf_map):
-                    path = os.path.join(
-                        os.fspath(pin_dir), ffi.string(lib.bpf_map__name(bpf_map)).decode()
-                    )
-                    check(
-                        lib.bpf_map__set_pin_path(bpf_map, c_string(path)), f"set pin path {path}"
-                    )
+            try:
+                self._set_pin_dir(os.fspath(pin_dir))
+            except BaseException:
+                self.close()
+                raise
         return self
+
+    def _set_pin_dir(self, pin_dir: str) -> None:
+        self.pin_dir = pin_dir
+        for bpf_map in self._libbpf_maps():
+            if not lib.bpf_map__is_internal(bpf_map):
+                path = os.path.join(pin_dir, ffi.string(lib.bpf_map__name(bpf_map)).decode())
+                check(lib.bpf_map__set_pin_path(bpf_map, c_string(path)), f"set pin path {path}")
 
     def _libbpf_maps(self) -> list[Any]:
         result = []
@@ -131,7 +134,10 @@ class Object:
             operation = f"load BPF object {self.name!r}"
             if err == errno.EPERM:
                 raise MissingPrivilege(err, operation)
-            raise VerifierError(err, operation, text)
+            # libbpf frames the verifier's output with these markers.
+            if "BEGIN PROG LOAD LOG" in text or "program load failed" in text:
+                raise VerifierError(err, operation, text)
+            raise LoadError(err, operation, text)
         self._loaded = True
         btf = lib.bpf_object__btf(self._obj)
         for bpf_map in self._libbpf_maps():
