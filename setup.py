@@ -42,7 +42,8 @@ def compile_bpf(out_dir: pathlib.Path) -> None:
             continue
         cmd = [
             clang, "-O2", "-g", "-target", "bpf", "-Wall", "-Werror",
-            "-I", str(ROOT / "csrc" / "include"), *_multiarch_include(),
+            "-I", str(ROOT / "csrc" / "include"), "-I", str(ROOT / "csrc" / "bpf"),
+            *_multiarch_include(),
             "-c", str(source), "-o", str(target),
         ]
         print(" ".join(cmd))

@@ -51,3 +51,16 @@ def entered(netns: str | None) -> Iterator[None]:
     finally:
         os.close(target)
         os.close(home)
+
+
+def current_id() -> int:
+    """Identity (inode) of this thread's network namespace."""
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def is_initial() -> bool:
+    """Is this thread in the network namespace of PID 1 (the host's, or a container's)?"""
+    try:
+        return os.stat("/proc/1/ns/net").st_ino == current_id()
+    except OSError:  # hardened /proc: PID 1's namespace is not ours to see
+        return False

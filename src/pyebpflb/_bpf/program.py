@@ -37,9 +37,51 @@ class Program:
         self.fd = fd
         # libbpf's struct bpf_program, for attach calls that create bpf_links.
         self._handle = handle
+        self._owns_fd = False
         self.name = name
         self.section = section
         self.type = prog_type
+
+    @classmethod
+    def from_id(cls, prog_id: int) -> Program:
+        """Open a loaded program by its kernel id; the result owns its fd (close it)."""
+        fd = check(lib.bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+        info = ffi.new("struct bpf_prog_info *")
+        size = ffi.new("__u32 *", ffi.sizeof("struct bpf_prog_info"))
+        try:
+            check(lib.bpf_obj_get_info_by_fd(fd, info, size), f"read info of program {prog_id}")
+        except BaseException:
+            os.close(fd)
+            raise
+        program = cls(fd, ffi.string(info.name).decode(), "", int(info.type))
+        program._owns_fd = True
+        return program
+
+    def map_ids(self) -> list[int]:
+        """Ids of the maps this program uses."""
+        info = ffi.new("struct bpf_prog_info *")
+        size = ffi.new("__u32 *", ffi.sizeof("struct bpf_prog_info"))
+        check(lib.bpf_obj_get_info_by_fd(self.fd, info, size), f"read maps of {self.name}")
+        count = int(info.nr_map_ids)
+        ids = ffi.new("__u32[]", max(count, 1))
+        info = ffi.new("struct bpf_prog_info *")
+        info.nr_map_ids = count
+        info.map_ids = int(ffi.cast("uintptr_t", ids))
+        size[0] = ffi.sizeof("struct bpf_prog_info")
+        check(lib.bpf_obj_get_info_by_fd(self.fd, info, size), f"read maps of {self.name}")
+        return [int(ids[i]) for i in range(min(count, int(info.nr_map_ids)))]
+
+    def close(self) -> None:
+        """Close the fd if this object owns it (see :meth:`from_id`)."""
+        if self._owns_fd and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Program:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def id(self) -> int:

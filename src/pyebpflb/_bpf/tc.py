@@ -70,7 +70,9 @@ def query(
     """The id of the program in the filter at (handle, priority), or ``None``."""
     ifindex = ifindex_of(iface)
     opts = _opts(handle, priority)
-    ret = lib.bpf_tc_query(_hook(ifindex, _direction(direction)), opts)
+    # "No such filter" is an answer here, not a problem worth a warning.
+    with log.capture(silent=True):
+        ret = lib.bpf_tc_query(_hook(ifindex, _direction(direction)), opts)
     if ret in (-errno.ENOENT, -errno.EINVAL):
         return None  # no such filter, or no clsact qdisc at all
     check(ret, f"query tc filter on ifindex {ifindex}")

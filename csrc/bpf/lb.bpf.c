@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * Service load balancer on tc. Ingress of the attached interface translates
+ * packets for a service VIP:port to a backend (DNAT) and records the flow;
+ * egress translates the backends' replies back (reverse NAT), so the client
+ * only ever sees the VIP. Anything else passes untouched.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+#include "pyebpflb/lb.h"
+#include "lib/ct.h"
+#include "lib/icmp.h"
+#include "lib/maps.h"
+#include "lib/nat.h"
+#include "lib/parse.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+static __always_inline struct pyebpflb_lb_config *config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&lb_config, &zero);
+}
+
+/*
+ * A random backend of the service's current generation. The generation's
+ * slots were complete before the service entry pointing at them was
+ * written, so every slot up to `count` exists.
+ */
+static __always_inline __u32 select_backend(const struct pyebpflb_service *svc,
+					    struct pyebpflb_backend **backend)
+{
+	struct pyebpflb_slot_key key = {.service_id = svc->id};
+	__u32 *backend_id;
+
+	key.slot =
+	    ((__u32)svc->gen << PYEBPFLB_SLOT_GEN_SHIFT) | (bpf_get_prandom_u32() % svc->count + 1);
+	backend_id = bpf_map_lookup_elem(&lb_slots, &key);
+	if (!backend_id)
+		return 0;
+	*backend = bpf_map_lookup_elem(&lb_backends, backend_id);
+	return *backend ? *backend_id : 0;
+}
+
+static __always_inline int to_backend(struct __sk_buff *skb, const struct packet *pkt,
+				      const struct pyebpflb_backend *backend, __u32 service_id,
+				      __u32 backend_id)
+{
+	count_traffic(&lb_svc_stats, service_id, skb->len);
+	count_traffic(&lb_be_stats, backend_id, skb->len);
+	if (dnat(skb, pkt, &backend->addr, backend->port))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int lb_ingress(struct __sk_buff *skb)
+{
+	struct pyebpflb_service_key svc_key = {};
+	struct pyebpflb_ct_key ct_key;
+	struct pyebpflb_lb_config *cfg;
+	struct pyebpflb_ct_entry *flow;
+	struct pyebpflb_backend *backend = NULL;
+	struct pyebpflb_service *svc;
+	struct packet pkt;
+	__u32 backend_id;
+	__u64 now;
+
+	if (parse_packet(skb, &pkt) != PARSE_OK)
+		return TC_ACT_OK;
+	if (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)
+		return TC_ACT_OK;
+	cfg = config();
+	if (!cfg)
+		return TC_ACT_OK;
+	now = bpf_ktime_get_ns();
+
+	/* A packet of a known flow goes where the flow went, while its backend exists. */
+	ct_key_of(&ct_key, &pkt, PYEBPFLB_CT_SERVICE);
+	flow = ct_lookup_service(&ct_key, &pkt, cfg, now);
+	if (flow) {
+		backend = bpf_map_lookup_elem(&lb_backends, &flow->backend_id);
+		if (backend) {
+			ct_touch(flow, &pkt, now, 0);
+			return to_backend(skb, &pkt, backend, flow->service_id, flow->backend_id);
+		}
+		/* The backend was removed: the flow starts over on a live one. */
+		bpf_map_delete_elem(&lb_ct, &ct_key);
+	}
+
+	svc_key.vip = pkt.daddr;
+	svc_key.port = pkt.dport;
+	svc_key.proto = pkt.proto;
+	svc_key.family = pkt.family;
+	svc = bpf_map_lookup_elem(&lb_services, &svc_key);
+	if (!svc)
+		return TC_ACT_OK;
+	backend_id = svc->count ? select_backend(svc, &backend) : 0;
+	if (!backend_id || !backend) {
+		count_traffic(&lb_svc_stats, svc->id, skb->len);
+		count_drop(PYEBPFLB_DROP_NO_BACKEND, skb->len);
+		return reject(skb, &pkt);
+	}
+	if (ct_create(&ct_key, &pkt, backend, backend_id, svc->id, now)) {
+		count_drop(PYEBPFLB_DROP_CT_FULL, skb->len);
+		return TC_ACT_SHOT;
+	}
+	return to_backend(skb, &pkt, backend, svc->id, backend_id);
+}
+
+SEC("tc")
+int lb_egress(struct __sk_buff *skb)
+{
+	struct pyebpflb_ct_entry *reply, *flow;
+	struct pyebpflb_ct_key key;
+	struct packet pkt;
+
+	if (parse_packet(skb, &pkt) != PARSE_OK)
+		return TC_ACT_OK;
+	if (pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6)
+		return icmp_error_rev_nat(skb, &pkt) ? TC_ACT_SHOT : TC_ACT_OK;
+
+	ct_key_of(&key, &pkt, PYEBPFLB_CT_REPLY);
+	reply = bpf_map_lookup_elem(&lb_ct, &key);
+	if (!reply)
+		return TC_ACT_OK;
+	/* The flow's life is kept on its SERVICE entry; replies refresh it too. */
+	flow = ct_lookup_service_of_reply(&pkt, reply);
+	if (flow)
+		ct_touch(flow, &pkt, bpf_ktime_get_ns(), PYEBPFLB_CT_SEEN_REPLY);
+	if (snat(skb, &pkt, &reply->nat_addr, reply->nat_port))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}

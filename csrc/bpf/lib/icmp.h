@@ -1,0 +1,282 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * ICMP in the load balancer: refusing a flow to a service without backends
+ * (what kube-proxy's REJECT rule does: port unreachable, so the client's
+ * connect() or recv() fails at once instead of timing out), and translating
+ * ICMP errors a backend sends about a translated flow.
+ */
+#ifndef PYEBPFLB_BPF_ICMP_H
+#define PYEBPFLB_BPF_ICMP_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "lib/ct.h"
+#include "lib/nat.h"
+#include "lib/parse.h"
+
+/* linux/icmp.h drags in libc headers, so the few ICMP constants live here. */
+#define ICMP_DEST_UNREACH   3
+#define ICMP_PORT_UNREACH   3
+#define ICMP_TIME_EXCEEDED  11
+#define ICMP_PARAMETERPROB  12
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_PKT_TOOBIG   2
+#define ICMPV6_TIME_EXCEED  3
+#define ICMPV6_PARAMPROB    4
+#define ICMPV6_PORT_UNREACH 4
+
+/* ICMP and ICMPv6 share this header layout. */
+struct icmp_header {
+	__u8 type;
+	__u8 code;
+	__u16 checksum;
+	__u32 unused;
+};
+
+static __always_inline __u16 csum_fold(__s64 sum)
+{
+	__u32 folded = (__u32)sum;
+
+	folded = (folded & 0xffff) + (folded >> 16);
+	folded = (folded & 0xffff) + (folded >> 16);
+	return (__u16)~folded;
+}
+
+static __always_inline int swap_macs(struct __sk_buff *skb)
+{
+	__u8 macs[2 * ETH_ALEN], swapped[2 * ETH_ALEN];
+
+	if (bpf_skb_load_bytes(skb, 0, macs, sizeof(macs)))
+		return -1;
+	__builtin_memcpy(swapped, macs + ETH_ALEN, ETH_ALEN);
+	__builtin_memcpy(swapped + ETH_ALEN, macs, ETH_ALEN);
+	return bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0);
+}
+
+/*
+ * The quote is the offending IP header and its whole TCP or UDP header
+ * (RFC 792 asks for 8 bytes at least, RFC 1812 allows more). Quoting the
+ * whole L4 header matters: a packet from a local socket may still carry a
+ * partial checksum whose field lies in it, and the kernel will not cut a
+ * packet short of that field.
+ */
+#define QUOTE_MAX 124 /* a multiple of 4: bpf_csum_diff sums whole words */
+
+static __always_inline int quote_len(const struct packet *pkt)
+{
+	__u32 len = pkt->l4_off - pkt->l3_off + pkt->l4_hlen;
+
+	if (len > QUOTE_MAX || len % 4)
+		return -1;
+	return len;
+}
+
+/* Make room for `hdr_len` bytes of new headers before the old IP header, and
+ * keep only the quote after them; the quote is loaded into `quote`. */
+static __always_inline int make_room(struct __sk_buff *skb, __u32 hdr_len, __u32 len,
+				     __u8 quote[QUOTE_MAX + 4])
+{
+	/* A no-op for the lengths quote_len() gives; it tells the verifier the bound. */
+	len &= 0x7c;
+	if (len < 8)
+		return -1;
+	if (bpf_skb_adjust_room(skb, hdr_len, BPF_ADJ_ROOM_MAC, 0))
+		return -1;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + hdr_len + len, 0))
+		return -1;
+	return bpf_skb_load_bytes(skb, ETH_HLEN + hdr_len, quote, len);
+}
+
+/*
+ * Turn the packet into an ICMP error back to its sender, in place: room for
+ * the new IP and ICMP headers goes in front of the old IP header, which with
+ * its L4 header becomes the quoted part; the payload is cut.
+ */
+static __always_inline int reject_ipv4(struct __sk_buff *skb, const struct packet *pkt)
+{
+	struct {
+		struct iphdr ip;
+		struct icmp_header icmp;
+	} hdr = {};
+	__u8 quote[QUOTE_MAX + 4] = {};
+	int len = quote_len(pkt);
+	__s64 sum;
+
+	/* Options would put the ports beyond where the quote is read. */
+	if (!pkt->l3_hlen_ok || len < 0 || make_room(skb, sizeof(hdr), len, quote))
+		return -1;
+
+	hdr.ip.version = 4;
+	hdr.ip.ihl = 5;
+	hdr.ip.tot_len = bpf_htons(sizeof(hdr) + len);
+	hdr.ip.ttl = 64;
+	hdr.ip.protocol = IPPROTO_ICMP;
+	hdr.ip.saddr = pkt->daddr.v4;
+	hdr.ip.daddr = pkt->saddr.v4;
+	hdr.ip.check = csum_fold(bpf_csum_diff(0, 0, (__u32 *)&hdr.ip, sizeof(hdr.ip), 0));
+	hdr.icmp.type = ICMP_DEST_UNREACH;
+	hdr.icmp.code = ICMP_PORT_UNREACH;
+	sum = bpf_csum_diff(0, 0, (__u32 *)&hdr.icmp, sizeof(hdr.icmp), 0);
+	sum = bpf_csum_diff(0, 0, (__u32 *)quote, len & 0x7c, sum);
+	hdr.icmp.checksum = csum_fold(sum);
+
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &hdr, sizeof(hdr), 0))
+		return -1;
+	return swap_macs(skb);
+}
+
+static __always_inline int reject_ipv6(struct __sk_buff *skb, const struct packet *pkt)
+{
+	struct {
+		struct ipv6hdr ip;
+		struct icmp_header icmp;
+	} hdr = {};
+	struct {
+		struct in6_addr saddr;
+		struct in6_addr daddr;
+		__u32 length;
+		__u32 next; /* three zero bytes, then the next header */
+	} pseudo = {};
+	__u8 quote[QUOTE_MAX + 4] = {};
+	int len = quote_len(pkt);
+	__s64 sum;
+
+	if (len < 0 || make_room(skb, sizeof(hdr), len, quote))
+		return -1;
+
+	hdr.ip.version = 6;
+	hdr.ip.payload_len = bpf_htons(sizeof(hdr.icmp) + len);
+	hdr.ip.nexthdr = IPPROTO_ICMPV6;
+	hdr.ip.hop_limit = 64;
+	__builtin_memcpy(&hdr.ip.saddr, pkt->daddr.bytes, 16);
+	__builtin_memcpy(&hdr.ip.daddr, pkt->saddr.bytes, 16);
+	hdr.icmp.type = ICMPV6_DEST_UNREACH;
+	hdr.icmp.code = ICMPV6_PORT_UNREACH;
+
+	/* ICMPv6's checksum covers a pseudo-header of addresses and length (RFC 4443). */
+	pseudo.saddr = hdr.ip.saddr;
+	pseudo.daddr = hdr.ip.daddr;
+	pseudo.length = bpf_htonl(sizeof(hdr.icmp) + len);
+	pseudo.next = bpf_htonl(IPPROTO_ICMPV6);
+	sum = bpf_csum_diff(0, 0, (__u32 *)&pseudo, sizeof(pseudo), 0);
+	sum = bpf_csum_diff(0, 0, (__u32 *)&hdr.icmp, sizeof(hdr.icmp), sum);
+	sum = bpf_csum_diff(0, 0, (__u32 *)quote, len & 0x7c, sum);
+	hdr.icmp.checksum = csum_fold(sum);
+
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &hdr, sizeof(hdr), 0))
+		return -1;
+	return swap_macs(skb);
+}
+
+/* Send the refusal back out of the interface it came in on. */
+static __always_inline int reject(struct __sk_buff *skb, const struct packet *pkt)
+{
+	int err = pkt->family == PYEBPFLB_IPV4 ? reject_ipv4(skb, pkt) : reject_ipv6(skb, pkt);
+
+	if (err) {
+		count_drop(PYEBPFLB_DROP_REJECT_FAILED, skb->len);
+		return TC_ACT_SHOT;
+	}
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+static __always_inline int icmp_is_error(const struct packet *pkt)
+{
+	__u8 type = ((__u8 *)&pkt->sport)[0];
+
+	if (pkt->proto == IPPROTO_ICMP)
+		return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED ||
+		       type == ICMP_PARAMETERPROB;
+	return type == ICMPV6_DEST_UNREACH || type == ICMPV6_PKT_TOOBIG ||
+	       type == ICMPV6_TIME_EXCEED || type == ICMPV6_PARAMPROB;
+}
+
+/*
+ * An ICMP error leaving towards a client quotes the packet the backend got
+ * (client -> backend:port). The client's socket knows that flow as
+ * client -> VIP:port, so the quote's destination, the error's source (when
+ * the backend itself sent it) and the checksums are rewritten to match.
+ */
+static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, const struct packet *pkt)
+{
+	struct pyebpflb_ct_key key = {.dir = PYEBPFLB_CT_REPLY, .family = pkt->family};
+	struct pyebpflb_ct_entry *entry;
+	__u32 inner_off = pkt->l4_off + 8, inner_daddr_off, inner_l4_off, csum_off = pkt->csum_off;
+	__u16 ports[2];
+	__u8 proto;
+
+	if (!icmp_is_error(pkt))
+		return 0;
+	if (pkt->family == PYEBPFLB_IPV4) {
+		struct iphdr inner;
+
+		if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)) || inner.ihl < 5)
+			return 0;
+		proto = inner.protocol;
+		key.saddr.v4 = inner.daddr;
+		key.daddr.v4 = inner.saddr;
+		inner_daddr_off = inner_off + offsetof(struct iphdr, daddr);
+		inner_l4_off = inner_off + inner.ihl * 4;
+	} else {
+		struct ipv6hdr inner;
+
+		if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)))
+			return 0;
+		proto = inner.nexthdr;
+		__builtin_memcpy(key.saddr.bytes, &inner.daddr, 16);
+		__builtin_memcpy(key.daddr.bytes, &inner.saddr, 16);
+		inner_daddr_off = inner_off + offsetof(struct ipv6hdr, daddr);
+		inner_l4_off = inner_off + sizeof(inner);
+	}
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 0;
+	if (bpf_skb_load_bytes(skb, inner_l4_off, ports, sizeof(ports)))
+		return 0;
+	key.proto = proto;
+	key.sport = ports[1];
+	key.dport = ports[0];
+	entry = bpf_map_lookup_elem(&lb_ct, &key);
+	if (!entry)
+		return 0;
+
+	/* The quoted destination: backend -> VIP, in the ICMP checksum. */
+	if (pkt->family == PYEBPFLB_IPV4) {
+		__u32 inner_csum_off = inner_off + offsetof(struct iphdr, check);
+		__u16 old_csum, new_csum;
+
+		if (bpf_skb_load_bytes(skb, inner_csum_off, &old_csum, sizeof(old_csum)) ||
+		    bpf_l3_csum_replace(skb, inner_csum_off, key.saddr.v4, entry->nat_addr.v4,
+					sizeof(__u32)) ||
+		    bpf_skb_load_bytes(skb, inner_csum_off, &new_csum, sizeof(new_csum)) ||
+		    bpf_l4_csum_replace(skb, csum_off, old_csum, new_csum, sizeof(__u16)) ||
+		    bpf_l4_csum_replace(skb, csum_off, key.saddr.v4, entry->nat_addr.v4,
+					sizeof(__u32)) ||
+		    bpf_skb_store_bytes(skb, inner_daddr_off, &entry->nat_addr.v4, sizeof(__u32),
+					0))
+			return -1;
+	} else {
+		__s64 diff = bpf_csum_diff(key.saddr.v6, 16, entry->nat_addr.v6, 16, 0);
+
+		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, 0) ||
+		    bpf_skb_store_bytes(skb, inner_daddr_off, entry->nat_addr.bytes, 16, 0))
+			return -1;
+	}
+	/* The quoted destination port. */
+	if (bpf_l4_csum_replace(skb, csum_off, key.sport, entry->nat_port, sizeof(__u16)) ||
+	    bpf_skb_store_bytes(skb, inner_l4_off + 2, &entry->nat_port, sizeof(__u16), 0))
+		return -1;
+	/* The error's own source, if the backend sent it (a router on the way keeps its own). */
+	if (addr_equal(&pkt->saddr, &key.saddr) &&
+	    rewrite_addr(skb, pkt, saddr_off(pkt), &pkt->saddr, &entry->nat_addr,
+			 pkt->family == PYEBPFLB_IPV6))
+		return -1;
+	return 0;
+}
+
+#endif

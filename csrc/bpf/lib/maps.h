@@ -1,0 +1,104 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Every map of the load balancer. Sizes here are placeholders: the Python
+ * Datapath sets max_entries from its constructor before load.
+ */
+#ifndef PYEBPFLB_BPF_MAPS_H
+#define PYEBPFLB_BPF_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "pyebpflb/lb.h"
+
+/* Services, slots and backends are replaced whole by user space while
+ * packets read them. Without preallocation a replaced element is freed only
+ * after an RCU grace period, so a reader never sees a value half-rewritten. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pyebpflb_service_key);
+	__type(value, struct pyebpflb_service);
+} lb_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 524288);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pyebpflb_slot_key);
+	__type(value, __u32);
+} lb_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_backend);
+} lb_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct pyebpflb_ct_key);
+	__type(value, struct pyebpflb_ct_entry);
+} lb_ct SEC(".maps");
+
+/* Per-CPU counters: created by user space with the service or backend, only
+ * incremented here, summed over CPUs on read. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_counter_value);
+} lb_svc_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_counter_value);
+} lb_be_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PYEBPFLB_DROP_MAX);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_counter_value);
+} lb_drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_lb_config);
+} lb_config SEC(".maps");
+
+/* Names of services, for reading the state back; never touched by packets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_service_name);
+} lb_svc_names SEC(".maps");
+
+static __always_inline void count_traffic(void *map, __u32 id, __u32 len)
+{
+	struct pyebpflb_counter_value *value = bpf_map_lookup_elem(map, &id);
+
+	if (value) {
+		value->packets += 1;
+		value->bytes += len;
+	}
+}
+
+static __always_inline void count_drop(__u32 reason, __u32 len)
+{
+	count_traffic(&lb_drops, reason, len);
+}
+
+#endif

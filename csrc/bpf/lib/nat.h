@@ -1,0 +1,85 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Rewriting an address or a port in place, with the checksums updated
+ * incrementally by the kernel helpers. The helpers also do the right thing
+ * for CHECKSUM_PARTIAL packets from local sockets, where only the
+ * pseudo-header part of the L4 checksum is filled in.
+ */
+#ifndef PYEBPFLB_BPF_NAT_H
+#define PYEBPFLB_BPF_NAT_H
+
+#include <linux/bpf.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <bpf/bpf_helpers.h>
+
+#include "lib/parse.h"
+
+/* UDP over IPv4 may carry no checksum (0); MARK_MANGLED_0 keeps it so. */
+static __always_inline __u64 l4_csum_flags(const struct packet *pkt)
+{
+	return pkt->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+}
+
+/* Is the address at `off` covered by the L4 checksum's pseudo-header? ICMPv4 has none. */
+static __always_inline int rewrite_addr(struct __sk_buff *skb, const struct packet *pkt, __u32 off,
+					const union pyebpflb_addr *from,
+					const union pyebpflb_addr *to, int pseudo)
+{
+	__u64 flags = l4_csum_flags(pkt) | (pseudo ? BPF_F_PSEUDO_HDR : 0);
+
+	if (pkt->family == PYEBPFLB_IPV4) {
+		if (bpf_l3_csum_replace(skb, pkt->l3_off + offsetof(struct iphdr, check), from->v4,
+					to->v4, sizeof(__u32)))
+			return -1;
+		if (pseudo && bpf_l4_csum_replace(skb, pkt->csum_off, from->v4, to->v4,
+						  flags | sizeof(__u32)))
+			return -1;
+		return bpf_skb_store_bytes(skb, off, &to->v4, sizeof(__u32), 0);
+	}
+	/* IPv6 has no header checksum; the L4 one covers both addresses. */
+	__s64 diff = bpf_csum_diff((__u32 *)from->v6, 16, (__u32 *)to->v6, 16, 0);
+
+	if (bpf_l4_csum_replace(skb, pkt->csum_off, 0, diff, flags))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, to->bytes, 16, 0);
+}
+
+static __always_inline int rewrite_port(struct __sk_buff *skb, const struct packet *pkt, __u32 off,
+					__u16 from, __u16 to)
+{
+	if (bpf_l4_csum_replace(skb, pkt->csum_off, from, to, l4_csum_flags(pkt) | sizeof(__u16)))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0);
+}
+
+static __always_inline __u32 saddr_off(const struct packet *pkt)
+{
+	return pkt->l3_off + (pkt->family == PYEBPFLB_IPV4 ? offsetof(struct iphdr, saddr)
+							   : offsetof(struct ipv6hdr, saddr));
+}
+
+static __always_inline __u32 daddr_off(const struct packet *pkt)
+{
+	return pkt->l3_off + (pkt->family == PYEBPFLB_IPV4 ? offsetof(struct iphdr, daddr)
+							   : offsetof(struct ipv6hdr, daddr));
+}
+
+/* Ports sit at the same place in TCP and UDP: source first, destination next. */
+static __always_inline int dnat(struct __sk_buff *skb, const struct packet *pkt,
+				const union pyebpflb_addr *addr, __u16 port)
+{
+	if (rewrite_addr(skb, pkt, daddr_off(pkt), &pkt->daddr, addr, 1))
+		return -1;
+	return rewrite_port(skb, pkt, pkt->l4_off + 2, pkt->dport, port);
+}
+
+static __always_inline int snat(struct __sk_buff *skb, const struct packet *pkt,
+				const union pyebpflb_addr *addr, __u16 port)
+{
+	if (rewrite_addr(skb, pkt, saddr_off(pkt), &pkt->saddr, addr, 1))
+		return -1;
+	return rewrite_port(skb, pkt, pkt->l4_off, pkt->sport, port);
+}
+
+#endif

@@ -1,0 +1,74 @@
+"""A tiny backend for the sandbox: answers HTTP and UDP with its own name.
+
+Run as ``python -m pyebpflb._server --name backend-1 --port 8080`` inside a
+network namespace. It listens on every IPv4 and IPv6 address, prints
+``ready`` once both sockets are bound, and stops on SIGTERM or when its
+parent dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import signal
+import socket
+import sys
+import threading
+
+
+def _dual_stack(kind: int, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, kind)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("::", port))
+    return sock
+
+
+def serve(name: str, port: int) -> None:
+    body = f"{name}\n".encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: one connection, many requests
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+        daemon_threads = True
+
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+    httpd = Server(("::", port), Handler)
+    udp = _dual_stack(socket.SOCK_DGRAM, port)
+
+    def answer_udp() -> None:
+        while True:
+            _, peer = udp.recvfrom(2048)
+            udp.sendto(body, peer)
+
+    threading.Thread(target=answer_udp, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("ready", flush=True)
+    httpd.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args()
+    serve(args.name, args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,521 @@
+"""The load balancer in the kernel: load or adopt it, attach it, program it.
+
+A :class:`Datapath` owns one loaded ``lb`` object: its maps are pinned under
+``pin_root/name/`` (``pin_root/name/netns-<inode>/`` outside the initial
+network namespace, so datapaths of one name in different namespaces stay
+apart) and found again by a later ``Datapath`` of the same name, through the
+pins or, where the bpffs is not shared (``ip netns exec`` mounts a new one),
+through the programs attached to this namespace's interfaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from pyebpflb import maps, objects, plan
+from pyebpflb._bpf import Map, Object, Program, TcLink, fs, tc
+from pyebpflb._bpf._libbpf import ffi, lib
+from pyebpflb._bpf.netns import current_id, entered, is_initial
+from pyebpflb.errors import BpfError, PyEbpfLbError
+from pyebpflb.model import Address, Backend, Protocol, Service
+
+logger = logging.getLogger("pyebpflb")
+
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/pyebpflb"
+LB_HANDLE = 0xEB1B
+LB_PRIORITY = 1
+LAYOUT_VERSION = 1
+NAME_MAX = len(ffi.new("struct pyebpflb_lb_config *").name) - 1
+
+DROP_REASONS = {
+    int(lib.PYEBPFLB_DROP_NO_BACKEND): "no backend",
+    int(lib.PYEBPFLB_DROP_CT_FULL): "conntrack full",
+    int(lib.PYEBPFLB_DROP_REJECT_FAILED): "reject failed",
+}
+
+# Which constructor argument sizes which map, for the error of a full map.
+_CAPACITY = {
+    "lb_services": "max_services",
+    "lb_svc_stats": "max_services",
+    "lb_svc_names": "max_services",
+    "lb_backends": "max_backends",
+    "lb_be_stats": "max_backends",
+    "lb_slots": "max_backends",
+}
+
+
+@attrs.frozen
+class ConntrackTimeouts:
+    """How long an idle flow keeps its backend, in seconds."""
+
+    tcp_syn: float = 60.0
+    tcp_established: float = 21600.0
+    tcp_closing: float = 10.0
+    udp: float = 60.0
+
+    def __attrs_post_init__(self) -> None:
+        for field in attrs.fields(ConntrackTimeouts):
+            value = getattr(self, field.name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(
+                    f"conntrack timeout {field.name} must be > 0 seconds, got {value!r}"
+                )
+
+
+@attrs.frozen
+class Traffic:
+    packets: int
+    bytes: int
+
+
+@attrs.frozen
+class ServiceStats:
+    """Packets and bytes sent to a service, in total and per backend."""
+
+    service: Service
+    packets: int
+    bytes: int
+    backends: dict[Backend, Traffic]
+
+
+@attrs.frozen
+class Attachment:
+    """The datapath on one interface: ingress balances, egress reverse-translates."""
+
+    iface: str
+    ingress: TcLink
+    egress: TcLink
+
+
+def _check_capacity(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+class Datapath:
+    """Service load balancing in the kernel, as one object.
+
+    ``persist=False`` (the default): closing detaches the programs and
+    removes the pins. ``persist=True``: closing leaves everything running, and
+    a later ``Datapath`` of the same name adopts it without a dropped packet.
+    ``netns`` names a network namespace (``ip netns`` name or path) to work in
+    from outside it.
+    """
+
+    def __init__(
+        self,
+        name: str = "default",
+        *,
+        persist: bool = False,
+        pin_root: str | os.PathLike[str] = DEFAULT_PIN_ROOT,
+        netns: str | None = None,
+        max_services: int = 65536,
+        max_backends: int = 262144,
+        max_conntrack: int = 262144,
+        max_backends_per_service: int = 1024,
+        ct_timeouts: ConntrackTimeouts = ConntrackTimeouts(),
+    ) -> None:
+        if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > NAME_MAX:
+            raise ValueError(
+                f"datapath name must be 1 to {NAME_MAX} bytes without '/', got {name!r}"
+            )
+        self.name = name
+        self.persist = persist
+        self.netns = netns
+        self.max_services = _check_capacity("max_services", max_services, 1, 1 << 24)
+        self.max_backends = _check_capacity("max_backends", max_backends, 1, 1 << 24)
+        self.max_conntrack = _check_capacity("max_conntrack", max_conntrack, 16, 1 << 26)
+        self.max_backends_per_service = _check_capacity(
+            "max_backends_per_service", max_backends_per_service, 1, 65535
+        )
+        if not isinstance(ct_timeouts, ConntrackTimeouts):
+            raise ValueError(f"ct_timeouts must be a ConntrackTimeouts, got {ct_timeouts!r}")
+        self.ct_timeouts = ct_timeouts
+        self._attachments: dict[str, Attachment] = {}
+        self._closed = False
+        self.pin_root = os.fspath(pin_root)
+        with entered(netns):
+            self.pin_dir = self._pin_dir(self.pin_root)
+            self._object, adopted = self._load()
+        self.adopted = adopted
+        try:
+            self._write_config()
+            self._snapshot = maps.read_snapshot(self._object)
+        except BaseException:
+            self._object.close()
+            raise
+
+    # -- loading and adopting -------------------------------------------------
+    def _pin_dir(self, pin_root: str) -> str:
+        base = os.path.join(pin_root, self.name)
+        return base if is_initial() else os.path.join(base, f"netns-{current_id()}")
+
+    def _load(self) -> tuple[Object, bool]:
+        existing = self._find_attached_maps() or self._find_pinned_maps()
+        obj = objects.open_object("lb")
+        try:
+            sizes = {
+                "lb_services": self.max_services,
+                "lb_svc_stats": self.max_services,
+                "lb_svc_names": self.max_services,
+                "lb_backends": self.max_backends,
+                "lb_be_stats": self.max_backends,
+                "lb_slots": 2 * self.max_backends,  # two generations
+                "lb_ct": self.max_conntrack,
+            }
+            for map_name, size in sizes.items():
+                if map_name in existing and existing[map_name].max_entries != size:
+                    logger.warning(
+                        "pyebpflb: datapath %s keeps %s at %d entries (asked for %d)",
+                        self.name,
+                        map_name,
+                        existing[map_name].max_entries,
+                        size,
+                    )
+                    size = existing[map_name].max_entries
+                obj.set_max_entries(map_name, size)
+            for map_name, adopted in existing.items():
+                obj.reuse_map(map_name, adopted)
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        finally:
+            for adopted in existing.values():
+                adopted.close()
+        self._pin_maps(obj)
+        return obj, bool(existing)
+
+    def _pin_maps(self, obj: Object) -> None:
+        fs.ensure_bpffs(os.path.dirname(self.pin_dir))
+        os.makedirs(self.pin_dir, mode=0o700, exist_ok=True)
+        for map_name, bpf_map in obj.maps.items():
+            path = os.path.join(self.pin_dir, map_name)
+            if not os.path.exists(path):
+                bpf_map.pin(path)
+
+    def _find_pinned_maps(self) -> dict[str, Map]:
+        if fs.fs_type(self.pin_dir) != "bpf" or not os.path.isdir(self.pin_dir):
+            return {}
+        found = {}
+        for entry in os.listdir(self.pin_dir):
+            path = os.path.join(self.pin_dir, entry)
+            if entry.startswith("lb_") and not os.path.isdir(path):
+                found[entry] = Map.from_pinned(path)
+        return found if self._is_ours(found) else _closed_all(found)
+
+    def _find_attached_maps(self) -> dict[str, Map]:
+        """The maps of our programs attached in this netns (works without a shared bpffs)."""
+        for _, iface in socket.if_nameindex():
+            prog_id = tc.query(iface, "ingress", handle=LB_HANDLE, priority=LB_PRIORITY)
+            if prog_id is None:
+                continue
+            found = _maps_of_program(prog_id)
+            if self._is_ours(found):
+                return found
+            _closed_all(found)
+        return {}
+
+    def _is_ours(self, found: dict[str, Map]) -> bool:
+        """Is ``found`` (maps by name) this datapath's? Its config names it."""
+        config_map = found.get("lb_config")
+        if config_map is None or config_map.value_size != ffi.sizeof("struct pyebpflb_lb_config"):
+            return False
+        config = ffi.from_buffer("struct pyebpflb_lb_config *", config_map[bytes(4)])
+        return bool(ffi.string(config.name).decode() == self.name)
+
+    def _write_config(self) -> None:
+        config_map = self._object.map("lb_config")
+        config = config_map[0]
+        if self.adopted and int(config.layout_version) not in (0, LAYOUT_VERSION):
+            raise PyEbpfLbError(
+                f"datapath {self.name!r} was made by another pyebpflb version "
+                f"(layout {config.layout_version}, this is {LAYOUT_VERSION}); destroy it first"
+            )
+        config.layout_version = LAYOUT_VERSION
+        config.name = self.name.encode()
+        seconds = 1_000_000_000
+        config.ct_tcp_syn_ns = int(self.ct_timeouts.tcp_syn * seconds)
+        config.ct_tcp_established_ns = int(self.ct_timeouts.tcp_established * seconds)
+        config.ct_tcp_closing_ns = int(self.ct_timeouts.tcp_closing * seconds)
+        config.ct_udp_ns = int(self.ct_timeouts.udp * seconds)
+        config.next_service_id = max(int(config.next_service_id), 1)
+        config.next_backend_id = max(int(config.next_backend_id), 1)
+        config_map[0] = config
+
+    def _reserve_ids(self, next_service_id: int, next_backend_id: int) -> None:
+        config_map = self._object.map("lb_config")
+        config = config_map[0]
+        config.next_service_id = next_service_id
+        config.next_backend_id = next_backend_id
+        config_map[0] = config
+
+    # -- attaching --------------------------------------------------------------
+    def attach(self, iface: str) -> Attachment:
+        """Balance services arriving on ``iface`` and translate replies leaving it.
+
+        Idempotent; attaching again after an upgrade swaps the programs in
+        place without dropping traffic.
+        """
+        self._live()
+        with entered(self.netns):
+            for direction in ("ingress", "egress"):
+                current = tc.query(iface, direction, handle=LB_HANDLE, priority=LB_PRIORITY)
+                if current is not None and not self._owns_program(current):
+                    raise PyEbpfLbError(
+                        f"{iface} {direction} already runs another pyebpflb datapath "
+                        f"(program id {current}); destroy that one or use another interface"
+                    )
+            ingress = TcLink.attach(
+                self._object.program("lb_ingress"),
+                iface,
+                "ingress",
+                handle=LB_HANDLE,
+                priority=LB_PRIORITY,
+            )
+            try:
+                egress = TcLink.attach(
+                    self._object.program("lb_egress"),
+                    iface,
+                    "egress",
+                    handle=LB_HANDLE,
+                    priority=LB_PRIORITY,
+                )
+            except BaseException:
+                ingress.detach()
+                raise
+        attachment = Attachment(iface, ingress, egress)
+        self._attachments[iface] = attachment
+        return attachment
+
+    def detach(self, iface: str) -> None:
+        """Stop balancing on ``iface`` (also when another process attached it)."""
+        self._live()
+        with entered(self.netns):
+            self._detach_iface(iface)
+        self._attachments.pop(iface, None)
+
+    def _detach_iface(self, iface: str) -> None:
+        ifindex = socket.if_nametoindex(iface)
+        for direction in ("ingress", "egress"):
+            current = tc.query(ifindex, direction, handle=LB_HANDLE, priority=LB_PRIORITY)
+            if current is not None and self._owns_program(current):
+                TcLink(
+                    ifindex,
+                    tc.Direction(direction),
+                    LB_HANDLE,
+                    LB_PRIORITY,
+                    current,
+                    created_qdisc=True,
+                ).detach()
+
+    def _owns_program(self, prog_id: int) -> bool:
+        found = _maps_of_program(prog_id)
+        try:
+            return (
+                "lb_config" in found and found["lb_config"].id == self._object.map("lb_config").id
+            )
+        finally:
+            _closed_all(found)
+
+    @property
+    def interfaces(self) -> list[str]:
+        """Interfaces of the namespace that run this datapath."""
+        self._live()
+        with entered(self.netns):
+            return [
+                iface
+                for _, iface in socket.if_nameindex()
+                if (prog := tc.query(iface, "ingress", handle=LB_HANDLE, priority=LB_PRIORITY))
+                and self._owns_program(prog)
+            ]
+
+    # -- programming ------------------------------------------------------------------
+    def sync(self, services: Iterable[Service]) -> None:
+        """Make the kernel hold exactly ``services``; all or nothing."""
+        wanted = list(services)
+        seen: dict[tuple[Address, int, Protocol], Service] = {}
+        for service in wanted:
+            self._check(service)
+            if service.key in seen:
+                raise ValueError(
+                    f"services {seen[service.key].label} and {service.label} have the same "
+                    "vip, port and protocol"
+                )
+            seen[service.key] = service
+        removals = [key for key in self._snapshot.services if key not in seen]
+        self._apply(plan.diff(self._snapshot, wanted, removals))
+
+    def upsert(self, service: Service) -> None:
+        """Install ``service`` or replace the one with its vip, port and protocol."""
+        self._check(service)
+        self._apply(plan.diff(self._snapshot, [service], []))
+
+    def remove(self, service: Service) -> bool:
+        """Remove the service with ``service``'s vip, port and protocol; False if none."""
+        if not isinstance(service, Service):
+            raise ValueError(f"remove takes a Service, got {service!r}")
+        self._live()
+        change = plan.diff(self._snapshot, [], [service.key])
+        self._apply(change)
+        return not change.empty
+
+    def _check(self, service: Service) -> None:
+        self._live()
+        if not isinstance(service, Service):
+            raise ValueError(f"expected a Service, got {service!r}")
+        if len(service.backends) > self.max_backends_per_service:
+            raise ValueError(
+                f"service {service.label} has {len(service.backends)} backends; this datapath "
+                f"allows {self.max_backends_per_service} per service (max_backends_per_service)"
+            )
+
+    def _apply(self, change: plan.Plan) -> None:
+        if change.empty:
+            return
+        result = change.result
+        if (result.next_service_id, result.next_backend_id) != (
+            self._snapshot.next_service_id,
+            self._snapshot.next_backend_id,
+        ):
+            # Ids are reserved before use and never handed out twice, even
+            # when the change fails: conntrack entries may still name old ids.
+            self._reserve_ids(result.next_service_id, result.next_backend_id)
+            self._snapshot = attrs.evolve(
+                self._snapshot,
+                next_service_id=result.next_service_id,
+                next_backend_id=result.next_backend_id,
+            )
+        plan.apply(self._object, change, _CAPACITY)
+        self._snapshot = result
+
+    # -- reading back --------------------------------------------------------------------
+    @property
+    def services(self) -> list[Service]:
+        """The services the kernel holds, read from its maps, in the order installed."""
+        self._live()
+        snapshot = maps.read_snapshot(self._object)
+        return [i.service for i in sorted(snapshot.services.values(), key=lambda i: i.id)]
+
+    def stats(self, service: Service) -> ServiceStats:
+        """Packets and bytes sent to ``service`` and to each of its backends."""
+        self._live()
+        installed = self._snapshot.services.get(service.key)
+        if installed is None:
+            raise KeyError(f"service {service.label} is not installed in datapath {self.name!r}")
+        svc = _sum(self._object.map("lb_svc_stats").lookup(_u32(installed.id)))
+        be_stats = self._object.map("lb_be_stats")
+        backends = {
+            backend: Traffic(*_sum(be_stats.lookup(_u32(backend_id))))
+            for backend, backend_id in zip(
+                installed.service.backends, installed.backend_ids, strict=True
+            )
+        }
+        return ServiceStats(installed.service, svc[0], svc[1], backends)
+
+    def drops(self) -> dict[str, Traffic]:
+        """Packets the datapath dropped or refused, by reason."""
+        self._live()
+        drops = self._object.map("lb_drops")
+        return {reason: Traffic(*_sum(drops.lookup(_u32(i)))) for i, reason in DROP_REASONS.items()}
+
+    def conntrack(self) -> list[Any]:
+        """The raw conntrack entries (key, entry) of translated flows."""
+        self._live()
+        return self._object.map("lb_ct").lookup_batch()
+
+    def flush_conntrack(self) -> int:
+        """Forget every tracked flow; the next packet of each picks a backend anew."""
+        self._live()
+        ct = self._object.map("lb_ct")
+        keys = [key for key, _ in ct.lookup_batch()]
+        plan._run(self._object, plan.Delete("lb_ct", keys), strict=False)
+        return len(keys)
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def _live(self) -> None:
+        if self._closed:
+            raise PyEbpfLbError(f"datapath {self.name!r} is closed")
+
+    def close(self) -> None:
+        """Release this object; without ``persist`` also detach and unpin (see :meth:`destroy`)."""
+        if self._closed:
+            return
+        if not self.persist:
+            self.destroy()
+            return
+        self._object.close()
+        self._closed = True
+
+    def destroy(self) -> None:
+        """Detach from every interface of the namespace and remove the pins and maps."""
+        if self._closed:
+            return
+        with entered(self.netns):
+            for _, iface in socket.if_nameindex():
+                try:
+                    self._detach_iface(iface)
+                except BpfError:
+                    logger.warning("pyebpflb: could not detach from %s", iface, exc_info=True)
+        self._attachments.clear()
+        for map_name in self._object.maps:
+            path = os.path.join(self.pin_dir, map_name)
+            if os.path.exists(path):
+                self._object.map(map_name).unpin(path)
+        # Remove the now empty folders up to and including pin_root.
+        folder = self.pin_dir
+        while folder.startswith(self.pin_root):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty: another datapath's pins live there
+                break
+            folder = os.path.dirname(folder)
+        self._object.close()
+        self._closed = True
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._snapshot.services)} services"
+        where = f" netns={self.netns!r}" if self.netns else ""
+        return f"<Datapath {self.name!r}{where} {state}>"
+
+
+def _maps_of_program(prog_id: int) -> dict[str, Map]:
+    found: dict[str, Map] = {}
+    try:
+        with Program.from_id(prog_id) as program:
+            for map_id in program.map_ids():
+                bpf_map = Map.from_id(map_id)
+                found[bpf_map.name] = bpf_map
+    except BpfError:
+        _closed_all(found)
+        return {}
+    return found
+
+
+def _closed_all(found: dict[str, Map]) -> dict[str, Map]:
+    for bpf_map in found.values():
+        bpf_map.close()
+    return {}
+
+
+def _u32(value: int) -> Any:
+    return ffi.new("__u32 *", value)
+
+
+def _sum(per_cpu: list[Any] | None) -> tuple[int, int]:
+    if not per_cpu:
+        return 0, 0
+    return sum(int(v.packets) for v in per_cpu), sum(int(v.bytes) for v in per_cpu)

@@ -1,0 +1,152 @@
+"""What a load balancer serves, as plain validated values: no kernel in sight.
+
+Every class is an attrs frozen class; construction validates, so an invalid
+``Service`` or ``Backend`` cannot exist. Limits that depend on a datapath
+(how many backends one service may have) are checked by the datapath.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NAME_MAX_BYTES = 255
+
+
+class Protocol(enum.Enum):
+    TCP = "tcp"
+    UDP = "udp"
+
+    @property
+    def number(self) -> int:
+        """The IP protocol number (IPPROTO_TCP, IPPROTO_UDP)."""
+        return 6 if self is Protocol.TCP else 17
+
+    @classmethod
+    def from_number(cls, number: int) -> Protocol:
+        return {6: cls.TCP, 17: cls.UDP}[number]
+
+
+def to_address(value: object) -> Address:
+    """An IPv4 or IPv6 address from a string or an ``ipaddress`` object."""
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"an address must be an IPv4 or IPv6 address, got {value!r}")
+    try:
+        return ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IPv4 or IPv6 address (e.g. '10.96.0.10' or 'fd00::10')"
+        ) from None
+
+
+def to_protocol(value: object) -> Protocol:
+    if isinstance(value, Protocol):
+        return value
+    if isinstance(value, str):
+        try:
+            return Protocol(value.lower())
+        except ValueError:
+            pass
+    raise ValueError(f"protocol must be 'tcp' or 'udp', got {value!r}")
+
+
+def _check_port(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"{attribute.name} must be an integer from 1 to 65535, got {value!r}")
+
+
+def _usable_address(what: str, address: Address) -> None:
+    if address.is_unspecified or address.is_multicast:
+        raise ValueError(f"{what} {address} is not a unicast address")
+
+
+@attrs.frozen
+class Backend:
+    """One endpoint a service sends flows to: an address and a port."""
+
+    address: Address = attrs.field(converter=to_address)
+    port: int = attrs.field(validator=_check_port)
+
+    def __attrs_post_init__(self) -> None:
+        _usable_address("backend address", self.address)
+
+    @property
+    def family(self) -> int:
+        return self.address.version
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{host}:{self.port}"
+
+
+def _to_backends(value: Iterable[Any]) -> tuple[Backend, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"backends must be a list of Backend, got {value!r}")
+    result = []
+    for item in value:
+        if not isinstance(item, Backend):
+            raise ValueError(f"backends must be Backend objects, got {item!r}")
+        result.append(item)
+    return tuple(result)
+
+
+def _check_name(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"name must be a string, got {value!r}")
+    if len(value.encode()) > NAME_MAX_BYTES:
+        raise ValueError(
+            f"name must be at most {NAME_MAX_BYTES} bytes of UTF-8, got {len(value.encode())}: "
+            f"{value[:40]!r}..."
+        )
+    if "\x00" in value:
+        raise ValueError(f"name must not contain NUL characters, got {value!r}")
+
+
+@attrs.frozen
+class Service:
+    """A VIP:port/protocol and the backends its flows are spread over.
+
+    A service with no backends is valid: the datapath refuses its flows the
+    way kube-proxy does (ICMP port unreachable) instead of letting them hang.
+    """
+
+    vip: Address = attrs.field(converter=to_address)
+    port: int = attrs.field(validator=_check_port)
+    protocol: Protocol = attrs.field(default=Protocol.TCP, converter=to_protocol)
+    name: str = attrs.field(default="", validator=_check_name)
+    backends: tuple[Backend, ...] = attrs.field(default=(), converter=_to_backends)
+
+    def __attrs_post_init__(self) -> None:
+        _usable_address("vip", self.vip)
+        seen: set[Backend] = set()
+        for backend in self.backends:
+            if backend.family != self.vip.version:
+                raise ValueError(
+                    f"backend {backend} is IPv{backend.family} but the vip {self.vip} is "
+                    f"IPv{self.vip.version}: a service's addresses must be of one family"
+                )
+            if backend in seen:
+                raise ValueError(f"backend {backend} is listed twice in service {self.label}")
+            seen.add(backend)
+
+    @property
+    def key(self) -> tuple[Address, int, Protocol]:
+        """What identifies a service in the datapath: (vip, port, protocol)."""
+        return (self.vip, self.port, self.protocol)
+
+    @property
+    def label(self) -> str:
+        host = f"[{self.vip}]" if self.vip.version == 6 else str(self.vip)
+        where = f"{host}:{self.port}/{self.protocol.value}"
+        return f"{self.name} ({where})" if self.name else where
+
+    def with_backends(self, backends: Iterable[Backend]) -> Service:
+        return attrs.evolve(self, backends=tuple(backends))

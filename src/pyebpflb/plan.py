@@ -1,0 +1,266 @@
+"""Turning a wanted set of services into ordered map writes, and applying them.
+
+A change is planned against a :class:`~pyebpflb.maps.Snapshot` of what is
+installed, in four phases, so that no packet meets a half-written service:
+
+1. ``prepare``: everything packets cannot see yet: new backends and their
+   counters, names, and the slots of the generation the service entry does
+   not point at.
+2. ``publish``: the service entries themselves, each replaced whole in one
+   atomic map update: removals first (freeing room), then new and changed.
+3. on failure, ``undo`` restores every published entry and removes what
+   ``prepare`` created, so the previous services stay fully in force.
+4. ``cleanup``: after success, what nothing points at any more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from pyebpflb import maps
+from pyebpflb._bpf import Object, ffi
+from pyebpflb.errors import BpfError, MapFull
+from pyebpflb.model import Address, Backend, Protocol, Service
+
+logger = logging.getLogger("pyebpflb")
+
+Key = tuple[Address, int, Protocol]
+
+
+@attrs.define
+class Write:
+    map: str
+    items: list[tuple[Any, Any]] = attrs.Factory(list)
+
+
+@attrs.define
+class Delete:
+    map: str
+    keys: list[Any] = attrs.Factory(list)
+
+
+Step = Write | Delete
+
+
+@attrs.define
+class Plan:
+    prepare: list[Step]
+    publish: list[Step]
+    undo: list[Step]
+    cleanup: list[Step]
+    result: maps.Snapshot
+    changed: int
+
+    @property
+    def empty(self) -> bool:
+        return self.changed == 0
+
+
+class _Steps:
+    """Writes and deletes grouped by map, in first-use order of the maps."""
+
+    def __init__(self) -> None:
+        self._steps: dict[tuple[str, str], Step] = {}
+
+    def write(self, map_name: str, key: Any, value: Any) -> None:
+        step = self._steps.setdefault(("w", map_name), Write(map_name))
+        assert isinstance(step, Write)
+        step.items.append((key, value))
+
+    def delete(self, map_name: str, key: Any) -> None:
+        step = self._steps.setdefault(("d", map_name), Delete(map_name))
+        assert isinstance(step, Delete)
+        step.keys.append(key)
+
+    def list(self) -> list[Step]:
+        return list(self._steps.values())
+
+
+def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable[Key]) -> Plan:
+    """The plan that makes ``upserts`` installed and ``removals`` gone."""
+    prepare, publish_removals, publish, undo_first, undo, cleanup = (
+        _Steps(),
+        _Steps(),
+        _Steps(),
+        _Steps(),
+        _Steps(),
+        _Steps(),
+    )
+    services = dict(snapshot.services)
+    service_ids = itertools.count(snapshot.next_service_id)
+    backend_ids = itertools.count(snapshot.next_backend_id)
+    changed = 0
+
+    for key in removals:
+        old = services.pop(key, None)
+        if old is None:
+            continue
+        changed += 1
+        publish_removals.delete("lb_services", maps.service_key(old.service))
+        undo.write(
+            "lb_services",
+            maps.service_key(old.service),
+            maps.service_entry(old.id, len(old.backend_ids), old.gen),
+        )
+        for slot in old.slots:
+            cleanup.delete("lb_slots", maps.slot_key(old.id, *_split(slot)))
+        for backend_id in old.backend_ids:
+            cleanup.delete("lb_backends", _u32(backend_id))
+            cleanup.delete("lb_be_stats", _u32(backend_id))
+        cleanup.delete("lb_svc_stats", _u32(old.id))
+        cleanup.delete("lb_svc_names", _u32(old.id))
+
+    for service in upserts:
+        old = services.get(service.key)
+        if old is not None and old.service == service:
+            continue
+        changed += 1
+        if old is not None and old.service.backends == service.backends:
+            # Only the name changed: packets never read it.
+            prepare.write("lb_svc_names", _u32(old.id), maps.name_value(service.name))
+            undo.write("lb_svc_names", _u32(old.id), maps.name_value(old.service.name))
+            services[service.key] = attrs.evolve(old, service=service)
+            continue
+
+        known: dict[Backend, int] = {}
+        if old is None:
+            service_id, gen = next(service_ids), 0
+            prepare.write("lb_svc_stats", _u32(service_id), maps.zero_counter())
+            prepare.write("lb_svc_names", _u32(service_id), maps.name_value(service.name))
+            undo.delete("lb_svc_stats", _u32(service_id))
+            undo.delete("lb_svc_names", _u32(service_id))
+            undo_first.delete("lb_services", maps.service_key(service))
+        else:
+            service_id, gen = old.id, 1 - old.gen
+            known = dict(zip(old.service.backends, old.backend_ids, strict=True))
+            if old.service.name != service.name:
+                prepare.write("lb_svc_names", _u32(service_id), maps.name_value(service.name))
+                undo.write("lb_svc_names", _u32(service_id), maps.name_value(old.service.name))
+            undo.write(
+                "lb_services",
+                maps.service_key(service),
+                maps.service_entry(old.id, len(old.backend_ids), old.gen),
+            )
+
+        ids: list[int] = []
+        for backend in service.backends:
+            if backend in known:
+                backend_id = known[backend]
+            else:
+                backend_id = next(backend_ids)
+                prepare.write(
+                    "lb_backends", _u32(backend_id), maps.backend_value(backend, service_id)
+                )
+                prepare.write("lb_be_stats", _u32(backend_id), maps.zero_counter())
+                undo.delete("lb_backends", _u32(backend_id))
+                undo.delete("lb_be_stats", _u32(backend_id))
+            ids.append(backend_id)
+        slots = set(old.slots) if old is not None else set()
+        for index, backend_id in enumerate(ids, start=1):
+            prepare.write("lb_slots", maps.slot_key(service_id, gen, index), _u32(backend_id))
+            slots.add((gen << maps.SLOT_GEN_SHIFT) | index)
+        # Leftovers of this generation from an older, larger backend set.
+        for slot in sorted(slots):
+            slot_gen, index = _split(slot)
+            if slot_gen == gen and index > len(ids):
+                prepare.delete("lb_slots", maps.slot_key(service_id, gen, index))
+                slots.discard(slot)
+        publish.write(
+            "lb_services", maps.service_key(service), maps.service_entry(service_id, len(ids), gen)
+        )
+        if old is not None:
+            for backend_id in known.values():
+                if backend_id not in ids:
+                    cleanup.delete("lb_backends", _u32(backend_id))
+                    cleanup.delete("lb_be_stats", _u32(backend_id))
+        services[service.key] = maps.Installed(
+            service, service_id, gen, tuple(ids), frozenset(slots)
+        )
+
+    result = maps.Snapshot(
+        services=services,
+        next_service_id=next(service_ids),
+        next_backend_id=next(backend_ids),
+    )
+    return Plan(
+        prepare=prepare.list(),
+        publish=publish_removals.list() + publish.list(),
+        undo=undo_first.list() + undo.list(),
+        cleanup=cleanup.list(),
+        result=result,
+        changed=changed,
+    )
+
+
+def _split(slot: int) -> tuple[int, int]:
+    """(generation, index) of a slot number."""
+    return slot >> maps.SLOT_GEN_SHIFT, slot & ((1 << maps.SLOT_GEN_SHIFT) - 1)
+
+
+def _u32(value: int) -> Any:
+    return ffi.new("__u32 *", value)
+
+
+def apply(obj: Object, plan: Plan, capacity_hint: dict[str, str]) -> None:
+    """Apply ``plan``; on any failure undo it and raise, leaving the old state in force."""
+    try:
+        for step in plan.prepare + plan.publish:
+            _run(obj, step, strict=True)
+    except BaseException as exc:
+        for step in plan.undo:
+            try:
+                _run(obj, step, strict=False)
+            except BpfError:  # pragma: no cover - the kernel refusing an undo
+                logger.exception("pyebpflb: undoing a failed update also failed")
+        if isinstance(exc, MapFull):
+            raise _explain_full(exc, obj, capacity_hint) from exc
+        raise
+    for step in plan.cleanup:
+        try:
+            _run(obj, step, strict=False)
+        except BpfError:
+            # The new state is in force; what is left over only takes room.
+            logger.warning("pyebpflb: cleanup of map %s failed", step.map, exc_info=True)
+
+
+def _run(obj: Object, step: Step, *, strict: bool) -> None:
+    bpf_map = obj.map(step.map)
+    if isinstance(step, Write):
+        if step.items:
+            keys, values = zip(*step.items, strict=True)
+            bpf_map.update_batch(list(keys), list(values))
+        return
+    if not step.keys:
+        return
+    try:
+        bpf_map.delete_batch(step.keys)
+    except KeyError:
+        if strict:
+            raise
+        # Some were gone already: delete the rest one by one.
+        for key in step.keys:
+            with contextlib.suppress(KeyError):
+                bpf_map.delete(key)
+
+
+def _explain_full(exc: MapFull, obj: Object, capacity_hint: dict[str, str]) -> MapFull:
+    operation = exc.operation
+    for name, hint in capacity_hint.items():
+        if name in operation:
+            size = obj.map(name).max_entries
+            return MapFull(
+                exc.errno or errno.E2BIG,
+                f"{operation} (map {name} holds at most {size} entries; raise {hint}); "
+                "nothing was changed",
+            )
+    return exc
+
+
+__all__ = ["Delete", "Plan", "Write", "apply", "diff"]
