@@ -73,6 +73,7 @@ def pin_dir(request: pytest.FixtureRequest) -> Iterator[pathlib.Path]:
     try:
         yield path
     finally:
-        shutil.rmtree(path)
+        if path.exists():  # a Datapath using it as pin_root removes it when empty
+            shutil.rmtree(path)
         if PIN_ROOT.exists() and not any(PIN_ROOT.iterdir()):
             PIN_ROOT.rmdir()

@@ -1,13 +1,25 @@
-"""pyebpflb: Kubernetes-style service load balancing and L3/L4 policy in the
-Linux kernel with eBPF, as a library.
+"""pyebpflb: Kubernetes-style service load balancing in the Linux kernel with eBPF, as a library.
 
-The load balancer itself arrives with the service datapath; this release ships
-the foundation: the libbpf binding (:mod:`pyebpflb._bpf`), the shipped BPF
-objects (:mod:`pyebpflb.objects`), the error hierarchy (:mod:`pyebpflb.errors`)
-and a first program, :class:`~pyebpflb.counter.InterfaceCounter`.
+::
+
+    import pyebpflb as lb
+
+    web = lb.Service(vip="10.96.0.10", port=80, protocol="tcp", name="default/my-app",
+                     backends=[lb.Backend("10.0.1.1", 8080), lb.Backend("10.0.1.2", 8080)])
+    with lb.Datapath("demo") as dp:
+        dp.attach("eth0")
+        dp.sync([web])
+
+The model (:class:`Service`, :class:`Backend`) and the errors import anywhere,
+without root and without a kernel; the kernel-facing names (:class:`Datapath`,
+:class:`Sandbox`, :class:`InterfaceCounter`) load the libbpf binding on first use.
 """
 
-from pyebpflb.counter import Count, InterfaceCounter
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pyebpflb.errors import (
     BpfError,
     LoadError,
@@ -18,19 +30,59 @@ from pyebpflb.errors import (
     PyEbpfLbError,
     VerifierError,
 )
+from pyebpflb.model import Backend, Protocol, Service
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from pyebpflb.counter import Count, InterfaceCounter
+    from pyebpflb.datapath import (
+        Attachment,
+        ConntrackTimeouts,
+        Datapath,
+        ServiceStats,
+        Traffic,
+    )
+    from pyebpflb.sandbox import Sandbox
+
+__version__ = "0.2.0"
+
+_LAZY = {
+    "Count": "pyebpflb.counter",
+    "InterfaceCounter": "pyebpflb.counter",
+    "Attachment": "pyebpflb.datapath",
+    "ConntrackTimeouts": "pyebpflb.datapath",
+    "Datapath": "pyebpflb.datapath",
+    "ServiceStats": "pyebpflb.datapath",
+    "Traffic": "pyebpflb.datapath",
+    "Sandbox": "pyebpflb.sandbox",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyebpflb' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
+    "Attachment",
+    "Backend",
     "BpfError",
+    "ConntrackTimeouts",
     "Count",
+    "Datapath",
     "InterfaceCounter",
     "LoadError",
     "MapFull",
     "MissingPrivilege",
     "NotFound",
     "NotSupported",
+    "Protocol",
     "PyEbpfLbError",
+    "Sandbox",
+    "Service",
+    "ServiceStats",
+    "Traffic",
     "VerifierError",
     "__version__",
 ]

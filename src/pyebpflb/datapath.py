@@ -212,24 +212,31 @@ class Datapath:
         return found if self._is_ours(found) else _closed_all(found)
 
     def _find_attached_maps(self) -> dict[str, Map]:
-        """The maps of our programs attached in this netns (works without a shared bpffs)."""
+        """The maps of our programs attached in this netns (works without a shared bpffs).
+
+        The ingress program uses lb_config, which lists the ids of all maps.
+        """
         for _, iface in socket.if_nameindex():
             prog_id = tc.query(iface, "ingress", handle=LB_HANDLE, priority=LB_PRIORITY)
             if prog_id is None:
                 continue
-            found = _maps_of_program(prog_id)
-            if self._is_ours(found):
-                return found
-            _closed_all(found)
+            used = _maps_of_program(prog_id)
+            config = self._config_if_ours(used)
+            _closed_all(used)
+            if config is not None:
+                return _maps_by_id(int(i) for i in config.map_ids if i)
         return {}
 
     def _is_ours(self, found: dict[str, Map]) -> bool:
-        """Is ``found`` (maps by name) this datapath's? Its config names it."""
+        return self._config_if_ours(found) is not None
+
+    def _config_if_ours(self, found: dict[str, Map]) -> Any:
+        """The config of ``found`` (maps by name) if it is this datapath's: it names it."""
         config_map = found.get("lb_config")
         if config_map is None or config_map.value_size != ffi.sizeof("struct pyebpflb_lb_config"):
-            return False
+            return None
         config = ffi.from_buffer("struct pyebpflb_lb_config *", config_map[bytes(4)])
-        return bool(ffi.string(config.name).decode() == self.name)
+        return config if ffi.string(config.name).decode() == self.name else None
 
     def _write_config(self) -> None:
         config_map = self._object.map("lb_config")
@@ -248,6 +255,8 @@ class Datapath:
         config.ct_udp_ns = int(self.ct_timeouts.udp * seconds)
         config.next_service_id = max(int(config.next_service_id), 1)
         config.next_backend_id = max(int(config.next_backend_id), 1)
+        ids = [m.id for m in self._object.maps.values()]
+        config.map_ids[0 : len(ids)] = ids
         config_map[0] = config
 
     def _reserve_ids(self, next_service_id: int, next_backend_id: int) -> None:
@@ -317,11 +326,10 @@ class Datapath:
                 ).detach()
 
     def _owns_program(self, prog_id: int) -> bool:
+        """Does the program use our conntrack map (both of our programs do)?"""
         found = _maps_of_program(prog_id)
         try:
-            return (
-                "lb_config" in found and found["lb_config"].id == self._object.map("lb_config").id
-            )
+            return "lb_ct" in found and found["lb_ct"].id == self._object.map("lb_ct").id
         finally:
             _closed_all(found)
 
@@ -493,15 +501,21 @@ class Datapath:
 
 
 def _maps_of_program(prog_id: int) -> dict[str, Map]:
-    found: dict[str, Map] = {}
     try:
         with Program.from_id(prog_id) as program:
-            for map_id in program.map_ids():
-                bpf_map = Map.from_id(map_id)
-                found[bpf_map.name] = bpf_map
+            return _maps_by_id(program.map_ids())
     except BpfError:
-        _closed_all(found)
         return {}
+
+
+def _maps_by_id(ids: Iterable[int]) -> dict[str, Map]:
+    found: dict[str, Map] = {}
+    try:
+        for map_id in ids:
+            bpf_map = Map.from_id(map_id)
+            found[bpf_map.name] = bpf_map
+    except BpfError:
+        return _closed_all(found)
     return found
 
 

@@ -221,11 +221,17 @@ class Sandbox:
     def udp_request(
         self, address: Address | str, port: int, *, timeout: float = 2.0
     ) -> tuple[str, Address]:
-        """One datagram from the client; (the answering backend's name, the reply's source)."""
+        """One datagram from the client; (the answering backend's name, the reply's source).
+
+        The socket is connected, as a DNS client's is: it takes replies only
+        from ``address``, and an ICMP port unreachable raises
+        ``ConnectionRefusedError``.
+        """
         target = ipaddress.ip_address(address)
         with self.client.socket(target.version, socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
-            sock.sendto(b"hello", (str(target), port))
+            sock.connect((str(target), port))
+            sock.send(b"hello")
             data, source = sock.recvfrom(2048)
         return data.decode().strip(), ipaddress.ip_address(source[0])
 

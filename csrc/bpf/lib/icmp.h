@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
- * ICMP in the load balancer: refusing a flow to a service without backends
- * (what kube-proxy's REJECT rule does: port unreachable, so the client's
- * connect() or recv() fails at once instead of timing out), and translating
- * ICMP errors a backend sends about a translated flow.
+ * Refusing a flow to a service without backends, as kube-proxy's REJECT rule
+ * does, so the client's connect() or recv() fails at once instead of timing
+ * out: a TCP reset, or ICMP port unreachable for UDP. And translating ICMP
+ * errors a backend sends about a translated flow.
  */
 #ifndef PYEBPFLB_BPF_ICMP_H
 #define PYEBPFLB_BPF_ICMP_H
@@ -174,10 +174,71 @@ static __always_inline int reject_ipv6(struct __sk_buff *skb, const struct packe
 	return swap_macs(skb);
 }
 
-/* Send the refusal back out of the interface it came in on. */
+/*
+ * Answer a TCP segment with a reset, in place (RFC 793's rules for a closed
+ * port): swapping addresses and ports leaves every checksum as it is, and the
+ * other changes go through the incremental helpers, which also keep a partial
+ * checksum right. The payload, if any, stays: RFC 1122 lets a reset carry
+ * data, and not cutting it keeps the checksum arithmetic incremental.
+ *
+ * Why not ICMP for TCP too: a client on the same host gets the reset through
+ * its socket backlog, while an ICMP error that arrives during connect() is
+ * dropped while the socket is locked, leaving the client to its SYN retry.
+ */
+static __always_inline int reset_tcp(struct __sk_buff *skb, const struct packet *pkt)
+{
+	struct tcphdr tcp;
+	__u32 old_seq, old_ack, payload;
+	__u16 old_word, new_word;
+	union pyebpflb_addr addrs[2];
+	__u32 addr_len = pkt->family == PYEBPFLB_IPV4 ? 4 : 16;
+	__u8 flags;
+
+	if (bpf_skb_load_bytes(skb, pkt->l4_off, &tcp, sizeof(tcp)))
+		return -1;
+	old_seq = tcp.seq;
+	old_ack = tcp.ack_seq;
+	old_word = ((__u16 *)&tcp)[6]; /* data offset and flags */
+	flags = pkt->tcp_flags;
+	payload = pkt->l3_end - pkt->l4_off - pkt->l4_hlen;
+	if (flags & TCP_FLAG_ACK) {
+		tcp.seq = tcp.ack_seq;
+		((__u8 *)&tcp)[13] = TCP_FLAG_RST;
+	} else {
+		tcp.ack_seq = bpf_htonl(bpf_ntohl(tcp.seq) + payload + !!(flags & TCP_FLAG_SYN) +
+					!!(flags & TCP_FLAG_FIN));
+		tcp.seq = 0;
+		((__u8 *)&tcp)[13] = TCP_FLAG_RST | TCP_FLAG_ACK;
+	}
+	new_word = ((__u16 *)&tcp)[6];
+	tcp.source = pkt->dport;
+	tcp.dest = pkt->sport;
+
+	if (bpf_l4_csum_replace(skb, pkt->csum_off, old_seq, tcp.seq, sizeof(__u32)) ||
+	    bpf_l4_csum_replace(skb, pkt->csum_off, old_ack, tcp.ack_seq, sizeof(__u32)) ||
+	    bpf_l4_csum_replace(skb, pkt->csum_off, old_word, new_word, sizeof(__u16)))
+		return -1;
+	/* Ports, sequence numbers and flags: the first 14 bytes of the header. */
+	if (bpf_skb_store_bytes(skb, pkt->l4_off, &tcp, 14, 0))
+		return -1;
+	addrs[0] = pkt->daddr;
+	addrs[1] = pkt->saddr;
+	if (bpf_skb_store_bytes(skb, saddr_off(pkt), &addrs[0], addr_len, 0) ||
+	    bpf_skb_store_bytes(skb, daddr_off(pkt), &addrs[1], addr_len, 0))
+		return -1;
+	return swap_macs(skb);
+}
+
+/* Refuse a flow and send the refusal back out of the interface it came in on:
+ * a reset for TCP, ICMP port unreachable for UDP (kube-proxy's REJECT). */
 static __always_inline int reject(struct __sk_buff *skb, const struct packet *pkt)
 {
-	int err = pkt->family == PYEBPFLB_IPV4 ? reject_ipv4(skb, pkt) : reject_ipv6(skb, pkt);
+	int err;
+
+	if (pkt->proto == IPPROTO_TCP)
+		err = reset_tcp(skb, pkt);
+	else
+		err = pkt->family == PYEBPFLB_IPV4 ? reject_ipv4(skb, pkt) : reject_ipv6(skb, pkt);
 
 	if (err) {
 		count_drop(PYEBPFLB_DROP_REJECT_FAILED, skb->len);

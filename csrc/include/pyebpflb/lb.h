@@ -118,7 +118,14 @@ enum pyebpflb_drop_reason {
 	PYEBPFLB_DROP_MAX = 16,
 };
 
-/* lb_config: the single entry; timeouts are read by the datapath, the rest by user space. */
+#define PYEBPFLB_LB_MAPS_MAX 16
+
+/*
+ * lb_config: the single entry; timeouts are read by the datapath, the rest by
+ * user space. map_ids lists every map of the datapath, so a process that finds
+ * the programs on an interface (but no pins: another bpffs) finds all the
+ * maps, also those no program uses.
+ */
 struct pyebpflb_lb_config {
 	__u64 ct_tcp_syn_ns;
 	__u64 ct_tcp_established_ns;
@@ -129,6 +136,7 @@ struct pyebpflb_lb_config {
 	__u32 layout_version;
 	__u32 _pad;
 	char name[PYEBPFLB_DATAPATH_NAME_MAX];
+	__u32 map_ids[PYEBPFLB_LB_MAPS_MAX];
 };
 
 /* lb_svc_names: service id -> its name (user space only). */

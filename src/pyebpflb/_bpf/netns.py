@@ -58,9 +58,15 @@ def current_id() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
+# Linux >= 6.9 gives the initial network namespace this fixed inode (PROC_NET_INIT_INO).
+_INIT_NET_INODE = 0xEFFFFFF9
+
+
 def is_initial() -> bool:
     """Is this thread in the network namespace of PID 1 (the host's, or a container's)?"""
     try:
         return os.stat("/proc/1/ns/net").st_ino == current_id()
-    except OSError:  # hardened /proc: PID 1's namespace is not ours to see
-        return False
+    except OSError:
+        # Hardened /proc hides PID 1's namespaces even from root; newer
+        # kernels still tell the initial namespace by its fixed inode.
+        return current_id() == _INIT_NET_INODE

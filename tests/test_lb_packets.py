@@ -1,0 +1,409 @@
+"""The load balancer's programs on crafted packets (BPF_PROG_TEST_RUN): exact bytes out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from lbtest import (
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    addresses,
+    bad_checksums,
+    datapath,
+    packet,
+    run,
+    service,
+)
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    IPerror6,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+)
+from scapy.layers.inet6 import (
+    UDPerror as UDPerror6,
+)
+from scapy.layers.l2 import ARP, Ether
+
+import pyebpflb as lb
+
+FLAVOURS = [(4, "tcp"), (4, "udp"), (6, "tcp"), (6, "udp")]
+IDS = ["ipv4-tcp", "ipv4-udp", "ipv6-tcp", "ipv6-udp"]
+
+
+def l3(family: int) -> Any:
+    return IP if family == 4 else IPv6
+
+
+def l4(protocol: str) -> Any:
+    return TCP if protocol == "tcp" else UDP
+
+
+@pytest.fixture
+def dp(request: pytest.FixtureRequest) -> Iterator[lb.Datapath]:
+    with datapath(request.node.name[:40]) as created:
+        yield created
+
+
+@pytest.mark.parametrize(("family", "protocol"), FLAVOURS, ids=IDS)
+def test_service_packet_is_dnat_ed_with_valid_checksums(
+    dp: lb.Datapath, family: int, protocol: str
+) -> None:
+    svc = service(family, protocol)
+    dp.upsert(svc)
+    client, vip, backends = addresses(family)
+    sent = packet(family, protocol, client, vip, 40000, 80, payload=b"x" * 33)
+    verdict, out = run(dp, "lb_ingress", sent)
+    assert verdict == TC_ACT_OK
+    assert out[l3(family)].src == client
+    assert out[l3(family)].dst in backends
+    assert out[l4(protocol)].dport == 8080 and out[l4(protocol)].sport == 40000
+    assert bytes(out[l4(protocol)].payload) == b"x" * 33
+    assert bad_checksums(out) == []
+    assert len(bytes(out)) == len(bytes(sent))
+
+
+@pytest.mark.parametrize(("family", "protocol"), FLAVOURS, ids=IDS)
+def test_reply_is_reverse_translated_to_the_vip(
+    dp: lb.Datapath, family: int, protocol: str
+) -> None:
+    dp.upsert(service(family, protocol))
+    client, vip, _ = addresses(family)
+    _, forward = run(dp, "lb_ingress", packet(family, protocol, client, vip, 40000, 80))
+    backend = forward[l3(family)].dst
+    reply = packet(family, protocol, backend, client, 8080, 40000, payload=b"answer")
+    verdict, out = run(dp, "lb_egress", reply)
+    assert verdict == TC_ACT_OK
+    assert (out[l3(family)].src, out[l4(protocol)].sport) == (vip, 80)
+    assert (out[l3(family)].dst, out[l4(protocol)].dport) == (client, 40000)
+    assert bytes(out[l4(protocol)].payload) == b"answer"
+    assert bad_checksums(out) == []
+
+
+def test_ipv4_udp_without_checksum_keeps_none(dp: lb.Datapath) -> None:
+    dp.upsert(service(4, "udp"))
+    sent = packet(4, "udp", "10.1.0.5", "10.96.0.10", 5000, 80)
+    sent[UDP].chksum = 0
+    _, out = run(dp, "lb_ingress", Ether(bytes(sent)))
+    assert out[UDP].chksum == 0 and out[UDP].dport == 8080
+    assert bad_checksums(out) == []
+
+
+def test_every_packet_of_a_flow_goes_to_one_backend_and_flows_spread(dp: lb.Datapath) -> None:
+    dp.upsert(service(4, "tcp"))
+    same_flow = {
+        run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 41000, 80))[1][IP].dst
+        for _ in range(50)
+    }
+    assert len(same_flow) == 1
+    flows = {
+        run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", port, 80))[1][IP].dst
+        for port in range(42000, 42090)
+    }
+    assert flows == {"10.0.1.1", "10.0.1.2", "10.0.1.3"}
+
+
+def test_stats_count_packets_per_service_and_backend(dp: lb.Datapath) -> None:
+    svc = service(4, "udp")
+    dp.upsert(svc)
+    sent = packet(4, "udp", "10.1.0.5", "10.96.0.10", 5000, 80)
+    for _ in range(7):
+        run(dp, "lb_ingress", sent)
+    stats = dp.stats(svc)
+    assert (stats.packets, stats.bytes) == (7, 7 * len(sent))
+    assert sorted(t.packets for t in stats.backends.values()) == [0, 0, 7]
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        packet(4, "tcp", "10.1.0.5", "10.96.0.10", 40000, 81),  # another port
+        packet(4, "tcp", "10.1.0.5", "10.96.0.11", 40000, 80),  # another address
+        packet(4, "udp", "10.1.0.5", "10.96.0.10", 40000, 80),  # another protocol
+        packet(6, "tcp", "fd00:1::5", "fd00:96::10", 40000, 80),  # another family
+        Ether() / IP(src="10.1.0.5", dst="10.96.0.10") / ICMP(),
+        Ether() / ARP(pdst="10.96.0.10"),
+    ],
+    ids=["port", "address", "protocol", "family", "icmp", "arp"],
+)
+def test_packets_for_no_service_pass_byte_identical(dp: lb.Datapath, sent: Any) -> None:
+    dp.upsert(service(4, "tcp"))
+    for program in ("lb_ingress", "lb_egress"):
+        verdict, out = run(dp, program, sent)
+        assert verdict == TC_ACT_OK
+        assert bytes(out) == bytes(sent)
+
+
+def truncated_tcp() -> Any:
+    whole = bytes(packet(4, "tcp", "10.1.0.5", "10.96.0.10", 40000, 80, payload=b""))
+    return Ether(whole[: 14 + 20 + 10])  # half a TCP header
+
+
+def lying_total_length() -> Any:
+    sent = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 40000, 80)
+    sent[IP].len = 400
+    return Ether(bytes(sent))
+
+
+def short_ihl() -> Any:
+    raw = bytearray(bytes(packet(4, "udp", "10.1.0.5", "10.96.0.10", 40000, 80)))
+    raw[14] = 0x44  # version 4, ihl 4 (16 bytes): impossible
+    return Ether(bytes(raw))
+
+
+def lying_udp_length() -> Any:
+    sent = packet(4, "udp", "10.1.0.5", "10.96.0.10", 40000, 80)
+    sent[UDP].len = 200
+    return Ether(bytes(sent))
+
+
+def short_tcp_offset() -> Any:
+    sent = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 40000, 80)
+    sent[TCP].dataofs = 3
+    return Ether(bytes(sent))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [truncated_tcp, lying_total_length, short_ihl, lying_udp_length, short_tcp_offset],
+)
+def test_malformed_and_truncated_packets_are_never_rewritten(dp: lb.Datapath, make: Any) -> None:
+    dp.upsert(service(4, "tcp"))
+    dp.upsert(service(4, "udp"))
+    sent = make()
+    verdict, out = run(dp, "lb_ingress", sent)
+    assert verdict == TC_ACT_OK
+    assert bytes(out)[: len(bytes(sent))] == bytes(sent)
+    assert dp.conntrack() == []
+
+
+def test_ipv4_fragments_are_not_translated(dp: lb.Datapath) -> None:
+    dp.upsert(service(4, "udp"))
+    first = packet(4, "udp", "10.1.0.5", "10.96.0.10", 5000, 80)
+    first[IP].flags = "MF"
+    sent = Ether(bytes(first))
+    verdict, out = run(dp, "lb_ingress", sent)
+    assert verdict == TC_ACT_OK and bytes(out) == bytes(sent)
+
+
+def test_ipv6_fragments_are_not_translated(dp: lb.Datapath) -> None:
+    dp.upsert(service(6, "udp"))
+    sent = (
+        Ether()
+        / IPv6(src="fd00:1::5", dst="fd00:96::10")
+        / IPv6ExtHdrFragment(m=1)
+        / UDP(sport=5000, dport=80)
+    )
+    verdict, out = run(dp, "lb_ingress", sent)
+    assert verdict == TC_ACT_OK and bytes(out) == bytes(sent)
+
+
+def test_ipv4_options_are_skipped_to_find_the_ports(dp: lb.Datapath) -> None:
+    dp.upsert(service(4, "tcp"))
+    sent = (
+        Ether()
+        / IP(src="10.1.0.5", dst="10.96.0.10", options=[b"\x94\x04\x00\x00"])
+        / TCP(sport=40000, dport=80)
+    )
+    verdict, out = run(dp, "lb_ingress", sent)
+    assert verdict == TC_ACT_OK
+    assert out[IP].ihl == 6 and out[IP].dst in addresses(4)[2] and out[TCP].dport == 8080
+    assert bad_checksums(out) == []
+
+
+def test_ipv6_extension_headers_are_skipped_to_find_the_ports(dp: lb.Datapath) -> None:
+    dp.upsert(service(6, "udp"))
+    sent = (
+        Ether()
+        / IPv6(src="fd00:1::5", dst="fd00:96::10")
+        / IPv6ExtHdrHopByHop()
+        / IPv6ExtHdrDestOpt()
+        / UDP(sport=5000, dport=80)
+        / b"data"
+    )
+    verdict, out = run(dp, "lb_ingress", sent)
+    assert verdict == TC_ACT_OK
+    assert out[IPv6].dst in addresses(6)[2] and out[UDP].dport == 8080
+    assert bad_checksums(out) == []
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_udp_to_a_service_without_backends_gets_icmp_port_unreachable(
+    dp: lb.Datapath, family: int
+) -> None:
+    dp.upsert(service(family, "udp", count=0))
+    client, vip, _ = addresses(family)
+    sent = packet(family, "udp", client, vip, 40000, 80, payload=b"q" * 100)
+    verdict, out = run(dp, "lb_ingress", sent)
+    assert verdict == TC_ACT_REDIRECT  # back out of the interface it came in on
+    assert (out[Ether].src, out[Ether].dst) == (sent[Ether].dst, sent[Ether].src)
+    assert (out[l3(family)].src, out[l3(family)].dst) == (vip, client)
+    if family == 4:
+        assert (out[ICMP].type, out[ICMP].code) == (3, 3)
+        quoted, quoted_udp = out[IPerror], out[UDPerror]
+    else:
+        assert out[ICMPv6DestUnreach].code == 4
+        quoted, quoted_udp = out[IPerror6], out[UDPerror6]
+    assert (quoted.src, quoted.dst) == (client, vip)
+    assert (quoted_udp.sport, quoted_udp.dport) == (40000, 80)
+    assert bad_checksums(out) == []
+    assert dp.drops()["no backend"].packets == 1
+    assert dp.conntrack() == []
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize(
+    ("flags", "seq", "ack", "payload", "want_flags", "want_seq", "want_ack"),
+    [
+        ("S", 1000, 0, b"", "RA", 0, 1001),  # a connection attempt: RST+ACK of the SYN
+        ("PA", 5000, 777, b"data!", "R", 777, 0),  # a segment of a lost flow: RST at its ACK
+    ],
+    ids=["syn", "established"],
+)
+def test_tcp_to_a_service_without_backends_gets_a_reset(
+    dp: lb.Datapath,
+    family: int,
+    flags: str,
+    seq: int,
+    ack: int,
+    payload: bytes,
+    want_flags: str,
+    want_seq: int,
+    want_ack: int,
+) -> None:
+    dp.upsert(service(family, "tcp", count=0))
+    client, vip, _ = addresses(family)
+    sent = packet(
+        family,
+        "tcp",
+        client,
+        vip,
+        40000,
+        80,
+        payload=payload,
+        flags=flags,
+        seq=seq,
+        ack=ack,
+        options=[("MSS", 1460), ("Timestamp", (1, 0))],
+    )
+    verdict, out = run(dp, "lb_ingress", sent)
+    assert verdict == TC_ACT_REDIRECT
+    assert (out[Ether].src, out[Ether].dst) == (sent[Ether].dst, sent[Ether].src)
+    assert (out[l3(family)].src, out[l3(family)].dst) == (vip, client)
+    assert (out[TCP].sport, out[TCP].dport) == (80, 40000)
+    assert (str(out[TCP].flags), out[TCP].seq) == (want_flags, want_seq)
+    if "A" in want_flags:
+        assert out[TCP].ack == want_ack
+    assert bad_checksums(out) == []
+    assert dp.drops()["no backend"].packets == 1
+
+
+def test_service_without_backends_counts_its_refused_packets(dp: lb.Datapath) -> None:
+    svc = service(4, "udp", count=0)
+    dp.upsert(svc)
+    sent = packet(4, "udp", "10.1.0.5", "10.96.0.10", 40000, 80)
+    for _ in range(3):
+        run(dp, "lb_ingress", sent)
+    assert dp.stats(svc).packets == 3 and dp.stats(svc).backends == {}
+    assert dp.drops()["no backend"] == lb.Traffic(3, 3 * len(sent))
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_icmp_error_from_a_backend_is_translated_for_the_client(
+    dp: lb.Datapath, family: int
+) -> None:
+    dp.upsert(service(family, "udp"))
+    client, vip, _ = addresses(family)
+    _, forward = run(dp, "lb_ingress", packet(family, "udp", client, vip, 5000, 80))
+    backend = forward[l3(family)].dst
+    # What the backend's kernel sends when nothing listens on 8080: it quotes
+    # the packet it got, client -> backend:8080.
+    got = forward[l3(family)]
+    if family == 4:
+        error = Ether() / IP(src=backend, dst=client) / ICMP(type=3, code=3) / bytes(got)[:28]
+    else:
+        error = Ether() / IPv6(src=backend, dst=client) / ICMPv6DestUnreach(code=4) / bytes(got)
+    verdict, out = run(dp, "lb_egress", Ether(bytes(error)))
+    assert verdict == TC_ACT_OK
+    assert out[l3(family)].src == vip
+    quoted = out[IPerror] if family == 4 else out[IPerror6]
+    udp_quoted = out[UDPerror] if family == 4 else out[UDPerror6]
+    assert (quoted.src, quoted.dst) == (client, vip)
+    assert (udp_quoted.sport, udp_quoted.dport) == (5000, 80)
+    assert bad_checksums(out) == []
+
+
+def test_icmp_error_from_a_router_keeps_its_source(dp: lb.Datapath) -> None:
+    dp.upsert(service(4, "udp"))
+    _, forward = run(dp, "lb_ingress", packet(4, "udp", "10.1.0.5", "10.96.0.10", 5000, 80))
+    error = Ether() / IP(src="10.0.9.9", dst="10.1.0.5") / ICMP(type=11) / bytes(forward[IP])[:28]
+    _, out = run(dp, "lb_egress", Ether(bytes(error)))
+    assert out[IP].src == "10.0.9.9" and out[IPerror].dst == "10.96.0.10"
+    assert bad_checksums(out) == []
+
+
+def test_removed_backend_moves_its_flows_to_a_remaining_one(dp: lb.Datapath) -> None:
+    svc = service(4, "tcp")
+    dp.upsert(svc)
+    flow = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 43000, 80)
+    first = run(dp, "lb_ingress", flow)[1][IP].dst
+    dp.upsert(svc.with_backends([b for b in svc.backends if str(b.address) != first]))
+    again = {run(dp, "lb_ingress", flow)[1][IP].dst for _ in range(10)}
+    assert len(again) == 1 and first not in again
+
+
+def test_adding_a_backend_keeps_existing_flows_where_they_are(dp: lb.Datapath) -> None:
+    svc = service(4, "tcp", count=2)
+    dp.upsert(svc)
+    flows = [packet(4, "tcp", "10.1.0.5", "10.96.0.10", port, 80) for port in range(44000, 44020)]
+    before = [run(dp, "lb_ingress", f)[1][IP].dst for f in flows]
+    dp.upsert(service(4, "tcp", count=3))
+    assert [run(dp, "lb_ingress", f)[1][IP].dst for f in flows] == before
+
+
+def flow_created(dp: lb.Datapath) -> int:
+    (created,) = [int(e.created_ns) for k, e in dp.conntrack() if k.dir == 0]
+    return created
+
+
+def test_idle_udp_flow_expires_and_starts_over() -> None:
+    with datapath("expiry", ct_timeouts=lb.ConntrackTimeouts(udp=0.2)) as dp:
+        dp.upsert(service(4, "udp"))
+        flow = packet(4, "udp", "10.1.0.5", "10.96.0.10", 5000, 80)
+        run(dp, "lb_ingress", flow)
+        first = flow_created(dp)
+        run(dp, "lb_ingress", flow)
+        assert flow_created(dp) == first  # refreshed, not recreated
+        time.sleep(0.3)  # past the 0.2 s timeout on the kernel's monotonic clock
+        run(dp, "lb_ingress", flow)
+        assert flow_created(dp) > first
+
+
+def test_tcp_flow_closed_by_fin_gets_the_short_timeout() -> None:
+    timeouts = lb.ConntrackTimeouts(tcp_established=3600, tcp_syn=3600, tcp_closing=0.2)
+    with datapath("fin", ct_timeouts=timeouts) as dp:
+        dp.upsert(service(4, "tcp"))
+        flow = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 45000, 80, flags="S")
+        run(dp, "lb_ingress", flow)
+        first = flow_created(dp)
+        time.sleep(0.3)
+        run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 45000, 80, flags="A"))
+        assert flow_created(dp) == first  # no FIN yet: the long timeout holds
+        run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 45000, 80, flags="FA"))
+        time.sleep(0.3)
+        run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 45000, 80, flags="A"))
+        assert flow_created(dp) > first
+
+
+def test_reply_refreshes_the_flow(dp: lb.Datapath) -> None:
+    dp.upsert(service(4, "tcp"))
+    _, fwd = run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 46000, 80, flags="S"))
+    run(dp, "lb_egress", packet(4, "tcp", fwd[IP].dst, "10.1.0.5", 8080, 46000, flags="SA"))
+    (entry,) = [e for k, e in dp.conntrack() if k.dir == 0]
+    assert entry.flags & 1  # SEEN_REPLY: the established timeout applies
