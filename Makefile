@@ -10,10 +10,11 @@ bootstrap:
 
 # Recompiles the BPF objects and the cffi binding in place (editable install).
 build: bootstrap
-	@$(PY) -m pip install -q --no-build-isolation --no-deps -e . >/dev/null
+	@$(PY) -m pip install -q --no-build-isolation --no-deps -e . >.venv/build.log 2>&1 \
+		|| (cat .venv/build.log; exit 1)
 
 demo: build
-	$(PY) examples/count_traffic.py
+	$(VENV)/bin/pyebpflb demo
 
 lint: bootstrap
 	$(VENV)/bin/ruff check src tests examples bench

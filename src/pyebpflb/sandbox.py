@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import IO
 
@@ -79,9 +80,16 @@ def _die_with_parent() -> None:
 class Sandbox:
     """Client, load balancer and ``backends`` backends in network namespaces."""
 
-    def __init__(self, backends: int = 3, *, prefix: str = "pyebpflb") -> None:
+    def __init__(
+        self, backends: int = 3, *, prefix: str = "pyebpflb", names: Sequence[str] | None = None
+    ) -> None:
         if isinstance(backends, bool) or not isinstance(backends, int) or not 1 <= backends <= 200:
             raise ValueError(f"backends must be an integer from 1 to 200, got {backends!r}")
+        if names is not None and len(names) != backends:
+            raise ValueError(f"names must give one name per backend ({backends}), got {names!r}")
+        labels = (
+            list(names) if names is not None else [f"backend-{i}" for i in range(1, backends + 1)]
+        )
         tag = f"{prefix}-{os.getpid()}"
         self.client = Host(
             "client",
@@ -99,7 +107,7 @@ class Sandbox:
         )
         self.backends = [
             Host(
-                f"backend-{i}",
+                labels[i - 1],
                 f"{tag}-be{i}",
                 "eth0",
                 ipaddress.IPv4Address(f"10.91.{i}.2"),

@@ -1,0 +1,24 @@
+"""`make demo` runs `pyebpflb demo`: it must tell its story and exit 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import sandbox as test_sandbox
+
+
+def test_demo_balances_survives_a_backend_removal_and_cleans_up() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pyebpflb", "demo"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "300 HTTP requests to 10.96.0.10:80" in text
+    assert "300 HTTP requests to fd00:96::10:80" in text
+    assert ", 0 failed" in text
+    after = text.split("100 new requests after the change:")[1].split("services read back")[0]
+    assert "my-app-2  0" in after
+    assert "refused in" in text
+    assert "namespaces removed" in text
+    assert not [ns for ns in test_sandbox.netns.listnetns() if ns.startswith("pyebpflb-demo")]

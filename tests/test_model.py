@@ -1,0 +1,120 @@
+"""The model: pure Python, validated at construction, no kernel needed."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyebpflb import Backend, Protocol, Service
+
+
+def test_strings_become_addresses_and_protocols() -> None:
+    svc = Service(vip="10.96.0.10", port=80, protocol="TCP", backends=[Backend("10.0.1.1", 8080)])
+    assert svc.vip == ipaddress.IPv4Address("10.96.0.10")
+    assert svc.protocol is Protocol.TCP
+    assert svc.backends == (Backend(ipaddress.ip_address("10.0.1.1"), 8080),)
+    assert svc.label == "10.96.0.10:80/tcp"
+    assert str(Backend("fd00::1", 80)) == "[fd00::1]:80"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"vip": ""}, "an address must be an IPv4 or IPv6 address, got ''"),
+        ({"vip": "10.96.0.300"}, "'10.96.0.300' is not an IPv4 or IPv6 address"),
+        ({"vip": None}, "got None"),
+        ({"vip": "0.0.0.0"}, "vip 0.0.0.0 is not a unicast address"),
+        ({"vip": "224.0.0.1"}, "vip 224.0.0.1 is not a unicast address"),
+        ({"port": 0}, "port must be an integer from 1 to 65535, got 0"),
+        ({"port": 65536}, "port must be an integer from 1 to 65535, got 65536"),
+        ({"port": "80"}, "port must be an integer from 1 to 65535, got '80'"),
+        ({"port": True}, "got True"),
+        ({"protocol": "sctp"}, "protocol must be 'tcp' or 'udp', got 'sctp'"),
+        ({"name": "x" * 256}, "name must be at most 255 bytes"),
+        ({"name": 5}, "name must be a string, got 5"),
+        ({"backends": "10.0.1.1"}, "backends must be a list of Backend, got '10.0.1.1'"),
+        (
+            {"backends": [("10.0.1.1", 80)]},
+            r"backends must be Backend objects, got \('10.0.1.1', 80\)",
+        ),
+        (
+            {"backends": [Backend("fd00::1", 80)]},
+            r"backend \[fd00::1\]:80 is IPv6 but the vip 10.96.0.10 is IPv4",
+        ),
+        (
+            {"backends": [Backend("10.0.1.1", 80), Backend("10.0.1.1", 80)]},
+            "backend 10.0.1.1:80 is listed twice",
+        ),
+    ],
+)
+def test_invalid_service_raises_valueerror_naming_the_value(
+    kwargs: dict[str, object], message: str
+) -> None:
+    args: dict[str, object] = {"vip": "10.96.0.10", "port": 80, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        Service(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "message"),
+    [
+        ("not-an-ip", 80, "'not-an-ip' is not an IPv4 or IPv6 address"),
+        ("10.0.1.1", -1, "port must be an integer from 1 to 65535, got -1"),
+        ("::", 80, "backend address :: is not a unicast address"),
+    ],
+)
+def test_invalid_backend_raises_valueerror(address: str, port: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Backend(address, port)
+
+
+def test_services_are_frozen_values() -> None:
+    svc = Service(vip="10.96.0.10", port=80)
+    with pytest.raises(AttributeError):
+        svc.port = 81  # type: ignore[misc]
+    assert svc == Service(vip="10.96.0.10", port=80, protocol="tcp")
+    assert hash(svc) == hash(Service(vip="10.96.0.10", port=80))
+
+
+ports = st.integers(min_value=1, max_value=65535)
+ipv4 = st.ip_addresses(v=4).filter(lambda a: not (a.is_unspecified or a.is_multicast))
+
+
+@given(vip=ipv4, port=ports, backends=st.lists(st.tuples(ipv4, ports), unique=True, max_size=8))
+def test_any_valid_service_round_trips_through_its_fields(
+    vip: ipaddress.IPv4Address, port: int, backends: list[tuple[ipaddress.IPv4Address, int]]
+) -> None:
+    svc = Service(vip=str(vip), port=port, backends=[Backend(str(a), p) for a, p in backends])
+    again = Service(
+        vip=svc.vip,
+        port=svc.port,
+        protocol=svc.protocol,
+        name=svc.name,
+        backends=list(svc.backends),
+    )
+    assert again == svc and again.key == (vip, port, Protocol.TCP)
+
+
+def test_the_model_imports_without_the_kernel_binding() -> None:
+    # As off Linux or without libbpf: the compiled binding cannot be imported.
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["pyebpflb._bpf._libbpf"] = None
+        import pyebpflb as lb
+        svc = lb.Service(vip="10.96.0.10", port=80, backends=[lb.Backend("10.0.1.1", 8080)])
+        print(svc.label)
+        try:
+            lb.Datapath
+        except ImportError:
+            print("datapath needs the binding")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["10.96.0.10:80/tcp", "datapath needs the binding"]
