@@ -348,10 +348,24 @@ def test_icmp_error_from_a_router_keeps_its_source(dp: lb.Datapath) -> None:
     assert bad_checksums(out) == []
 
 
-def test_removed_backend_moves_its_flows_to_a_remaining_one(dp: lb.Datapath) -> None:
+def test_tcp_connection_of_a_removed_backend_finishes_there(dp: lb.Datapath) -> None:
     svc = service(4, "tcp")
     dp.upsert(svc)
     flow = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 43000, 80)
+    first = run(dp, "lb_ingress", flow)[1][IP].dst
+    dp.upsert(svc.with_backends([b for b in svc.backends if str(b.address) != first]))
+    assert {run(dp, "lb_ingress", flow)[1][IP].dst for _ in range(10)} == {first}
+    new_flows = {
+        run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", p, 80))[1][IP].dst
+        for p in range(47000, 47040)
+    }
+    assert first not in new_flows and len(new_flows) == 2
+
+
+def test_udp_flow_of_a_removed_backend_moves_to_a_remaining_one(dp: lb.Datapath) -> None:
+    svc = service(4, "udp")
+    dp.upsert(svc)
+    flow = packet(4, "udp", "10.1.0.5", "10.96.0.10", 43000, 80)
     first = run(dp, "lb_ingress", flow)[1][IP].dst
     dp.upsert(svc.with_backends([b for b in svc.backends if str(b.address) != first]))
     again = {run(dp, "lb_ingress", flow)[1][IP].dst for _ in range(10)}

@@ -46,12 +46,12 @@ static __always_inline __u32 select_backend(const struct pyebpflb_service *svc,
 }
 
 static __always_inline int to_backend(struct __sk_buff *skb, const struct packet *pkt,
-				      const struct pyebpflb_backend *backend, __u32 service_id,
+				      const union pyebpflb_addr *addr, __u16 port, __u32 service_id,
 				      __u32 backend_id)
 {
 	count_traffic(&lb_svc_stats, service_id, skb->len);
 	count_traffic(&lb_be_stats, backend_id, skb->len);
-	if (dnat(skb, pkt, &backend->addr, backend->port))
+	if (dnat(skb, pkt, addr, port))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
 }
@@ -78,16 +78,23 @@ int lb_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	now = bpf_ktime_get_ns();
 
-	/* A packet of a known flow goes where the flow went, while its backend exists. */
+	/* A packet of a known flow goes where the flow went. */
 	ct_key_of(&ct_key, &pkt, PYEBPFLB_CT_SERVICE);
 	flow = ct_lookup_service(&ct_key, &pkt, cfg, now);
 	if (flow) {
-		backend = bpf_map_lookup_elem(&lb_backends, &flow->backend_id);
-		if (backend) {
+		/*
+		 * A TCP connection whose backend left the service finishes where it
+		 * is (the entry remembers the address), as with kube-proxy: only new
+		 * connections avoid the backend. A UDP flow has no end to wait for,
+		 * so it moves to a backend of the service, as kube-proxy makes it by
+		 * clearing the conntrack entries of removed endpoints.
+		 */
+		if (pkt.proto == IPPROTO_TCP ||
+		    bpf_map_lookup_elem(&lb_backends, &flow->backend_id)) {
 			ct_touch(flow, &pkt, now, 0);
-			return to_backend(skb, &pkt, backend, flow->service_id, flow->backend_id);
+			return to_backend(skb, &pkt, &flow->nat_addr, flow->nat_port,
+					  flow->service_id, flow->backend_id);
 		}
-		/* The backend was removed: the flow starts over on a live one. */
 		bpf_map_delete_elem(&lb_ct, &ct_key);
 	}
 
@@ -99,6 +106,14 @@ int lb_ingress(struct __sk_buff *skb)
 	if (!svc)
 		return TC_ACT_OK;
 	backend_id = svc->count ? select_backend(svc, &backend) : 0;
+	if (!backend_id && svc->count) {
+		/* An update removed the chosen backend between our reads; the
+		 * service entry has moved on to a complete new set: read it again. */
+		svc = bpf_map_lookup_elem(&lb_services, &svc_key);
+		if (!svc)
+			return TC_ACT_OK;
+		backend_id = svc->count ? select_backend(svc, &backend) : 0;
+	}
 	if (!backend_id || !backend) {
 		count_traffic(&lb_svc_stats, svc->id, skb->len);
 		count_drop(PYEBPFLB_DROP_NO_BACKEND, skb->len);
@@ -108,7 +123,7 @@ int lb_ingress(struct __sk_buff *skb)
 		count_drop(PYEBPFLB_DROP_CT_FULL, skb->len);
 		return TC_ACT_SHOT;
 	}
-	return to_backend(skb, &pkt, backend, svc->id, backend_id);
+	return to_backend(skb, &pkt, &backend->addr, backend->port, svc->id, backend_id);
 }
 
 SEC("tc")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -139,17 +140,18 @@ class Datapath:
             raise ValueError(f"ct_timeouts must be a ConntrackTimeouts, got {ct_timeouts!r}")
         self.ct_timeouts = ct_timeouts
         self._attachments: dict[str, Attachment] = {}
-        self._closed = False
         self.pin_root = os.fspath(pin_root)
         with entered(netns):
             self.pin_dir = self._pin_dir(self.pin_root)
             self._object, adopted = self._load()
+        self._closed = False
         self.adopted = adopted
         try:
             self._write_config()
             self._snapshot = maps.read_snapshot(self._object)
         except BaseException:
             self._object.close()
+            self._closed = True
             raise
 
     # -- loading and adopting -------------------------------------------------
@@ -490,6 +492,12 @@ class Datapath:
 
     def __enter__(self) -> Datapath:
         return self
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(
+                f"unclosed {self!r}: call close() or use `with`", ResourceWarning, stacklevel=2
+            )
 
     def __exit__(self, *exc: object) -> None:
         self.close()
