@@ -7,14 +7,16 @@ import pathlib
 import shutil
 from collections.abc import Iterator
 
+import namespaces
 import pytest
-import sandbox
+from pyroute2 import netns as pyroute2_netns
 
 from pyebpflb import objects
 from pyebpflb._bpf import MapType, Object, ProgramType, features
 from pyebpflb.errors import NotSupported
 
 PIN_ROOT = pathlib.Path("/sys/fs/bpf/pyebpflb-test")
+DEFAULT_PIN_ROOT = pathlib.Path("/sys/fs/bpf/pyebpflb")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -26,14 +28,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
-    """After the whole suite: no namespace and no pin of this run remains."""
+    """After the whole suite: no namespace, pin or datapath of this run remains."""
     yield
     if os.geteuid() != 0:
         return
-    left = sandbox.ours()
+    ours = (namespaces.PREFIX, f"pyebpflb-{os.getpid()}-", "pyebpflb-demo-")
+    left = [name for name in pyroute2_netns.listnetns() if name.startswith(ours)]
     pins = sorted(str(p) for p in PIN_ROOT.rglob("*")) if PIN_ROOT.exists() else []
+    demo_pins = sorted(str(p) for p in DEFAULT_PIN_ROOT.glob("demo-*"))
     assert not left, f"network namespaces left behind: {left}"
     assert not pins, f"pins left behind: {pins}"
+    assert not demo_pins, f"demo datapaths left behind: {demo_pins}"
 
 
 def require(feature: ProgramType | MapType) -> None:
@@ -57,8 +62,8 @@ def counter() -> Iterator[Object]:
 
 
 @pytest.fixture
-def veth() -> Iterator[sandbox.VethPair]:
-    with sandbox.veth_pair() as pair:
+def veth() -> Iterator[namespaces.VethPair]:
+    with namespaces.veth_pair() as pair:
         yield pair
 
 

@@ -6,7 +6,7 @@ import select
 import socket
 from typing import Any
 
-from sandbox import VethPair
+from namespaces import VethPair
 
 from pyebpflb import Count, InterfaceCounter
 from pyebpflb._bpf import netns

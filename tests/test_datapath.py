@@ -12,6 +12,7 @@ import time
 import pytest
 from conftest import PIN_ROOT
 from lbtest import TC_ACT_OK, datapath, packet, run, service
+from namespaces import VethPair
 from scapy.layers.inet import IP
 
 import pyebpflb as lb
@@ -173,8 +174,8 @@ def test_persisted_datapath_is_adopted_by_a_new_one(pin_dir: pathlib.Path) -> No
     assert not (pin_dir / name).exists()
 
 
-def test_attach_is_idempotent_and_close_detaches(veth: object) -> None:
-    host = veth.right  # type: ignore[attr-defined]
+def test_attach_is_idempotent_and_close_detaches(veth: VethPair) -> None:
+    host = veth.right
     with datapath("attach", netns=host.netns) as dp:
         dp.attach(host.iface)
         dp.attach(host.iface)
@@ -186,8 +187,8 @@ def test_attach_is_idempotent_and_close_detaches(veth: object) -> None:
         assert tc.query(host.iface, "egress", handle=0xEB1B) is None
 
 
-def test_attach_refuses_an_interface_that_runs_another_datapath(veth: object) -> None:
-    host = veth.right  # type: ignore[attr-defined]
+def test_attach_refuses_an_interface_that_runs_another_datapath(veth: VethPair) -> None:
+    host = veth.right
     with datapath("one", netns=host.netns) as one, datapath("two", netns=host.netns) as two:
         one.attach(host.iface)
         with pytest.raises(lb.PyEbpfLbError, match="already runs another pyebpflb datapath"):
@@ -195,8 +196,8 @@ def test_attach_refuses_an_interface_that_runs_another_datapath(veth: object) ->
         assert one.interfaces == [host.iface] and two.interfaces == []
 
 
-def test_same_name_in_two_namespaces_are_two_datapaths(veth: object) -> None:
-    left, right = veth.left, veth.right  # type: ignore[attr-defined]
+def test_same_name_in_two_namespaces_are_two_datapaths(veth: VethPair) -> None:
+    left, right = veth.left, veth.right
     with datapath("twin", netns=left.netns) as a, datapath("twin", netns=right.netns) as b:
         assert a.pin_dir != b.pin_dir
         a.upsert(service(4, "tcp"))
@@ -216,8 +217,8 @@ ADOPT_UNDER_IP_NETNS_EXEC = textwrap.dedent(
 )
 
 
-def test_datapath_is_adopted_under_ip_netns_exec_without_a_shared_bpffs(veth: object) -> None:
-    host = veth.right  # type: ignore[attr-defined]
+def test_datapath_is_adopted_under_ip_netns_exec_without_a_shared_bpffs(veth: VethPair) -> None:
+    host = veth.right
     name = f"t{os.getpid()}-netns-exec"
     with lb.Datapath(name, persist=True, pin_root=PIN_ROOT, netns=host.netns) as first:
         first.attach(host.iface)

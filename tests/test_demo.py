@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import sandbox as test_sandbox
+import namespaces
 
 
 def test_demo_balances_survives_a_backend_removal_and_cleans_up() -> None:
@@ -21,4 +21,4 @@ def test_demo_balances_survives_a_backend_removal_and_cleans_up() -> None:
     assert "my-app-2  0" in after
     assert "refused in" in text
     assert "namespaces removed" in text
-    assert not [ns for ns in test_sandbox.netns.listnetns() if ns.startswith("pyebpflb-demo")]
+    assert not [ns for ns in namespaces.netns.listnetns() if ns.startswith("pyebpflb-demo")]

@@ -141,9 +141,9 @@ BPFFS_IN_NETNS = textwrap.dedent(
 
 
 def test_ensure_bpffs_mounts_one_under_ip_netns_exec() -> None:
-    import sandbox
+    import namespaces
 
-    name = sandbox.new_name("fs")
+    name = namespaces.new_name("fs")
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         # `ip netns exec` gives the command a fresh /sys without a bpffs.

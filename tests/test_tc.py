@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from sandbox import VethPair
+from namespaces import VethPair
 
 from pyebpflb._bpf import Object, TcLink, netns, tc
 from pyebpflb._bpf.netlink import TC_H_EGRESS, TC_H_INGRESS, count_filters

@@ -9,7 +9,7 @@ import textwrap
 import zipfile
 
 import pytest
-from sandbox import VethPair
+from namespaces import VethPair
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sandbox import VethPair
+from namespaces import VethPair
 
 from pyebpflb import objects
 from pyebpflb._bpf import Object, XdpLink, netns, xdp

@@ -139,7 +139,6 @@ class Datapath:
         if not isinstance(ct_timeouts, ConntrackTimeouts):
             raise ValueError(f"ct_timeouts must be a ConntrackTimeouts, got {ct_timeouts!r}")
         self.ct_timeouts = ct_timeouts
-        self._attachments: dict[str, Attachment] = {}
         self.pin_root = os.fspath(pin_root)
         with entered(netns):
             self.pin_dir = self._pin_dir(self.pin_root)
@@ -211,7 +210,13 @@ class Datapath:
             path = os.path.join(self.pin_dir, entry)
             if entry.startswith("lb_") and not os.path.isdir(path):
                 found[entry] = Map.from_pinned(path)
-        return found if self._is_ours(found) else _closed_all(found)
+        if found and not self._is_ours(found):
+            _closed_all(found)
+            raise PyEbpfLbError(
+                f"the pins in {self.pin_dir} are not datapath {self.name!r}'s (another pyebpflb "
+                "version's?); remove that folder or destroy() that datapath with its version"
+            )
+        return found
 
     def _find_attached_maps(self) -> dict[str, Map]:
         """The maps of our programs attached in this netns (works without a shared bpffs).
@@ -277,12 +282,15 @@ class Datapath:
         """
         self._live()
         with entered(self.netns):
-            for direction in ("ingress", "egress"):
-                current = tc.query(iface, direction, handle=LB_HANDLE, priority=LB_PRIORITY)
-                if current is not None and not self._owns_program(current):
+            current = {
+                direction: tc.query(iface, direction, handle=LB_HANDLE, priority=LB_PRIORITY)
+                for direction in ("ingress", "egress")
+            }
+            for direction, prog_id in current.items():
+                if prog_id is not None and not self._owns_program(prog_id):
                     raise PyEbpfLbError(
                         f"{iface} {direction} already runs another pyebpflb datapath "
-                        f"(program id {current}); destroy that one or use another interface"
+                        f"(program id {prog_id}); destroy that one or use another interface"
                     )
             ingress = TcLink.attach(
                 self._object.program("lb_ingress"),
@@ -300,18 +308,16 @@ class Datapath:
                     priority=LB_PRIORITY,
                 )
             except BaseException:
-                ingress.detach()
+                if current["ingress"] is None:  # leave the interface as it was
+                    ingress.detach()
                 raise
-        attachment = Attachment(iface, ingress, egress)
-        self._attachments[iface] = attachment
-        return attachment
+        return Attachment(iface, ingress, egress)
 
     def detach(self, iface: str) -> None:
         """Stop balancing on ``iface`` (also when another process attached it)."""
         self._live()
         with entered(self.netns):
             self._detach_iface(iface)
-        self._attachments.pop(iface, None)
 
     def _detach_iface(self, iface: str) -> None:
         ifindex = socket.if_nametoindex(iface)
@@ -474,7 +480,6 @@ class Datapath:
                     self._detach_iface(iface)
                 except BpfError:
                     logger.warning("pyebpflb: could not detach from %s", iface, exc_info=True)
-        self._attachments.clear()
         for map_name in self._object.maps:
             path = os.path.join(self.pin_dir, map_name)
             if os.path.exists(path):
