@@ -415,6 +415,24 @@ def test_tcp_flow_closed_by_fin_gets_the_short_timeout() -> None:
         assert flow_created(dp) > first
 
 
+def test_new_connection_on_a_reused_port_goes_to_the_same_backend(dp: lb.Datapath) -> None:
+    dp.upsert(service(4, "tcp"))
+
+    def send(flags: str) -> str:
+        pkt = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 48000, 80, flags=flags)
+        return str(run(dp, "lb_ingress", pkt)[1][IP].dst)
+
+    first = send("S")
+    created = flow_created(dp)
+    assert send("FA") == first
+    # The client reuses its port for a new connection: its SYN goes where the old
+    # connection's TIME_WAIT is, and the flow starts afresh.
+    assert {send("S") for _ in range(10)} == {first}
+    assert flow_created(dp) > created
+    (entry,) = [e for k, e in dp.conntrack() if k.dir == 0]
+    assert entry.flags == 0
+
+
 def test_reply_refreshes_the_flow(dp: lb.Datapath) -> None:
     dp.upsert(service(4, "tcp"))
     _, fwd = run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 46000, 80, flags="S"))

@@ -81,7 +81,27 @@ int lb_ingress(struct __sk_buff *skb)
 	/* A packet of a known flow goes where the flow went. */
 	ct_key_of(&ct_key, &pkt, PYEBPFLB_CT_SERVICE);
 	flow = ct_lookup_service(&ct_key, &pkt, cfg, now);
-	if (flow) {
+	if (flow && ct_reopens(flow, &pkt)) {
+		/*
+		 * A new connection on a reused client port goes to the backend the
+		 * old one had, while that backend is in the service: its TCP stack
+		 * knows the tuple (TIME_WAIT) and handles the reuse, as it would
+		 * without a load balancer. Another backend would meet the old
+		 * connection's stray segments and the client's resets for them.
+		 */
+		__u32 reuse_id = flow->backend_id, service_id = flow->service_id;
+
+		backend = bpf_map_lookup_elem(&lb_backends, &reuse_id);
+		if (backend) {
+			if (ct_create(&ct_key, &pkt, backend, reuse_id, service_id, now)) {
+				count_drop(PYEBPFLB_DROP_CT_FULL, skb->len);
+				return TC_ACT_SHOT;
+			}
+			return to_backend(skb, &pkt, &backend->addr, backend->port, service_id,
+					  reuse_id);
+		}
+		bpf_map_delete_elem(&lb_ct, &ct_key);
+	} else if (flow) {
 		/*
 		 * A TCP connection whose backend left the service finishes where it
 		 * is (the entry remembers the address), as with kube-proxy: only new

@@ -59,11 +59,8 @@ static __always_inline void ct_touch(struct pyebpflb_ct_entry *entry, const stru
 	entry->last_seen_ns = now;
 }
 
-/*
- * The SERVICE entry of a packet arriving for a VIP, or NULL when there is none,
- * it expired, or a new connection reuses the tuple of a closing one (a SYN
- * without ACK after FIN/RST): then the flow may go to another backend.
- */
+/* The SERVICE entry of a packet arriving for a VIP, or NULL when there is none
+ * or it expired (then it is deleted, and the flow starts over). */
 static __always_inline struct pyebpflb_ct_entry *
 ct_lookup_service(const struct pyebpflb_ct_key *key, const struct packet *pkt,
 		  const struct pyebpflb_lb_config *config, __u64 now)
@@ -72,15 +69,20 @@ ct_lookup_service(const struct pyebpflb_ct_key *key, const struct packet *pkt,
 
 	if (!entry)
 		return NULL;
-	if (now - entry->last_seen_ns > ct_lifetime(config, entry, pkt->proto))
-		goto stale;
-	if (pkt->proto == IPPROTO_TCP && (entry->flags & PYEBPFLB_CT_CLOSING) &&
-	    (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
-		goto stale;
+	if (now - entry->last_seen_ns > ct_lifetime(config, entry, pkt->proto)) {
+		bpf_map_delete_elem(&lb_ct, key);
+		return NULL;
+	}
 	return entry;
-stale:
-	bpf_map_delete_elem(&lb_ct, key);
-	return NULL;
+}
+
+/* A SYN without ACK on the tuple of a connection that saw FIN or RST: a new
+ * connection reusing the client's port. */
+static __always_inline int ct_reopens(const struct pyebpflb_ct_entry *entry,
+				      const struct packet *pkt)
+{
+	return pkt->proto == IPPROTO_TCP && (entry->flags & PYEBPFLB_CT_CLOSING) &&
+	       (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
 /* Record a new flow: both entries, or neither. */

@@ -1,0 +1,1 @@
+"""Benchmarks of pyebpflb against kube-proxy's iptables and nftables modes (`make bench`)."""
