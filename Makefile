@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bootstrap build lint clean
+.PHONY: demo test bench bootstrap build lint clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -24,6 +24,13 @@ lint: bootstrap
 
 test: build lint
 	$(VENV)/bin/pytest
+
+# Not part of `make test`: minutes of load against kube-proxy's rule sets.
+# Rewrites docs/performance.md and docs/performance/*.png.
+bench: build
+	@$(PY) -m pip install -q --no-build-isolation -e '.[bench]' >.venv/bench.log 2>&1 \
+		|| (cat .venv/bench.log; exit 1)
+	$(PY) -m bench
 
 clean:
 	rm -rf build dist $(VENV) src/*.egg-info src/pyebpflb/bpf src/pyebpflb/_bpf/_libbpf*.so src/pyebpflb/_bpf/_libbpf.c

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config make gcc libc6-dev
   linux-libc-dev iproute2 bpftool clang-format python3 python3-dev python3-venv
+  iptables nftables wrk nginx-light
 )
 
 if [ "$(id -u)" -ne 0 ]; then

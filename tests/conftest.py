@@ -35,7 +35,9 @@ def nothing_left_behind() -> Iterator[None]:
     ours = (namespaces.PREFIX, f"pyebpflb-{os.getpid()}-", "pyebpflb-demo-")
     left = [name for name in pyroute2_netns.listnetns() if name.startswith(ours)]
     pins = sorted(str(p) for p in PIN_ROOT.rglob("*")) if PIN_ROOT.exists() else []
-    demo_pins = sorted(str(p) for p in DEFAULT_PIN_ROOT.glob("demo-*"))
+    demo_pins = sorted(
+        str(p) for p in DEFAULT_PIN_ROOT.glob("*") if p.name.startswith(("demo-", "bench"))
+    )
     assert not left, f"network namespaces left behind: {left}"
     assert not pins, f"pins left behind: {pins}"
     assert not demo_pins, f"demo datapaths left behind: {demo_pins}"

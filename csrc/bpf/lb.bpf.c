@@ -76,7 +76,8 @@ int lb_ingress(struct __sk_buff *skb)
 	cfg = config();
 	if (!cfg)
 		return TC_ACT_OK;
-	now = bpf_ktime_get_ns();
+	/* Jiffy resolution is plenty for timeouts of seconds, at a fraction of the cost. */
+	now = bpf_ktime_get_coarse_ns();
 
 	/* A packet of a known flow goes where the flow went. */
 	ct_key_of(&ct_key, &pkt, PYEBPFLB_CT_SERVICE);
@@ -165,7 +166,7 @@ int lb_egress(struct __sk_buff *skb)
 	/* The flow's life is kept on its SERVICE entry; replies refresh it too. */
 	flow = ct_lookup_service_of_reply(&pkt, reply);
 	if (flow)
-		ct_touch(flow, &pkt, bpf_ktime_get_ns(), PYEBPFLB_CT_SEEN_REPLY);
+		ct_touch(flow, &pkt, bpf_ktime_get_coarse_ns(), PYEBPFLB_CT_SEEN_REPLY);
 	if (snat(skb, &pkt, &reply->nat_addr, reply->nat_port))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
