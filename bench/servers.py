@@ -10,7 +10,7 @@ import time
 from types import TracebackType
 
 from pyebpflb._bpf.netns import entered
-from pyebpflb.sandbox import Sandbox
+from pyebpflb.sandbox import Sandbox, stop
 
 PORT = 80
 
@@ -89,15 +89,7 @@ class Nginx:
         raise RuntimeError(f"nginx in {netns} did not start listening on {address}:{PORT}")
 
     def close(self) -> None:
-        for process in self._processes:
-            process.terminate()
-        for process in self._processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._processes.clear()
+        stop(self._processes)
         self._dir.cleanup()
 
     def __exit__(

@@ -102,14 +102,21 @@ def test_negative_timeout_is_named() -> None:
         lb.ConntrackTimeouts(udp=-1)
 
 
+def entry_counts(dp: lb.Datapath) -> dict[str, int]:
+    names = ("lb_services", "lb_slots", "lb_backends", "lb_svc_names")
+    return {name: len(dp._object.map(name)) for name in names}
+
+
 def test_overflowing_the_services_map_keeps_the_previous_services_serving() -> None:
     first = [service(4, "tcp", port=p) for p in (80, 81, 82)]
     with datapath("full-services", max_services=4) as dp:
         dp.sync(first)
+        before = entry_counts(dp)
         more = [service(4, "tcp", port=p) for p in (80, 83, 84, 85, 86)]
         with pytest.raises(lb.MapFull, match="raise max_services"):
             dp.sync(more)
         assert dp.services == first
+        assert entry_counts(dp) == before  # nothing half-written left behind
         verdict, out = run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 1000, 82))
         assert verdict == TC_ACT_OK and out[IP].dst.startswith("10.0.1.")
         # 84 was never published: its packets pass untouched.
@@ -120,10 +127,11 @@ def test_overflowing_the_services_map_keeps_the_previous_services_serving() -> N
 def test_overflowing_the_backends_map_keeps_the_previous_services() -> None:
     with datapath("full-backends", max_backends=4) as dp:
         dp.sync([service(4, "tcp", count=3)])
+        before = entry_counts(dp)
         with pytest.raises(lb.MapFull, match="raise max_backends"):
             dp.sync([service(4, "tcp", count=3), service(4, "udp", count=3)])
         assert dp.services == [service(4, "tcp", count=3)]
-        assert len(dp._object.map("lb_backends")) == 3
+        assert entry_counts(dp) == before
 
 
 def test_ten_thousand_services_with_three_backends_sync_and_serve() -> None:

@@ -45,12 +45,9 @@ static __always_inline __u32 select_backend(const struct pyebpflb_service *svc,
 	return *backend ? *backend_id : 0;
 }
 
-static __always_inline int to_backend(struct __sk_buff *skb, const struct packet *pkt,
-				      const union pyebpflb_addr *addr, __u16 port, __u32 service_id,
-				      __u32 backend_id)
+static __always_inline int dnat_to(struct __sk_buff *skb, const struct packet *pkt,
+				   const union pyebpflb_addr *addr, __u16 port)
 {
-	count_traffic(&lb_svc_stats, service_id, skb->len);
-	count_traffic(&lb_be_stats, backend_id, skb->len);
 	if (dnat(skb, pkt, addr, port))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
@@ -98,8 +95,9 @@ int lb_ingress(struct __sk_buff *skb)
 				count_drop(PYEBPFLB_DROP_CT_FULL, skb->len);
 				return TC_ACT_SHOT;
 			}
-			return to_backend(skb, &pkt, &backend->addr, backend->port, service_id,
-					  reuse_id);
+			count_new_flow(&lb_svc_stats, service_id, skb->len);
+			count_new_flow(&lb_be_stats, reuse_id, skb->len);
+			return dnat_to(skb, &pkt, &backend->addr, backend->port);
 		}
 		bpf_map_delete_elem(&lb_ct, &ct_key);
 	} else if (flow) {
@@ -113,8 +111,9 @@ int lb_ingress(struct __sk_buff *skb)
 		if (pkt.proto == IPPROTO_TCP ||
 		    bpf_map_lookup_elem(&lb_backends, &flow->backend_id)) {
 			ct_touch(flow, &pkt, now, 0);
-			return to_backend(skb, &pkt, &flow->nat_addr, flow->nat_port,
-					  flow->service_id, flow->backend_id);
+			count_traffic(&lb_svc_stats, flow->service_id, skb->len);
+			count_traffic(&lb_be_stats, flow->backend_id, skb->len);
+			return dnat_to(skb, &pkt, &flow->nat_addr, flow->nat_port);
 		}
 		bpf_map_delete_elem(&lb_ct, &ct_key);
 	}
@@ -136,7 +135,7 @@ int lb_ingress(struct __sk_buff *skb)
 		backend_id = svc->count ? select_backend(svc, &backend) : 0;
 	}
 	if (!backend_id || !backend) {
-		count_traffic(&lb_svc_stats, svc->id, skb->len);
+		count_new_flow(&lb_svc_stats, svc->id, skb->len);
 		count_drop(PYEBPFLB_DROP_NO_BACKEND, skb->len);
 		return reject(skb, &pkt);
 	}
@@ -144,7 +143,9 @@ int lb_ingress(struct __sk_buff *skb)
 		count_drop(PYEBPFLB_DROP_CT_FULL, skb->len);
 		return TC_ACT_SHOT;
 	}
-	return to_backend(skb, &pkt, &backend->addr, backend->port, svc->id, backend_id);
+	count_new_flow(&lb_svc_stats, svc->id, skb->len);
+	count_new_flow(&lb_be_stats, backend_id, skb->len);
+	return dnat_to(skb, &pkt, &backend->addr, backend->port);
 }
 
 SEC("tc")

@@ -396,21 +396,16 @@ class Datapath:
     def _apply(self, change: plan.Plan) -> None:
         if change.empty:
             return
-        result = change.result
-        if (result.next_service_id, result.next_backend_id) != (
-            self._snapshot.next_service_id,
-            self._snapshot.next_backend_id,
-        ):
+        ids = (change.next_service_id, change.next_backend_id)
+        if ids != (self._snapshot.next_service_id, self._snapshot.next_backend_id):
             # Ids are reserved before use and never handed out twice, even
             # when the change fails: conntrack entries may still name old ids.
-            self._reserve_ids(result.next_service_id, result.next_backend_id)
+            self._reserve_ids(*ids)
             self._snapshot = attrs.evolve(
-                self._snapshot,
-                next_service_id=result.next_service_id,
-                next_backend_id=result.next_backend_id,
+                self._snapshot, next_service_id=ids[0], next_backend_id=ids[1]
             )
         plan.apply(self._object, change, _CAPACITY)
-        self._snapshot = result
+        self._snapshot = plan.commit(self._snapshot, change)
 
     # -- reading back --------------------------------------------------------------------
     @property

@@ -82,10 +82,6 @@ def name_value(name: str) -> Any:
     return value
 
 
-def zero_counter() -> Any:
-    return ffi.new("struct pyebpflb_counter_value *")
-
-
 @attrs.frozen
 class Installed:
     """A service as the kernel holds it: the model plus its ids."""

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 import attrs
 
@@ -245,17 +245,7 @@ class Sandbox:
 
     # -- tearing down -----------------------------------------------------------------------------
     def close(self) -> None:
-        for server in self._servers:
-            server.terminate()
-        for server in self._servers:
-            try:
-                server.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-            if server.stdout:
-                server.stdout.close()
-        self._servers.clear()
+        stop(self._servers)
         for name in reversed(self._namespaces):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         self._namespaces.clear()
@@ -308,6 +298,21 @@ def _http_body(sock: socket.socket, *, keep_alive: bool = False) -> str:
             break
         body += chunk
     return body.decode().strip()
+
+
+def stop(processes: list[subprocess.Popen[Any]]) -> None:
+    """Terminate ``processes`` (killing what does not stop within 5 s) and forget them."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
+    processes.clear()
 
 
 def _readline(stream: IO[str], timeout: float) -> str:

@@ -45,8 +45,9 @@ struct {
 	__type(value, struct pyebpflb_ct_entry);
 } lb_ct SEC(".maps");
 
-/* Per-CPU counters: created by user space with the service or backend, only
- * incremented here, summed over CPUs on read. */
+/* Per-CPU counters, summed over CPUs on read. An entry is created by the first
+ * new flow of its service or backend (so programming a service writes no
+ * counter) and deleted by user space with the service or backend. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 65536);
@@ -93,6 +94,22 @@ static __always_inline void count_traffic(void *map, __u32 id, __u32 len)
 	if (value) {
 		value->packets += 1;
 		value->bytes += len;
+	}
+}
+
+/* Count the first packet of a new flow, creating the counter if needed. */
+static __always_inline void count_new_flow(void *map, __u32 id, __u32 len)
+{
+	struct pyebpflb_counter_value *value = bpf_map_lookup_elem(map, &id);
+
+	if (value) {
+		value->packets += 1;
+		value->bytes += len;
+	} else {
+		struct pyebpflb_counter_value first = {.packets = 1, .bytes = len};
+
+		/* BPF_NOEXIST: a CPU that raced us created it; its count is its own. */
+		bpf_map_update_elem(map, &id, &first, BPF_NOEXIST);
 	}
 }
 
