@@ -8,6 +8,7 @@ from typing import Any
 
 FLOOR, IPT, NFT, EBPF = "no LB (floor)", "kube-proxy iptables", "kube-proxy nftables", "pyebpflb"
 ORDER = [FLOOR, IPT, NFT, EBPF]
+COLOURS = {FLOOR: "tab:gray", IPT: "tab:orange", NFT: "tab:blue", EBPF: "tab:green"}
 
 
 def _p(values: list[float], q: float) -> float:
@@ -59,9 +60,18 @@ def write(results: dict[str, Any], out: pathlib.Path) -> None:
         "(tc on the load balancer's client-facing interface)",
         f"- {args['samples']} connects per contender and N in {args['rounds']} rounds; wrk "
         f"{args['wrk_seconds']} s per figure; BPF_PROG_TEST_RUN with repeat {args['repeat']}",
+        "- load-test settings for every contender alike: the client may use every port, the "
+        "backends keep no TIME_WAIT (otherwise reused ports meet another contender's TIME_WAIT "
+        "and wait a second for a SYN retry)",
+        "",
+        "To measure again: `make bench` as root (it installs what it needs, runs for about "
+        "5 minutes on 2 cores, cleans up every namespace and rule it made, and rewrites this "
+        "page and its plot). `python -m bench --help` lists the knobs; `--smoke` is the tiny "
+        "run `make test` does.",
         "",
     ]
     lines += _targets(results, latency)
+    lines += _limits(results, latency)
     lines += [
         "## New-connection latency",
         "",
@@ -187,6 +197,43 @@ def _targets(results: dict[str, Any], latency: dict[Any, float]) -> list[str]:
     return ["## Targets", "", *_table(["target", "", "measured"], rows)]
 
 
+def _limits(results: dict[str, Any], latency: dict[Any, float]) -> list[str]:
+    """Why a missed target is missed, from this run's own numbers."""
+    cost = results["cost"]
+    sizes = sorted({n for (_, n) in results["latency"]})
+    big = max((n for n in sizes if (IPT, n) in latency), default=None)
+    lines = ["### What limits the targets", ""]
+    if big is not None:
+        floor, ipt, ebpf = latency[(FLOOR, big)], latency[(IPT, big)], latency[(EBPF, big)]
+        lines.append(
+            f"- Latency against iptables at {big}: pyebpflb adds {_us(ebpf - floor)} us to the "
+            f"floor, iptables adds {_us(ipt - floor)} us. The floor itself (the client's own "
+            f"connect through the router, {_us(floor)} us) is {floor / ipt:.2f}x of iptables, "
+            "so no load balancer, even one costing nothing, can go below that ratio here."
+        )
+    hit, other = cost[("conntrack hit", 1)], cost[("non-service", 1)]
+    lines.append(
+        f"- Per-packet cost: a conntrack hit costs {hit:.0f} ns. {other:.0f} ns of it is what "
+        "every packet pays (the non-service row: parsing through `bpf_skb_load_bytes`, the "
+        "config, conntrack and service lookups); the other "
+        f"{hit - other:.0f} ns is the translation: two per-CPU counter lookups and the address "
+        "and port rewrite through four checksum helpers and two stores, which keep packets "
+        "with a partial checksum (from local sockets) right. The empty program measures the "
+        f"test loop ({cost['empty']:.0f} ns), so 2.5x of it leaves about "
+        f"{cost['empty'] * 1.5:.0f} ns for a whole packet: less than one hash lookup of a "
+        "40-byte conntrack key. Next steps: direct packet access for parsing, one counter "
+        "lookup instead of two, and inline checksum arithmetic for the pseudo-header part."
+    )
+    load = results["program"].get((EBPF, big)) if big else None
+    if load:
+        lines.append(
+            f"- Programming {big} services takes {statistics.median(load):.2f} s, nearly all in "
+            "Python: encoding each key and value through cffi and planning the undo; the kernel "
+            "work is one batch update per map."
+        )
+    return [*lines, ""]
+
+
 def _costs(cost: dict[Any, float], args: dict[str, Any]) -> list[str]:
     lines = [
         "## Per-packet kernel cost",
@@ -241,7 +288,9 @@ def _plots(results: dict[str, Any], latency: dict[Any, float], out: pathlib.Path
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name in ORDER:
         xs = [n for n in sizes if (name, n) in latency]
-        axes[0].plot(xs, [latency[(name, n)] * 1e6 for n in xs], marker="o", label=name)
+        axes[0].plot(
+            xs, [latency[(name, n)] * 1e6 for n in xs], marker="o", label=name, color=COLOURS[name]
+        )
         if name != FLOOR:
             program = results["program"]
             xs = [n for n in sizes if (name, n) in program]
