@@ -227,9 +227,9 @@ def _limits(results: dict[str, Any], latency: dict[Any, float]) -> list[str]:
     load = results["program"].get((EBPF, big)) if big else None
     if load:
         lines.append(
-            f"- Programming {big} services takes {statistics.median(load):.2f} s, nearly all in "
-            "Python: encoding each key and value through cffi and planning the undo; the kernel "
-            "work is one batch update per map."
+            f"- Programming {big} services takes {statistics.median(load):.2f} s, about half "
+            "of it planning in Python (the diff, and encoding every key and value through "
+            "cffi, with its undo), the rest in one batch update per map."
         )
     return [*lines, ""]
 

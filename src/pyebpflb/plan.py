@@ -3,9 +3,9 @@
 A change is planned against a :class:`~pyebpflb.maps.Snapshot` of what is
 installed, in four phases, so that no packet meets a half-written service:
 
-1. ``prepare``: everything packets cannot see yet: new backends, names, and
-   the slots of the generation the service entry does not point at (counters
-   are created by the datapath with a service's or backend's first flow).
+1. ``prepare``: writes packets cannot see yet: new backends, names, and the
+   slots of the generation the service entry does not point at (counters are
+   created by the datapath with a service's or backend's first flow).
 2. ``publish``: the service entries themselves, each replaced whole in one
    atomic map update: removals first (freeing room), then new and changed.
 3. on failure, ``undo`` restores every published entry and removes what
@@ -73,12 +73,16 @@ class _Steps:
         self._steps: dict[tuple[str, str], Step] = {}
 
     def write(self, map_name: str, key: Any, value: Any) -> None:
-        step = self._steps.setdefault(("w", map_name), Write(map_name))
+        step = self._steps.get(("w", map_name))
+        if step is None:
+            step = self._steps[("w", map_name)] = Write(map_name)
         assert isinstance(step, Write)
         step.items.append((key, value))
 
     def delete(self, map_name: str, key: Any) -> None:
-        step = self._steps.setdefault(("d", map_name), Delete(map_name))
+        step = self._steps.get(("d", map_name))
+        if step is None:
+            step = self._steps[("d", map_name)] = Delete(map_name)
         assert isinstance(step, Delete)
         step.keys.append(key)
 
@@ -180,11 +184,12 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
             if slot not in before:
                 undo.delete("lb_slots", slot_key)
             slots.add(slot)
-        # Leftovers of this generation from an older, larger backend set.
+        # Leftovers of this generation from an older, larger backend set: past
+        # the new count, no packet reads them; they go once the change is in.
         for slot in sorted(slots):
             slot_gen, index = _split(slot)
             if slot_gen == gen and index > len(ids):
-                prepare.delete("lb_slots", maps.slot_key(service_id, gen, index))
+                cleanup.delete("lb_slots", maps.slot_key(service_id, gen, index))
                 slots.discard(slot)
         publish.write("lb_services", service_key, maps.service_entry(service_id, len(ids), gen))
         if old is not None:

@@ -342,8 +342,13 @@ class Map:
     def _pack(self, items: Iterable[Any], size: int, encode: Any) -> Any:
         items = list(items)
         buf = ffi.new("char[]", size * len(items))
+        # Batches are usually cdata pointers of one type, of exactly the element
+        # size: checked once by type, they are copied without encoding each.
+        fast = _pointer_of_size(items[0], size) if items else None
         for i, item in enumerate(items):
-            ffi.memmove(buf + i * size, encode(item), size)
+            if fast is None or ffi.typeof(item) is not fast:
+                item = encode(item)
+            ffi.memmove(buf + i * size, item, size)
         return buf
 
     def _decode(self, buf: Any, offset: int, size: int, ctype: str | None) -> Any:
@@ -404,6 +409,16 @@ def _checked_type(ctype: str | None, size: int, name: str, what: str) -> str | N
             f"C type {ctype!r} is {actual} bytes but the {what} of map {name} is {size} bytes"
         )
     return ctype
+
+
+def _pointer_of_size(item: Any, size: int) -> Any:
+    """The cdata pointer type of ``item`` if it points at exactly ``size`` bytes."""
+    if not isinstance(item, ffi.CData):
+        return None
+    kind = ffi.typeof(item)
+    if kind.kind != "pointer" or kind.item.kind not in ("struct", "primitive"):
+        return None
+    return kind if ffi.sizeof(kind.item) == size else None
 
 
 def _batch_opts(elem_flags: int) -> Any:
