@@ -263,8 +263,14 @@ def _memory(memory: dict[str, Any]) -> list[str]:
         "",
     ]
     rows = [
-        ["per service (entry, counters, name)", f"{memory['per service']:.0f} B"],
-        ["per backend (entry, counters, slots)", f"{memory['per backend']:.0f} B"],
+        [
+            "per service (entry, name; its counters come with its first flow)",
+            f"{memory['per service']:.0f} B",
+        ],
+        [
+            "per backend (entry, slots; its counters come with its first flow)",
+            f"{memory['per backend']:.0f} B",
+        ],
         ["per conntrack entry (LRU, preallocated)", f"{memory['per conntrack entry']:.0f} B"],
         [
             "all maps at default sizes, no service",
