@@ -10,6 +10,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "pyebpflb/counter.h"
+#include "lib/counters.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -51,22 +52,10 @@ static __always_inline void emit_event(__u32 ifindex, __u32 hook, __u32 len)
 static __always_inline void count(__u32 ifindex, __u32 hook, __u32 len)
 {
 	struct pyebpflb_counter_key key = {.ifindex = ifindex, .hook = hook};
-	struct pyebpflb_counter_value *value;
 	struct pyebpflb_counter_config *config;
 	__u32 zero = 0;
 
-	value = bpf_map_lookup_elem(&iface_counters, &key);
-	if (value) {
-		/* Per-CPU value: no other CPU writes it, so no atomics needed. */
-		value->packets += 1;
-		value->bytes += len;
-	} else {
-		struct pyebpflb_counter_value first = {.packets = 1, .bytes = len};
-
-		/* BPF_NOEXIST: if another CPU raced us its slot is its own. */
-		bpf_map_update_elem(&iface_counters, &key, &first, BPF_NOEXIST);
-	}
-
+	count_or_create(&iface_counters, &key, len);
 	config = bpf_map_lookup_elem(&counter_config, &zero);
 	if (config && config->emit_events)
 		emit_event(ifindex, hook, len);

@@ -292,26 +292,23 @@ class Datapath:
                         f"{iface} {direction} already runs another pyebpflb datapath "
                         f"(program id {prog_id}); destroy that one or use another interface"
                     )
-            ingress = TcLink.attach(
-                self._object.program("lb_ingress"),
-                iface,
-                "ingress",
-                handle=LB_HANDLE,
-                priority=LB_PRIORITY,
-            )
+            links: dict[str, TcLink] = {}
             try:
-                egress = TcLink.attach(
-                    self._object.program("lb_egress"),
-                    iface,
-                    "egress",
-                    handle=LB_HANDLE,
-                    priority=LB_PRIORITY,
-                )
+                for direction in ("ingress", "egress"):
+                    links[direction] = TcLink.attach(
+                        self._object.program(f"lb_{direction}"),
+                        iface,
+                        direction,
+                        handle=LB_HANDLE,
+                        priority=LB_PRIORITY,
+                    )
             except BaseException:
-                if current["ingress"] is None:  # leave the interface as it was
-                    ingress.detach()
+                # Leave the interface as it was: detach only what was not there before.
+                for direction, link in links.items():
+                    if current[direction] is None:
+                        link.detach()
                 raise
-        return Attachment(iface, ingress, egress)
+        return Attachment(iface, links["ingress"], links["egress"])
 
     def detach(self, iface: str) -> None:
         """Stop balancing on ``iface`` (also when another process attached it)."""

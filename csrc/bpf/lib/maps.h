@@ -10,6 +10,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "pyebpflb/lb.h"
+#include "lib/counters.h"
 
 /* Services, slots and backends are replaced whole by user space while
  * packets read them. Without preallocation a replaced element is freed only
@@ -100,17 +101,7 @@ static __always_inline void count_traffic(void *map, __u32 id, __u32 len)
 /* Count the first packet of a new flow, creating the counter if needed. */
 static __always_inline void count_new_flow(void *map, __u32 id, __u32 len)
 {
-	struct pyebpflb_counter_value *value = bpf_map_lookup_elem(map, &id);
-
-	if (value) {
-		value->packets += 1;
-		value->bytes += len;
-	} else {
-		struct pyebpflb_counter_value first = {.packets = 1, .bytes = len};
-
-		/* BPF_NOEXIST: a CPU that raced us created it; its count is its own. */
-		bpf_map_update_elem(map, &id, &first, BPF_NOEXIST);
-	}
+	count_or_create(map, &id, len);
 }
 
 static __always_inline void count_drop(__u32 reason, __u32 len)

@@ -1,0 +1,28 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* Per-CPU packet and byte counters. */
+#ifndef PYEBPFLB_BPF_COUNTERS_H
+#define PYEBPFLB_BPF_COUNTERS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "pyebpflb/counter.h"
+
+/* Count a packet of `len` bytes under `key`, creating the counter if needed.
+ * The value is this CPU's own, so no atomics are needed. */
+static __always_inline void count_or_create(void *map, const void *key, __u32 len)
+{
+	struct pyebpflb_counter_value *value = bpf_map_lookup_elem(map, key);
+
+	if (value) {
+		value->packets += 1;
+		value->bytes += len;
+	} else {
+		struct pyebpflb_counter_value first = {.packets = 1, .bytes = len};
+
+		/* BPF_NOEXIST: a CPU that raced us created it; its count is its own. */
+		bpf_map_update_elem(map, key, &first, BPF_NOEXIST);
+	}
+}
+
+#endif
