@@ -1,7 +1,8 @@
-"""`make demo` runs `pyebpflb demo`: it must tell its story and exit 0."""
+"""`make demo` runs `pyebpflb demo`: it must tell its story and exit 0. The examples run too."""
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
@@ -22,3 +23,16 @@ def test_demo_balances_survives_a_backend_removal_and_cleans_up() -> None:
     assert "refused in" in text
     assert "namespaces removed" in text
     assert not [ns for ns in namespaces.netns.listnetns() if ns.startswith("pyebpflb-demo")]
+
+
+def test_examples_run() -> None:
+    root = pathlib.Path(__file__).resolve().parents[1] / "examples"
+    for script, expect in (
+        ("balance_a_service.py", "seen by the client as coming from 10.96.0.53"),
+        ("count_traffic.py", "sent 1000 UDP datagrams"),
+    ):
+        out = subprocess.run(
+            [sys.executable, str(root / script)], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert expect in out.stdout
