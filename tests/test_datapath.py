@@ -253,3 +253,31 @@ def test_datapath_is_adopted_under_ip_netns_exec_without_a_shared_bpffs(veth: Ve
         assert [s.name for s in again.services] == ["first", "added-by-the-second"]
     with entered(host.netns):
         assert tc.query(host.iface, "ingress", handle=0xEB1B) is None
+
+
+def test_flush_conntrack_forgets_every_flow() -> None:
+    with datapath("flush") as dp:
+        dp.upsert(service(4, "udp"))
+        for port in (5000, 5001, 5002):
+            run(dp, "lb_ingress", packet(4, "udp", "10.1.0.5", "10.96.0.10", port, 80))
+        assert len(dp.conntrack()) == 6  # a SERVICE and a REPLY entry per flow
+        assert dp.flush_conntrack() == 6
+        assert dp.conntrack() == []
+
+
+def test_detach_removes_the_datapath_from_one_interface(veth: VethPair) -> None:
+    with (
+        datapath("detach", netns=veth.left.netns) as left,
+        datapath("detach-r", netns=veth.right.netns) as right,
+    ):
+        left.attach(veth.left.iface)
+        right.attach(veth.right.iface)
+        left.detach(veth.left.iface)
+        assert left.interfaces == [] and right.interfaces == [veth.right.iface]
+
+
+def test_a_closed_datapath_refuses_to_work() -> None:
+    with datapath("closed") as dp:
+        pass
+    with pytest.raises(lb.PyEbpfLbError, match="is closed"):
+        dp.upsert(service(4, "tcp"))
