@@ -65,10 +65,69 @@ static __always_inline __u32 daddr_off(const struct packet *pkt)
 							   : offsetof(struct ipv6hdr, daddr));
 }
 
+/* RFC 1624: HC' = ~(~HC + ~m + m'), for a 32-bit field, in one's complement. */
+static __always_inline __u16 csum_update4(__u16 check, __u32 from, __u32 to)
+{
+	__u32 sum = (__u16)~check;
+
+	sum += (__u16)~from + (__u16) ~(from >> 16) + (__u16)to + (__u16)(to >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/*
+ * The common case, IPv4 without options: the L4 checksum still goes through
+ * the helper (it knows a partial checksum from a full one), but the header
+ * checksum is always full, so it and both fields are written directly: three
+ * helper calls fewer per packet. `dst` picks destination or source.
+ */
+static __always_inline int nat_ipv4_direct(struct __sk_buff *skb, const struct packet *pkt, int dst,
+					   __u32 addr, __u16 port)
+{
+	__u64 flags = l4_csum_flags(pkt);
+	__u32 old_addr = dst ? pkt->daddr.v4 : pkt->saddr.v4;
+	__u16 old_port = dst ? pkt->dport : pkt->sport;
+	void *data, *end;
+	struct iphdr *ip;
+	__u16 *ports;
+
+	if (bpf_l4_csum_replace(skb, pkt->csum_off, old_addr, addr,
+				flags | BPF_F_PSEUDO_HDR | sizeof(__u32)) ||
+	    bpf_l4_csum_replace(skb, pkt->csum_off, old_port, port, flags | sizeof(__u16)))
+		return -1;
+	/* The helpers may have moved the data: find the headers again. */
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	ip = data + ETH_HLEN;
+	ports = data + ETH_HLEN + sizeof(*ip);
+	if ((void *)(ports + 2) > end)
+		return -1;
+	ip->check = csum_update4(ip->check, old_addr, addr);
+	if (dst) {
+		ip->daddr = addr;
+		ports[1] = port;
+	} else {
+		ip->saddr = addr;
+		ports[0] = port;
+	}
+	return 0;
+}
+
+/* Are the IPv4 header (without options) and the ports in the linear part? */
+static __always_inline int ipv4_direct(struct __sk_buff *skb, const struct packet *pkt)
+{
+	return pkt->family == PYEBPFLB_IPV4 && pkt->l3_hlen_ok &&
+	       (void *)(long)skb->data + ETH_HLEN + sizeof(struct iphdr) + 4 <=
+		   (void *)(long)skb->data_end;
+}
+
 /* Ports sit at the same place in TCP and UDP: source first, destination next. */
 static __always_inline int dnat(struct __sk_buff *skb, const struct packet *pkt,
 				const union pyebpflb_addr *addr, __u16 port)
 {
+	if (ipv4_direct(skb, pkt))
+		return nat_ipv4_direct(skb, pkt, 1, addr->v4, port);
 	if (rewrite_addr(skb, pkt, daddr_off(pkt), &pkt->daddr, addr, 1))
 		return -1;
 	return rewrite_port(skb, pkt, pkt->l4_off + 2, pkt->dport, port);
@@ -77,6 +136,8 @@ static __always_inline int dnat(struct __sk_buff *skb, const struct packet *pkt,
 static __always_inline int snat(struct __sk_buff *skb, const struct packet *pkt,
 				const union pyebpflb_addr *addr, __u16 port)
 {
+	if (ipv4_direct(skb, pkt))
+		return nat_ipv4_direct(skb, pkt, 0, addr->v4, port);
 	if (rewrite_addr(skb, pkt, saddr_off(pkt), &pkt->saddr, addr, 1))
 		return -1;
 	return rewrite_port(skb, pkt, pkt->l4_off, pkt->sport, port);
