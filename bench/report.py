@@ -223,7 +223,7 @@ def _limits(results: dict[str, Any], latency: dict[Any, float]) -> list[str]:
         f"test loop ({cost['empty']:.0f} ns), so 2.5x of it leaves about "
         f"{cost['empty'] * 1.5:.0f} ns for a whole packet: less than one hash lookup of a "
         "40-byte conntrack key. Next steps: direct packet access for parsing, and one counter "
-        "lookup instead of two.")
+        "lookup instead of two."
     )
     load = results["program"].get((EBPF, big)) if big else None
     if load:
