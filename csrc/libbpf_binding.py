@@ -200,6 +200,11 @@ int ring_buffer__epoll_fd(const struct ring_buffer *rb);
 #define BPF_PROG_TYPE_XDP ...
 #define BPF_PROG_TYPE_CGROUP_SKB ...
 
+/* --- Maglev table population (csrc/maglev) ---------------------------- */
+uint32_t pyebpflb_maglev_fill(const uint32_t *offset, const uint32_t *skip, const uint32_t *weight,
+                              uint32_t n, uint32_t m, int32_t *table, uint32_t *next,
+                              uint64_t *credit);
+
 /* --- namespaces and mounts (libc) ------------------------------------ */
 #define CLONE_NEWNET ...
 int setns(int fd, int nstype);
@@ -217,6 +222,7 @@ SOURCE = """
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 #include <bpf/btf.h>
+#include "maglev.h"
 %(includes)s
 
 static void pyebpflb_on_libbpf_log(int level, const char *line);
@@ -274,8 +280,9 @@ ffibuilder.cdef(KERNEL_TYPES + LIBBPF_CDEF + _shared_cdef())
 ffibuilder.set_source(
     "pyebpflb._bpf._libbpf",
     SOURCE % {"includes": "".join(f'#include "pyebpflb/{n}"\n' for n in SHARED_HEADERS)},
+    sources=["csrc/maglev/maglev.c"],  # relative: setuptools places objects by this path
     libraries=["bpf"],
-    include_dirs=[str(INCLUDE)],
+    include_dirs=[str(INCLUDE), str(ROOT / "csrc" / "maglev")],
 )
 
 if __name__ == "__main__":
