@@ -178,3 +178,38 @@ def test_a_second_process_adopts_a_persisted_datapath_without_breaking_a_connect
         lb.Datapath(name, netns=sandbox.lb.netns, pin_root=PIN_ROOT).destroy()
     with pytest.raises(OSError):
         sandbox.http_get(VIP[4], 80, timeout=0.5)
+
+
+def test_weights_one_two_three_share_new_connections(sandbox: Sandbox, dp: lb.Datapath) -> None:
+    svc = lb.Service(
+        vip=VIP[4],
+        port=80,
+        backends=[
+            lb.Backend(b.ipv4, BACKEND_PORT, weight=w)
+            for b, w in zip(sandbox.backends, (1, 2, 3), strict=True)
+        ],
+    )
+    dp.sync([svc])
+    answers = collections.Counter(sandbox.http_get(VIP[4], 80) for _ in range(3000))
+    for name, weight in (("backend-1", 1), ("backend-2", 2), ("backend-3", 3)):
+        assert abs(answers[name] / 3000 - weight / 6) < 0.05, answers
+
+
+def test_terminating_backend_finishes_its_connection_but_gets_no_new_ones(
+    sandbox: Sandbox, dp: lb.Datapath
+) -> None:
+    svc = web(sandbox, 4)
+    dp.sync([svc])
+    with sandbox.connection(VIP[4], 80) as kept:
+        first = kept.get()
+        draining = [
+            lb.Backend(b.address, b.port, state="terminating" if host.name == first else "active")
+            for b, host in zip(svc.backends, sandbox.backends, strict=True)
+        ]
+        dp.upsert(svc.with_backends(draining))
+        assert first not in {sandbox.http_get(VIP[4], 80) for _ in range(30)}
+        assert {kept.get() for _ in range(5)} == {first}
+        # When no active backend is left, the terminating ones take new connections.
+        only_draining = [lb.Backend(b.address, b.port, state="terminating") for b in svc.backends]
+        dp.upsert(svc.with_backends(only_draining))
+        assert len({sandbox.http_get(VIP[4], 80) for _ in range(30)}) == 3

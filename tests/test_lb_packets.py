@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -441,3 +442,54 @@ def test_reply_refreshes_the_flow(dp: lb.Datapath) -> None:
     run(dp, "lb_egress", packet(4, "tcp", fwd[IP].dst, "10.1.0.5", 8080, 46000, flags="SA"))
     (entry,) = [e for k, e in dp.conntrack() if k.dir == 0]
     assert entry.flags & 1  # SEEN_REPLY: the established timeout applies
+
+
+def backend_counts(dp: lb.Datapath, flows: int, protocol: str = "udp") -> collections.Counter[str]:
+    """Where ``flows`` new flows (distinct source ports) were sent."""
+    return collections.Counter(
+        str(run(dp, "lb_ingress", packet(4, protocol, "10.1.0.7", "10.96.0.10", p, 80))[1][IP].dst)
+        for p in range(20000, 20000 + flows)
+    )
+
+
+def weighted(weights: list[int], states: list[str] | None = None) -> lb.Service:
+    states = states or ["active"] * len(weights)
+    return lb.Service(
+        vip="10.96.0.10",
+        port=80,
+        protocol="udp",
+        backends=[
+            lb.Backend(f"10.0.1.{i + 1}", 8080, w, s)
+            for i, (w, s) in enumerate(zip(weights, states, strict=True))
+        ],
+    )
+
+
+def test_weights_share_new_flows(dp: lb.Datapath) -> None:
+    dp.upsert(weighted([1, 2, 3]))
+    counts = backend_counts(dp, 6000)
+    for backend, weight in (("10.0.1.1", 1), ("10.0.1.2", 2), ("10.0.1.3", 3)):
+        assert abs(counts[backend] / 6000 - weight / 6) < 0.03, counts
+
+
+def test_weight_zero_and_maintenance_and_terminating_get_no_new_flows(dp: lb.Datapath) -> None:
+    dp.upsert(weighted([1, 0, 1, 1], ["active", "active", "maintenance", "terminating"]))
+    assert set(backend_counts(dp, 200)) == {"10.0.1.1"}
+
+
+def test_terminating_backends_take_new_flows_when_no_active_is_left(dp: lb.Datapath) -> None:
+    dp.upsert(weighted([1, 1, 1], ["maintenance", "terminating", "terminating"]))
+    assert set(backend_counts(dp, 200)) == {"10.0.1.2", "10.0.1.3"}
+
+
+def test_established_flows_of_a_backend_that_stops_taking_new_ones_continue(
+    dp: lb.Datapath,
+) -> None:
+    dp.upsert(weighted([1, 1]))
+    flow = packet(4, "udp", "10.1.0.7", "10.96.0.10", 31000, 80)
+    first = str(run(dp, "lb_ingress", flow)[1][IP].dst)
+    states = ["terminating" if b == first else "active" for b in ("10.0.1.1", "10.0.1.2")]
+    dp.upsert(weighted([1, 1], states))
+    assert {str(run(dp, "lb_ingress", flow)[1][IP].dst) for _ in range(10)} == {first}
+    assert first not in backend_counts(dp, 100)
+    assert dp.services == [weighted([1, 1], states)]

@@ -118,3 +118,44 @@ def test_the_model_imports_without_the_kernel_binding() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[:2] == ["10.96.0.10:80/tcp", "datapath needs the binding"]
+
+
+def test_backend_weight_and_state_are_validated() -> None:
+    assert Backend("10.0.0.1", 80, 3, "TERMINATING").state.value == "terminating"
+    with pytest.raises(ValueError, match="weight must be an integer from 0 to 65535, got 65536"):
+        Backend("10.0.0.1", 80, weight=65536)
+    with pytest.raises(ValueError, match="weight must be an integer from 0 to 65535, got -1"):
+        Backend("10.0.0.1", 80, weight=-1)
+    with pytest.raises(
+        ValueError, match="one of 'active', 'terminating', 'maintenance', got 'gone'"
+    ):
+        Backend("10.0.0.1", 80, state="gone")
+
+
+def test_the_same_endpoint_twice_is_refused_whatever_its_weight() -> None:
+    with pytest.raises(ValueError, match=r"backend 10\.0\.0\.1:80 is listed twice"):
+        Service(
+            vip="10.96.0.1",
+            port=80,
+            backends=[Backend("10.0.0.1", 80), Backend("10.0.0.1", 80, weight=5)],
+        )
+
+
+@pytest.mark.parametrize(
+    ("states", "weights", "usable"),
+    [
+        (["active", "terminating", "active"], [1, 1, 0], [0]),
+        (["terminating", "maintenance", "terminating"], [1, 1, 1], [0, 2]),
+        (["maintenance", "maintenance"], [1, 1], []),
+        (["active", "terminating"], [0, 1], [1]),
+    ],
+)
+def test_usable_backends_follow_kubernetes_terminating_fallback(
+    states: list[str], weights: list[int], usable: list[int]
+) -> None:
+    members = [
+        Backend(f"10.0.0.{i + 1}", 80, w, s)
+        for i, (s, w) in enumerate(zip(states, weights, strict=True))
+    ]
+    svc = Service(vip="10.96.0.1", port=80, backends=members)
+    assert list(svc.usable_backends()) == [members[i] for i in usable]

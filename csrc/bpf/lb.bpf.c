@@ -26,23 +26,26 @@ static __always_inline struct pyebpflb_lb_config *config(void)
 }
 
 /*
- * A random backend of the service's current generation. The generation's
- * slots were complete before the service entry pointing at them was
- * written, so every slot up to `count` exists.
+ * A backend of the service's current generation, drawn by weight: a uniform
+ * slot, then the alias draw. The generation's slots were complete before the
+ * service entry pointing at them was written, so every slot up to `count`
+ * exists.
  */
 static __always_inline __u32 select_backend(const struct pyebpflb_service *svc,
 					    struct pyebpflb_backend **backend)
 {
 	struct pyebpflb_slot_key key = {.service_id = svc->id};
-	__u32 *backend_id;
+	struct pyebpflb_slot *slot;
+	__u32 backend_id;
 
 	key.slot =
 	    ((__u32)svc->gen << PYEBPFLB_SLOT_GEN_SHIFT) | (bpf_get_prandom_u32() % svc->count + 1);
-	backend_id = bpf_map_lookup_elem(&lb_slots, &key);
-	if (!backend_id)
+	slot = bpf_map_lookup_elem(&lb_slots, &key);
+	if (!slot)
 		return 0;
-	*backend = bpf_map_lookup_elem(&lb_backends, backend_id);
-	return *backend ? *backend_id : 0;
+	backend_id = bpf_get_prandom_u32() < slot->threshold ? slot->backend_id : slot->alias_id;
+	*backend = bpf_map_lookup_elem(&lb_backends, &backend_id);
+	return *backend ? backend_id : 0;
 }
 
 static __always_inline int dnat_to(struct __sk_buff *skb, const struct packet *pkt,

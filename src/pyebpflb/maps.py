@@ -15,7 +15,7 @@ import attrs
 
 from pyebpflb._bpf import Object, ffi
 from pyebpflb._bpf._libbpf import lib
-from pyebpflb.model import Address, Backend, Protocol, Service
+from pyebpflb.model import Address, Backend, BackendState, Protocol, Service
 
 SLOT_GEN_SHIFT = int(lib.PYEBPFLB_SLOT_GEN_SHIFT)
 FAMILY_TAG = {4: lib.PYEBPFLB_IPV4, 6: lib.PYEBPFLB_IPV6}
@@ -61,18 +61,40 @@ def slot_key(service_id: int, gen: int, slot: int) -> Any:
     )
 
 
-def backend_value(backend: Backend, service_id: int) -> Any:
+STATE_TAG = {
+    BackendState.ACTIVE: lib.PYEBPFLB_BACKEND_ACTIVE,
+    BackendState.TERMINATING: lib.PYEBPFLB_BACKEND_TERMINATING,
+    BackendState.MAINTENANCE: lib.PYEBPFLB_BACKEND_MAINTENANCE,
+}
+STATE_OF = {tag: state for state, tag in STATE_TAG.items()}
+
+
+def backend_value(backend: Backend, service_id: int, position: int) -> Any:
     value = ffi.new("struct pyebpflb_backend *")
     ffi.memmove(value.addr.bytes, addr_bytes(backend.address), 16)
     value.port = port_be(backend.port)
     value.family = FAMILY_TAG[backend.family]
-    value.state = lib.PYEBPFLB_BACKEND_ACTIVE
+    value.state = STATE_TAG[backend.state]
     value.service_id = service_id
+    value.weight = backend.weight
+    value.position = position
     return value
 
 
 def backend_from(value: Any) -> Backend:
-    return Backend(addr_from(value.addr, value.family), port_from(value.port))
+    return Backend(
+        addr_from(value.addr, value.family),
+        port_from(value.port),
+        weight=int(value.weight),
+        state=STATE_OF[int(value.state)],
+    )
+
+
+def slot_value(backend_id: int, alias_id: int, threshold: int) -> Any:
+    return ffi.new(
+        "struct pyebpflb_slot *",
+        {"backend_id": backend_id, "alias_id": alias_id, "threshold": threshold},
+    )
 
 
 def name_value(name: str) -> Any:
@@ -89,7 +111,8 @@ class Installed:
     service: Service
     id: int
     gen: int
-    backend_ids: tuple[int, ...]  # slot order of the current generation
+    backend_ids: tuple[int, ...]  # in the order of service.backends
+    count: int  # slots of the current generation (usable backends)
     slots: frozenset[int]  # every slot key (gen << 31 | index) present, both generations
 
 
@@ -104,23 +127,30 @@ def read_snapshot(obj: Object) -> Snapshot:
     """Everything installed, read from the maps in a few batch calls."""
     config = obj.map("lb_config")[0]
     names = {int(k): ffi.string(v.name).decode() for k, v in obj.map("lb_svc_names").lookup_batch()}
-    backends = {int(k): v for k, v in obj.map("lb_backends").lookup_batch()}
-    slots: dict[int, dict[int, int]] = {}
-    for key, backend_id in obj.map("lb_slots").lookup_batch():
-        slots.setdefault(int(key.service_id), {})[int(key.slot)] = int(backend_id)
+    members: dict[int, list[tuple[int, int, Any]]] = {}
+    for key, value in obj.map("lb_backends").lookup_batch():
+        members.setdefault(int(value.service_id), []).append((int(value.position), int(key), value))
+    slots: dict[int, set[int]] = {}
+    for key, _ in obj.map("lb_slots").lookup_batch():
+        slots.setdefault(int(key.service_id), set()).add(int(key.slot))
     services = {}
     for key, entry in obj.map("lb_services").lookup_batch():
-        own = slots.get(int(entry.id), {})
-        gen = int(entry.gen)
-        ids = tuple(own[(gen << SLOT_GEN_SHIFT) | i] for i in range(1, int(entry.count) + 1))
+        own = sorted(members.get(int(entry.id), []), key=lambda member: member[0])
         service = Service(
             vip=addr_from(key.vip, key.family),
             port=port_from(key.port),
             protocol=Protocol.from_number(int(key.proto)),
             name=names.get(int(entry.id), ""),
-            backends=[backend_from(backends[i]) for i in ids],
+            backends=[backend_from(value) for _, _, value in own],
         )
-        services[service.key] = Installed(service, int(entry.id), gen, ids, frozenset(own))
+        services[service.key] = Installed(
+            service,
+            int(entry.id),
+            int(entry.gen),
+            tuple(backend_id for _, backend_id, _ in own),
+            int(entry.count),
+            frozenset(slots.get(int(entry.id), set())),
+        )
     return Snapshot(
         services=services,
         next_service_id=max(int(config.next_service_id), 1),

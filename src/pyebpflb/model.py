@@ -19,6 +19,38 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 NAME_MAX_BYTES = 255
 
 
+class BackendState(enum.Enum):
+    """Kubernetes endpoint conditions, as the datapath honours them.
+
+    ``ACTIVE`` takes new flows. ``TERMINATING`` takes none while the service
+    has an active backend, but its established flows continue (and it takes
+    new flows when no active backend is left: Kubernetes' terminating-endpoint
+    fallback). ``MAINTENANCE`` takes no new flow at all; established ones
+    continue.
+    """
+
+    ACTIVE = "active"
+    TERMINATING = "terminating"
+    MAINTENANCE = "maintenance"
+
+
+def to_state(value: object) -> BackendState:
+    if isinstance(value, BackendState):
+        return value
+    if isinstance(value, str):
+        try:
+            return BackendState(value.lower())
+        except ValueError:
+            pass
+    allowed = ", ".join(repr(s.value) for s in BackendState)
+    raise ValueError(f"backend state must be one of {allowed}, got {value!r}")
+
+
+def _check_weight(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"weight must be an integer from 0 to 65535, got {value!r}")
+
+
 class Protocol(enum.Enum):
     TCP = "tcp"
     UDP = "udp"
@@ -70,10 +102,16 @@ def _usable_address(what: str, address: Address) -> None:
 
 @attrs.frozen
 class Backend:
-    """One endpoint a service sends flows to: an address and a port."""
+    """One endpoint a service sends flows to: an address and a port.
+
+    ``weight`` shares new flows in proportion (0: none); ``state`` follows
+    Kubernetes' endpoint conditions (see :class:`BackendState`).
+    """
 
     address: Address = attrs.field(converter=to_address)
     port: int = attrs.field(validator=_check_port)
+    weight: int = attrs.field(default=1, validator=_check_weight, kw_only=False)
+    state: BackendState = attrs.field(default=BackendState.ACTIVE, converter=to_state)
 
     def __attrs_post_init__(self) -> None:
         _usable_address("backend address", self.address)
@@ -81,6 +119,11 @@ class Backend:
     @property
     def family(self) -> int:
         return self.address.version
+
+    @property
+    def endpoint(self) -> tuple[Address, int]:
+        """What identifies a backend within a service: its address and port."""
+        return (self.address, self.port)
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
@@ -126,16 +169,16 @@ class Service:
 
     def __attrs_post_init__(self) -> None:
         _usable_address("vip", self.vip)
-        seen: set[Backend] = set()
+        seen: set[tuple[Address, int]] = set()
         for backend in self.backends:
             if backend.family != self.vip.version:
                 raise ValueError(
                     f"backend {backend} is IPv{backend.family} but the vip {self.vip} is "
                     f"IPv{self.vip.version}: a service's addresses must be of one family"
                 )
-            if backend in seen:
+            if backend.endpoint in seen:
                 raise ValueError(f"backend {backend} is listed twice in service {self.label}")
-            seen.add(backend)
+            seen.add(backend.endpoint)
 
     @property
     def key(self) -> tuple[Address, int, Protocol]:
@@ -150,3 +193,12 @@ class Service:
 
     def with_backends(self, backends: Iterable[Backend]) -> Service:
         return attrs.evolve(self, backends=tuple(backends))
+
+    def usable_backends(self) -> tuple[Backend, ...]:
+        """The backends new flows go to: the active ones with weight, or, when there are
+        none, the terminating ones with weight (Kubernetes' fallback)."""
+        for state in (BackendState.ACTIVE, BackendState.TERMINATING):
+            chosen = tuple(b for b in self.backends if b.state is state and b.weight > 0)
+            if chosen:
+                return chosen
+        return ()

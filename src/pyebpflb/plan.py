@@ -27,6 +27,7 @@ import attrs
 
 from pyebpflb import maps
 from pyebpflb._bpf import Object, ffi
+from pyebpflb.alias import alias_table
 from pyebpflb.errors import BpfError, MapFull
 from pyebpflb.model import Address, Backend, Protocol, Service
 
@@ -121,7 +122,7 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
         undo.write(
             "lb_services",
             maps.service_key(old.service),
-            maps.service_entry(old.id, len(old.backend_ids), old.gen),
+            maps.service_entry(old.id, old.count, old.gen),
         )
         for slot in old.slots:
             cleanup.delete("lb_slots", maps.slot_key(old.id, *_split(slot)))
@@ -144,7 +145,7 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
             continue
 
         # Each key is encoded once and shared by its write and its undo.
-        known: dict[Backend, int] = {}
+        known: dict[tuple[Address, int], tuple[int, Backend, int]] = {}
         service_key = maps.service_key(service)
         if old is None:
             service_id, gen = next(service_ids), 0
@@ -155,50 +156,74 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
         else:
             service_id, gen = old.id, 1 - old.gen
             id_key = _u32(service_id)
-            known = dict(zip(old.service.backends, old.backend_ids, strict=True))
+            known = {
+                backend.endpoint: (backend_id, backend, position)
+                for position, (backend, backend_id) in enumerate(
+                    zip(old.service.backends, old.backend_ids, strict=True)
+                )
+            }
             if old.service.name != service.name:
                 prepare.write("lb_svc_names", id_key, maps.name_value(service.name))
                 undo.write("lb_svc_names", id_key, maps.name_value(old.service.name))
-            undo.write(
-                "lb_services",
-                service_key,
-                maps.service_entry(old.id, len(old.backend_ids), old.gen),
-            )
+            undo.write("lb_services", service_key, maps.service_entry(old.id, old.count, old.gen))
 
+        # Every backend is in lb_backends (its flows go on, whatever its state);
+        # one that stays keeps its id, and its value is rewritten only if its
+        # weight, state or place changed. Packets read those fields nowhere.
         ids: list[int] = []
-        for backend in service.backends:
-            if backend in known:
-                backend_id = known[backend]
+        id_of: dict[tuple[Address, int], int] = {}
+        for position, backend in enumerate(service.backends):
+            if backend.endpoint in known:
+                backend_id, was, was_at = known[backend.endpoint]
+                if (was, was_at) != (backend, position):
+                    backend_key = _u32(backend_id)
+                    prepare.write(
+                        "lb_backends",
+                        backend_key,
+                        maps.backend_value(backend, service_id, position),
+                    )
+                    undo.write(
+                        "lb_backends", backend_key, maps.backend_value(was, service_id, was_at)
+                    )
             else:
                 backend_id = next(backend_ids)
                 backend_key = _u32(backend_id)
-                prepare.write("lb_backends", backend_key, maps.backend_value(backend, service_id))
+                prepare.write(
+                    "lb_backends", backend_key, maps.backend_value(backend, service_id, position)
+                )
                 undo.delete("lb_backends", backend_key)
             ids.append(backend_id)
+            id_of[backend.endpoint] = backend_id
+
+        # New flows choose among the usable backends only, by weight.
+        usable = service.usable_backends()
+        table = alias_table([b.weight for b in usable])
         before = old.slots if old is not None else frozenset()
         slots = set(before)
-        for index, backend_id in enumerate(ids, start=1):
+        for index, (own, alias, threshold) in enumerate(table, start=1):
             slot = (gen << maps.SLOT_GEN_SHIFT) | index
             slot_key = maps.slot_key(service_id, gen, index)
-            prepare.write("lb_slots", slot_key, _u32(backend_id))
+            value = maps.slot_value(
+                id_of[usable[own].endpoint], id_of[usable[alias].endpoint], threshold
+            )
+            prepare.write("lb_slots", slot_key, value)
             if slot not in before:
                 undo.delete("lb_slots", slot_key)
             slots.add(slot)
-        # Leftovers of this generation from an older, larger backend set: past
-        # the new count, no packet reads them; they go once the change is in.
+        # Leftovers of this generation from an older, larger set: past the new
+        # count, no packet reads them; they go once the change is in.
         for slot in sorted(slots):
             slot_gen, index = _split(slot)
-            if slot_gen == gen and index > len(ids):
+            if slot_gen == gen and index > len(table):
                 cleanup.delete("lb_slots", maps.slot_key(service_id, gen, index))
                 slots.discard(slot)
-        publish.write("lb_services", service_key, maps.service_entry(service_id, len(ids), gen))
-        if old is not None:
-            for backend_id in known.values():
-                if backend_id not in ids:
-                    cleanup.delete("lb_backends", _u32(backend_id))
-                    cleanup.delete("lb_be_stats", _u32(backend_id))
+        publish.write("lb_services", service_key, maps.service_entry(service_id, len(table), gen))
+        for backend_id, _, _ in known.values():
+            if backend_id not in id_of.values():
+                cleanup.delete("lb_backends", _u32(backend_id))
+                cleanup.delete("lb_be_stats", _u32(backend_id))
         changes[service.key] = maps.Installed(
-            service, service_id, gen, tuple(ids), frozenset(slots)
+            service, service_id, gen, tuple(ids), len(table), frozenset(slots)
         )
 
     return Plan(

@@ -28,7 +28,7 @@ struct {
 	__uint(max_entries, 524288);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct pyebpflb_slot_key);
-	__type(value, __u32);
+	__type(value, struct pyebpflb_slot);
 } lb_slots SEC(".maps");
 
 struct {

@@ -35,20 +35,20 @@ struct pyebpflb_service_key {
 };
 
 /*
- * A service's backends live in lb_slots under one of two generations. An
- * update writes the generation packets do not read, then flips `gen` (and
- * `count`) in one atomic replace of this value: a packet sees the old set or
- * the new one, never a mix.
+ * New flows pick from the service's slots: one per usable backend, in one of
+ * two generations. An update writes the generation packets do not read, then
+ * flips `gen` (and `count`) in one atomic replace of this value: a packet sees
+ * the old set or the new one, never a mix.
  */
 struct pyebpflb_service {
 	__u32 id;
-	__u32 count; /* backends in the current generation; 0: refuse */
+	__u32 count; /* slots in the current generation; 0: refuse */
 	__u8 gen;    /* 0 or 1 */
 	__u8 flags;
 	__u16 _pad;
 };
 
-/* lb_slots: (service id, generation << 31 | slot) -> backend id. Slots count from 1. */
+/* lb_slots: (service id, generation << 31 | slot) -> slot. Slots count from 1. */
 struct pyebpflb_slot_key {
 	__u32 service_id;
 	__u32 slot;
@@ -58,17 +58,36 @@ enum {
 	PYEBPFLB_SLOT_GEN_SHIFT = 31,
 };
 
-enum pyebpflb_backend_state {
-	PYEBPFLB_BACKEND_ACTIVE = 0,
+/*
+ * Weighted choice in O(1) (Walker's alias method): a uniformly drawn slot
+ * sends the flow to `backend_id` when a second draw is below `threshold`
+ * (out of 2^32), else to `alias_id`. The weights are folded in by user space.
+ */
+struct pyebpflb_slot {
+	__u32 backend_id;
+	__u32 alias_id;
+	__u32 threshold;
 };
 
-/* lb_backends: backend id -> where to send. Ids are never reused. */
+enum pyebpflb_backend_state {
+	PYEBPFLB_BACKEND_ACTIVE = 0,
+	PYEBPFLB_BACKEND_TERMINATING = 1,
+	PYEBPFLB_BACKEND_MAINTENANCE = 2,
+};
+
+/*
+ * lb_backends: backend id -> where to send. Ids are never reused. Every
+ * backend of a service is here, usable or not (its flows go on); `weight`,
+ * `state` and `position` are for reading the service back.
+ */
 struct pyebpflb_backend {
 	union pyebpflb_addr addr;
 	__u16 port; /* network order */
 	__u8 family;
 	__u8 state; /* enum pyebpflb_backend_state */
 	__u32 service_id;
+	__u16 weight;
+	__u16 position; /* in the service's list of backends */
 };
 
 enum pyebpflb_ct_dir {
