@@ -493,3 +493,59 @@ def test_established_flows_of_a_backend_that_stops_taking_new_ones_continue(
     assert {str(run(dp, "lb_ingress", flow)[1][IP].dst) for _ in range(10)} == {first}
     assert first not in backend_counts(dp, 100)
     assert dp.services == [weighted([1, 1], states)]
+
+
+def sticky(timeout: int = 1) -> lb.Service:
+    return lb.Service(
+        vip="10.96.0.10",
+        port=80,
+        protocol="udp",
+        affinity_timeout=timeout,
+        backends=[lb.Backend(f"10.0.1.{i}", 8080) for i in (1, 2, 3)],
+    )
+
+
+def first_backend(dp: lb.Datapath, client: str, sport: int) -> str:
+    sent = packet(4, "udp", client, "10.96.0.10", sport, 80)
+    return str(run(dp, "lb_ingress", sent)[1][IP].dst)
+
+
+def test_session_affinity_keeps_a_clients_new_flows_on_one_backend(dp: lb.Datapath) -> None:
+    dp.upsert(sticky(timeout=3600))
+    for client in ("10.1.0.1", "10.1.0.2", "10.1.0.3"):
+        assert len({first_backend(dp, client, port) for port in range(21000, 21050)}) == 1
+    spread = {first_backend(dp, f"10.1.1.{i}", 22000) for i in range(1, 40)}
+    assert len(spread) == 3  # different clients still spread
+    assert dp.services == [sticky(timeout=3600)]
+
+
+def test_session_affinity_lapses_after_the_timeout() -> None:
+    with datapath("affinity-timeout") as dp:
+        dp.upsert(sticky(timeout=1))
+        clients = [f"10.1.2.{i}" for i in range(1, 13)]
+        before = {c: first_backend(dp, c, 23000) for c in clients}
+        time.sleep(1.3)  # past the 1 s timeout on the kernel's clock
+        after = {c: first_backend(dp, c, 23001) for c in clients}
+        # Each client draws anew: all twelve keeping theirs has odds (1/3)^12.
+        assert before != after
+
+
+def test_session_affinity_never_returns_to_a_backend_that_takes_no_new_flows(
+    dp: lb.Datapath,
+) -> None:
+    svc = sticky(timeout=3600)
+    dp.upsert(svc)
+    chosen = first_backend(dp, "10.1.3.1", 24000)
+    draining = [
+        lb.Backend(b.address, b.port, state="terminating" if str(b.address) == chosen else "active")
+        for b in svc.backends
+    ]
+    dp.upsert(svc.with_backends(draining))
+    assert chosen not in {first_backend(dp, "10.1.3.1", p) for p in range(24001, 24020)}
+
+
+def test_affinity_timeout_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"whole seconds from 1 to 86400 .* got 0"):
+        sticky(timeout=0)
+    with pytest.raises(ValueError, match=r"got 1\.5"):
+        sticky(timeout=1.5)  # type: ignore[arg-type]

@@ -48,6 +48,39 @@ static __always_inline __u32 select_backend(const struct pyebpflb_service *svc,
 	return *backend ? backend_id : 0;
 }
 
+/*
+ * Session affinity (Kubernetes' ClientIP): a new flow from a client goes to the
+ * backend of the client's last new flow, while that backend still takes new
+ * flows and the client came back within the timeout.
+ */
+static __always_inline __u32 affinity_backend(const struct pyebpflb_service *svc,
+					      const struct packet *pkt, __u64 now,
+					      struct pyebpflb_backend **backend)
+{
+	struct pyebpflb_affinity_key key = {
+	    .client = pkt->saddr, .service_id = svc->id, .family = pkt->family};
+	struct pyebpflb_affinity *last = bpf_map_lookup_elem(&lb_affinity, &key);
+	__u32 backend_id;
+
+	if (!last || now - last->last_seen_ns > (__u64)svc->affinity_timeout_s * 1000000000ULL)
+		return 0;
+	backend_id = last->backend_id;
+	*backend = bpf_map_lookup_elem(&lb_backends, &backend_id);
+	if (!*backend || !(*backend)->usable)
+		return 0;
+	return backend_id;
+}
+
+static __always_inline void remember_affinity(const struct pyebpflb_service *svc,
+					      const struct packet *pkt, __u32 backend_id, __u64 now)
+{
+	struct pyebpflb_affinity_key key = {
+	    .client = pkt->saddr, .service_id = svc->id, .family = pkt->family};
+	struct pyebpflb_affinity value = {.backend_id = backend_id, .last_seen_ns = now};
+
+	bpf_map_update_elem(&lb_affinity, &key, &value, BPF_ANY);
+}
+
 static __always_inline int dnat_to(struct __sk_buff *skb, const struct packet *pkt,
 				   const union pyebpflb_addr *addr, __u16 port)
 {
@@ -128,7 +161,11 @@ int lb_ingress(struct __sk_buff *skb)
 	svc = bpf_map_lookup_elem(&lb_services, &svc_key);
 	if (!svc)
 		return TC_ACT_OK;
-	backend_id = svc->count ? select_backend(svc, &backend) : 0;
+	backend_id = 0;
+	if (svc->affinity_timeout_s && svc->count)
+		backend_id = affinity_backend(svc, &pkt, now, &backend);
+	if (!backend_id && svc->count)
+		backend_id = select_backend(svc, &backend);
 	if (!backend_id && svc->count) {
 		/* An update removed the chosen backend between our reads; the
 		 * service entry has moved on to a complete new set: read it again. */
@@ -146,6 +183,8 @@ int lb_ingress(struct __sk_buff *skb)
 		count_drop(PYEBPFLB_DROP_CT_FULL, skb->len);
 		return TC_ACT_SHOT;
 	}
+	if (svc->affinity_timeout_s)
+		remember_affinity(svc, &pkt, backend_id, now);
 	count_new_flow(&lb_svc_stats, svc->id, skb->len);
 	count_new_flow(&lb_be_stats, backend_id, skb->len);
 	return dnat_to(skb, &pkt, &backend->addr, backend->port);

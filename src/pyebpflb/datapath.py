@@ -31,7 +31,7 @@ logger = logging.getLogger("pyebpflb")
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/pyebpflb"
 LB_HANDLE = 0xEB1B
 LB_PRIORITY = 1
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # weights, states and session affinity
 NAME_MAX = len(ffi.new("struct pyebpflb_lb_config *").name) - 1
 
 DROP_REASONS = {
@@ -121,6 +121,7 @@ class Datapath:
         max_backends: int = 262144,
         max_conntrack: int = 262144,
         max_backends_per_service: int = 1024,
+        max_affinity: int = 65536,
         ct_timeouts: ConntrackTimeouts = ConntrackTimeouts(),
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > NAME_MAX:
@@ -136,6 +137,7 @@ class Datapath:
         self.max_backends_per_service = _check_capacity(
             "max_backends_per_service", max_backends_per_service, 1, 65535
         )
+        self.max_affinity = _check_capacity("max_affinity", max_affinity, 16, 1 << 26)
         if not isinstance(ct_timeouts, ConntrackTimeouts):
             raise ValueError(f"ct_timeouts must be a ConntrackTimeouts, got {ct_timeouts!r}")
         self.ct_timeouts = ct_timeouts
@@ -170,6 +172,7 @@ class Datapath:
                 "lb_be_stats": self.max_backends,
                 "lb_slots": 2 * self.max_backends,  # two generations
                 "lb_ct": self.max_conntrack,
+                "lb_affinity": self.max_affinity,
             }
             for map_name, size in sizes.items():
                 if map_name in existing and existing[map_name].max_entries != size:

@@ -50,8 +50,16 @@ def service_key(service: Service) -> Any:
     return key
 
 
-def service_entry(service_id: int, count: int, gen: int) -> Any:
-    return ffi.new("struct pyebpflb_service *", {"id": service_id, "count": count, "gen": gen})
+def service_entry(service_id: int, count: int, gen: int, service: Service) -> Any:
+    return ffi.new(
+        "struct pyebpflb_service *",
+        {
+            "id": service_id,
+            "count": count,
+            "gen": gen,
+            "affinity_timeout_s": service.affinity_timeout or 0,
+        },
+    )
 
 
 def slot_key(service_id: int, gen: int, slot: int) -> Any:
@@ -69,7 +77,7 @@ STATE_TAG = {
 STATE_OF = {tag: state for state, tag in STATE_TAG.items()}
 
 
-def backend_value(backend: Backend, service_id: int, position: int) -> Any:
+def backend_value(backend: Backend, service_id: int, position: int, usable: bool) -> Any:
     value = ffi.new("struct pyebpflb_backend *")
     ffi.memmove(value.addr.bytes, addr_bytes(backend.address), 16)
     value.port = port_be(backend.port)
@@ -78,6 +86,7 @@ def backend_value(backend: Backend, service_id: int, position: int) -> Any:
     value.service_id = service_id
     value.weight = backend.weight
     value.position = position
+    value.usable = int(usable)
     return value
 
 
@@ -142,6 +151,7 @@ def read_snapshot(obj: Object) -> Snapshot:
             protocol=Protocol.from_number(int(key.proto)),
             name=names.get(int(entry.id), ""),
             backends=[backend_from(value) for _, _, value in own],
+            affinity_timeout=int(entry.affinity_timeout_s) or None,
         )
         services[service.key] = Installed(
             service,

@@ -141,6 +141,26 @@ def _to_backends(value: Iterable[Any]) -> tuple[Backend, ...]:
     return tuple(result)
 
 
+AFFINITY_MAX_SECONDS = 86400  # Kubernetes' limit for sessionAffinityConfig
+DEFAULT_AFFINITY_SECONDS = 10800  # Kubernetes' default for sessionAffinity: ClientIP
+
+
+def _check_affinity(
+    instance: object, attribute: attrs.Attribute[int | None], value: object
+) -> None:
+    if value is None:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 1 <= value <= AFFINITY_MAX_SECONDS
+    ):
+        raise ValueError(
+            f"affinity_timeout must be whole seconds from 1 to {AFFINITY_MAX_SECONDS} (None: no "
+            f"affinity; Kubernetes' default is {DEFAULT_AFFINITY_SECONDS}), got {value!r}"
+        )
+
+
 def _check_name(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
     if not isinstance(value, str):
         raise ValueError(f"name must be a string, got {value!r}")
@@ -158,7 +178,11 @@ class Service:
     """A VIP:port/protocol and the backends its flows are spread over.
 
     A service with no backends is valid: the datapath refuses its flows the
-    way kube-proxy does (ICMP port unreachable) instead of letting them hang.
+    way kube-proxy does (a TCP reset, ICMP port unreachable for UDP) instead of
+    letting them hang. ``affinity_timeout`` (seconds) is Kubernetes'
+    ``sessionAffinity: ClientIP``: new connections from one client address go
+    to the backend its last one went to, until that many seconds pass without
+    a new connection.
     """
 
     vip: Address = attrs.field(converter=to_address)
@@ -166,6 +190,7 @@ class Service:
     protocol: Protocol = attrs.field(default=Protocol.TCP, converter=to_protocol)
     name: str = attrs.field(default="", validator=_check_name)
     backends: tuple[Backend, ...] = attrs.field(default=(), converter=_to_backends)
+    affinity_timeout: int | None = attrs.field(default=None, validator=_check_affinity)
 
     def __attrs_post_init__(self) -> None:
         _usable_address("vip", self.vip)

@@ -122,7 +122,7 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
         undo.write(
             "lb_services",
             maps.service_key(old.service),
-            maps.service_entry(old.id, old.count, old.gen),
+            maps.service_entry(old.id, old.count, old.gen, old.service),
         )
         for slot in old.slots:
             cleanup.delete("lb_slots", maps.slot_key(old.id, *_split(slot)))
@@ -137,7 +137,11 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
         if old is not None and old.service == service:
             continue
         changed += 1
-        if old is not None and old.service.backends == service.backends:
+        if (
+            old is not None
+            and old.service.backends == service.backends
+            and old.service.affinity_timeout == service.affinity_timeout
+        ):
             # Only the name changed: packets never read it.
             prepare.write("lb_svc_names", _u32(old.id), maps.name_value(service.name))
             undo.write("lb_svc_names", _u32(old.id), maps.name_value(old.service.name))
@@ -165,38 +169,51 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
             if old.service.name != service.name:
                 prepare.write("lb_svc_names", id_key, maps.name_value(service.name))
                 undo.write("lb_svc_names", id_key, maps.name_value(old.service.name))
-            undo.write("lb_services", service_key, maps.service_entry(old.id, old.count, old.gen))
+            undo.write(
+                "lb_services",
+                service_key,
+                maps.service_entry(old.id, old.count, old.gen, old.service),
+            )
 
         # Every backend is in lb_backends (its flows go on, whatever its state);
         # one that stays keeps its id, and its value is rewritten only if its
-        # weight, state or place changed. Packets read those fields nowhere.
+        # weight, state, place or usability changed. Only `usable` is read by
+        # packets (session affinity returns only to a usable backend).
+        usable = service.usable_backends()
+        usable_now = {b.endpoint for b in usable}
+        usable_before = {b.endpoint for b in old.service.usable_backends()} if old else set()
         ids: list[int] = []
         id_of: dict[tuple[Address, int], int] = {}
         for position, backend in enumerate(service.backends):
+            in_use = backend.endpoint in usable_now
             if backend.endpoint in known:
                 backend_id, was, was_at = known[backend.endpoint]
-                if (was, was_at) != (backend, position):
+                was_in_use = backend.endpoint in usable_before
+                if (was, was_at, was_in_use) != (backend, position, in_use):
                     backend_key = _u32(backend_id)
                     prepare.write(
                         "lb_backends",
                         backend_key,
-                        maps.backend_value(backend, service_id, position),
+                        maps.backend_value(backend, service_id, position, in_use),
                     )
                     undo.write(
-                        "lb_backends", backend_key, maps.backend_value(was, service_id, was_at)
+                        "lb_backends",
+                        backend_key,
+                        maps.backend_value(was, service_id, was_at, was_in_use),
                     )
             else:
                 backend_id = next(backend_ids)
                 backend_key = _u32(backend_id)
                 prepare.write(
-                    "lb_backends", backend_key, maps.backend_value(backend, service_id, position)
+                    "lb_backends",
+                    backend_key,
+                    maps.backend_value(backend, service_id, position, in_use),
                 )
                 undo.delete("lb_backends", backend_key)
             ids.append(backend_id)
             id_of[backend.endpoint] = backend_id
 
         # New flows choose among the usable backends only, by weight.
-        usable = service.usable_backends()
         table = alias_table([b.weight for b in usable])
         before = old.slots if old is not None else frozenset()
         slots = set(before)
@@ -217,7 +234,9 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
             if slot_gen == gen and index > len(table):
                 cleanup.delete("lb_slots", maps.slot_key(service_id, gen, index))
                 slots.discard(slot)
-        publish.write("lb_services", service_key, maps.service_entry(service_id, len(table), gen))
+        publish.write(
+            "lb_services", service_key, maps.service_entry(service_id, len(table), gen, service)
+        )
         for backend_id, _, _ in known.values():
             if backend_id not in id_of.values():
                 cleanup.delete("lb_backends", _u32(backend_id))

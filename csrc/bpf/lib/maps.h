@@ -46,6 +46,13 @@ struct {
 	__type(value, struct pyebpflb_ct_entry);
 } lb_ct SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct pyebpflb_affinity_key);
+	__type(value, struct pyebpflb_affinity);
+} lb_affinity SEC(".maps");
+
 /* Per-CPU counters, summed over CPUs on read. An entry is created by the first
  * new flow of its service or backend (so programming a service writes no
  * counter) and deleted by user space with the service or backend. */

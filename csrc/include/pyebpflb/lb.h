@@ -46,6 +46,7 @@ struct pyebpflb_service {
 	__u8 gen;    /* 0 or 1 */
 	__u8 flags;
 	__u16 _pad;
+	__u32 affinity_timeout_s; /* 0: no session affinity */
 };
 
 /* lb_slots: (service id, generation << 31 | slot) -> slot. Slots count from 1. */
@@ -88,6 +89,22 @@ struct pyebpflb_backend {
 	__u32 service_id;
 	__u16 weight;
 	__u16 position; /* in the service's list of backends */
+	__u8 usable;	/* takes new flows now (affinity may return to it) */
+	__u8 _pad[3];
+};
+
+/* lb_affinity: (service, client address) -> the backend of its last new flow. */
+struct pyebpflb_affinity_key {
+	union pyebpflb_addr client;
+	__u32 service_id;
+	__u8 family;
+	__u8 _pad[3];
+};
+
+struct pyebpflb_affinity {
+	__u32 backend_id;
+	__u32 _pad;
+	__u64 last_seen_ns;
 };
 
 enum pyebpflb_ct_dir {
