@@ -233,3 +233,20 @@ def test_session_affinity_holds_a_client_then_lapses(sandbox: Sandbox, dp: lb.Da
             break
     else:
         pytest.fail(f"the client stayed on {first} through 12 affinity timeouts")
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_maglev_service_carries_real_traffic_to_every_backend(
+    sandbox: Sandbox, dp: lb.Datapath, family: int
+) -> None:
+    svc = lb.Service(
+        vip=VIP[family],
+        port=80,
+        scheduler="maglev",
+        backends=[lb.Backend(b.address(family), BACKEND_PORT) for b in sandbox.backends],
+    )
+    dp.sync([svc])
+    answers = collections.Counter(sandbox.http_get(VIP[family], 80) for _ in range(60))
+    assert set(answers) == {"backend-1", "backend-2", "backend-3"}
+    with sandbox.connection(VIP[family], 80) as conn:
+        assert len({conn.get() for _ in range(10)}) == 1

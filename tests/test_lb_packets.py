@@ -18,6 +18,7 @@ from lbtest import (
     run,
     service,
 )
+from namespaces import VethPair
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
@@ -549,3 +550,74 @@ def test_affinity_timeout_is_validated() -> None:
         sticky(timeout=0)
     with pytest.raises(ValueError, match=r"got 1\.5"):
         sticky(timeout=1.5)  # type: ignore[arg-type]
+
+
+def maglev_service(weights: tuple[int, ...] = (1, 1, 1), affinity: int | None = None) -> lb.Service:
+    return lb.Service(
+        vip="10.96.0.10",
+        port=80,
+        protocol="udp",
+        scheduler="maglev",
+        affinity_timeout=affinity,
+        backends=[lb.Backend(f"10.0.1.{i + 1}", 8080, w) for i, w in enumerate(weights)],
+    )
+
+
+def choices(dp: lb.Datapath, flows: range, client: str = "10.1.0.7") -> list[str]:
+    return [
+        str(run(dp, "lb_ingress", packet(4, "udp", client, "10.96.0.10", p, 80))[1][IP].dst)
+        for p in flows
+    ]
+
+
+def test_two_load_balancers_with_the_same_maglev_service_agree_on_every_flow(
+    veth: VethPair,
+) -> None:
+    # Two datapaths, in two network namespaces, programmed alike.
+    with (
+        datapath("maglev-a", netns=veth.left.netns) as a,
+        datapath("maglev-b", netns=veth.right.netns) as b,
+    ):
+        a.upsert(maglev_service())
+        b.upsert(maglev_service())
+        flows = range(30000, 30400)
+        seen = choices(a, flows)
+        assert seen == choices(b, flows)
+        assert set(seen) == {"10.0.1.1", "10.0.1.2", "10.0.1.3"}
+        assert a.services == [maglev_service()]
+
+
+def test_maglev_honours_weights(dp: lb.Datapath) -> None:
+    dp.upsert(maglev_service((1, 2, 3)))
+    counts = collections.Counter(choices(dp, range(20000, 26000)))
+    for backend, weight in (("10.0.1.1", 1), ("10.0.1.2", 2), ("10.0.1.3", 3)):
+        assert abs(counts[backend] / 6000 - weight / 6) < 0.03, counts
+
+
+def test_removing_a_backend_moves_almost_no_other_flow_under_maglev() -> None:
+    with datapath("maglev-full") as full, datapath("maglev-less") as less:
+        full.upsert(maglev_service((1, 1, 1, 1)))
+        reduced = maglev_service((1, 1, 1, 1))
+        less.upsert(reduced.with_backends(reduced.backends[1:]))
+        flows = range(40000, 42000)
+        pairs = [
+            (f, r)
+            for f, r in zip(choices(full, flows), choices(less, flows), strict=True)
+            if f != "10.0.1.1"
+        ]
+        moved = sum(1 for f, r in pairs if f != r)
+        assert moved <= 0.03 * len(pairs), f"{moved} of {len(pairs)} flows moved"
+
+
+def test_maglev_with_affinity_hashes_the_client_address_alone() -> None:
+    with datapath("maglev-aff-a") as a, datapath("maglev-aff-b") as b:
+        a.upsert(maglev_service(affinity=600))
+        b.upsert(maglev_service(affinity=600))
+        for client in ("10.1.4.1", "10.1.4.2", "10.1.4.3"):
+            mine = set(choices(a, range(25000, 25040), client))
+            assert len(mine) == 1 and mine == set(choices(b, range(26000, 26010), client))
+
+
+def test_bad_maglev_table_size_lists_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match=r"one of 251, 509, .*, 131071; got 1000"):
+        lb.Datapath("x", maglev_table_size=1000)

@@ -48,6 +48,62 @@ static __always_inline __u32 select_backend(const struct pyebpflb_service *svc,
 	return *backend ? backend_id : 0;
 }
 
+/* MurmurHash3's mixing steps: the same flow hashes alike on every host. */
+static __always_inline __u32 hash_word(__u32 hash, __u32 word)
+{
+	word *= 0xcc9e2d51;
+	word = (word << 15) | (word >> 17);
+	word *= 0x1b873593;
+	hash ^= word;
+	hash = (hash << 13) | (hash >> 19);
+	return hash * 5 + 0xe6546b64;
+}
+
+static __always_inline __u32 hash_final(__u32 hash)
+{
+	hash ^= hash >> 16;
+	hash *= 0x85ebca6b;
+	hash ^= hash >> 13;
+	hash *= 0xc2b2ae35;
+	return hash ^ (hash >> 16);
+}
+
+/* The flow's hash, or only its source address's under session affinity. */
+static __always_inline __u32 flow_hash(const struct packet *pkt, int source_only)
+{
+	__u32 hash = 0x5eed;
+
+	for (int i = 0; i < 4; i++)
+		hash = hash_word(hash, pkt->saddr.v6[i]);
+	if (source_only)
+		return hash_final(hash);
+	for (int i = 0; i < 4; i++)
+		hash = hash_word(hash, pkt->daddr.v6[i]);
+	hash = hash_word(hash, ((__u32)pkt->sport << 16) | pkt->dport);
+	hash = hash_word(hash, pkt->proto);
+	return hash_final(hash);
+}
+
+/* Maglev: the table slot the flow's hash falls in. Several load balancers with
+ * the same backends send a flow to the same backend. */
+static __always_inline __u32 maglev_backend(const struct pyebpflb_service *svc,
+					    const struct packet *pkt,
+					    const struct pyebpflb_lb_config *cfg,
+					    struct pyebpflb_backend **backend)
+{
+	void *table = bpf_map_lookup_elem(&lb_maglev, &svc->id);
+	__u32 slot, *backend_id;
+
+	if (!table || !cfg->maglev_table_size)
+		return 0;
+	slot = flow_hash(pkt, svc->affinity_timeout_s != 0) % cfg->maglev_table_size;
+	backend_id = bpf_map_lookup_elem(table, &slot);
+	if (!backend_id || !*backend_id)
+		return 0;
+	*backend = bpf_map_lookup_elem(&lb_backends, backend_id);
+	return *backend ? *backend_id : 0;
+}
+
 /*
  * Session affinity (Kubernetes' ClientIP): a new flow from a client goes to the
  * backend of the client's last new flow, while that backend still takes new
@@ -162,10 +218,16 @@ int lb_ingress(struct __sk_buff *skb)
 	if (!svc)
 		return TC_ACT_OK;
 	backend_id = 0;
-	if (svc->affinity_timeout_s && svc->count)
-		backend_id = affinity_backend(svc, &pkt, now, &backend);
-	if (!backend_id && svc->count)
-		backend_id = select_backend(svc, &backend);
+	if (svc->count && (svc->flags & PYEBPFLB_SERVICE_MAGLEV)) {
+		/* Under affinity Maglev hashes the client's address alone: that is the
+		 * affinity, with no state, and the same on every load balancer. */
+		backend_id = maglev_backend(svc, &pkt, cfg, &backend);
+	} else if (svc->count) {
+		if (svc->affinity_timeout_s)
+			backend_id = affinity_backend(svc, &pkt, now, &backend);
+		if (!backend_id)
+			backend_id = select_backend(svc, &backend);
+	}
 	if (!backend_id && svc->count) {
 		/* An update removed the chosen backend between our reads; the
 		 * service entry has moved on to a complete new set: read it again. */
@@ -183,7 +245,7 @@ int lb_ingress(struct __sk_buff *skb)
 		count_drop(PYEBPFLB_DROP_CT_FULL, skb->len);
 		return TC_ACT_SHOT;
 	}
-	if (svc->affinity_timeout_s)
+	if (svc->affinity_timeout_s && !(svc->flags & PYEBPFLB_SERVICE_MAGLEV))
 		remember_affinity(svc, &pkt, backend_id, now);
 	count_new_flow(&lb_svc_stats, svc->id, skb->len);
 	count_new_flow(&lb_be_stats, backend_id, skb->len);

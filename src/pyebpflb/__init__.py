@@ -30,7 +30,7 @@ from pyebpflb.errors import (
     PyEbpfLbError,
     VerifierError,
 )
-from pyebpflb.model import Backend, Protocol, Service
+from pyebpflb.model import Backend, BackendState, Protocol, Scheduler, Service
 
 if TYPE_CHECKING:
     from pyebpflb.counter import Count, InterfaceCounter
@@ -67,6 +67,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Attachment",
     "Backend",
+    "BackendState",
     "BpfError",
     "ConntrackTimeouts",
     "Count",
@@ -80,6 +81,7 @@ __all__ = [
     "Protocol",
     "PyEbpfLbError",
     "Sandbox",
+    "Scheduler",
     "Service",
     "ServiceStats",
     "Traffic",

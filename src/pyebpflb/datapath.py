@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from pyebpflb import maps, objects, plan
+from pyebpflb import maglev, maps, objects, plan
 from pyebpflb._bpf import Map, Object, Program, TcLink, fs, tc
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.netns import current_id, entered, is_initial
@@ -48,6 +48,7 @@ _CAPACITY = {
     "lb_backends": "max_backends",
     "lb_be_stats": "max_backends",
     "lb_slots": "max_backends",
+    "lb_maglev": "max_services",
 }
 
 
@@ -122,6 +123,7 @@ class Datapath:
         max_conntrack: int = 262144,
         max_backends_per_service: int = 1024,
         max_affinity: int = 65536,
+        maglev_table_size: int = maglev.DEFAULT_TABLE_SIZE,
         ct_timeouts: ConntrackTimeouts = ConntrackTimeouts(),
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > NAME_MAX:
@@ -138,6 +140,7 @@ class Datapath:
             "max_backends_per_service", max_backends_per_service, 1, 65535
         )
         self.max_affinity = _check_capacity("max_affinity", max_affinity, 16, 1 << 26)
+        self.maglev_table_size = maglev.check_table_size(maglev_table_size)
         if not isinstance(ct_timeouts, ConntrackTimeouts):
             raise ValueError(f"ct_timeouts must be a ConntrackTimeouts, got {ct_timeouts!r}")
         self.ct_timeouts = ct_timeouts
@@ -173,6 +176,7 @@ class Datapath:
                 "lb_slots": 2 * self.max_backends,  # two generations
                 "lb_ct": self.max_conntrack,
                 "lb_affinity": self.max_affinity,
+                "lb_maglev": self.max_services,
             }
             for map_name, size in sizes.items():
                 if map_name in existing and existing[map_name].max_entries != size:
@@ -265,6 +269,17 @@ class Datapath:
         config.ct_udp_ns = int(self.ct_timeouts.udp * seconds)
         config.next_service_id = max(int(config.next_service_id), 1)
         config.next_backend_id = max(int(config.next_backend_id), 1)
+        stored = int(config.maglev_table_size)
+        if self.adopted and stored and stored != self.maglev_table_size:
+            # The installed tables have the size they were built with.
+            logger.warning(
+                "pyebpflb: datapath %s keeps Maglev tables of %d slots (asked for %d)",
+                self.name,
+                stored,
+                self.maglev_table_size,
+            )
+            self.maglev_table_size = stored
+        config.maglev_table_size = self.maglev_table_size
         ids = [m.id for m in self._object.maps.values()]
         config.map_ids[0 : len(ids)] = ids
         config_map[0] = config
@@ -367,19 +382,19 @@ class Datapath:
                 )
             seen[service.key] = service
         removals = [key for key in self._snapshot.services if key not in seen]
-        self._apply(plan.diff(self._snapshot, wanted, removals))
+        self._apply(plan.diff(self._snapshot, wanted, removals, self.maglev_table_size))
 
     def upsert(self, service: Service) -> None:
         """Install ``service`` or replace the one with its vip, port and protocol."""
         self._check(service)
-        self._apply(plan.diff(self._snapshot, [service], []))
+        self._apply(plan.diff(self._snapshot, [service], [], self.maglev_table_size))
 
     def remove(self, service: Service) -> bool:
         """Remove the service with ``service``'s vip, port and protocol; False if none."""
         if not isinstance(service, Service):
             raise ValueError(f"remove takes a Service, got {service!r}")
         self._live()
-        change = plan.diff(self._snapshot, [], [service.key])
+        change = plan.diff(self._snapshot, [], [service.key], self.maglev_table_size)
         self._apply(change)
         return not change.empty
 

@@ -15,7 +15,7 @@ import attrs
 
 from pyebpflb._bpf import Object, ffi
 from pyebpflb._bpf._libbpf import lib
-from pyebpflb.model import Address, Backend, BackendState, Protocol, Service
+from pyebpflb.model import Address, Backend, BackendState, Protocol, Scheduler, Service
 
 SLOT_GEN_SHIFT = int(lib.PYEBPFLB_SLOT_GEN_SHIFT)
 FAMILY_TAG = {4: lib.PYEBPFLB_IPV4, 6: lib.PYEBPFLB_IPV6}
@@ -51,12 +51,14 @@ def service_key(service: Service) -> Any:
 
 
 def service_entry(service_id: int, count: int, gen: int, service: Service) -> Any:
+    maglev = service.scheduler is Scheduler.MAGLEV
     return ffi.new(
         "struct pyebpflb_service *",
         {
             "id": service_id,
             "count": count,
             "gen": gen,
+            "flags": lib.PYEBPFLB_SERVICE_MAGLEV if maglev else 0,
             "affinity_timeout_s": service.affinity_timeout or 0,
         },
     )
@@ -152,6 +154,11 @@ def read_snapshot(obj: Object) -> Snapshot:
             name=names.get(int(entry.id), ""),
             backends=[backend_from(value) for _, _, value in own],
             affinity_timeout=int(entry.affinity_timeout_s) or None,
+            scheduler=(
+                Scheduler.MAGLEV
+                if int(entry.flags) & lib.PYEBPFLB_SERVICE_MAGLEV
+                else Scheduler.RANDOM
+            ),
         )
         services[service.key] = Installed(
             service,

@@ -51,6 +51,29 @@ def _check_weight(instance: object, attribute: attrs.Attribute[int], value: obje
         raise ValueError(f"weight must be an integer from 0 to 65535, got {value!r}")
 
 
+class Scheduler(enum.Enum):
+    """How a service picks a backend for a new flow.
+
+    ``RANDOM``: a weighted random draw. ``MAGLEV``: the flow's hash in a Maglev
+    table, so every load balancer with the same backends picks the same one,
+    and a change of backends moves few flows.
+    """
+
+    RANDOM = "random"
+    MAGLEV = "maglev"
+
+
+def to_scheduler(value: object) -> Scheduler:
+    if isinstance(value, Scheduler):
+        return value
+    if isinstance(value, str):
+        try:
+            return Scheduler(value.lower())
+        except ValueError:
+            pass
+    raise ValueError(f"scheduler must be 'random' or 'maglev', got {value!r}")
+
+
 class Protocol(enum.Enum):
     TCP = "tcp"
     UDP = "udp"
@@ -191,6 +214,7 @@ class Service:
     name: str = attrs.field(default="", validator=_check_name)
     backends: tuple[Backend, ...] = attrs.field(default=(), converter=_to_backends)
     affinity_timeout: int | None = attrs.field(default=None, validator=_check_affinity)
+    scheduler: Scheduler = attrs.field(default=Scheduler.RANDOM, converter=to_scheduler)
 
     def __attrs_post_init__(self) -> None:
         _usable_address("vip", self.vip)

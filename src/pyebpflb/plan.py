@@ -20,16 +20,18 @@ import contextlib
 import errno
 import itertools
 import logging
+import sys
 from collections.abc import Iterable
 from typing import Any
 
 import attrs
 
-from pyebpflb import maps
-from pyebpflb._bpf import Object, ffi
+from pyebpflb import maglev, maps
+from pyebpflb._bpf import Map, MapType, Object, ffi
+from pyebpflb._bpf._libbpf import lib
 from pyebpflb.alias import alias_table
 from pyebpflb.errors import BpfError, MapFull
-from pyebpflb.model import Address, Backend, Protocol, Service
+from pyebpflb.model import Address, Backend, Protocol, Scheduler, Service
 
 logger = logging.getLogger("pyebpflb")
 
@@ -48,7 +50,30 @@ class Delete:
     keys: list[Any] = attrs.Factory(list)
 
 
-Step = Write | Delete
+@attrs.define
+class Table:
+    """A Maglev table built whole in a new inner map during prepare (no packet
+    reads it yet), then swapped in for its service with one update during
+    publish. Undo puts the previous table (or none) back."""
+
+    service_id: int
+    backend_ids: list[int]  # per slot; 0 where no backend
+    inner: Map | None = None
+    published: bool = False
+    previous_id: int | None = None
+
+
+@attrs.define
+class PublishTable:
+    table: Table
+
+
+@attrs.define
+class RestoreTable:
+    table: Table
+
+
+Step = Write | Delete | Table | PublishTable | RestoreTable
 
 
 @attrs.define
@@ -87,20 +112,22 @@ class _Steps:
         assert isinstance(step, Delete)
         step.keys.append(key)
 
+    def add(self, step: Step) -> None:
+        self._steps[(type(step).__name__, str(id(step)))] = step
+
     def list(self) -> list[Step]:
         return list(self._steps.values())
 
 
-def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable[Key]) -> Plan:
+def diff(
+    snapshot: maps.Snapshot,
+    upserts: Iterable[Service],
+    removals: Iterable[Key],
+    maglev_size: int = maglev.DEFAULT_TABLE_SIZE,
+) -> Plan:
     """The plan that makes ``upserts`` installed and ``removals`` gone."""
-    prepare, publish_removals, publish, undo_first, undo, cleanup = (
-        _Steps(),
-        _Steps(),
-        _Steps(),
-        _Steps(),
-        _Steps(),
-        _Steps(),
-    )
+    prepare, publish_removals, publish_tables, publish = _Steps(), _Steps(), _Steps(), _Steps()
+    undo_first, undo, cleanup = _Steps(), _Steps(), _Steps()
     # What this plan changes, over the snapshot (None: removed). Not a copy of
     # the snapshot: one upsert among 100,000 services stays O(1).
     changes: dict[Key, maps.Installed | None] = {}
@@ -131,6 +158,8 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
             cleanup.delete("lb_be_stats", _u32(backend_id))
         cleanup.delete("lb_svc_stats", _u32(old.id))
         cleanup.delete("lb_svc_names", _u32(old.id))
+        if old.service.scheduler is Scheduler.MAGLEV:
+            cleanup.delete("lb_maglev", _u32(old.id))
 
     for service in upserts:
         old = installed(service.key)
@@ -141,6 +170,7 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
             old is not None
             and old.service.backends == service.backends
             and old.service.affinity_timeout == service.affinity_timeout
+            and old.service.scheduler == service.scheduler
         ):
             # Only the name changed: packets never read it.
             prepare.write("lb_svc_names", _u32(old.id), maps.name_value(service.name))
@@ -234,6 +264,18 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
             if slot_gen == gen and index > len(table):
                 cleanup.delete("lb_slots", maps.slot_key(service_id, gen, index))
                 slots.discard(slot)
+        if service.scheduler is Scheduler.MAGLEV:
+            weights = [b.weight for b in usable]
+            slots_of = maglev.build(usable, maglev_size, weights) if usable else []
+            built = Table(
+                service_id,
+                [id_of[usable[i].endpoint] if i >= 0 else 0 for i in slots_of] or [0] * maglev_size,
+            )
+            prepare.add(built)
+            publish_tables.add(PublishTable(built))
+            undo.add(RestoreTable(built))
+        elif old is not None and old.service.scheduler is Scheduler.MAGLEV:
+            cleanup.delete("lb_maglev", _u32(service_id))
         publish.write(
             "lb_services", service_key, maps.service_entry(service_id, len(table), gen, service)
         )
@@ -247,7 +289,7 @@ def diff(snapshot: maps.Snapshot, upserts: Iterable[Service], removals: Iterable
 
     return Plan(
         prepare=prepare.list(),
-        publish=publish_removals.list() + publish.list(),
+        publish=publish_removals.list() + publish_tables.list() + publish.list(),
         undo=undo_first.list() + undo.list(),
         cleanup=cleanup.list(),
         changes=changes,
@@ -282,26 +324,41 @@ def _u32(value: int) -> Any:
 def apply(obj: Object, plan: Plan, capacity_hint: dict[str, str]) -> None:
     """Apply ``plan``; on any failure undo it and raise, leaving the old state in force."""
     try:
-        for step in plan.prepare + plan.publish:
-            _run(obj, step, strict=True)
-    except BaseException as exc:
-        for step in plan.undo:
+        try:
+            for step in plan.prepare + plan.publish:
+                _run(obj, step, strict=True)
+        except BaseException as exc:
+            for step in plan.undo:
+                try:
+                    _run(obj, step, strict=False)
+                except BpfError:  # pragma: no cover - the kernel refusing an undo
+                    logger.exception("pyebpflb: undoing a failed update also failed")
+            if isinstance(exc, MapFull):
+                raise _explain_full(exc, obj, capacity_hint) from exc
+            raise
+        for step in plan.cleanup:
             try:
                 _run(obj, step, strict=False)
-            except BpfError:  # pragma: no cover - the kernel refusing an undo
-                logger.exception("pyebpflb: undoing a failed update also failed")
-        if isinstance(exc, MapFull):
-            raise _explain_full(exc, obj, capacity_hint) from exc
-        raise
-    for step in plan.cleanup:
-        try:
-            _run(obj, step, strict=False)
-        except BpfError:
-            # The new state is in force; what is left over only takes room.
-            logger.warning("pyebpflb: cleanup of map %s failed", step.map, exc_info=True)
+            except BpfError:
+                # The new state is in force; what is left over only takes room.
+                logger.warning("pyebpflb: cleanup of %s failed", step, exc_info=True)
+    finally:
+        # The outer map holds the tables it points at; our fds can go.
+        for step in plan.prepare:
+            if isinstance(step, Table) and step.inner is not None:
+                step.inner.close()
 
 
 def _run(obj: Object, step: Step, *, strict: bool) -> None:
+    if isinstance(step, Table):
+        _build_table(step)
+        return
+    if isinstance(step, PublishTable):
+        _publish_table(obj, step.table)
+        return
+    if isinstance(step, RestoreTable):
+        _restore_table(obj, step.table)
+        return
     bpf_map = obj.map(step.map)
     if isinstance(step, Write):
         if step.items:
@@ -319,6 +376,44 @@ def _run(obj: Object, step: Step, *, strict: bool) -> None:
         for key in step.keys:
             with contextlib.suppress(KeyError):
                 bpf_map.delete(key)
+
+
+def _build_table(table: Table) -> None:
+    size = len(table.backend_ids)
+    table.inner = Map.create(
+        MapType.ARRAY,
+        key_size=4,
+        value_size=4,
+        max_entries=size,
+        name="lb_maglev_table",
+        flags=lib.BPF_F_INNER_MAP,
+    )
+    table.inner.update_batch_packed(
+        ffi.new("__u32[]", list(range(size))), ffi.new("__u32[]", table.backend_ids), size
+    )
+
+
+def _publish_table(obj: Object, table: Table) -> None:
+    assert table.inner is not None
+    outer = obj.map("lb_maglev")
+    key = table.service_id.to_bytes(4, sys.byteorder)
+    previous = outer.lookup(key)  # from user space, an inner map reads as its id
+    table.previous_id = int.from_bytes(previous, sys.byteorder) if previous else None
+    outer.update(key, table.inner.fd.to_bytes(4, sys.byteorder))
+    table.published = True
+
+
+def _restore_table(obj: Object, table: Table) -> None:
+    if not table.published:
+        return  # the failure came first: the service's table is as it was
+    outer = obj.map("lb_maglev")
+    key = table.service_id.to_bytes(4, sys.byteorder)
+    if table.previous_id is None:
+        with contextlib.suppress(KeyError):
+            outer.delete(key)
+        return
+    with Map.from_id(table.previous_id) as previous:
+        outer.update(key, previous.fd.to_bytes(4, sys.byteorder))
 
 
 def _explain_full(exc: MapFull, obj: Object, capacity_hint: dict[str, str]) -> MapFull:

@@ -46,6 +46,27 @@ struct {
 	__type(value, struct pyebpflb_ct_entry);
 } lb_ct SEC(".maps");
 
+/*
+ * Maglev tables: service id -> an array of backend ids. User space builds a
+ * whole new table and swaps it in with one update of the outer map, so
+ * packets never read a table being edited. BPF_F_INNER_MAP lets the tables
+ * have the datapath's size rather than this template's.
+ */
+struct maglev_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 251);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__array(values, struct maglev_table);
+} lb_maglev SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);

@@ -40,11 +40,15 @@ struct pyebpflb_service_key {
  * flips `gen` (and `count`) in one atomic replace of this value: a packet sees
  * the old set or the new one, never a mix.
  */
+enum pyebpflb_service_flags {
+	PYEBPFLB_SERVICE_MAGLEV = 1, /* new flows: lb_maglev[id][hash % maglev_table_size] */
+};
+
 struct pyebpflb_service {
 	__u32 id;
 	__u32 count; /* slots in the current generation; 0: refuse */
 	__u8 gen;    /* 0 or 1 */
-	__u8 flags;
+	__u8 flags;  /* enum pyebpflb_service_flags */
 	__u16 _pad;
 	__u32 affinity_timeout_s; /* 0: no session affinity */
 };
@@ -170,7 +174,7 @@ struct pyebpflb_lb_config {
 	__u32 next_service_id;
 	__u32 next_backend_id;
 	__u32 layout_version;
-	__u32 _pad;
+	__u32 maglev_table_size; /* a prime; every Maglev table of the datapath has it */
 	char name[PYEBPFLB_DATAPATH_NAME_MAX];
 	__u32 map_ids[PYEBPFLB_LB_MAPS_MAX];
 };

@@ -92,11 +92,15 @@ class Map:
         name: str = "",
         key_type: str | None = None,
         value_type: str | None = None,
+        flags: int = 0,
     ) -> Map:
         """Create a new map in the kernel (not part of any object)."""
+        opts = ffi.new("struct bpf_map_create_opts *")
+        opts.sz = ffi.sizeof("struct bpf_map_create_opts")
+        opts.map_flags = flags
         fd = check(
             lib.bpf_map_create(
-                int(map_type), c_string(name[:15]), key_size, value_size, max_entries, ffi.NULL
+                int(map_type), c_string(name[:15]), key_size, value_size, max_entries, opts
             ),
             f"create {map_type.name} map {name!r}",
         )
@@ -249,6 +253,16 @@ class Map:
         opts = _batch_opts(int(flags))
         self._batch_call(
             lib.bpf_map_update_batch(self.fd, key_buf, value_buf, count, opts), "update"
+        )
+
+    def update_batch_packed(self, keys: Any, values: Any, count: int) -> None:
+        """Write ``count`` entries from already packed cdata arrays of keys and values
+        (for large arrays, e.g. whole lookup tables, where encoding each is too slow)."""
+        if ffi.sizeof(keys) < count * self.key_size or ffi.sizeof(values) < count * self._stride:
+            raise ValueError(f"packed buffers for {count} entries of map {self.name} are short")
+        done = ffi.new("__u32 *", count)
+        self._batch_call(
+            lib.bpf_map_update_batch(self.fd, keys, values, done, _batch_opts(0)), "update"
         )
 
     def delete_batch(self, keys: Sequence[Any]) -> None:
