@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rate=False,
         )
     results["cost"] = measure_costs(args)
+    results["maglev"] = measure_maglev(args)
     results["memory"] = measure_memory(10 if args.smoke else 10_000)
     results["seconds"] = time.monotonic() - started
     return results
@@ -189,6 +190,41 @@ def measure_costs(args: argparse.Namespace) -> dict[str, Any]:
                 ingress, lambda i, vip=vip: tcp(vip, 1024 + i % 60000), args.flows
             )
     return costs
+
+
+def measure_maglev(args: argparse.Namespace) -> dict[str, Any]:
+    """Maglev: table build time, and a new flow's kernel cost against random selection."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    from pyebpflb import maglev
+
+    services_count = 20 if args.smoke else 1000
+    members = [lb.Backend(f"10.91.{i // 250}.{i % 250 + 1}", 80) for i in range(10)]
+    started = time.perf_counter()
+    for _ in range(services_count):
+        maglev.build(members, maglev.DEFAULT_TABLE_SIZE)
+    build = time.perf_counter() - started
+
+    def tcp(sport: int) -> bytes:
+        return bytes(Ether() / IP(src="10.1.0.5", dst="10.96.0.10") / TCP(sport=sport, dport=80))
+
+    new_flow = {}
+    for scheduler in ("random", "maglev"):
+        svc = lb.Service(vip="10.96.0.10", port=80, scheduler=scheduler, backends=members)
+        with lb.Datapath("bench-maglev") as dp:
+            dp.sync([svc])
+            ingress = dp._object.program("lb_ingress")
+            new_flow[scheduler] = measure.new_flow_cost(
+                ingress, lambda i: tcp(1024 + i % 60000), args.flows
+            )
+    return {
+        "services": services_count,
+        "backends": len(members),
+        "size": maglev.DEFAULT_TABLE_SIZE,
+        "build seconds": build,
+        "new flow": new_flow,
+    }
 
 
 def measure_memory(n: int) -> dict[str, Any]:

@@ -145,6 +145,7 @@ def write(results: dict[str, Any], out: pathlib.Path) -> None:
     lines += _table(["N", "contender", "load ms", "load vs iptables", "one update ms"], rows)
 
     lines += _costs(results["cost"], args)
+    lines += _maglev(results["maglev"])
     lines += _memory(results["memory"])
     lines += _plots(results, latency, out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,6 +254,23 @@ def _costs(cost: dict[Any, float], args: dict[str, Any]) -> list[str]:
         for key in sorted(k for k in cost if isinstance(k, tuple) and k[0] == what):
             rows.append([what, str(key[1]), f"{cost[key]:.0f}", _ratio(cost[key], base)])
     return lines + _table(["packet", "services", "ns", "vs empty"], rows)
+
+
+def _maglev(result: dict[str, Any]) -> list[str]:
+    new_flow = result["new flow"]
+    lines = [
+        "## Maglev",
+        "",
+        f"Building {result['services']} tables of {result['backends']} backends at "
+        f"M={result['size']}: {result['build seconds']:.2f} s (population in C). A new flow's "
+        "kernel cost with each scheduler (BPF_PROG_TEST_RUN, one run each on distinct flows, "
+        "10 backends):",
+        "",
+    ]
+    rows = [
+        [name, f"{cost:.0f}", _ratio(cost, new_flow["random"])] for name, cost in new_flow.items()
+    ]
+    return lines + _table(["scheduler", "new flow ns", "vs random"], rows)
 
 
 def _memory(memory: dict[str, Any]) -> list[str]:
