@@ -32,8 +32,12 @@ def nothing_left_behind() -> Iterator[None]:
     yield
     if os.geteuid() != 0:
         return
-    ours = (namespaces.PREFIX, f"pyebpflb-{os.getpid()}-", "pyebpflb-demo-")
-    left = [name for name in pyroute2_netns.listnetns() if name.startswith(ours)]
+    pid = str(os.getpid())
+    left = [
+        name
+        for name in pyroute2_netns.listnetns()
+        if name.startswith("pyebpflb") and (pid in name or name.startswith("pyebpflb-demo-"))
+    ]
     pins = sorted(str(p) for p in PIN_ROOT.rglob("*")) if PIN_ROOT.exists() else []
     demo_pins = sorted(
         str(p) for p in DEFAULT_PIN_ROOT.glob("*") if p.name.startswith(("demo-", "bench"))

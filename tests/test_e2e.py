@@ -250,3 +250,27 @@ def test_maglev_service_carries_real_traffic_to_every_backend(
     assert set(answers) == {"backend-1", "backend-2", "backend-3"}
     with sandbox.connection(VIP[family], 80) as conn:
         assert len({conn.get() for _ in range(10)}) == 1
+
+
+def test_two_load_balancers_send_a_real_flow_to_the_same_maglev_backend(sandbox: Sandbox) -> None:
+    # A second, identical network beside the first: its own namespaces, the same
+    # addresses. The same client port gives the same 5-tuple in both (ports below
+    # the ephemeral range, which earlier connections may still hold).
+    with Sandbox(backends=3, prefix="pyebpflb-twin") as twin:
+        answers = []
+        for net in (sandbox, twin):
+            svc = lb.Service(
+                vip=VIP[4],
+                port=80,
+                scheduler="maglev",
+                backends=[lb.Backend(b.ipv4, BACKEND_PORT) for b in net.backends],
+            )
+            name = f"t{os.getpid()}-twin-{len(answers)}"
+            with lb.Datapath(name, netns=net.lb.netns, pin_root=PIN_ROOT) as dp:
+                dp.attach(net.lb.iface)
+                dp.sync([svc])
+                answers.append(
+                    [net.http_get(VIP[4], 80, source_port=p) for p in range(21000, 21030)]
+                )
+        assert answers[0] == answers[1]
+        assert len(set(answers[0])) == 3

@@ -246,8 +246,12 @@ class Service:
     def usable_backends(self) -> tuple[Backend, ...]:
         """The backends new flows go to: the active ones with weight, or, when there are
         none, the terminating ones with weight (Kubernetes' fallback)."""
+        return tuple(self.backends[i] for i in self.usable_positions())
+
+    def usable_positions(self) -> list[int]:
+        """Where the :meth:`usable_backends` stand in ``backends``."""
         for state in (BackendState.ACTIVE, BackendState.TERMINATING):
-            chosen = tuple(b for b in self.backends if b.state is state and b.weight > 0)
+            chosen = [i for i, b in enumerate(self.backends) if b.state is state and b.weight > 0]
             if chosen:
                 return chosen
-        return ()
+        return []

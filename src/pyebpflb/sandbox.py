@@ -207,11 +207,24 @@ class Sandbox:
             raise RuntimeError(f"the server of {backend.name} did not start")
 
     # -- traffic from the client ---------------------------------------------------------------
-    def http_get(self, address: Address | str, port: int, *, timeout: float = 2.0) -> str:
-        """GET / from the client on a new connection; the answering backend's name."""
+    def http_get(
+        self,
+        address: Address | str,
+        port: int,
+        *,
+        timeout: float = 2.0,
+        source_port: int | None = None,
+    ) -> str:
+        """GET / from the client on a new connection; the answering backend's name.
+
+        ``source_port`` fixes the client's port, so the flow's 5-tuple is known.
+        """
         target = ipaddress.ip_address(address)
         with self.client.socket(target.version) as sock:
             sock.settimeout(timeout)
+            if source_port is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("", source_port))
             sock.connect((str(target), port))
             sock.sendall(b"GET / HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n")
             return _http_body(sock)
