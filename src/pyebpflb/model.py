@@ -10,11 +10,12 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+E = TypeVar("E", bound=enum.Enum)
 
 NAME_MAX_BYTES = 255
 
@@ -34,16 +35,22 @@ class BackendState(enum.Enum):
     MAINTENANCE = "maintenance"
 
 
-def to_state(value: object) -> BackendState:
-    if isinstance(value, BackendState):
+def _member(kind: type[E], what: str, value: object) -> E:
+    """``value`` as a member of the enum ``kind``: the member itself or its name in any case."""
+    if isinstance(value, kind):
         return value
     if isinstance(value, str):
         try:
-            return BackendState(value.lower())
+            return kind(value.lower())
         except ValueError:
             pass
-    allowed = ", ".join(repr(s.value) for s in BackendState)
-    raise ValueError(f"backend state must be one of {allowed}, got {value!r}")
+    names = [repr(member.value) for member in kind]
+    allowed = " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names)
+    raise ValueError(f"{what} must be {allowed}, got {value!r}")
+
+
+def to_state(value: object) -> BackendState:
+    return _member(BackendState, "backend state", value)
 
 
 def _check_weight(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
@@ -64,14 +71,7 @@ class Scheduler(enum.Enum):
 
 
 def to_scheduler(value: object) -> Scheduler:
-    if isinstance(value, Scheduler):
-        return value
-    if isinstance(value, str):
-        try:
-            return Scheduler(value.lower())
-        except ValueError:
-            pass
-    raise ValueError(f"scheduler must be 'random' or 'maglev', got {value!r}")
+    return _member(Scheduler, "scheduler", value)
 
 
 class Protocol(enum.Enum):
@@ -103,14 +103,7 @@ def to_address(value: object) -> Address:
 
 
 def to_protocol(value: object) -> Protocol:
-    if isinstance(value, Protocol):
-        return value
-    if isinstance(value, str):
-        try:
-            return Protocol(value.lower())
-        except ValueError:
-            pass
-    raise ValueError(f"protocol must be 'tcp' or 'udp', got {value!r}")
+    return _member(Protocol, "protocol", value)
 
 
 def _check_port(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
