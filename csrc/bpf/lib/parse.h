@@ -48,6 +48,28 @@ struct packet {
 	__u32 l4_hlen;	/* TCP or UDP header length */
 };
 
+/*
+ * Copy `len` header bytes at `off`: straight from the packet when they are in
+ * its linear part (a few loads), through bpf_skb_load_bytes otherwise (a
+ * helper call, which also reaches paged data). `len` is a constant at every
+ * call site; the bound on `off` is what lets the verifier check the access.
+ */
+static __always_inline int load_header(struct __sk_buff *skb, __u32 off, void *dst, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	void *at;
+
+	if (off <= 512) {
+		at = data + off;
+		if (at + len <= end) {
+			__builtin_memcpy(dst, at, len);
+			return 0;
+		}
+	}
+	return bpf_skb_load_bytes(skb, off, dst, len);
+}
+
 static __always_inline int addr_equal(const union pyebpflb_addr *a, const union pyebpflb_addr *b)
 {
 	return a->v6[0] == b->v6[0] && a->v6[1] == b->v6[1] && a->v6[2] == b->v6[2] &&
@@ -60,7 +82,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
 		struct tcphdr tcp;
 
 		if (pkt->l4_off + sizeof(tcp) > pkt->l3_end ||
-		    bpf_skb_load_bytes(skb, pkt->l4_off, &tcp, sizeof(tcp)))
+		    load_header(skb, pkt->l4_off, &tcp, sizeof(tcp)))
 			return PARSE_MALFORMED;
 		if (tcp.doff < 5 || pkt->l4_off + tcp.doff * 4 > pkt->l3_end)
 			return PARSE_MALFORMED;
@@ -75,7 +97,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
 		struct udphdr udp;
 
 		if (pkt->l4_off + sizeof(udp) > pkt->l3_end ||
-		    bpf_skb_load_bytes(skb, pkt->l4_off, &udp, sizeof(udp)))
+		    load_header(skb, pkt->l4_off, &udp, sizeof(udp)))
 			return PARSE_MALFORMED;
 		if (bpf_ntohs(udp.len) < sizeof(udp) ||
 		    pkt->l4_off + bpf_ntohs(udp.len) > pkt->l3_end)
@@ -91,7 +113,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
 
 		/* An ICMP header is 8 bytes; its checksum follows type and code. */
 		if (pkt->l4_off + 8 > pkt->l3_end ||
-		    bpf_skb_load_bytes(skb, pkt->l4_off, &type_code, sizeof(type_code)))
+		    load_header(skb, pkt->l4_off, &type_code, sizeof(type_code)))
 			return PARSE_MALFORMED;
 		pkt->sport = type_code;
 		pkt->dport = 0;
@@ -106,7 +128,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
 	struct iphdr ip;
 	__u32 hlen, total;
 
-	if (bpf_skb_load_bytes(skb, pkt->l3_off, &ip, sizeof(ip)))
+	if (load_header(skb, pkt->l3_off, &ip, sizeof(ip)))
 		return PARSE_MALFORMED;
 	if (ip.version != 4 || ip.ihl < 5)
 		return PARSE_MALFORMED;
@@ -133,7 +155,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
 	__u32 off, payload;
 	__u8 next;
 
-	if (bpf_skb_load_bytes(skb, pkt->l3_off, &ip, sizeof(ip)))
+	if (load_header(skb, pkt->l3_off, &ip, sizeof(ip)))
 		return PARSE_MALFORMED;
 	if (ip.version != 6)
 		return PARSE_MALFORMED;
