@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
- * Header parsing into one flat description of the packet. All reads go
- * through bpf_skb_load_bytes: offsets past IPv4 options and IPv6 extension
- * headers are variable, and the helper also reaches non-linear data.
+ * Header parsing into one flat description of the packet. Reads go through
+ * load_header: direct loads where the bytes are in the packet's linear part,
+ * bpf_skb_load_bytes (which also reaches paged data) otherwise.
  */
 #ifndef PYEBPFLB_BPF_PARSE_H
 #define PYEBPFLB_BPF_PARSE_H
