@@ -436,10 +436,10 @@ class Datapath:
         installed = self._snapshot.services.get(service.key)
         if installed is None:
             raise KeyError(f"service {service.label} is not installed in datapath {self.name!r}")
-        svc = _sum(self._object.map("lb_svc_stats").lookup(_u32(installed.id)))
+        svc = _sum(self._object.map("lb_svc_stats").lookup(maps.u32(installed.id)))
         be_stats = self._object.map("lb_be_stats")
         backends = {
-            backend: Traffic(*_sum(be_stats.lookup(_u32(backend_id))))
+            backend: Traffic(*_sum(be_stats.lookup(maps.u32(backend_id))))
             for backend, backend_id in zip(
                 installed.service.backends, installed.backend_ids, strict=True
             )
@@ -450,7 +450,9 @@ class Datapath:
         """Packets the datapath dropped or refused, by reason."""
         self._live()
         drops = self._object.map("lb_drops")
-        return {reason: Traffic(*_sum(drops.lookup(_u32(i)))) for i, reason in DROP_REASONS.items()}
+        return {
+            reason: Traffic(*_sum(drops.lookup(maps.u32(i)))) for i, reason in DROP_REASONS.items()
+        }
 
     def conntrack(self) -> list[Any]:
         """The raw conntrack entries (key, entry) of translated flows."""
@@ -546,10 +548,6 @@ def _closed_all(found: dict[str, Map]) -> dict[str, Map]:
     for bpf_map in found.values():
         bpf_map.close()
     return {}
-
-
-def _u32(value: int) -> Any:
-    return ffi.new("__u32 *", value)
 
 
 def _sum(per_cpu: list[Any] | None) -> tuple[int, int]:

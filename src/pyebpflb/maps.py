@@ -21,6 +21,11 @@ SLOT_GEN_SHIFT = int(lib.PYEBPFLB_SLOT_GEN_SHIFT)
 FAMILY_TAG = {4: lib.PYEBPFLB_IPV4, 6: lib.PYEBPFLB_IPV6}
 
 
+def u32(value: int) -> Any:
+    """A ``__u32`` key or value: the ids of services and backends, slot indexes."""
+    return ffi.new("__u32 *", value)
+
+
 def addr_bytes(address: Address) -> bytes:
     """16 bytes as in ``union pyebpflb_addr``: IPv4 first, then zeros."""
     return address.packed.ljust(16, b"\x00")

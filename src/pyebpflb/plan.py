@@ -154,12 +154,12 @@ def diff(
         for slot in old.slots:
             cleanup.delete("lb_slots", maps.slot_key(old.id, *_split(slot)))
         for backend_id in old.backend_ids:
-            cleanup.delete("lb_backends", _u32(backend_id))
-            cleanup.delete("lb_be_stats", _u32(backend_id))
-        cleanup.delete("lb_svc_stats", _u32(old.id))
-        cleanup.delete("lb_svc_names", _u32(old.id))
+            cleanup.delete("lb_backends", maps.u32(backend_id))
+            cleanup.delete("lb_be_stats", maps.u32(backend_id))
+        cleanup.delete("lb_svc_stats", maps.u32(old.id))
+        cleanup.delete("lb_svc_names", maps.u32(old.id))
         if old.service.scheduler is Scheduler.MAGLEV:
-            cleanup.delete("lb_maglev", _u32(old.id))
+            cleanup.delete("lb_maglev", maps.u32(old.id))
 
     for service in upserts:
         old = installed(service.key)
@@ -173,8 +173,8 @@ def diff(
             and old.service.scheduler == service.scheduler
         ):
             # Only the name changed: packets never read it.
-            prepare.write("lb_svc_names", _u32(old.id), maps.name_value(service.name))
-            undo.write("lb_svc_names", _u32(old.id), maps.name_value(old.service.name))
+            prepare.write("lb_svc_names", maps.u32(old.id), maps.name_value(service.name))
+            undo.write("lb_svc_names", maps.u32(old.id), maps.name_value(old.service.name))
             changes[service.key] = attrs.evolve(old, service=service)
             continue
 
@@ -183,13 +183,13 @@ def diff(
         service_key = maps.service_key(service)
         if old is None:
             service_id, gen = next(service_ids), 0
-            id_key = _u32(service_id)
+            id_key = maps.u32(service_id)
             prepare.write("lb_svc_names", id_key, maps.name_value(service.name))
             undo.delete("lb_svc_names", id_key)
             undo_first.delete("lb_services", service_key)
         else:
             service_id, gen = old.id, 1 - old.gen
-            id_key = _u32(service_id)
+            id_key = maps.u32(service_id)
             known = {
                 backend.endpoint: (backend_id, backend, position)
                 for position, (backend, backend_id) in enumerate(
@@ -226,7 +226,7 @@ def diff(
                 backend_id, was, was_at = known_entry
                 was_in_use = backend.endpoint in usable_before
                 if (was, was_at, was_in_use) != (backend, position, in_use):
-                    backend_key = _u32(backend_id)
+                    backend_key = maps.u32(backend_id)
                     prepare.write(
                         "lb_backends",
                         backend_key,
@@ -239,7 +239,7 @@ def diff(
                     )
             else:
                 backend_id = next(backend_ids)
-                backend_key = _u32(backend_id)
+                backend_key = maps.u32(backend_id)
                 prepare.write(
                     "lb_backends",
                     backend_key,
@@ -279,15 +279,15 @@ def diff(
             publish_tables.add(PublishTable(built))
             undo.add(RestoreTable(built))
         elif old is not None and old.service.scheduler is Scheduler.MAGLEV:
-            cleanup.delete("lb_maglev", _u32(service_id))
+            cleanup.delete("lb_maglev", maps.u32(service_id))
         publish.write(
             "lb_services", service_key, maps.service_entry(service_id, len(table), gen, service)
         )
         kept = set(ids)
         for backend_id, _, _ in known.values():
             if backend_id not in kept:
-                cleanup.delete("lb_backends", _u32(backend_id))
-                cleanup.delete("lb_be_stats", _u32(backend_id))
+                cleanup.delete("lb_backends", maps.u32(backend_id))
+                cleanup.delete("lb_be_stats", maps.u32(backend_id))
         changes[service.key] = maps.Installed(
             service, service_id, gen, tuple(ids), len(table), frozenset(slots)
         )
@@ -320,10 +320,6 @@ def commit(snapshot: maps.Snapshot, plan: Plan) -> maps.Snapshot:
 def _split(slot: int) -> tuple[int, int]:
     """(generation, index) of a slot number."""
     return slot >> maps.SLOT_GEN_SHIFT, slot & ((1 << maps.SLOT_GEN_SHIFT) - 1)
-
-
-def _u32(value: int) -> Any:
-    return ffi.new("__u32 *", value)
 
 
 def apply(obj: Object, plan: Plan, capacity_hint: dict[str, str]) -> None:
