@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from pyebpflb._bpf import fs
-from pyebpflb._bpf._call import c_string, check
+from pyebpflb._bpf._call import c_string, check, object_info
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb.errors import NotSupported
 
@@ -118,10 +118,8 @@ class Map:
     @classmethod
     def from_fd(cls, fd: int, *, key_type: str | None = None, value_type: str | None = None) -> Map:
         """Wrap a map fd; the new object owns ``fd`` and closes it."""
-        info = ffi.new("struct bpf_map_info *")
-        size = ffi.new("__u32 *", ffi.sizeof("struct bpf_map_info"))
         try:
-            check(lib.bpf_obj_get_info_by_fd(fd, info, size), f"read info of map fd {fd}")
+            info = object_info(fd, "struct bpf_map_info", f"read info of map fd {fd}")
         except BaseException:
             os.close(fd)
             raise

@@ -7,7 +7,7 @@ import os
 from typing import Any, NamedTuple
 
 from pyebpflb._bpf import fs
-from pyebpflb._bpf._call import check
+from pyebpflb._bpf._call import check, object_info
 from pyebpflb._bpf._libbpf import ffi, lib
 
 
@@ -46,10 +46,8 @@ class Program:
     def from_id(cls, prog_id: int) -> Program:
         """Open a loaded program by its kernel id; the result owns its fd (close it)."""
         fd = check(lib.bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
-        info = ffi.new("struct bpf_prog_info *")
-        size = ffi.new("__u32 *", ffi.sizeof("struct bpf_prog_info"))
         try:
-            check(lib.bpf_obj_get_info_by_fd(fd, info, size), f"read info of program {prog_id}")
+            info = object_info(fd, "struct bpf_prog_info", f"read info of program {prog_id}")
         except BaseException:
             os.close(fd)
             raise
@@ -59,16 +57,14 @@ class Program:
 
     def map_ids(self) -> list[int]:
         """Ids of the maps this program uses."""
-        info = ffi.new("struct bpf_prog_info *")
-        size = ffi.new("__u32 *", ffi.sizeof("struct bpf_prog_info"))
-        check(lib.bpf_obj_get_info_by_fd(self.fd, info, size), f"read maps of {self.name}")
-        count = int(info.nr_map_ids)
+        what = f"read maps of {self.name}"
+        # First how many, then the ids into a buffer of that size.
+        count = int(object_info(self.fd, "struct bpf_prog_info", what).nr_map_ids)
         ids = ffi.new("__u32[]", max(count, 1))
-        info = ffi.new("struct bpf_prog_info *")
-        info.nr_map_ids = count
-        info.map_ids = int(ffi.cast("uintptr_t", ids))
-        size[0] = ffi.sizeof("struct bpf_prog_info")
-        check(lib.bpf_obj_get_info_by_fd(self.fd, info, size), f"read maps of {self.name}")
+        request = ffi.new("struct bpf_prog_info *")
+        request.nr_map_ids = count
+        request.map_ids = int(ffi.cast("uintptr_t", ids))
+        info = object_info(self.fd, "struct bpf_prog_info", what, request)
         return [int(ids[i]) for i in range(min(count, int(info.nr_map_ids)))]
 
     def close(self) -> None:
