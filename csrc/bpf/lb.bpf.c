@@ -15,6 +15,7 @@
 #include "lib/maps.h"
 #include "lib/nat.h"
 #include "lib/parse.h"
+#include "lib/policy.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -145,10 +146,23 @@ static __always_inline int dnat_to(struct __sk_buff *skb, const struct packet *p
 	return TC_ACT_OK;
 }
 
+/* Policy on a packet of a service flow: the rules naming the service, and the
+ * others on its real destination. */
+static __always_inline int service_denied(struct __sk_buff *skb,
+					  const struct pyebpflb_policy_head *head,
+					  const struct packet *pkt, __u32 service_id, __u16 port)
+{
+	struct pyebpflb_policy_verdict verdict;
+
+	return head && policy_decide(skb, head, PYEBPFLB_POLICY_INGRESS, pkt, service_id, port, 0,
+				     &verdict) == POLICY_DROP;
+}
+
 SEC("tc")
 int lb_ingress(struct __sk_buff *skb)
 {
 	struct pyebpflb_service_key svc_key = {};
+	struct pyebpflb_policy_head *policy;
 	struct pyebpflb_ct_key ct_key;
 	struct pyebpflb_lb_config *cfg;
 	struct pyebpflb_ct_entry *flow;
@@ -156,17 +170,22 @@ int lb_ingress(struct __sk_buff *skb)
 	struct pyebpflb_service *svc;
 	struct packet pkt;
 	__u32 backend_id;
+	int parsed;
 	__u64 now;
 
-	if (parse_packet(skb, &pkt) != PARSE_OK)
-		return TC_ACT_OK;
-	if (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)
-		return TC_ACT_OK;
+	parsed = parse_packet(skb, &pkt);
 	cfg = config();
 	if (!cfg)
 		return TC_ACT_OK;
 	/* Jiffy resolution is plenty for timeouts of seconds, at a fraction of the cost. */
 	now = bpf_ktime_get_coarse_ns();
+	policy = policy_head(cfg);
+	if (parsed != PARSE_OK || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)) {
+		if (policy)
+			return policy_enforce(skb, policy, PYEBPFLB_POLICY_INGRESS, &pkt, parsed, cfg,
+					      now);
+		return TC_ACT_OK;
+	}
 
 	/* A packet of a known flow goes where the flow went. */
 	ct_key_of(&ct_key, &pkt, PYEBPFLB_CT_SERVICE);
@@ -183,6 +202,8 @@ int lb_ingress(struct __sk_buff *skb)
 
 		backend = bpf_map_lookup_elem(&lb_backends, &reuse_id);
 		if (backend) {
+			if (service_denied(skb, policy, &pkt, service_id, backend->port))
+				return TC_ACT_SHOT;
 			if (ct_create(&ct_key, &pkt, backend, reuse_id, service_id, now)) {
 				count_drop(PYEBPFLB_DROP_CT_FULL, skb->len);
 				return TC_ACT_SHOT;
@@ -202,6 +223,9 @@ int lb_ingress(struct __sk_buff *skb)
 		 */
 		if (pkt.proto == IPPROTO_TCP ||
 		    bpf_map_lookup_elem(&lb_backends, &flow->backend_id)) {
+			/* Policy holds for every packet: a new deny ends a flow at once. */
+			if (service_denied(skb, policy, &pkt, flow->service_id, flow->nat_port))
+				return TC_ACT_SHOT;
 			ct_touch(flow, &pkt, now, 0);
 			count_traffic(&lb_svc_stats, flow->service_id, skb->len);
 			count_traffic(&lb_be_stats, flow->backend_id, skb->len);
@@ -215,8 +239,12 @@ int lb_ingress(struct __sk_buff *skb)
 	svc_key.proto = pkt.proto;
 	svc_key.family = pkt.family;
 	svc = bpf_map_lookup_elem(&lb_services, &svc_key);
-	if (!svc)
+	if (!svc) {
+		if (policy)
+			return policy_enforce(skb, policy, PYEBPFLB_POLICY_INGRESS, &pkt, parsed, cfg,
+					      now);
 		return TC_ACT_OK;
+	}
 	backend_id = 0;
 	if (svc->count && (svc->flags & PYEBPFLB_SERVICE_MAGLEV)) {
 		/* Under affinity Maglev hashes the client's address alone: that is the
@@ -236,6 +264,9 @@ int lb_ingress(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		backend_id = svc->count ? select_backend(svc, &backend) : 0;
 	}
+	/* Without a backend, the rules on the real destination see the VIP's port. */
+	if (service_denied(skb, policy, &pkt, svc->id, backend ? backend->port : pkt.dport))
+		return TC_ACT_SHOT;
 	if (!backend_id || !backend) {
 		count_new_flow(&lb_svc_stats, svc->id, skb->len);
 		count_drop(PYEBPFLB_DROP_NO_BACKEND, skb->len);
@@ -255,19 +286,44 @@ int lb_ingress(struct __sk_buff *skb)
 SEC("tc")
 int lb_egress(struct __sk_buff *skb)
 {
+	struct pyebpflb_policy_head *policy;
 	struct pyebpflb_ct_entry *reply, *flow;
+	struct pyebpflb_lb_config *cfg;
 	struct pyebpflb_ct_key key;
 	struct packet pkt;
+	int parsed;
 
-	if (parse_packet(skb, &pkt) != PARSE_OK)
+	parsed = parse_packet(skb, &pkt);
+	cfg = config();
+	if (!cfg)
 		return TC_ACT_OK;
-	if (pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6)
-		return icmp_error_rev_nat(skb, &pkt) ? TC_ACT_SHOT : TC_ACT_OK;
+	policy = policy_head(cfg);
+	if (parsed != PARSE_OK) {
+		if (policy)
+			return policy_enforce(skb, policy, PYEBPFLB_POLICY_EGRESS, &pkt, parsed, cfg,
+					      bpf_ktime_get_coarse_ns());
+		return TC_ACT_OK;
+	}
+	if (pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6) {
+		/* An error about a balanced flow is part of it; anything else meets policy. */
+		int translated = icmp_error_rev_nat(skb, &pkt);
+
+		if (translated < 0)
+			return TC_ACT_SHOT;
+		if (translated || !policy)
+			return TC_ACT_OK;
+		return policy_enforce(skb, policy, PYEBPFLB_POLICY_EGRESS, &pkt, parsed, cfg,
+				      bpf_ktime_get_coarse_ns());
+	}
 
 	ct_key_of(&key, &pkt, PYEBPFLB_CT_REPLY);
 	reply = bpf_map_lookup_elem(&lb_ct, &key);
-	if (!reply)
+	if (!reply) {
+		if (policy)
+			return policy_enforce(skb, policy, PYEBPFLB_POLICY_EGRESS, &pkt, parsed, cfg,
+					      bpf_ktime_get_coarse_ns());
 		return TC_ACT_OK;
+	}
 	/* The flow's life is kept on its SERVICE entry; replies refresh it too. */
 	flow = ct_lookup_service_of_reply(&pkt, reply);
 	if (flow)

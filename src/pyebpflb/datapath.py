@@ -20,24 +20,28 @@ from typing import Any
 import attrs
 
 from pyebpflb import maglev, maps, objects, plan
+from pyebpflb import policy as policy_mod
 from pyebpflb._bpf import Map, Object, Program, TcLink, fs, tc
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.netns import current_id, entered, is_initial
 from pyebpflb.errors import BpfError, PyEbpfLbError
-from pyebpflb.model import Address, Backend, Protocol, Service
+from pyebpflb.model import Address, Backend, Policy, Protocol, Service
 
 logger = logging.getLogger("pyebpflb")
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/pyebpflb"
 LB_HANDLE = 0xEB1B
 LB_PRIORITY = 1
-LAYOUT_VERSION = 2  # weights, states and session affinity
+LAYOUT_VERSION = 3  # 2: weights, states and session affinity; 3: network policy
 NAME_MAX = len(ffi.new("struct pyebpflb_lb_config *").name) - 1
 
 DROP_REASONS = {
     int(lib.PYEBPFLB_DROP_NO_BACKEND): "no backend",
     int(lib.PYEBPFLB_DROP_CT_FULL): "conntrack full",
     int(lib.PYEBPFLB_DROP_REJECT_FAILED): "reject failed",
+    int(lib.PYEBPFLB_DROP_POLICY_DENIED): "policy denied",
+    int(lib.PYEBPFLB_DROP_MALFORMED): "malformed packet",
+    int(lib.PYEBPFLB_DROP_UNSUPPORTED): "unsupported packet",
 }
 
 # Which constructor argument sizes which map, for the error of a full map.
@@ -49,6 +53,11 @@ _CAPACITY = {
     "lb_be_stats": "max_backends",
     "lb_slots": "max_backends",
     "lb_maglev": "max_services",
+    "lb_pol_rules": "max_policy_rules",
+    "lb_rule_stats": "max_policy_rules",
+    "lb_pol_names": "max_policies",
+    "lb_pol_cidrs": "max_policy_entries",
+    "lb_pol_ports": "max_policy_entries",
 }
 
 
@@ -125,6 +134,9 @@ class Datapath:
         max_affinity: int = 65536,
         maglev_table_size: int = maglev.DEFAULT_TABLE_SIZE,
         ct_timeouts: ConntrackTimeouts = ConntrackTimeouts(),
+        max_policies: int = 4096,
+        max_policy_rules: int = 65536,
+        max_policy_entries: int = 1 << 20,
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > NAME_MAX:
             raise ValueError(
@@ -140,6 +152,11 @@ class Datapath:
             "max_backends_per_service", max_backends_per_service, 1, 65535
         )
         self.max_affinity = _check_capacity("max_affinity", max_affinity, 16, 1 << 26)
+        self.max_policies = _check_capacity("max_policies", max_policies, 1, 1 << 20)
+        self.max_policy_rules = _check_capacity("max_policy_rules", max_policy_rules, 1, 1 << 24)
+        self.max_policy_entries = _check_capacity(
+            "max_policy_entries", max_policy_entries, 16, 1 << 26
+        )
         self.maglev_table_size = maglev.check_table_size(maglev_table_size)
         if not isinstance(ct_timeouts, ConntrackTimeouts):
             raise ValueError(f"ct_timeouts must be a ConntrackTimeouts, got {ct_timeouts!r}")
@@ -153,6 +170,7 @@ class Datapath:
         try:
             self._write_config()
             self._snapshot = maps.read_snapshot(self._object)
+            self._policy = maps.read_policy_state(self._object)
         except BaseException:
             self._object.close()
             self._closed = True
@@ -177,6 +195,12 @@ class Datapath:
                 "lb_ct": self.max_conntrack,
                 "lb_affinity": self.max_affinity,
                 "lb_maglev": self.max_services,
+                "lb_pol_names": self.max_policies,
+                "lb_pol_rules": self.max_policy_rules,
+                "lb_rule_stats": self.max_policy_rules,
+                # Both generations of the lookup entries, during a change.
+                "lb_pol_cidrs": self.max_policy_entries,
+                "lb_pol_ports": self.max_policy_entries,
             }
             for map_name, size in sizes.items():
                 if map_name in existing and existing[map_name].max_entries != size:
@@ -269,6 +293,8 @@ class Datapath:
         config.ct_udp_ns = int(self.ct_timeouts.udp * seconds)
         config.next_service_id = max(int(config.next_service_id), 1)
         config.next_backend_id = max(int(config.next_backend_id), 1)
+        config.next_rule_id = max(int(config.next_rule_id), 1)
+        config.next_policy_id = max(int(config.next_policy_id), 1)
         stored = int(config.maglev_table_size)
         if self.adopted and stored and stored != self.maglev_table_size:
             # The installed tables have the size they were built with.
@@ -284,11 +310,11 @@ class Datapath:
         config.map_ids[0 : len(ids)] = ids
         config_map[0] = config
 
-    def _reserve_ids(self, next_service_id: int, next_backend_id: int) -> None:
+    def _update_config(self, **fields: int) -> None:
         config_map = self._object.map("lb_config")
         config = config_map[0]
-        config.next_service_id = next_service_id
-        config.next_backend_id = next_backend_id
+        for name, value in fields.items():
+            setattr(config, name, value)
         config_map[0] = config
 
     # -- attaching --------------------------------------------------------------
@@ -369,8 +395,9 @@ class Datapath:
             ]
 
     # -- programming ------------------------------------------------------------------
-    def sync(self, services: Iterable[Service]) -> None:
-        """Make the kernel hold exactly ``services``; all or nothing."""
+    def sync(self, services: Iterable[Service], policies: Iterable[Policy] | None = None) -> None:
+        """Make the kernel hold exactly ``services`` (and ``policies``, unless None:
+        then the installed policies stay); all or nothing."""
         wanted = list(services)
         seen: dict[tuple[Address, int, Protocol], Service] = {}
         for service in wanted:
@@ -382,7 +409,8 @@ class Datapath:
                 )
             seen[service.key] = service
         removals = [key for key in self._snapshot.services if key not in seen]
-        self._apply(plan.diff(self._snapshot, wanted, removals, self.maglev_table_size))
+        change = plan.diff(self._snapshot, wanted, removals, self.maglev_table_size)
+        self._apply(change, None if policies is None else list(policies))
 
     def upsert(self, service: Service) -> None:
         """Install ``service`` or replace the one with its vip, port and protocol."""
@@ -398,6 +426,33 @@ class Datapath:
         self._apply(change)
         return not change.empty
 
+    def upsert_policy(self, policy: Policy) -> None:
+        """Install ``policy`` or replace the one of its name."""
+        self._live()
+        if not isinstance(policy, Policy):
+            raise ValueError(f"expected a Policy, got {policy!r}")
+        current = [p for _, p in self._policy.policies.values()]
+        if policy in current:
+            return
+        names = [p.name for p in current]
+        if policy.name in names:
+            current[names.index(policy.name)] = policy
+        else:
+            current.append(policy)
+        self._apply(plan.diff(self._snapshot, [], [], self.maglev_table_size), current)
+
+    def remove_policy(self, policy: Policy | str) -> bool:
+        """Remove the policy of ``policy``'s name (or the name given); False if none."""
+        self._live()
+        name = policy.name if isinstance(policy, Policy) else policy
+        if not isinstance(name, str):
+            raise ValueError(f"remove_policy takes a Policy or a policy name, got {policy!r}")
+        if name not in self._policy.policies:
+            return False
+        kept = [p for n, (_, p) in self._policy.policies.items() if n != name]
+        self._apply(plan.diff(self._snapshot, [], [], self.maglev_table_size), kept)
+        return True
+
     def _check(self, service: Service) -> None:
         self._live()
         if not isinstance(service, Service):
@@ -408,19 +463,86 @@ class Datapath:
                 f"allows {self.max_backends_per_service} per service (max_backends_per_service)"
             )
 
-    def _apply(self, change: plan.Plan) -> None:
+    def _apply(self, change: plan.Plan, policies: list[Policy] | None = None) -> None:
+        """Apply ``change`` and, with ``policies``, make them the installed policies. The
+        policies are compiled again whenever the services they name change."""
+        installed = [p for _, p in self._policy.policies.values()]
+        names_rules = any(r.service is not None for p in installed for r in p.rules)
+        if policies is None and not (names_rules and not change.empty):
+            policies_plan = None
+        else:
+            wanted = installed if policies is None else policies
+            after = self._services_after(change)
+            wanted = policy_mod.check_policies(wanted, (s.name for s in after))
+            if len(wanted) > self.max_policies:
+                raise ValueError(
+                    f"{len(wanted)} policies; this datapath holds at most {self.max_policies} "
+                    "(max_policies)"
+                )
+            if wanted == installed and not (names_rules and not change.empty):
+                policies_plan = None
+            else:
+                ids: dict[str, list[int]] = {}
+                for service, service_id in after.items():
+                    ids.setdefault(service.name, []).append(service_id)
+                policies_plan = plan.diff_policies(
+                    self._policy,
+                    wanted,
+                    ids,
+                    self._next_ids["next_rule_id"],
+                    self._next_ids["next_policy_id"],
+                )
+                change = plan.with_policies(change, policies_plan)
         if change.empty:
             return
-        ids = (change.next_service_id, change.next_backend_id)
-        if ids != (self._snapshot.next_service_id, self._snapshot.next_backend_id):
+        ids_now = {
+            "next_service_id": change.next_service_id,
+            "next_backend_id": change.next_backend_id,
+        }
+        if policies_plan is not None:
+            ids_now["next_rule_id"] = policies_plan.next_rule_id
+            ids_now["next_policy_id"] = policies_plan.next_policy_id
+            if policies_plan.state.active:
+                ids_now["policy_active"] = 1
+        known = self._next_ids
+        if any(known.get(k) != v for k, v in ids_now.items()):
             # Ids are reserved before use and never handed out twice, even
             # when the change fails: conntrack entries may still name old ids.
-            self._reserve_ids(*ids)
+            self._update_config(**ids_now)
             self._snapshot = attrs.evolve(
-                self._snapshot, next_service_id=ids[0], next_backend_id=ids[1]
+                self._snapshot,
+                next_service_id=change.next_service_id,
+                next_backend_id=change.next_backend_id,
             )
         plan.apply(self._object, change, _CAPACITY)
         self._snapshot = plan.commit(self._snapshot, change)
+        if policies_plan is not None:
+            self._policy = policies_plan.state
+            if not policies_plan.state.active:
+                self._update_config(policy_active=0)
+
+    @property
+    def _next_ids(self) -> dict[str, int]:
+        config = self._object.map("lb_config")[0]
+        return {
+            "next_service_id": self._snapshot.next_service_id,
+            "next_backend_id": self._snapshot.next_backend_id,
+            "next_rule_id": max(int(config.next_rule_id), 1),
+            "next_policy_id": max(int(config.next_policy_id), 1),
+            "policy_active": int(config.policy_active),
+        }
+
+    def _services_after(self, change: plan.Plan) -> dict[Service, int]:
+        """Every service with its id, as it will be once ``change`` is in."""
+        result = {
+            installed.service: installed.id
+            for key, installed in self._snapshot.services.items()
+            if key not in change.changes
+        }
+        for entry in change.changes.values():
+            if entry is not None:
+                result[entry.service] = entry.id
+        return result
 
     # -- reading back --------------------------------------------------------------------
     @property
@@ -429,6 +551,23 @@ class Datapath:
         self._live()
         snapshot = maps.read_snapshot(self._object)
         return [i.service for i in sorted(snapshot.services.values(), key=lambda i: i.id)]
+
+    @property
+    def policies(self) -> list[Policy]:
+        """The policies the kernel holds, read from its maps, in the order installed."""
+        self._live()
+        state = maps.read_policy_state(self._object)
+        return [p for _, p in state.policies.values()]
+
+    def policy_stats(self, policy: Policy | str) -> list[Traffic]:
+        """Packets and bytes each rule of the policy (by name) matched, in rule order."""
+        self._live()
+        name = policy.name if isinstance(policy, Policy) else policy
+        if name not in self._policy.policies:
+            raise KeyError(f"policy {name!r} is not installed in datapath {self.name!r}")
+        counters = self._object.map("lb_rule_stats")
+        refs = sorted((r for r in self._policy.refs if r.policy == name), key=lambda r: r.index)
+        return [Traffic(*_sum(counters.lookup(maps.u32(r.id)))) for r in refs]
 
     def stats(self, service: Service) -> ServiceStats:
         """Packets and bytes sent to ``service`` and to each of its backends."""

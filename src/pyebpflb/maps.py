@@ -13,9 +13,22 @@ from typing import Any
 
 import attrs
 
+from pyebpflb import policy
 from pyebpflb._bpf import Object, ffi
 from pyebpflb._bpf._libbpf import lib
-from pyebpflb.model import Address, Backend, BackendState, Protocol, Scheduler, Service
+from pyebpflb.model import (
+    Action,
+    Address,
+    Backend,
+    BackendState,
+    Direction,
+    Policy,
+    Protocol,
+    Rule,
+    RuleProtocol,
+    Scheduler,
+    Service,
+)
 
 SLOT_GEN_SHIFT = int(lib.PYEBPFLB_SLOT_GEN_SHIFT)
 FAMILY_TAG = {4: lib.PYEBPFLB_IPV4, 6: lib.PYEBPFLB_IPV6}
@@ -177,4 +190,186 @@ def read_snapshot(obj: Object) -> Snapshot:
         services=services,
         next_service_id=max(int(config.next_service_id), 1),
         next_backend_id=max(int(config.next_backend_id), 1),
+    )
+
+
+# -- network policy ----------------------------------------------------------------------
+
+POLICY_GEN_SHIFT = int(lib.PYEBPFLB_POLICY_GEN_SHIFT)
+POLICY_DIR_TAG = {
+    Direction.INGRESS: lib.PYEBPFLB_POLICY_INGRESS,
+    Direction.EGRESS: lib.PYEBPFLB_POLICY_EGRESS,
+}
+POLICY_DIR_OF = {tag: d for d, tag in POLICY_DIR_TAG.items()}
+ACTION_TAG = {Action.ALLOW: lib.PYEBPFLB_POLICY_ALLOW, Action.DENY: lib.PYEBPFLB_POLICY_DENY}
+ACTION_OF = {tag: action for action, tag in ACTION_TAG.items()}
+RULE_PROTO_TAG = {
+    RuleProtocol.ANY: 0,
+    RuleProtocol.TCP: lib.PYEBPFLB_POLICY_TCP,
+    RuleProtocol.UDP: lib.PYEBPFLB_POLICY_UDP,
+    RuleProtocol.ICMP: lib.PYEBPFLB_POLICY_ICMP,
+}
+RULE_PROTO_OF = {tag: proto for proto, tag in RULE_PROTO_TAG.items()}
+_CIDR_FIXED = int(lib.PYEBPFLB_POLICY_CIDR_FIXED_BITS)
+_PORT_FIXED = int(lib.PYEBPFLB_POLICY_PORT_FIXED_BITS)
+
+# The pure-Python compiler numbers protocols as the kernel does.
+assert (
+    policy.TCP,
+    policy.UDP,
+    policy.ICMP,
+    policy.OTHER,
+    policy.TCP_NOPORT,
+    policy.UDP_NOPORT,
+) == (
+    lib.PYEBPFLB_POLICY_TCP,
+    lib.PYEBPFLB_POLICY_UDP,
+    lib.PYEBPFLB_POLICY_ICMP,
+    lib.PYEBPFLB_POLICY_OTHER,
+    lib.PYEBPFLB_POLICY_TCP_NOPORT,
+    lib.PYEBPFLB_POLICY_UDP_NOPORT,
+)
+
+
+def policy_head(gen: int, compiled: policy.Compiled) -> Any:
+    def flags(on: bool, deny: bool) -> int:
+        return (lib.PYEBPFLB_POLICY_ON if on else 0) | (
+            lib.PYEBPFLB_POLICY_DEFAULT_DENY if deny else 0
+        )
+
+    return ffi.new(
+        "struct pyebpflb_policy_head *",
+        {
+            "gen": gen,
+            "ingress": flags(compiled.ingress_on, compiled.ingress_deny),
+            "egress": flags(compiled.egress_on, compiled.egress_deny),
+        },
+    )
+
+
+def policy_cidr_key(entry: policy.CidrEntry, gen: int) -> Any:
+    key = ffi.new("struct pyebpflb_policy_cidr_key *")
+    key.prefixlen = _CIDR_FIXED + entry.network.prefixlen
+    key.scope = (gen << POLICY_GEN_SHIFT) | entry.scope
+    key.dir = POLICY_DIR_TAG[entry.direction]
+    key.family = FAMILY_TAG[entry.family]
+    ffi.memmove(key.addr.bytes, addr_bytes(entry.network.network_address), 16)
+    return key
+
+
+def policy_port_key(entry: policy.PortEntry) -> Any:
+    return ffi.new(
+        "struct pyebpflb_policy_port_key *",
+        {
+            "prefixlen": _PORT_FIXED + entry.port_prefixlen,
+            "class_id": entry.class_id,
+            "proto": entry.proto,
+            "port": port_be(entry.port),
+        },
+    )
+
+
+def policy_verdict(entry: policy.PortEntry) -> Any:
+    return ffi.new(
+        "struct pyebpflb_policy_verdict *",
+        {
+            "rule_id": entry.rule_id,
+            "action": ACTION_TAG[entry.action],
+            "prefixlen": entry.cidr_prefixlen,
+        },
+    )
+
+
+def policy_rule(ref: policy.RuleRef, policy_id: int) -> Any:
+    rule = ref.rule
+    value = ffi.new("struct pyebpflb_policy_rule *")
+    if rule.cidr is not None:
+        ffi.memmove(value.addr.bytes, addr_bytes(rule.cidr.network_address), 16)
+        value.family = FAMILY_TAG[rule.cidr.version]
+        value.prefixlen = rule.cidr.prefixlen
+    value.action = ACTION_TAG[rule.action]
+    value.proto = RULE_PROTO_TAG[rule.protocol]
+    if rule.ports is not None:
+        value.port_low, value.port_high = rule.ports
+    value.policy_id = policy_id
+    value.index = ref.index
+    if rule.service is not None:
+        encoded = rule.service.encode()
+        ffi.memmove(value.service, encoded, len(encoded))
+    return value
+
+
+def rule_from(value: Any) -> Rule:
+    cidr = None
+    if int(value.family):
+        address = addr_from(value.addr, value.family)
+        cidr = ipaddress.ip_network((address, int(value.prefixlen)))
+    service = ffi.string(value.service).decode() or None
+    ports = (int(value.port_low), int(value.port_high)) if int(value.port_low) else None
+    return Rule(
+        ACTION_OF[int(value.action)],
+        cidr,
+        protocol=RULE_PROTO_OF[int(value.proto)],
+        ports=ports,
+        service=service,
+    )
+
+
+def policy_info(item: Policy) -> Any:
+    value = ffi.new("struct pyebpflb_policy_info *")
+    encoded = item.name.encode()
+    ffi.memmove(value.name, encoded, len(encoded))
+    value.dir = POLICY_DIR_TAG[item.direction]
+    value.default_deny = int(item.default is Action.DENY)
+    value.rules = len(item.rules)
+    return value
+
+
+@attrs.frozen
+class PolicyState:
+    """The policies the kernel holds, and what a change must replace."""
+
+    gen: int  # the generation lb_policy points at (meaningless while `active` is False)
+    active: bool  # lb_policy holds a head
+    policies: dict[str, tuple[int, Policy]]  # name -> (policy id, policy), in install order
+    refs: tuple[policy.RuleRef, ...]
+    keys: dict[int, tuple[list[Any], list[Any]]]  # gen -> (cidr keys, port keys) present
+
+
+def read_policy_state(obj: Object) -> PolicyState:
+    head_map = obj.map("lb_policy")
+    head = head_map.lookup(u32(0))
+    infos = {int(k): v for k, v in obj.map("lb_pol_names").lookup_batch()}
+    rules: dict[int, list[tuple[int, int, Rule]]] = {}
+    for key, value in obj.map("lb_pol_rules").lookup_batch():
+        rules.setdefault(int(value.policy_id), []).append(
+            (int(value.index), int(key), rule_from(value))
+        )
+    policies: dict[str, tuple[int, Policy]] = {}
+    refs: list[policy.RuleRef] = []
+    for policy_id in sorted(infos):
+        info = infos[policy_id]
+        name = ffi.string(info.name).decode()
+        own = sorted(rules.get(policy_id, []), key=lambda r: r[0])
+        policies[name] = (
+            policy_id,
+            Policy(
+                name,
+                [rule for _, _, rule in own],
+                default=Action.DENY if int(info.default_deny) else Action.ALLOW,
+                direction=POLICY_DIR_OF[int(info.dir)],
+            ),
+        )
+        refs.extend(policy.RuleRef(rule_id, name, index, rule) for index, rule_id, rule in own)
+    keys: dict[int, tuple[list[Any], list[Any]]] = {0: ([], []), 1: ([], [])}
+    for key in obj.map("lb_pol_cidrs"):
+        keys[int(key.scope) >> POLICY_GEN_SHIFT][0].append(key)
+    for key in obj.map("lb_pol_ports"):
+        keys[int(key.class_id) >> POLICY_GEN_SHIFT][1].append(key)
+    return PolicyState(
+        gen=int(head.gen) if head is not None else 0,
+        active=head is not None,
+        policies=policies,
+        refs=tuple(refs),
+        keys=keys,
     )

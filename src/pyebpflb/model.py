@@ -177,7 +177,7 @@ def _check_affinity(
         )
 
 
-def _check_name(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+def _check_name(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str):
         raise ValueError(f"name must be a string, got {value!r}")
     if len(value.encode()) > NAME_MAX_BYTES:
@@ -248,3 +248,205 @@ class Service:
             if chosen:
                 return chosen
         return []
+
+
+# -- network policy ------------------------------------------------------------------
+
+
+class Action(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Direction(enum.Enum):
+    """``INGRESS``: packets entering through an attached interface (the peer is
+    their source). ``EGRESS``: packets leaving through it (the peer is their
+    destination)."""
+
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+class RuleProtocol(enum.Enum):
+    """What a rule matches: TCP, UDP, ICMP (ICMP for IPv4, ICMPv6 for IPv6) or
+    any IP protocol, unknown ones included."""
+
+    TCP = "tcp"
+    UDP = "udp"
+    ICMP = "icmp"
+    ANY = "any"
+
+
+def to_action(value: object) -> Action:
+    return _member(Action, "action", value)
+
+
+def to_default(value: object) -> Action:
+    return _member(Action, "default", value)
+
+
+def to_direction(value: object) -> Direction:
+    return _member(Direction, "direction", value)
+
+
+def to_rule_protocol(value: object) -> RuleProtocol:
+    return _member(RuleProtocol, "protocol", value)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+PORT_RANGE_ALL = (0, 65535)  # what ports=None matches (port 0 too)
+
+
+def to_network(value: object) -> Network | None:
+    """A CIDR from a string or an ``ipaddress`` network (an address is its /32 or /128)."""
+    if value is None or isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return value
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return ipaddress.ip_network(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"cidr must be an IPv4 or IPv6 CIDR such as '10.0.0.0/8', got {value!r}")
+    try:
+        return ipaddress.ip_network(value.strip())
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise ValueError(
+                f"cidr {value!r} is not an IPv4 or IPv6 CIDR (e.g. '10.0.0.0/8' or 'fd00::/64')"
+            ) from None
+        raise ValueError(
+            f"cidr {value!r} has host bits set; the network is {str(loose)!r}"
+        ) from None
+
+
+def to_ports(value: object) -> tuple[int, int] | None:
+    """``None`` (every port), one port, or an inclusive ``(low, high)`` range."""
+    if value is None:
+        return None
+
+    def port(item: object) -> int:
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 65535:
+            raise ValueError(
+                f"ports must be a port from 1 to 65535 or a (low, high) range of them, "
+                f"got {value!r}"
+            )
+        return item
+
+    if isinstance(value, int):
+        return (port(value), port(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        low, high = port(value[0]), port(value[1])
+        if low > high:
+            raise ValueError(f"ports range {value!r} is empty: low {low} > high {high}")
+        return (low, high)
+    raise ValueError(
+        f"ports must be a port from 1 to 65535 or a (low, high) range of them, got {value!r}"
+    )
+
+
+def _check_service_ref(
+    instance: object, attribute: attrs.Attribute[str | None], value: object
+) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"service must be the name of a service, got {value!r}")
+    _check_name(instance, attribute, value)
+
+
+@attrs.frozen
+class Rule:
+    """Allow or deny traffic with a peer in ``cidr`` (``None``: every IPv4 and
+    IPv6 address), of ``protocol``, to destination ``ports`` (``None``: all;
+    only for TCP and UDP).
+
+    With ``service`` (a service name), the rule applies to packets addressed
+    to that service's VIP:port, before translation, like Kubernetes'
+    ``loadBalancerSourceRanges``; without it, to the real destination after
+    translation. See docs/policy.md for how rules combine.
+    """
+
+    action: Action = attrs.field(converter=to_action)
+    cidr: Network | None = attrs.field(default=None, converter=to_network)
+    protocol: RuleProtocol = attrs.field(default=RuleProtocol.ANY, converter=to_rule_protocol)
+    ports: tuple[int, int] | None = attrs.field(default=None, converter=to_ports)
+    service: str | None = attrs.field(default=None, validator=_check_service_ref)
+
+    def __attrs_post_init__(self) -> None:
+        if self.ports is not None and self.protocol not in (RuleProtocol.TCP, RuleProtocol.UDP):
+            raise ValueError(
+                f"ports {self.ports} need protocol 'tcp' or 'udp', got protocol "
+                f"{self.protocol.value!r} (one rule per protocol)"
+            )
+
+    @property
+    def prefixlen(self) -> int:
+        return self.cidr.prefixlen if self.cidr is not None else 0
+
+    @property
+    def port_range(self) -> tuple[int, int]:
+        return self.ports if self.ports is not None else PORT_RANGE_ALL
+
+    def matches_family(self, family: int) -> bool:
+        return self.cidr is None or self.cidr.version == family
+
+    def __str__(self) -> str:
+        parts = [self.action.value, str(self.cidr) if self.cidr is not None else "any address"]
+        if self.protocol is not RuleProtocol.ANY:
+            parts.append(self.protocol.value)
+        if self.ports is not None:
+            low, high = self.ports
+            parts.append(f"port {low}" if low == high else f"ports {low}-{high}")
+        if self.service is not None:
+            parts.append(f"to service {self.service}")
+        return " ".join(parts)
+
+
+def _to_rules(value: Iterable[Any]) -> tuple[Rule, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"rules must be a list of Rule, got {value!r}")
+    rules = tuple(value)
+    for item in rules:
+        if not isinstance(item, Rule):
+            raise ValueError(f"rules must be Rule objects, got {item!r}")
+    return rules
+
+
+def _check_policy_name(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"policy name must be a non-empty string, got {value!r}")
+    _check_name(instance, attribute, value)
+
+
+@attrs.frozen
+class Policy:
+    """Rules for one direction of traffic through the attached interfaces.
+
+    ``default="deny"`` drops what no rule allows (replies of allowed
+    connections excepted); ``"allow"`` passes it. Every policy of a direction
+    is one rule set: the direction denies by default when any of its policies
+    does. Precedence (docs/policy.md): deny beats allow; among allows or
+    among denies the most specific prefix wins.
+    """
+
+    name: str = attrs.field(validator=_check_policy_name)
+    rules: tuple[Rule, ...] = attrs.field(default=(), converter=_to_rules)
+    default: Action = attrs.field(default=Action.ALLOW, converter=to_default)
+    direction: Direction = attrs.field(default=Direction.INGRESS, converter=to_direction)
+
+    def __attrs_post_init__(self) -> None:
+        if self.direction is Direction.EGRESS:
+            for index, rule in enumerate(self.rules):
+                if rule.service is not None:
+                    raise ValueError(
+                        f"policy {self.name!r} rule {index} ({rule}) names service "
+                        f"{rule.service!r}, but service rules apply to traffic addressed to "
+                        "a VIP, which arrives on ingress: use direction='ingress'"
+                    )
+
+    def evaluate(self, packet: Any, **context: Any) -> Any:
+        """This policy's verdict on ``packet`` (a :class:`pyebpflb.policy.Packet`);
+        see :func:`pyebpflb.policy.evaluate`."""
+        from pyebpflb import policy
+
+        return policy.evaluate([self], packet, **context)

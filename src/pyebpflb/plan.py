@@ -26,12 +26,12 @@ from typing import Any
 
 import attrs
 
-from pyebpflb import maglev, maps
+from pyebpflb import maglev, maps, policy
 from pyebpflb._bpf import Map, MapType, Object, ffi
 from pyebpflb._bpf._libbpf import lib
 from pyebpflb.alias import alias_table
 from pyebpflb.errors import BpfError, MapFull
-from pyebpflb.model import Address, Backend, Protocol, Scheduler, Service
+from pyebpflb.model import Address, Backend, Policy, Protocol, Rule, Scheduler, Service
 
 logger = logging.getLogger("pyebpflb")
 
@@ -48,6 +48,7 @@ class Write:
 class Delete:
     map: str
     keys: list[Any] = attrs.Factory(list)
+    missing_ok: bool = False  # keys that may be gone already are no failure
 
 
 @attrs.define
@@ -86,6 +87,9 @@ class Plan:
     next_service_id: int
     next_backend_id: int
     changed: int
+    removal_steps: int = 0  # publish starts with this many steps of removals
+    unpublish_steps: int = 0  # undo starts with this many steps removing new services
+    policy: PolicyPlan | None = None
 
     @property
     def empty(self) -> bool:
@@ -105,10 +109,10 @@ class _Steps:
         assert isinstance(step, Write)
         step.items.append((key, value))
 
-    def delete(self, map_name: str, key: Any) -> None:
+    def delete(self, map_name: str, key: Any, *, missing_ok: bool = False) -> None:
         step = self._steps.get(("d", map_name))
         if step is None:
-            step = self._steps[("d", map_name)] = Delete(map_name)
+            step = self._steps[("d", map_name)] = Delete(map_name, missing_ok=missing_ok)
         assert isinstance(step, Delete)
         step.keys.append(key)
 
@@ -292,15 +296,165 @@ def diff(
             service, service_id, gen, tuple(ids), len(table), frozenset(slots)
         )
 
+    removal_steps = publish_removals.list()
+    unpublish = undo_first.list()
     return Plan(
+        removal_steps=len(removal_steps),
+        unpublish_steps=len(unpublish),
         prepare=prepare.list(),
-        publish=publish_removals.list() + publish_tables.list() + publish.list(),
-        undo=undo_first.list() + undo.list(),
+        publish=removal_steps + publish_tables.list() + publish.list(),
+        undo=unpublish + undo.list(),
         cleanup=cleanup.list(),
         changes=changes,
         next_service_id=next(service_ids),
         next_backend_id=next(backend_ids),
         changed=changed,
+    )
+
+
+@attrs.define
+class PolicyPlan:
+    """Replacing the installed policies: a whole new generation of lookup
+    entries is written (prepare), lb_policy flips to it (publish), and the old
+    generation goes (cleanup). Undo flips back and removes the new one."""
+
+    prepare: list[Step]
+    publish: list[Step]
+    undo: list[Step]
+    cleanup: list[Step]
+    state: maps.PolicyState
+    next_rule_id: int
+    next_policy_id: int
+
+
+def diff_policies(
+    state: maps.PolicyState,
+    wanted: list[Policy],
+    service_ids: dict[str, list[int]],
+    next_rule_id: int,
+    next_policy_id: int,
+) -> PolicyPlan:
+    """The plan that makes ``wanted`` the installed policies (already checked).
+
+    A rule keeps its id (and its counter) while its policy keeps it, wherever
+    it moves in the list; a policy keeps its id while its name stays.
+    """
+    prepare, publish, undo_head, undo, cleanup = _Steps(), _Steps(), _Steps(), _Steps(), _Steps()
+    rule_ids = itertools.count(next_rule_id)
+    policy_ids = itertools.count(next_policy_id)
+
+    old_ids: dict[tuple[str, Rule, int], policy.RuleRef] = {}
+    seen: dict[tuple[str, Rule], int] = {}
+    for ref in state.refs:
+        nth = seen[(ref.policy, ref.rule)] = seen.get((ref.policy, ref.rule), -1) + 1
+        old_ids[(ref.policy, ref.rule, nth)] = ref
+    old_by_id = {ref.id: ref for ref in state.refs}
+    installed: dict[str, tuple[int, Policy]] = {}
+    refs: list[policy.RuleRef] = []
+    seen.clear()
+    for item in wanted:
+        old = state.policies.get(item.name)
+        policy_id = old[0] if old is not None else next(policy_ids)
+        installed[item.name] = (policy_id, item)
+        info_key = maps.u32(policy_id)
+        if old is None:
+            prepare.write("lb_pol_names", info_key, maps.policy_info(item))
+            undo.delete("lb_pol_names", info_key)
+        elif old[1] != item:
+            prepare.write("lb_pol_names", info_key, maps.policy_info(item))
+            undo.write("lb_pol_names", info_key, maps.policy_info(old[1]))
+        for index, rule in enumerate(item.rules):
+            nth = seen[(item.name, rule)] = seen.get((item.name, rule), -1) + 1
+            kept = old_ids.pop((item.name, rule, nth), None)
+            ref = policy.RuleRef(kept.id if kept else next(rule_ids), item.name, index, rule)
+            refs.append(ref)
+            rule_key = maps.u32(ref.id)
+            if kept is None:
+                prepare.write("lb_pol_rules", rule_key, maps.policy_rule(ref, policy_id))
+                undo.delete("lb_pol_rules", rule_key)
+            elif kept.index != index:
+                prepare.write("lb_pol_rules", rule_key, maps.policy_rule(ref, policy_id))
+                undo.write("lb_pol_rules", rule_key, maps.policy_rule(kept, policy_id))
+    for name, (policy_id, _) in state.policies.items():
+        if name not in installed:
+            cleanup.delete("lb_pol_names", maps.u32(policy_id))
+    for gone in old_ids.values():
+        cleanup.delete("lb_pol_rules", maps.u32(gone.id))
+        cleanup.delete("lb_rule_stats", maps.u32(gone.id))
+    del old_by_id
+
+    # The generation packets do not read: first clear what a crashed change
+    # may have left there, then write it whole.
+    gen = 1 - state.gen if state.active else 0
+    stale_cidrs, stale_ports = state.keys.get(gen, ([], []))
+    for key in stale_cidrs:
+        prepare.delete("lb_pol_cidrs", key, missing_ok=True)
+    for key in stale_ports:
+        prepare.delete("lb_pol_ports", key, missing_ok=True)
+    compiled = policy.compile_policies(wanted, refs, service_ids, gen << maps.POLICY_GEN_SHIFT)
+    cidr_keys, port_keys = [], []
+    for entry in compiled.cidrs:
+        key = maps.policy_cidr_key(entry, gen)
+        cidr_keys.append(key)
+        prepare.write("lb_pol_cidrs", key, maps.u32(entry.class_id))
+    for port_entry in compiled.ports:
+        key = maps.policy_port_key(port_entry)
+        port_keys.append(key)
+        prepare.write("lb_pol_ports", key, maps.policy_verdict(port_entry))
+    for key in cidr_keys:
+        undo.delete("lb_pol_cidrs", key)
+    for key in port_keys:
+        undo.delete("lb_pol_ports", key)
+
+    # Undo flips the head back before it removes what the new head pointed at.
+    head_key = maps.u32(0)
+    if wanted:
+        publish.write("lb_policy", head_key, maps.policy_head(gen, compiled))
+    elif state.active:
+        publish.delete("lb_policy", head_key)
+    if state.active:
+        old_head = maps.policy_head(state.gen, _flags_of(state))
+        undo_head.write("lb_policy", head_key, old_head)
+        old_cidrs, old_ports = state.keys.get(state.gen, ([], []))
+        for key in old_cidrs:
+            cleanup.delete("lb_pol_cidrs", key)
+        for key in old_ports:
+            cleanup.delete("lb_pol_ports", key)
+    elif wanted:
+        undo_head.delete("lb_policy", head_key)
+
+    keys: dict[int, tuple[list[Any], list[Any]]] = {gen: (cidr_keys, port_keys), 1 - gen: ([], [])}
+    return PolicyPlan(
+        prepare=prepare.list(),
+        publish=publish.list(),
+        undo=undo_head.list() + undo.list(),
+        cleanup=cleanup.list(),
+        state=maps.PolicyState(
+            gen=gen, active=bool(wanted), policies=installed, refs=tuple(refs), keys=keys
+        ),
+        next_rule_id=next(rule_ids),
+        next_policy_id=next(policy_ids),
+    )
+
+
+def _flags_of(state: maps.PolicyState) -> policy.Compiled:
+    """The head flags of the installed policies (no entries needed)."""
+    return policy.compile_policies([p for _, p in state.policies.values()], [], {})
+
+
+def with_policies(change: Plan, policies: PolicyPlan) -> Plan:
+    """``change`` and ``policies`` as one all-or-nothing plan. The policy head flips
+    after service removals and before new services are published: a new service is
+    never reachable before the rules naming it are in force, nor a removed one after."""
+    at, back = change.removal_steps, change.unpublish_steps
+    return attrs.evolve(
+        change,
+        prepare=change.prepare + policies.prepare,
+        publish=change.publish[:at] + policies.publish + change.publish[at:],
+        undo=change.undo[:back] + policies.undo + change.undo[back:],
+        cleanup=change.cleanup + policies.cleanup,
+        changed=change.changed + 1,
+        policy=policies,
     )
 
 
@@ -371,7 +525,7 @@ def _run(obj: Object, step: Step, *, strict: bool) -> None:
     try:
         bpf_map.delete_batch(step.keys)
     except KeyError:
-        if strict:
+        if strict and not step.missing_ok:
             raise
         # Some were gone already: delete the rest one by one.
         for key in step.keys:

@@ -259,56 +259,83 @@ static __always_inline int icmp_is_error(const struct packet *pkt)
 }
 
 /*
- * An ICMP error leaving towards a client quotes the packet the backend got
- * (client -> backend:port). The client's socket knows that flow as
- * client -> VIP:port, so the quote's destination, the error's source (when
- * the backend itself sent it) and the checksums are rewritten to match.
+ * The flow an ICMP error is about, keyed the way its answers are: the error
+ * quotes a packet (src -> dst), `key` gets dst -> src with the ports swapped.
+ * 0 when the quote is of a TCP or UDP packet, -1 otherwise.
  */
-static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, const struct packet *pkt)
+struct icmp_quote {
+	__u32 daddr_off; /* the quoted destination address */
+	__u32 l4_off;	 /* the quoted transport header */
+};
+
+static __always_inline int icmp_quoted_key(struct __sk_buff *skb, const struct packet *pkt,
+					   struct pyebpflb_ct_key *key, struct icmp_quote *quote)
 {
-	struct pyebpflb_ct_key key = {.dir = PYEBPFLB_CT_REPLY, .family = pkt->family};
-	struct pyebpflb_ct_entry *entry;
-	__u32 inner_off = pkt->l4_off + 8, inner_daddr_off, inner_l4_off, csum_off = pkt->csum_off;
+	__u32 inner_off = pkt->l4_off + 8;
 	__u16 ports[2];
 	__u8 proto;
 
+	__builtin_memset(key, 0, sizeof(*key));
+	key->family = pkt->family;
 	if (!icmp_is_error(pkt))
-		return 0;
+		return -1;
 	if (pkt->family == PYEBPFLB_IPV4) {
 		struct iphdr inner;
 
 		if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)) || inner.ihl < 5)
-			return 0;
+			return -1;
 		proto = inner.protocol;
-		key.saddr.v4 = inner.daddr;
-		key.daddr.v4 = inner.saddr;
-		inner_daddr_off = inner_off + offsetof(struct iphdr, daddr);
-		inner_l4_off = inner_off + inner.ihl * 4;
+		key->saddr.v4 = inner.daddr;
+		key->daddr.v4 = inner.saddr;
+		quote->daddr_off = inner_off + offsetof(struct iphdr, daddr);
+		quote->l4_off = inner_off + inner.ihl * 4;
 	} else {
 		struct ipv6hdr inner;
 
 		if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)))
-			return 0;
+			return -1;
 		proto = inner.nexthdr;
-		__builtin_memcpy(key.saddr.bytes, &inner.daddr, 16);
-		__builtin_memcpy(key.daddr.bytes, &inner.saddr, 16);
-		inner_daddr_off = inner_off + offsetof(struct ipv6hdr, daddr);
-		inner_l4_off = inner_off + sizeof(inner);
+		__builtin_memcpy(key->saddr.bytes, &inner.daddr, 16);
+		__builtin_memcpy(key->daddr.bytes, &inner.saddr, 16);
+		quote->daddr_off = inner_off + offsetof(struct ipv6hdr, daddr);
+		quote->l4_off = inner_off + sizeof(inner);
 	}
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return -1;
+	if (bpf_skb_load_bytes(skb, quote->l4_off, ports, sizeof(ports)))
+		return -1;
+	key->proto = proto;
+	key->sport = ports[1];
+	key->dport = ports[0];
+	return 0;
+}
+
+/*
+ * An ICMP error leaving towards a client quotes the packet the backend got
+ * (client -> backend:port). The client's socket knows that flow as
+ * client -> VIP:port, so the quote's destination, the error's source (when
+ * the backend itself sent it) and the checksums are rewritten to match.
+ * 1 when the error was about a translated flow (and is translated now), 0
+ * when not, -1 when rewriting failed.
+ */
+static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, const struct packet *pkt)
+{
+	struct pyebpflb_ct_key key;
+	struct pyebpflb_ct_entry *entry;
+	struct icmp_quote quote;
+	__u32 csum_off = pkt->csum_off;
+
+	if (icmp_quoted_key(skb, pkt, &key, &quote))
 		return 0;
-	if (bpf_skb_load_bytes(skb, inner_l4_off, ports, sizeof(ports)))
-		return 0;
-	key.proto = proto;
-	key.sport = ports[1];
-	key.dport = ports[0];
+	key.dir = PYEBPFLB_CT_REPLY;
 	entry = bpf_map_lookup_elem(&lb_ct, &key);
 	if (!entry)
 		return 0;
 
 	/* The quoted destination: backend -> VIP, in the ICMP checksum. */
 	if (pkt->family == PYEBPFLB_IPV4) {
-		__u32 inner_csum_off = inner_off + offsetof(struct iphdr, check);
+		__u32 inner_csum_off = quote.daddr_off - offsetof(struct iphdr, daddr) +
+				       offsetof(struct iphdr, check);
 		__u16 old_csum, new_csum;
 
 		if (bpf_skb_load_bytes(skb, inner_csum_off, &old_csum, sizeof(old_csum)) ||
@@ -318,26 +345,26 @@ static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, const struc
 		    bpf_l4_csum_replace(skb, csum_off, old_csum, new_csum, sizeof(__u16)) ||
 		    bpf_l4_csum_replace(skb, csum_off, key.saddr.v4, entry->nat_addr.v4,
 					sizeof(__u32)) ||
-		    bpf_skb_store_bytes(skb, inner_daddr_off, &entry->nat_addr.v4, sizeof(__u32),
+		    bpf_skb_store_bytes(skb, quote.daddr_off, &entry->nat_addr.v4, sizeof(__u32),
 					0))
 			return -1;
 	} else {
 		__s64 diff = bpf_csum_diff(key.saddr.v6, 16, entry->nat_addr.v6, 16, 0);
 
 		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, 0) ||
-		    bpf_skb_store_bytes(skb, inner_daddr_off, entry->nat_addr.bytes, 16, 0))
+		    bpf_skb_store_bytes(skb, quote.daddr_off, entry->nat_addr.bytes, 16, 0))
 			return -1;
 	}
 	/* The quoted destination port. */
 	if (bpf_l4_csum_replace(skb, csum_off, key.sport, entry->nat_port, sizeof(__u16)) ||
-	    bpf_skb_store_bytes(skb, inner_l4_off + 2, &entry->nat_port, sizeof(__u16), 0))
+	    bpf_skb_store_bytes(skb, quote.l4_off + 2, &entry->nat_port, sizeof(__u16), 0))
 		return -1;
 	/* The error's own source, if the backend sent it (a router on the way keeps its own). */
 	if (addr_equal(&pkt->saddr, &key.saddr) &&
 	    rewrite_addr(skb, pkt, saddr_off(pkt), &pkt->saddr, &entry->nat_addr,
 			 pkt->family == PYEBPFLB_IPV6))
 		return -1;
-	return 0;
+	return 1;
 }
 
 #endif

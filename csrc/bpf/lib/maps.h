@@ -116,6 +116,63 @@ struct {
 	__type(value, struct pyebpflb_service_name);
 } lb_svc_names SEC(".maps");
 
+/* Network policy: see lb.h. LPM tries allocate per entry (no prealloc). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* replaced whole, read under RCU */
+	__type(key, __u32);
+	__type(value, struct pyebpflb_policy_head);
+} lb_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pyebpflb_policy_cidr_key);
+	__type(value, __u32);
+} lb_pol_cidrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pyebpflb_policy_port_key);
+	__type(value, struct pyebpflb_policy_verdict);
+} lb_pol_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_policy_rule);
+} lb_pol_rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_policy_info);
+} lb_pol_names SEC(".maps");
+
+/* Per-rule counters, created by a rule's first match. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_counter_value);
+} lb_rule_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct pyebpflb_frag_key);
+	__type(value, struct pyebpflb_frag_ports);
+} lb_frags SEC(".maps");
+
 static __always_inline void count_traffic(void *map, __u32 id, __u32 len)
 {
 	struct pyebpflb_counter_value *value = bpf_map_lookup_elem(map, &id);

@@ -20,16 +20,31 @@
 #include "pyebpflb/lb.h"
 
 #define IPV4_FRAG_MASK	     0x3fff /* more-fragments flag and fragment offset */
+#define IPV4_FRAG_OFFSET     0x1fff
+#define IPV6_FRAG_OFFSET     0xfff8
 #define IPV6_MAX_EXT_HEADERS 6
 
 #ifndef IPPROTO_ICMPV6
 #define IPPROTO_ICMPV6 58
 #endif
 
+/*
+ * The load balancer translates PARSE_OK packets only and passes the others
+ * untouched; policy (lib/policy.h) decides on all of them.
+ */
 enum parse_result {
-	PARSE_OK = 0,	     /* TCP, UDP, ICMP or ICMPv6 with its ports/type known */
-	PARSE_NOT_OURS = 1,  /* not IP, another protocol, or a fragment: pass untouched */
-	PARSE_MALFORMED = 2, /* lengths that do not add up: pass untouched */
+	PARSE_OK = 0,	       /* TCP, UDP, ICMP or ICMPv6 with its ports/type known */
+	PARSE_NOT_OURS = 1,    /* not IP */
+	PARSE_MALFORMED = 2,   /* lengths that do not add up */
+	PARSE_FRAGMENT = 3,    /* addresses and protocol known; ports in a first fragment */
+	PARSE_OTHER = 4,       /* another IP protocol: addresses and protocol known */
+	PARSE_UNSUPPORTED = 5, /* IP, but its transport header was not found */
+};
+
+enum fragment_kind {
+	FRAG_NONE = 0,
+	FRAG_FIRST = 1, /* offset 0, more to come: carries the transport header */
+	FRAG_LATER = 2, /* no transport header */
 };
 
 struct packet {
@@ -41,6 +56,9 @@ struct packet {
 	__u8 proto;
 	__u8 tcp_flags;
 	__u8 l3_hlen_ok; /* IPv4: header without options */
+	__u8 frag;	 /* enum fragment_kind */
+	__u16 icmp_id;	 /* ICMP echo identifier */
+	__u32 frag_id;
 	__u32 l3_off;
 	__u32 l4_off;
 	__u32 csum_off; /* the L4 checksum field */
@@ -99,8 +117,9 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
 		if (pkt->l4_off + sizeof(udp) > pkt->l3_end ||
 		    load_header(skb, pkt->l4_off, &udp, sizeof(udp)))
 			return PARSE_MALFORMED;
+		/* A first fragment holds only the start of the datagram. */
 		if (bpf_ntohs(udp.len) < sizeof(udp) ||
-		    pkt->l4_off + bpf_ntohs(udp.len) > pkt->l3_end)
+		    (!pkt->frag && pkt->l4_off + bpf_ntohs(udp.len) > pkt->l3_end))
 			return PARSE_MALFORMED;
 		pkt->sport = udp.source;
 		pkt->dport = udp.dest;
@@ -109,18 +128,32 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
 		return PARSE_OK;
 	}
 	if (pkt->proto == IPPROTO_ICMP || pkt->proto == IPPROTO_ICMPV6) {
-		__u16 type_code;
+		__u16 head[3]; /* type and code, checksum, echo identifier */
 
 		/* An ICMP header is 8 bytes; its checksum follows type and code. */
 		if (pkt->l4_off + 8 > pkt->l3_end ||
-		    load_header(skb, pkt->l4_off, &type_code, sizeof(type_code)))
+		    load_header(skb, pkt->l4_off, head, sizeof(head)))
 			return PARSE_MALFORMED;
-		pkt->sport = type_code;
+		pkt->sport = head[0];
+		pkt->icmp_id = head[2];
 		pkt->dport = 0;
 		pkt->csum_off = pkt->l4_off + 2;
 		return PARSE_OK;
 	}
-	return PARSE_NOT_OURS;
+	return PARSE_OTHER;
+}
+
+/* After the IP header: a fragment reports its kind, a whole packet its transport. */
+static __always_inline int parse_transport(struct __sk_buff *skb, struct packet *pkt)
+{
+	int result;
+
+	if (pkt->frag == FRAG_LATER)
+		return PARSE_FRAGMENT;
+	result = parse_l4(skb, pkt);
+	if (pkt->frag == FRAG_FIRST && (result == PARSE_OK || result == PARSE_OTHER))
+		return PARSE_FRAGMENT;
+	return result;
 }
 
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
@@ -137,8 +170,10 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
 	if (total < hlen || pkt->l3_off + total > skb->len)
 		return PARSE_MALFORMED;
 	/* Only the first fragment carries ports: fragments are not translated. */
-	if (ip.frag_off & bpf_htons(IPV4_FRAG_MASK))
-		return PARSE_NOT_OURS;
+	if (ip.frag_off & bpf_htons(IPV4_FRAG_MASK)) {
+		pkt->frag = ip.frag_off & bpf_htons(IPV4_FRAG_OFFSET) ? FRAG_LATER : FRAG_FIRST;
+		pkt->frag_id = ip.id;
+	}
 	pkt->family = PYEBPFLB_IPV4;
 	pkt->proto = ip.protocol;
 	pkt->saddr.v4 = ip.saddr;
@@ -146,7 +181,13 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
 	pkt->l3_hlen_ok = hlen == sizeof(ip);
 	pkt->l4_off = pkt->l3_off + hlen;
 	pkt->l3_end = pkt->l3_off + total;
-	return parse_l4(skb, pkt);
+	return parse_transport(skb, pkt);
+}
+
+static __always_inline int ipv6_is_extension(__u8 next)
+{
+	return next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
+	       next == IPPROTO_FRAGMENT || next == IPPROTO_AH;
 }
 
 static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
@@ -162,7 +203,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
 	payload = bpf_ntohs(ip.payload_len);
 	/* A zero payload length means a jumbogram; those are not ours. */
 	if (payload == 0)
-		return PARSE_NOT_OURS;
+		return PARSE_UNSUPPORTED;
 	if (pkt->l3_off + sizeof(ip) + payload > skb->len)
 		return PARSE_MALFORMED;
 	pkt->family = PYEBPFLB_IPV6;
@@ -175,25 +216,37 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
 
 #pragma unroll
 	for (int i = 0; i < IPV6_MAX_EXT_HEADERS; i++) {
-		__u8 ext[2]; /* next header, length */
+		/* next header, length; a fragment header: next, 0, offset and flags, id */
+		__u8 ext[8];
 
-		if (next != IPPROTO_HOPOPTS && next != IPPROTO_ROUTING && next != IPPROTO_DSTOPTS &&
-		    next != IPPROTO_FRAGMENT && next != IPPROTO_AH)
+		if (!ipv6_is_extension(next))
 			break;
-		if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)))
+		if (off + sizeof(ext) > pkt->l3_end || bpf_skb_load_bytes(skb, off, ext, sizeof(ext)))
 			return PARSE_MALFORMED;
-		if (next == IPPROTO_FRAGMENT)
-			return PARSE_NOT_OURS;
-		/* AH counts its length in 4-byte units minus 2, the others in 8-byte units minus 1.
-		 */
-		off += next == IPPROTO_AH ? (ext[1] + 2) * 4 : (ext[1] + 1) * 8;
+		if (next == IPPROTO_FRAGMENT) {
+			if (pkt->frag)
+				return PARSE_MALFORMED; /* two fragment headers */
+			pkt->frag = *(__u16 *)&ext[2] & bpf_htons(IPV6_FRAG_OFFSET) ? FRAG_LATER
+										    : FRAG_FIRST;
+			pkt->frag_id = *(__u32 *)&ext[4];
+			off += 8;
+		} else {
+			/* AH counts its length in 4-byte units minus 2, the others in
+			 * 8-byte units minus 1. */
+			off += next == IPPROTO_AH ? (ext[1] + 2) * 4 : (ext[1] + 1) * 8;
+		}
 		next = ext[0];
 		if (off > pkt->l3_end)
 			return PARSE_MALFORMED;
+		if (pkt->frag == FRAG_LATER)
+			break;
 	}
 	pkt->proto = next;
 	pkt->l4_off = off;
-	return parse_l4(skb, pkt);
+	/* Still an extension header after the most we follow: the transport is not found. */
+	if (pkt->frag != FRAG_LATER && ipv6_is_extension(next))
+		return PARSE_UNSUPPORTED;
+	return parse_transport(skb, pkt);
 }
 
 static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pkt)

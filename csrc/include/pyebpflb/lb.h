@@ -112,8 +112,10 @@ struct pyebpflb_affinity {
 };
 
 enum pyebpflb_ct_dir {
-	PYEBPFLB_CT_SERVICE = 0, /* client -> VIP: the key of a translated flow */
-	PYEBPFLB_CT_REPLY = 1,	 /* backend -> client: how to translate replies */
+	PYEBPFLB_CT_SERVICE = 0,    /* client -> VIP: the key of a translated flow */
+	PYEBPFLB_CT_REPLY = 1,	    /* backend -> client: how to translate replies */
+	PYEBPFLB_CT_POLICY_IN = 2,  /* a reply arriving on ingress to a flow policy let out */
+	PYEBPFLB_CT_POLICY_OUT = 3, /* a reply leaving on egress to a flow policy let in */
 };
 
 /* lb_ct: a flow's tuple as seen on the wire, in one direction. */
@@ -155,10 +157,13 @@ enum pyebpflb_drop_reason {
 	PYEBPFLB_DROP_NO_BACKEND = 1,
 	PYEBPFLB_DROP_CT_FULL = 2,
 	PYEBPFLB_DROP_REJECT_FAILED = 3,
+	PYEBPFLB_DROP_POLICY_DENIED = 4, /* a deny rule, or no allow under default deny */
+	PYEBPFLB_DROP_MALFORMED = 5,	 /* under policy: headers that do not add up */
+	PYEBPFLB_DROP_UNSUPPORTED = 6,	 /* under policy: no transport header found */
 	PYEBPFLB_DROP_MAX = 16,
 };
 
-#define PYEBPFLB_LB_MAPS_MAX 16
+#define PYEBPFLB_LB_MAPS_MAX 32
 
 /*
  * lb_config: the single entry; timeouts are read by the datapath, the rest by
@@ -175,6 +180,10 @@ struct pyebpflb_lb_config {
 	__u32 next_backend_id;
 	__u32 layout_version;
 	__u32 maglev_table_size; /* a prime; every Maglev table of the datapath has it */
+	__u32 policy_active;	 /* 1 once policies were installed: read lb_policy */
+	__u32 next_rule_id;
+	__u32 next_policy_id;
+	__u32 _pad;
 	char name[PYEBPFLB_DATAPATH_NAME_MAX];
 	__u32 map_ids[PYEBPFLB_LB_MAPS_MAX];
 };
@@ -182,6 +191,120 @@ struct pyebpflb_lb_config {
 /* lb_svc_names: service id -> its name (user space only). */
 struct pyebpflb_service_name {
 	char name[PYEBPFLB_NAME_MAX];
+};
+
+/*
+ * Network policy. Rules are compiled by user space into two LPM tries: the
+ * peer's address finds its class (the most specific CIDR any rule names; its
+ * entry folds in the rules of every CIDR containing it), then (class,
+ * protocol, port) finds the verdict of the port range the port falls in, with
+ * deny-beats-allow and most-specific-prefix already resolved. Two lookups,
+ * whatever the number of rules. A change writes a whole new generation, then
+ * flips lb_policy to it.
+ */
+enum pyebpflb_policy_dir {
+	PYEBPFLB_POLICY_INGRESS = 0,
+	PYEBPFLB_POLICY_EGRESS = 1,
+};
+
+enum pyebpflb_policy_action {
+	PYEBPFLB_POLICY_NONE = 0, /* no rule matches: the direction's default */
+	PYEBPFLB_POLICY_ALLOW = 1,
+	PYEBPFLB_POLICY_DENY = 2, /* greater than ALLOW: deny beats allow */
+};
+
+/* What a rule's protocol is matched against. A later fragment whose first
+ * fragment was not seen has no ports: *_NOPORT, matched by rules for every port. */
+enum pyebpflb_policy_proto {
+	PYEBPFLB_POLICY_TCP = 1,
+	PYEBPFLB_POLICY_UDP = 2,
+	PYEBPFLB_POLICY_ICMP = 3, /* ICMP or ICMPv6 */
+	PYEBPFLB_POLICY_OTHER = 4,
+	PYEBPFLB_POLICY_TCP_NOPORT = 5,
+	PYEBPFLB_POLICY_UDP_NOPORT = 6,
+};
+
+enum pyebpflb_policy_flags {
+	PYEBPFLB_POLICY_ON = 1,		  /* the direction has policies */
+	PYEBPFLB_POLICY_DEFAULT_DENY = 2, /* ... and one of them denies by default */
+};
+
+enum {
+	PYEBPFLB_POLICY_GEN_SHIFT = 31,
+	PYEBPFLB_POLICY_CIDR_FIXED_BITS = 64, /* scope, dir, family, _pad */
+	PYEBPFLB_POLICY_PORT_FIXED_BITS = 48, /* class_id, proto, _pad */
+};
+
+/* lb_policy: key 0 -> the generation in force and each direction's flags. */
+struct pyebpflb_policy_head {
+	__u32 gen;
+	__u8 ingress; /* enum pyebpflb_policy_flags */
+	__u8 egress;
+	__u16 _pad;
+};
+
+/* lb_pol_cidrs (LPM trie): the peer's address -> its class. */
+struct pyebpflb_policy_cidr_key {
+	__u32 prefixlen; /* PYEBPFLB_POLICY_CIDR_FIXED_BITS + the CIDR's */
+	__u32 scope;	 /* gen << 31 | service id (0: rules on the real destination) */
+	__u8 dir;	 /* enum pyebpflb_policy_dir */
+	__u8 family;
+	__u16 _pad;
+	union pyebpflb_addr addr;
+};
+
+/* lb_pol_ports (LPM trie): (class, protocol, destination port) -> verdict. */
+struct pyebpflb_policy_port_key {
+	__u32 prefixlen; /* PYEBPFLB_POLICY_PORT_FIXED_BITS + the port prefix's */
+	__u32 class_id;	 /* gen << 31 | class */
+	__u8 proto;	 /* enum pyebpflb_policy_proto */
+	__u8 _pad;
+	__u16 port; /* network order, so the trie's prefixes are the port's high bits */
+};
+
+struct pyebpflb_policy_verdict {
+	__u32 rule_id;
+	__u8 action;	/* enum pyebpflb_policy_action */
+	__u8 prefixlen; /* the rule's CIDR's: of two scopes' verdicts, the longer wins */
+	__u16 _pad;
+};
+
+/* lb_pol_rules: rule id -> the rule, for reading policies back (user space only). */
+struct pyebpflb_policy_rule {
+	union pyebpflb_addr addr;
+	__u8 family; /* 0: every address */
+	__u8 prefixlen;
+	__u8 action;
+	__u8 proto; /* enum pyebpflb_policy_proto, 0: any */
+	__u16 port_low;
+	__u16 port_high; /* host order; 0 and 0: every port */
+	__u32 policy_id;
+	__u32 index; /* in its policy */
+	char service[PYEBPFLB_NAME_MAX];
+};
+
+/* lb_pol_names: policy id -> what the rules belong to (user space only). */
+struct pyebpflb_policy_info {
+	char name[PYEBPFLB_NAME_MAX];
+	__u8 dir;
+	__u8 default_deny;
+	__u16 _pad;
+	__u32 rules;
+};
+
+/* lb_frags: the ports of a first fragment, for the later fragments of its datagram. */
+struct pyebpflb_frag_key {
+	union pyebpflb_addr saddr;
+	union pyebpflb_addr daddr;
+	__u32 id;
+	__u8 proto;
+	__u8 family;
+	__u16 _pad;
+};
+
+struct pyebpflb_frag_ports {
+	__u16 sport;
+	__u16 dport;
 };
 
 #endif

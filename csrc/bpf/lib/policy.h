@@ -1,0 +1,283 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * L3/L4 network policy, evaluated in the programs that balance the load.
+ * Semantics (docs/policy.md, and pyebpflb.policy.evaluate, the reference the
+ * tests compare against): deny beats allow; among allows or among denies the
+ * most specific prefix wins; what no rule matches gets the direction's
+ * default. Replies of a flow policy let through, and ICMP errors about it,
+ * pass without evaluation (a conntrack entry in lb_ct). Nothing here runs
+ * while no policy is installed.
+ */
+#ifndef PYEBPFLB_BPF_POLICY_H
+#define PYEBPFLB_BPF_POLICY_H
+
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+#include "pyebpflb/lb.h"
+#include "lib/ct.h"
+#include "lib/icmp.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+
+#define ICMP_ECHO_REQUEST   8
+#define ICMP_ECHO_REPLY	    0
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY   129
+
+enum policy_result {
+	POLICY_PASS = 0,
+	POLICY_DROP = 1,
+};
+
+static __always_inline struct pyebpflb_policy_head *
+policy_head(const struct pyebpflb_lb_config *cfg)
+{
+	__u32 zero = 0;
+
+	if (!cfg->policy_active)
+		return NULL;
+	return bpf_map_lookup_elem(&lb_policy, &zero);
+}
+
+static __always_inline __u8 policy_flags(const struct pyebpflb_policy_head *head, __u8 dir)
+{
+	return dir == PYEBPFLB_POLICY_INGRESS ? head->ingress : head->egress;
+}
+
+static __always_inline __u8 policy_proto(const struct packet *pkt, int portless)
+{
+	if (pkt->proto == IPPROTO_TCP)
+		return portless ? PYEBPFLB_POLICY_TCP_NOPORT : PYEBPFLB_POLICY_TCP;
+	if (pkt->proto == IPPROTO_UDP)
+		return portless ? PYEBPFLB_POLICY_UDP_NOPORT : PYEBPFLB_POLICY_UDP;
+	if (pkt->proto == IPPROTO_ICMP || pkt->proto == IPPROTO_ICMPV6)
+		return PYEBPFLB_POLICY_ICMP;
+	return PYEBPFLB_POLICY_OTHER;
+}
+
+/* One scope's verdict: the peer's class, then the port's range in it. */
+static __always_inline void policy_lookup(__u32 gen, __u32 scope, __u8 dir,
+					  const struct packet *pkt, __u8 proto, __u16 port,
+					  struct pyebpflb_policy_verdict *out)
+{
+	struct pyebpflb_policy_cidr_key cidr_key = {
+	    .prefixlen = PYEBPFLB_POLICY_CIDR_FIXED_BITS + 128,
+	    .scope = (gen << PYEBPFLB_POLICY_GEN_SHIFT) | scope,
+	    .dir = dir,
+	    .family = pkt->family,
+	    .addr = dir == PYEBPFLB_POLICY_INGRESS ? pkt->saddr : pkt->daddr,
+	};
+	struct pyebpflb_policy_port_key port_key = {
+	    .prefixlen = PYEBPFLB_POLICY_PORT_FIXED_BITS + 16,
+	    .proto = proto,
+	    .port = proto == PYEBPFLB_POLICY_TCP || proto == PYEBPFLB_POLICY_UDP ? port : 0,
+	};
+	struct pyebpflb_policy_verdict *found;
+	__u32 *class_id;
+
+	out->action = PYEBPFLB_POLICY_NONE;
+	class_id = bpf_map_lookup_elem(&lb_pol_cidrs, &cidr_key);
+	if (!class_id)
+		return;
+	port_key.class_id = *class_id;
+	found = bpf_map_lookup_elem(&lb_pol_ports, &port_key);
+	if (found)
+		*out = *found;
+}
+
+/*
+ * Decide on a packet of direction `dir`. `port` is its destination port after
+ * translation; a packet to a service also meets the rules naming the service
+ * (`service_id`), on its VIP's port. Of the two scopes' verdicts, deny beats
+ * allow, then the longer prefix wins, and a tie goes to the service's rule.
+ */
+static __always_inline int policy_decide(struct __sk_buff *skb,
+					 const struct pyebpflb_policy_head *head, __u8 dir,
+					 const struct packet *pkt, __u32 service_id, __u16 port,
+					 int portless, struct pyebpflb_policy_verdict *verdict)
+{
+	__u8 flags = policy_flags(head, dir), proto = policy_proto(pkt, portless);
+	struct pyebpflb_policy_verdict other;
+
+	verdict->action = PYEBPFLB_POLICY_NONE;
+	if (!(flags & PYEBPFLB_POLICY_ON))
+		return POLICY_PASS;
+	policy_lookup(head->gen, 0, dir, pkt, proto, port, verdict);
+	if (service_id) {
+		policy_lookup(head->gen, service_id, dir, pkt, proto, pkt->dport, &other);
+		if (other.action != PYEBPFLB_POLICY_NONE &&
+		    (other.action > verdict->action ||
+		     (other.action == verdict->action && other.prefixlen >= verdict->prefixlen)))
+			*verdict = other;
+	}
+	if (verdict->action != PYEBPFLB_POLICY_NONE)
+		count_or_create(&lb_rule_stats, &verdict->rule_id, skb->len);
+	if (verdict->action == PYEBPFLB_POLICY_DENY ||
+	    (verdict->action == PYEBPFLB_POLICY_NONE && (flags & PYEBPFLB_POLICY_DEFAULT_DENY))) {
+		/* verdict->rule_id (0: the default) names the reason for flow events. */
+		count_drop(PYEBPFLB_DROP_POLICY_DENIED, skb->len);
+		return POLICY_DROP;
+	}
+	return POLICY_PASS;
+}
+
+static __always_inline int icmp_type(const struct packet *pkt)
+{
+	return ((__u8 *)&pkt->sport)[0];
+}
+
+/*
+ * The key under which `pkt`'s flow is tracked for policy, as its answers
+ * will look (`reverse`: from the other side) or as `pkt` is. ICMP echo is
+ * tracked by its identifier. 0 when the packet has no trackable flow.
+ */
+static __always_inline int policy_ct_key(struct pyebpflb_ct_key *key, const struct packet *pkt,
+					 __u8 ct_dir, int reverse)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	key->proto = pkt->proto;
+	key->family = pkt->family;
+	key->dir = ct_dir;
+	key->saddr = reverse ? pkt->daddr : pkt->saddr;
+	key->daddr = reverse ? pkt->saddr : pkt->daddr;
+	if (pkt->proto == IPPROTO_TCP || pkt->proto == IPPROTO_UDP) {
+		key->sport = reverse ? pkt->dport : pkt->sport;
+		key->dport = reverse ? pkt->sport : pkt->dport;
+		return 1;
+	}
+	if (pkt->proto == IPPROTO_ICMP || pkt->proto == IPPROTO_ICMPV6) {
+		int type = icmp_type(pkt);
+		int request = pkt->proto == IPPROTO_ICMP ? ICMP_ECHO_REQUEST : ICMPV6_ECHO_REQUEST;
+		int reply = pkt->proto == IPPROTO_ICMP ? ICMP_ECHO_REPLY : ICMPV6_ECHO_REPLY;
+
+		key->sport = pkt->icmp_id;
+		return pkt->frag != FRAG_LATER && type == (reverse ? request : reply);
+	}
+	return 0;
+}
+
+/* Remember a flow policy let through, so that its answers pass the other way. */
+static __always_inline void policy_ct_record(const struct packet *pkt, __u8 answer_dir,
+					     __u64 now)
+{
+	struct pyebpflb_ct_key key;
+	struct pyebpflb_ct_entry *entry;
+
+	if (pkt->frag || !policy_ct_key(&key, pkt, answer_dir, 1))
+		return;
+	entry = bpf_map_lookup_elem(&lb_ct, &key);
+	if (entry) {
+		ct_touch(entry, pkt, now, 0);
+	} else {
+		struct pyebpflb_ct_entry fresh = {.created_ns = now, .last_seen_ns = now};
+
+		ct_touch(&fresh, pkt, now, 0);
+		bpf_map_update_elem(&lb_ct, &key, &fresh, BPF_ANY);
+	}
+}
+
+/* Is `pkt` an answer to a flow recorded for `answer_dir`, or an ICMP error about one? */
+static __always_inline int policy_ct_answer(struct __sk_buff *skb, const struct packet *pkt,
+					    __u8 answer_dir,
+					    const struct pyebpflb_lb_config *cfg, __u64 now)
+{
+	struct pyebpflb_ct_key key;
+	struct pyebpflb_ct_entry *entry;
+
+	if (pkt->proto == IPPROTO_ICMP || pkt->proto == IPPROTO_ICMPV6) {
+		struct icmp_quote quote;
+
+		if (!pkt->frag && !icmp_quoted_key(skb, pkt, &key, &quote)) {
+			/* About a flow we let through, or (ingress) one we balance. */
+			key.dir = answer_dir;
+			if (bpf_map_lookup_elem(&lb_ct, &key))
+				return 1;
+			key.dir = PYEBPFLB_CT_SERVICE;
+			return answer_dir == PYEBPFLB_CT_POLICY_IN &&
+			       bpf_map_lookup_elem(&lb_ct, &key) != NULL;
+		}
+	}
+	if (!policy_ct_key(&key, pkt, answer_dir, 0))
+		return 0;
+	entry = bpf_map_lookup_elem(&lb_ct, &key);
+	if (!entry)
+		return 0;
+	if (now - entry->last_seen_ns > ct_lifetime(cfg, entry, pkt->proto)) {
+		bpf_map_delete_elem(&lb_ct, &key);
+		return 0;
+	}
+	ct_touch(entry, pkt, now, PYEBPFLB_CT_SEEN_REPLY);
+	return 1;
+}
+
+/*
+ * A fragment: the first one records its ports for the rest of its datagram;
+ * a later one takes them from there. 1 when the ports are known.
+ */
+static __always_inline int policy_fragment_ports(struct packet *pkt)
+{
+	struct pyebpflb_frag_key key = {
+	    .saddr = pkt->saddr,
+	    .daddr = pkt->daddr,
+	    .id = pkt->frag_id,
+	    .proto = pkt->proto,
+	    .family = pkt->family,
+	};
+	struct pyebpflb_frag_ports *known;
+
+	if (pkt->frag == FRAG_FIRST) {
+		struct pyebpflb_frag_ports ports = {.sport = pkt->sport, .dport = pkt->dport};
+
+		bpf_map_update_elem(&lb_frags, &key, &ports, BPF_ANY);
+		return 1;
+	}
+	known = bpf_map_lookup_elem(&lb_frags, &key);
+	if (!known)
+		return 0;
+	pkt->sport = known->sport;
+	pkt->dport = known->dport;
+	return 1;
+}
+
+/*
+ * Policy for a packet that is not part of a balanced flow, in direction `dir`
+ * (`parsed`: what parse_packet said). Answers to flows policy let through pass;
+ * anything else is decided by the rules, and when let through, recorded so
+ * that its answers pass the other way.
+ */
+static __always_inline int policy_enforce(struct __sk_buff *skb,
+					  const struct pyebpflb_policy_head *head, __u8 dir,
+					  struct packet *pkt, int parsed,
+					  const struct pyebpflb_lb_config *cfg, __u64 now)
+{
+	__u8 answer_dir = dir == PYEBPFLB_POLICY_INGRESS ? PYEBPFLB_CT_POLICY_IN
+							 : PYEBPFLB_CT_POLICY_OUT;
+	__u8 other_dir = dir == PYEBPFLB_POLICY_INGRESS ? PYEBPFLB_CT_POLICY_OUT
+							: PYEBPFLB_CT_POLICY_IN;
+	struct pyebpflb_policy_verdict verdict;
+	int on = policy_flags(head, dir) & PYEBPFLB_POLICY_ON, portless = 0;
+
+	if (parsed == PARSE_NOT_OURS)
+		return TC_ACT_OK; /* not IP */
+	if (parsed == PARSE_MALFORMED || parsed == PARSE_UNSUPPORTED) {
+		if (!on)
+			return TC_ACT_OK;
+		count_drop(parsed == PARSE_MALFORMED ? PYEBPFLB_DROP_MALFORMED
+						     : PYEBPFLB_DROP_UNSUPPORTED,
+			   skb->len);
+		return TC_ACT_SHOT;
+	}
+	if (parsed == PARSE_FRAGMENT && pkt->proto != IPPROTO_ICMP &&
+	    pkt->proto != IPPROTO_ICMPV6)
+		portless = !policy_fragment_ports(pkt);
+	if (on && !portless && policy_ct_answer(skb, pkt, answer_dir, cfg, now))
+		return TC_ACT_OK;
+	if (policy_decide(skb, head, dir, pkt, 0, pkt->dport, portless, &verdict) == POLICY_DROP)
+		return TC_ACT_SHOT;
+	policy_ct_record(pkt, other_dir, now);
+	return TC_ACT_OK;
+}
+
+#endif

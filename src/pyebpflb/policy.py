@@ -1,0 +1,412 @@
+"""Network policy in pure Python: the reference evaluator, and the compiler
+that turns policies into the datapath's lookup tables.
+
+:func:`evaluate` is the definition of what policies mean (docs/policy.md);
+the kernel must agree with it, and the tests check that it does, packet by
+packet. :func:`compile_policies` flattens the rules so that the kernel
+decides with two longest-prefix lookups, whatever the number of rules:
+
+1. the peer address finds its *class*: the most specific CIDR any rule of the
+   direction (and scope) names. A class holds its own rules and those of
+   every CIDR containing it, so the longest match sees every rule that
+   matches the address;
+2. (class, protocol, destination port) finds the verdict of the port range
+   the port falls in: the class's port ranges are cut into pieces, each piece
+   resolved (deny beats allow, then the longest prefix, then policy name and
+   rule order) and written as port prefixes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+
+from pyebpflb.model import (
+    Action,
+    Address,
+    Backend,
+    Direction,
+    Policy,
+    Rule,
+    RuleProtocol,
+    Service,
+    to_address,
+    to_direction,
+)
+
+# enum pyebpflb_policy_proto in csrc/include/pyebpflb/lb.h (pyebpflb.maps checks they agree)
+TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT = 1, 2, 3, 4, 5, 6
+PROTO_CODES = (TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT)
+PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+
+
+def _to_protocol_number(value: object) -> int:
+    if isinstance(value, str) and value.lower() in PROTO_NUMBERS:
+        return PROTO_NUMBERS[value.lower()]
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
+        return value
+    raise ValueError(
+        f"protocol must be 'tcp', 'udp', 'icmp' or an IP protocol number 0-255, got {value!r}"
+    )
+
+
+def _to_port(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"a packet's port must be 0 to 65535 (None: not known), got {value!r}")
+    return value
+
+
+@attrs.frozen
+class Packet:
+    """A packet as policy sees it.
+
+    ``dst_port=None``: a TCP or UDP packet whose ports are not known (a later
+    fragment whose first fragment was not seen); only rules for every port
+    match it. ``protocol``: 'tcp', 'udp', 'icmp' or an IP protocol number.
+    """
+
+    src: Address = attrs.field(converter=to_address)
+    dst: Address = attrs.field(converter=to_address)
+    protocol: int = attrs.field(default=6, converter=_to_protocol_number)
+    src_port: int | None = attrs.field(default=0, converter=_to_port)
+    dst_port: int | None = attrs.field(default=0, converter=_to_port)
+    direction: Direction = attrs.field(default=Direction.INGRESS, converter=to_direction)
+
+    def __attrs_post_init__(self) -> None:
+        if self.src.version != self.dst.version:
+            raise ValueError(f"src {self.src} and dst {self.dst} are of different IP versions")
+        if self.protocol == 1 and self.src.version == 6:
+            object.__setattr__(self, "protocol", 58)
+
+    @property
+    def family(self) -> int:
+        return self.src.version
+
+    @property
+    def peer(self) -> Address:
+        return self.src if self.direction is Direction.INGRESS else self.dst
+
+    @property
+    def proto_code(self) -> int:
+        if self.protocol == 6:
+            return TCP if self.dst_port is not None else TCP_NOPORT
+        if self.protocol == 17:
+            return UDP if self.dst_port is not None else UDP_NOPORT
+        if self.protocol in (1, 58):
+            return ICMP
+        return OTHER
+
+
+@attrs.frozen
+class Verdict:
+    """What policy does with a packet: ``action``, and why.
+
+    ``reason`` is "rule" (``policy`` and ``rule``, its index, name the rule
+    that decided), "default" (no rule matched; the direction's default) or
+    "no policy" (no policy for the packet's direction).
+    """
+
+    action: Action
+    reason: str
+    policy: str | None = None
+    rule: int | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.action is Action.ALLOW
+
+    def __str__(self) -> str:
+        if self.reason == "rule":
+            return f"{self.action.value} by policy {self.policy!r} rule {self.rule}"
+        return f"{self.action.value} ({self.reason})"
+
+
+def _protocol_matches(rule: Rule, code: int) -> bool:
+    """Does ``rule`` apply to packets of protocol ``code`` (its ports aside)?"""
+    if rule.protocol is RuleProtocol.ANY:
+        return True
+    if code in (TCP, TCP_NOPORT):
+        return rule.protocol is RuleProtocol.TCP and (code == TCP or rule.ports is None)
+    if code in (UDP, UDP_NOPORT):
+        return rule.protocol is RuleProtocol.UDP and (code == UDP or rule.ports is None)
+    return code == ICMP and rule.protocol is RuleProtocol.ICMP
+
+
+def _contains(rule: Rule, address: Address) -> bool:
+    return rule.cidr is None or (rule.cidr.version == address.version and address in rule.cidr)
+
+
+Candidate = tuple[int, int, str, int]  # (-prefixlen, scope rank, policy name, index): smaller wins
+
+
+def evaluate(
+    policies: Iterable[Policy],
+    packet: Packet,
+    *,
+    service: Service | None = None,
+    backend: Backend | None = None,
+) -> Verdict:
+    """The verdict of ``policies`` on ``packet``: the reference semantics.
+
+    ``service`` is the service the packet is addressed to (its VIP:port), if
+    any, and ``backend`` the backend it is translated to; rules naming the
+    service see the VIP's port, the others the backend's (the VIP's when there
+    is no backend). Rules are matched by the peer (source on ingress,
+    destination on egress), protocol and destination port. Then:
+
+    - a matching deny beats any matching allow;
+    - among the matching rules of that action, the most specific CIDR wins
+      (then a rule naming the service, then policy name, then rule order:
+      this only decides which rule is reported and counted);
+    - no matching rule: deny if any policy of the direction has
+      ``default="deny"``, else allow.
+    """
+    mine = [p for p in policies if p.direction is packet.direction]
+    if not mine:
+        return Verdict(Action.ALLOW, "no policy")
+    code = packet.proto_code
+    best: dict[Action, tuple[Candidate, Policy, int]] = {}
+    for policy in mine:
+        for index, rule in enumerate(policy.rules):
+            if not _protocol_matches(rule, code) or not _contains(rule, packet.peer):
+                continue
+            if rule.service is not None:
+                if service is None or rule.service != service.name:
+                    continue
+                port = packet.dst_port
+                rank = 0
+            else:
+                port = packet.dst_port
+                if service is not None and backend is not None:
+                    port = backend.port
+                rank = 1
+            if code in (TCP, UDP):
+                low, high = rule.port_range
+                assert port is not None
+                if not low <= port <= high:
+                    continue
+            candidate = (-rule.prefixlen, rank, policy.name, index)
+            if rule.action not in best or candidate < best[rule.action][0]:
+                best[rule.action] = (candidate, policy, index)
+    for action in (Action.DENY, Action.ALLOW):
+        if action in best:
+            _, policy, index = best[action]
+            return Verdict(action, "rule", policy.name, index)
+    deny = any(p.default is Action.DENY for p in mine)
+    return Verdict(Action.DENY if deny else Action.ALLOW, "default")
+
+
+# -- compiling ----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RuleRef:
+    """One installed rule: its id in the kernel and where it comes from."""
+
+    id: int
+    policy: str
+    index: int
+    rule: Rule
+
+
+@attrs.frozen
+class CidrEntry:
+    direction: Direction
+    scope: int  # service id, 0: the real destination
+    family: int
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    class_id: int
+
+
+@attrs.frozen
+class PortEntry:
+    class_id: int
+    proto: int
+    port: int  # the prefix's first port
+    port_prefixlen: int  # 0..16
+    action: Action
+    rule_id: int
+    cidr_prefixlen: int
+
+
+@attrs.frozen
+class Compiled:
+    cidrs: list[CidrEntry]
+    ports: list[PortEntry]
+    ingress_on: bool
+    ingress_deny: bool
+    egress_on: bool
+    egress_deny: bool
+
+
+def port_prefixes(low: int, high: int) -> list[tuple[int, int]]:
+    """The fewest (first port, prefix length) blocks covering ``low..high`` exactly."""
+    blocks = []
+    while low <= high:
+        size = low & -low if low else 1 << 16
+        while low + size - 1 > high:
+            size >>= 1
+        blocks.append((low, 16 - size.bit_length() + 1))
+        low += size
+    return blocks
+
+
+def _resolve(
+    members: Sequence[tuple[Candidate, Action, int, tuple[int, int], int]],
+) -> list[tuple[int, int, Action, int, int]]:
+    """Cut 0..65535 into pieces where the winner is the same: (low, high, action, rule id,
+    prefixlen). ``members``: (rank, action, rule id, port range, prefixlen) per rule."""
+    starts = sorted(members, key=lambda m: m[3][0])
+    points = sorted({0} | {m[3][0] for m in members} | {m[3][1] + 1 for m in members})
+    heaps: dict[Action, list[tuple[Candidate, int, int, int]]] = {
+        Action.DENY: [],
+        Action.ALLOW: [],
+    }
+    pieces: list[tuple[int, int, Action, int, int]] = []
+    at = 0
+    for i, low in enumerate(points):
+        if low > 65535:
+            break
+        high = (points[i + 1] - 1) if i + 1 < len(points) else 65535
+        while at < len(starts) and starts[at][3][0] <= low:
+            rank, action, rule_id, (_, end), prefixlen = starts[at]
+            heapq.heappush(heaps[action], (rank, end, rule_id, prefixlen))
+            at += 1
+        winner = None
+        for action in (Action.DENY, Action.ALLOW):
+            heap = heaps[action]
+            while heap and heap[0][1] < low:
+                heapq.heappop(heap)
+            if heap:
+                _, _, rule_id, prefixlen = heap[0]
+                winner = (action, rule_id, prefixlen)
+                break
+        if winner is None:
+            continue
+        if pieces and pieces[-1][1] == low - 1 and pieces[-1][2:] == winner:
+            pieces[-1] = (pieces[-1][0], high, *winner)
+        else:
+            pieces.append((low, high, *winner))
+    return pieces
+
+
+def compile_policies(
+    policies: Sequence[Policy],
+    refs: Sequence[RuleRef],
+    service_ids: dict[str, list[int]],
+    class_base: int = 0,
+) -> Compiled:
+    """The lookup tables of ``policies`` (whose rules are ``refs``, ids assigned).
+
+    ``service_ids`` maps a service name to the ids of the installed services of
+    that name; ``class_base`` is or-ed into every class id (the generation).
+    """
+    by_policy = {p.name: p for p in policies}
+    groups: dict[tuple[Direction, int, int], list[RuleRef]] = {}
+    for ref in refs:
+        direction = by_policy[ref.policy].direction
+        scopes = service_ids[ref.rule.service] if ref.rule.service is not None else [0]
+        families = (ref.rule.cidr.version,) if ref.rule.cidr is not None else (4, 6)
+        for scope in scopes:
+            for family in families:
+                groups.setdefault((direction, scope, family), []).append(ref)
+
+    cidrs: list[CidrEntry] = []
+    ports: list[PortEntry] = []
+    next_class = 1
+    for (direction, scope, family), members in sorted(
+        groups.items(), key=lambda g: (g[0][0].value, g[0][1], g[0][2])
+    ):
+        bits = 32 if family == 4 else 128
+        by_cidr: dict[tuple[int, int], list[RuleRef]] = {}
+        for ref in members:
+            cidr = ref.rule.cidr
+            at = (0, 0) if cidr is None else (cidr.prefixlen, int(cidr.network_address))
+            by_cidr.setdefault(at, []).append(ref)
+        for prefixlen, network in sorted(by_cidr):
+            # Every rule whose CIDR contains this one: walk up the prefixes.
+            applying: list[RuleRef] = []
+            for length in range(prefixlen, -1, -1):
+                mask = ((1 << length) - 1) << (bits - length) if length else 0
+                applying.extend(by_cidr.get((length, network & mask), ()))
+            class_id = class_base | next_class
+            next_class += 1
+            net_type = ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network
+            cidrs.append(
+                CidrEntry(direction, scope, family, net_type((network, prefixlen)), class_id)
+            )
+            for code in PROTO_CODES:
+                relevant = [
+                    (
+                        (-r.rule.prefixlen, 0, r.policy, r.index),
+                        r.rule.action,
+                        r.id,
+                        r.rule.port_range if code in (TCP, UDP) else (0, 65535),
+                        r.rule.prefixlen,
+                    )
+                    for r in applying
+                    if _protocol_matches(r.rule, code)
+                ]
+                if not relevant:
+                    continue
+                for low, high, action, rule_id, cidr_len in _resolve(relevant):
+                    if code not in (TCP, UDP):
+                        low, high = 0, 65535
+                    for port, length in port_prefixes(low, high):
+                        ports.append(
+                            PortEntry(class_id, code, port, length, action, rule_id, cidr_len)
+                        )
+    return Compiled(
+        cidrs=cidrs,
+        ports=ports,
+        ingress_on=any(p.direction is Direction.INGRESS for p in policies),
+        ingress_deny=any(
+            p.direction is Direction.INGRESS and p.default is Action.DENY for p in policies
+        ),
+        egress_on=any(p.direction is Direction.EGRESS for p in policies),
+        egress_deny=any(
+            p.direction is Direction.EGRESS and p.default is Action.DENY for p in policies
+        ),
+    )
+
+
+def check_policies(policies: Iterable[Any], service_names: Iterable[str]) -> list[Policy]:
+    """``policies`` as a list, after checking what the model cannot check alone: unique
+    names, and that every service a rule names exists. Raises ``ValueError``."""
+    names = set(service_names)
+    result: list[Policy] = []
+    seen: set[str] = set()
+    for policy in policies:
+        if not isinstance(policy, Policy):
+            raise ValueError(f"expected a Policy, got {policy!r}")
+        if policy.name in seen:
+            raise ValueError(f"two policies are named {policy.name!r}; names must be unique")
+        seen.add(policy.name)
+        for index, rule in enumerate(policy.rules):
+            if rule.service is not None and rule.service not in names:
+                known = ", ".join(sorted(repr(n) for n in names if n)) or "none"
+                raise ValueError(
+                    f"policy {policy.name!r} rule {index} ({rule}) names service "
+                    f"{rule.service!r}, which is not installed (or this change removes it); "
+                    f"services by name: {known}"
+                )
+        result.append(policy)
+    return result
+
+
+__all__ = [
+    "Compiled",
+    "Packet",
+    "RuleRef",
+    "Verdict",
+    "check_policies",
+    "compile_policies",
+    "evaluate",
+    "port_prefixes",
+]
