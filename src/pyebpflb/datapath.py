@@ -599,11 +599,15 @@ class Datapath:
         return self._object.map("lb_ct").lookup_batch()
 
     def flush_conntrack(self) -> int:
-        """Forget every tracked flow; the next packet of each picks a backend anew."""
+        """Forget every tracked flow (and the ports of fragmented datagrams): the next
+        packet of each picks a backend anew, and meets policy as a new flow.
+        Returns how many conntrack entries went."""
         self._live()
         ct = self._object.map("lb_ct")
         keys = [key for key, _ in ct.lookup_batch()]
         plan._run(self._object, plan.Delete("lb_ct", keys), strict=False)
+        frags = [key for key, _ in self._object.map("lb_frags").lookup_batch()]
+        plan._run(self._object, plan.Delete("lb_frags", frags), strict=False)
         return len(keys)
 
     # -- lifetime ----------------------------------------------------------------------------

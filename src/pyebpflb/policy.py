@@ -41,6 +41,7 @@ from pyebpflb.model import (
 # enum pyebpflb_policy_proto in csrc/include/pyebpflb/lb.h (pyebpflb.maps checks they agree)
 TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT = 1, 2, 3, 4, 5, 6
 PROTO_CODES = (TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT)
+NDISC_TYPES = (133, 137)  # ICMPv6 neighbour discovery: IPv6 needs it, no policy stops it
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 
 
@@ -77,6 +78,7 @@ class Packet:
     src_port: int | None = attrs.field(default=0, converter=_to_port)
     dst_port: int | None = attrs.field(default=0, converter=_to_port)
     direction: Direction = attrs.field(default=Direction.INGRESS, converter=to_direction)
+    icmp_type: int = attrs.field(default=-1)  # ICMP(v6) type; -1: an echo request
 
     def __attrs_post_init__(self) -> None:
         if self.src.version != self.dst.version:
@@ -108,8 +110,9 @@ class Verdict:
     """What policy does with a packet: ``action``, and why.
 
     ``reason`` is "rule" (``policy`` and ``rule``, its index, name the rule
-    that decided), "default" (no rule matched; the direction's default) or
-    "no policy" (no policy for the packet's direction).
+    that decided), "default" (no rule matched; the direction's default),
+    "no policy" (no policy for the packet's direction) or "neighbour
+    discovery" (ICMPv6 types 133-137, always let through).
     """
 
     action: Action
@@ -170,6 +173,8 @@ def evaluate(
     mine = [p for p in policies if p.direction is packet.direction]
     if not mine:
         return Verdict(Action.ALLOW, "no policy")
+    if packet.protocol == 58 and NDISC_TYPES[0] <= packet.icmp_type <= NDISC_TYPES[1]:
+        return Verdict(Action.ALLOW, "neighbour discovery")
     code = packet.proto_code
     best: dict[Action, tuple[Candidate, Policy, int]] = {}
     for policy in mine:

@@ -25,6 +25,8 @@
 #define ICMP_ECHO_REPLY	    0
 #define ICMPV6_ECHO_REQUEST 128
 #define ICMPV6_ECHO_REPLY   129
+#define ICMPV6_NDISC_FIRST  133 /* router solicitation */
+#define ICMPV6_NDISC_LAST   137 /* redirect */
 
 enum policy_result {
 	POLICY_PASS = 0,
@@ -269,6 +271,10 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 			   skb->len);
 		return TC_ACT_SHOT;
 	}
+	/* IPv6 needs neighbour discovery on the link: no policy stops it. */
+	if (parsed == PARSE_OK && pkt->proto == IPPROTO_ICMPV6 &&
+	    icmp_type(pkt) >= ICMPV6_NDISC_FIRST && icmp_type(pkt) <= ICMPV6_NDISC_LAST)
+		return TC_ACT_OK;
 	if (parsed == PARSE_FRAGMENT && pkt->proto != IPPROTO_ICMP &&
 	    pkt->proto != IPPROTO_ICMPV6)
 		portless = !policy_fragment_ports(pkt);
