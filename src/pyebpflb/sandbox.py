@@ -214,17 +214,19 @@ class Sandbox:
         *,
         timeout: float = 2.0,
         source_port: int | None = None,
+        source: Address | str | None = None,
     ) -> str:
         """GET / from the client on a new connection; the answering backend's name.
 
-        ``source_port`` fixes the client's port, so the flow's 5-tuple is known.
+        ``source_port`` fixes the client's port, so the flow's 5-tuple is known;
+        ``source`` its address (one of the client's, see :meth:`add_client_address`).
         """
         target = ipaddress.ip_address(address)
         with self.client.socket(target.version) as sock:
             sock.settimeout(timeout)
-            if source_port is not None:
+            if source_port is not None or source is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("", source_port))
+                sock.bind((str(source or ""), source_port or 0))
             sock.connect((str(target), port))
             sock.sendall(b"GET / HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n")
             return _http_body(sock)
@@ -240,21 +242,36 @@ class Sandbox:
         return HttpConnection(sock)
 
     def udp_request(
-        self, address: Address | str, port: int, *, timeout: float = 2.0
+        self,
+        address: Address | str,
+        port: int,
+        *,
+        timeout: float = 2.0,
+        payload: bytes = b"hello",
     ) -> tuple[str, Address]:
         """One datagram from the client; (the answering backend's name, the reply's source).
 
         The socket is connected, as a DNS client's is: it takes replies only
         from ``address``, and an ICMP port unreachable raises
-        ``ConnectionRefusedError``.
+        ``ConnectionRefusedError``. A ``payload`` over the link's MTU (1500)
+        leaves in IP fragments.
         """
         target = ipaddress.ip_address(address)
         with self.client.socket(target.version, socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
             sock.connect((str(target), port))
-            sock.send(b"hello")
+            sock.send(payload)
             data, source = sock.recvfrom(2048)
         return data.decode().strip(), ipaddress.ip_address(source[0])
+
+    def add_client_address(self, address: Address | str) -> Address:
+        """Give the client another address on its link (a second client, as the
+        load balancer sees it); it goes with the sandbox."""
+        added = ipaddress.ip_address(address)
+        length = 24 if added.version == 4 else 64
+        extra = ["nodad"] if added.version == 6 else []
+        _ip("-n", self.client.netns, "addr", "add", f"{added}/{length}", "dev", "eth0", *extra)
+        return added
 
     # -- tearing down -----------------------------------------------------------------------------
     def close(self) -> None:
