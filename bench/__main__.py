@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import pathlib
+import statistics
 import sys
 import time
 from typing import Any
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     results["cost"] = measure_costs(args)
     results["maglev"] = measure_maglev(args)
+    results["policy"] = measure_policy(args)
     results["memory"] = measure_memory(10 if args.smoke else 10_000)
     results["seconds"] = time.monotonic() - started
     return results
@@ -225,6 +227,56 @@ def measure_maglev(args: argparse.Namespace) -> dict[str, Any]:
         "build seconds": build,
         "new flow": new_flow,
     }
+
+
+def policy_rules(count: int) -> list[lb.Rule]:
+    """``count`` rules, the measured packet's (10.1.0.5, TCP 80) among them: /32s and
+    /24s of 10.100.0.0/14, allow and deny, single ports and ranges."""
+    rules = [lb.Rule("allow", "10.1.0.5/32", "tcp", 80)]
+    for i in range(count - 1):
+        length = 32 if i % 4 else 24
+        address = ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.100.0.0")) + i * 256)
+        network = ipaddress.IPv4Network((address, length), strict=False)
+        ports = 1000 + i % 5000 if i % 2 else (2000, 2000 + i % 3000)
+        rules.append(lb.Rule("deny" if i % 3 == 0 else "allow", network, "tcp", ports))
+    return rules
+
+
+def measure_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-packet cost under policy with 1 and with many rules (BPF_PROG_TEST_RUN), the
+    two datapaths measured in alternation; and the time to install the rules."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    def tcp(dst: str) -> bytes:
+        return bytes(Ether() / IP(src="10.1.0.5", dst=dst) / TCP(sport=999, dport=80, flags="A"))
+
+    many = 100 if args.smoke else 10_000
+    mirror = lb.Service(vip="10.95.0.1", port=80, backends=[lb.Backend("10.95.0.1", 80)])
+    cases = {"no policy": [], "1 rule": policy_rules(1), f"{many} rules": policy_rules(many)}
+    results: dict[str, Any] = {"rules": many, "ns": {}, "sync seconds": {}}
+    datapaths = {}
+    try:
+        for label, rules in cases.items():
+            dp = datapaths[label] = lb.Datapath(f"bench-policy-{len(datapaths)}")
+            started = time.perf_counter()
+            dp.sync([mirror], [lb.Policy("bench", rules, default="deny")] if rules else [])
+            results["sync seconds"][label] = time.perf_counter() - started
+            ingress = dp._object.program("lb_ingress")
+            ingress.test_run(tcp("10.95.0.1"))  # the flow the conntrack-hit runs hit
+        samples: dict[tuple[str, str], list[float]] = {}
+        for _ in range(3 if args.smoke else 7):
+            for label, dp in datapaths.items():
+                ingress = dp._object.program("lb_ingress")
+                for what, dst in (("conntrack hit", "10.95.0.1"), ("non-service", "10.200.0.1")):
+                    samples.setdefault((what, label), []).append(
+                        measure.packet_cost(ingress, tcp(dst), args.repeat)
+                    )
+        results["ns"] = {key: statistics.median(v) for key, v in samples.items()}
+    finally:
+        for dp in datapaths.values():
+            dp.close()
+    return results
 
 
 def measure_memory(n: int) -> dict[str, Any]:

@@ -10,7 +10,8 @@
         dp.attach("eth0")
         dp.sync([web])
 
-The model (:class:`Service`, :class:`Backend`) and the errors import anywhere,
+The model (:class:`Service`, :class:`Backend`, :class:`Policy`, :class:`Rule`) and
+the errors import anywhere,
 without root and without a kernel; the kernel-facing names (:class:`Datapath`,
 :class:`Sandbox`, :class:`InterfaceCounter`) load the libbpf binding on first use.
 """
@@ -30,7 +31,18 @@ from pyebpflb.errors import (
     PyEbpfLbError,
     VerifierError,
 )
-from pyebpflb.model import Backend, BackendState, Protocol, Scheduler, Service
+from pyebpflb.model import (
+    Action,
+    Backend,
+    BackendState,
+    Direction,
+    Policy,
+    Protocol,
+    Rule,
+    RuleProtocol,
+    Scheduler,
+    Service,
+)
 
 if TYPE_CHECKING:
     from pyebpflb.counter import Count, InterfaceCounter
@@ -65,6 +77,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Action",
     "Attachment",
     "Backend",
     "BackendState",
@@ -72,14 +85,18 @@ __all__ = [
     "ConntrackTimeouts",
     "Count",
     "Datapath",
+    "Direction",
     "InterfaceCounter",
     "LoadError",
     "MapFull",
     "MissingPrivilege",
     "NotFound",
     "NotSupported",
+    "Policy",
     "Protocol",
     "PyEbpfLbError",
+    "Rule",
+    "RuleProtocol",
     "Sandbox",
     "Scheduler",
     "Service",
