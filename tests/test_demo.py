@@ -21,6 +21,9 @@ def test_demo_balances_survives_a_backend_removal_and_cleans_up() -> None:
     after = text.split("100 new requests after the change:")[1].split("services read back")[0]
     assert "my-app-2  0" in after
     assert "refused in" in text
+    policy = text.split("network policy my-app-source-ranges")[1]
+    assert "10.90.0.2  answered by my-app-" in policy
+    assert "10.90.0.3  no answer: dropped in tc" in policy
     assert "namespaces removed" in text
     assert not [ns for ns in namespaces.netns.listnetns() if ns.startswith("pyebpflb-demo")]
 

@@ -182,8 +182,8 @@ int lb_ingress(struct __sk_buff *skb)
 	policy = policy_head(cfg);
 	if (parsed != PARSE_OK || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)) {
 		if (policy)
-			return policy_enforce(skb, policy, PYEBPFLB_POLICY_INGRESS, &pkt, parsed, cfg,
-					      now);
+			return policy_enforce(skb, policy, PYEBPFLB_POLICY_INGRESS, &pkt, parsed,
+					      cfg, now);
 		return TC_ACT_OK;
 	}
 
@@ -241,8 +241,8 @@ int lb_ingress(struct __sk_buff *skb)
 	svc = bpf_map_lookup_elem(&lb_services, &svc_key);
 	if (!svc) {
 		if (policy)
-			return policy_enforce(skb, policy, PYEBPFLB_POLICY_INGRESS, &pkt, parsed, cfg,
-					      now);
+			return policy_enforce(skb, policy, PYEBPFLB_POLICY_INGRESS, &pkt, parsed,
+					      cfg, now);
 		return TC_ACT_OK;
 	}
 	backend_id = 0;
@@ -300,8 +300,8 @@ int lb_egress(struct __sk_buff *skb)
 	policy = policy_head(cfg);
 	if (parsed != PARSE_OK) {
 		if (policy)
-			return policy_enforce(skb, policy, PYEBPFLB_POLICY_EGRESS, &pkt, parsed, cfg,
-					      bpf_ktime_get_coarse_ns());
+			return policy_enforce(skb, policy, PYEBPFLB_POLICY_EGRESS, &pkt, parsed,
+					      cfg, bpf_ktime_get_coarse_ns());
 		return TC_ACT_OK;
 	}
 	if (pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6) {
@@ -320,8 +320,8 @@ int lb_egress(struct __sk_buff *skb)
 	reply = bpf_map_lookup_elem(&lb_ct, &key);
 	if (!reply) {
 		if (policy)
-			return policy_enforce(skb, policy, PYEBPFLB_POLICY_EGRESS, &pkt, parsed, cfg,
-					      bpf_ktime_get_coarse_ns());
+			return policy_enforce(skb, policy, PYEBPFLB_POLICY_EGRESS, &pkt, parsed,
+					      cfg, bpf_ktime_get_coarse_ns());
 		return TC_ACT_OK;
 	}
 	/* The flow's life is kept on its SERVICE entry; replies refresh it too. */

@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from pyebpflb.datapath import Datapath
-from pyebpflb.model import Backend, Service
+from pyebpflb.model import Backend, Policy, Rule, Service
 from pyebpflb.sandbox import BACKEND_PORT, Sandbox
 
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
+SECOND_CLIENT = "10.90.0.3"
 REQUESTS = 300
 
 
@@ -33,6 +34,40 @@ def _table(rows: Sequence[Sequence[str]], out: Callable[[str], None]) -> None:
 
 def _spread(sandbox: Sandbox, vip: str, count: int) -> collections.Counter[str]:
     return collections.Counter(sandbox.http_get(vip, 80) for _ in range(count))
+
+
+def _policy(sandbox: Sandbox, dp: Datapath, service: Service, out: Callable[[str], None]) -> None:
+    """loadBalancerSourceRanges: only the first client may reach the service."""
+    second = sandbox.add_client_address(SECOND_CLIENT)
+    allowed = f"{sandbox.client.ipv4}/32"
+    policy = Policy(
+        "my-app-source-ranges",
+        [Rule("allow", allowed, service=service.name)],
+        default="deny",
+    )
+    dp.upsert_policy(policy)
+    out(
+        f"\nnetwork policy {policy.name}: ingress allows {allowed} to {service.name} "
+        "(like loadBalancerSourceRanges), denies the rest"
+    )
+    rows = [("client", "request to " + VIP4 + ":80")]
+    for source in (sandbox.client.ipv4, second):
+        try:
+            rows.append(
+                (
+                    str(source),
+                    "answered by " + sandbox.http_get(VIP4, 80, source=source, timeout=1.0),
+                )
+            )
+        except TimeoutError:
+            rows.append((str(source), "no answer: dropped in tc"))
+    _table(rows, out)
+    stats = dp.policy_stats(policy)
+    out(
+        f"  rule 0 matched {stats[0].packets} packets; "
+        f"drops for 'policy denied': {dp.drops()['policy denied'].packets}"
+    )
+    dp.remove_policy(policy)
 
 
 def run(out: Callable[[str], None] = print) -> int:
@@ -153,6 +188,7 @@ def run(out: Callable[[str], None] = print) -> int:
                 f"\na service with no endpoints (default/no-pods-yet, 10.96.0.20:80): {refused}"
                 f" (a TCP reset from the datapath; drops: {dp.drops()['no backend'].packets})"
             )
+            _policy(sandbox, dp, my_app(4, ["my-app-1", "my-app-3"]), out)
         out("\ndatapath detached, maps unpinned, namespaces removed")
     if failures:
         out(f"FAILED: {failures[:3]}")

@@ -232,16 +232,20 @@ assert (
 
 
 def policy_head(gen: int, compiled: policy.Compiled) -> Any:
-    def flags(on: bool, deny: bool) -> int:
-        return (lib.PYEBPFLB_POLICY_ON if on else 0) | (
-            lib.PYEBPFLB_POLICY_DEFAULT_DENY if deny else 0
+    def flags(on: bool, deny: bool, service_rules: bool = False) -> int:
+        return (
+            (lib.PYEBPFLB_POLICY_ON if on else 0)
+            | (lib.PYEBPFLB_POLICY_DEFAULT_DENY if deny else 0)
+            | (lib.PYEBPFLB_POLICY_SERVICE_RULES if service_rules else 0)
         )
 
     return ffi.new(
         "struct pyebpflb_policy_head *",
         {
             "gen": gen,
-            "ingress": flags(compiled.ingress_on, compiled.ingress_deny),
+            "ingress": flags(
+                compiled.ingress_on, compiled.ingress_deny, compiled.ingress_service_rules
+            ),
             "egress": flags(compiled.egress_on, compiled.egress_deny),
         },
     )

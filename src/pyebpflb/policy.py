@@ -246,6 +246,7 @@ class Compiled:
     ports: list[PortEntry]
     ingress_on: bool
     ingress_deny: bool
+    ingress_service_rules: bool  # a rule names a service: packets to services look twice
     egress_on: bool
     egress_deny: bool
 
@@ -374,6 +375,7 @@ def compile_policies(
         ingress_deny=any(
             p.direction is Direction.INGRESS and p.default is Action.DENY for p in policies
         ),
+        ingress_service_rules=any(r.service is not None for p in policies for r in p.rules),
         egress_on=any(p.direction is Direction.EGRESS for p in policies),
         egress_deny=any(
             p.direction is Direction.EGRESS and p.default is Action.DENY for p in policies

@@ -334,8 +334,8 @@ static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, const struc
 
 	/* The quoted destination: backend -> VIP, in the ICMP checksum. */
 	if (pkt->family == PYEBPFLB_IPV4) {
-		__u32 inner_csum_off = quote.daddr_off - offsetof(struct iphdr, daddr) +
-				       offsetof(struct iphdr, check);
+		__u32 inner_csum_off =
+		    quote.daddr_off - offsetof(struct iphdr, daddr) + offsetof(struct iphdr, check);
 		__u16 old_csum, new_csum;
 
 		if (bpf_skb_load_bytes(skb, inner_csum_off, &old_csum, sizeof(old_csum)) ||

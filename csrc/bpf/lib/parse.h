@@ -221,7 +221,8 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
 
 		if (!ipv6_is_extension(next))
 			break;
-		if (off + sizeof(ext) > pkt->l3_end || bpf_skb_load_bytes(skb, off, ext, sizeof(ext)))
+		if (off + sizeof(ext) > pkt->l3_end ||
+		    bpf_skb_load_bytes(skb, off, ext, sizeof(ext)))
 			return PARSE_MALFORMED;
 		if (next == IPPROTO_FRAGMENT) {
 			if (pkt->frag)

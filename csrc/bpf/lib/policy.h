@@ -107,7 +107,7 @@ static __always_inline int policy_decide(struct __sk_buff *skb,
 	if (!(flags & PYEBPFLB_POLICY_ON))
 		return POLICY_PASS;
 	policy_lookup(head->gen, 0, dir, pkt, proto, port, verdict);
-	if (service_id) {
+	if (service_id && (flags & PYEBPFLB_POLICY_SERVICE_RULES)) {
 		policy_lookup(head->gen, service_id, dir, pkt, proto, pkt->dport, &other);
 		if (other.action != PYEBPFLB_POLICY_NONE &&
 		    (other.action > verdict->action ||
@@ -161,8 +161,7 @@ static __always_inline int policy_ct_key(struct pyebpflb_ct_key *key, const stru
 }
 
 /* Remember a flow policy let through, so that its answers pass the other way. */
-static __always_inline void policy_ct_record(const struct packet *pkt, __u8 answer_dir,
-					     __u64 now)
+static __always_inline void policy_ct_record(const struct packet *pkt, __u8 answer_dir, __u64 now)
 {
 	struct pyebpflb_ct_key key;
 	struct pyebpflb_ct_entry *entry;
@@ -182,8 +181,8 @@ static __always_inline void policy_ct_record(const struct packet *pkt, __u8 answ
 
 /* Is `pkt` an answer to a flow recorded for `answer_dir`, or an ICMP error about one? */
 static __always_inline int policy_ct_answer(struct __sk_buff *skb, const struct packet *pkt,
-					    __u8 answer_dir,
-					    const struct pyebpflb_lb_config *cfg, __u64 now)
+					    __u8 answer_dir, const struct pyebpflb_lb_config *cfg,
+					    __u64 now)
 {
 	struct pyebpflb_ct_key key;
 	struct pyebpflb_ct_entry *entry;
@@ -254,10 +253,10 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 					  struct packet *pkt, int parsed,
 					  const struct pyebpflb_lb_config *cfg, __u64 now)
 {
-	__u8 answer_dir = dir == PYEBPFLB_POLICY_INGRESS ? PYEBPFLB_CT_POLICY_IN
-							 : PYEBPFLB_CT_POLICY_OUT;
-	__u8 other_dir = dir == PYEBPFLB_POLICY_INGRESS ? PYEBPFLB_CT_POLICY_OUT
-							: PYEBPFLB_CT_POLICY_IN;
+	__u8 answer_dir =
+	    dir == PYEBPFLB_POLICY_INGRESS ? PYEBPFLB_CT_POLICY_IN : PYEBPFLB_CT_POLICY_OUT;
+	__u8 other_dir =
+	    dir == PYEBPFLB_POLICY_INGRESS ? PYEBPFLB_CT_POLICY_OUT : PYEBPFLB_CT_POLICY_IN;
 	struct pyebpflb_policy_verdict verdict;
 	int on = policy_flags(head, dir) & PYEBPFLB_POLICY_ON, portless = 0;
 
@@ -275,8 +274,7 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 	if (parsed == PARSE_OK && pkt->proto == IPPROTO_ICMPV6 &&
 	    icmp_type(pkt) >= ICMPV6_NDISC_FIRST && icmp_type(pkt) <= ICMPV6_NDISC_LAST)
 		return TC_ACT_OK;
-	if (parsed == PARSE_FRAGMENT && pkt->proto != IPPROTO_ICMP &&
-	    pkt->proto != IPPROTO_ICMPV6)
+	if (parsed == PARSE_FRAGMENT && pkt->proto != IPPROTO_ICMP && pkt->proto != IPPROTO_ICMPV6)
 		portless = !policy_fragment_ports(pkt);
 	if (on && !portless && policy_ct_answer(skb, pkt, answer_dir, cfg, now))
 		return TC_ACT_OK;

@@ -225,8 +225,9 @@ enum pyebpflb_policy_proto {
 };
 
 enum pyebpflb_policy_flags {
-	PYEBPFLB_POLICY_ON = 1,		  /* the direction has policies */
-	PYEBPFLB_POLICY_DEFAULT_DENY = 2, /* ... and one of them denies by default */
+	PYEBPFLB_POLICY_ON = 1,		   /* the direction has policies */
+	PYEBPFLB_POLICY_DEFAULT_DENY = 2,  /* ... and one of them denies by default */
+	PYEBPFLB_POLICY_SERVICE_RULES = 4, /* ... and a rule names a service */
 };
 
 enum {
