@@ -229,16 +229,20 @@ def measure_maglev(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def policy_rules(count: int) -> list[lb.Rule]:
+def policy_rules(count: int, per_address: int = 1) -> list[lb.Rule]:
     """``count`` rules, the measured packet's (10.1.0.5, TCP 80) among them: /32s and
-    /24s of 10.100.0.0/14, allow and deny, single ports and ranges."""
+    /24s of 10.100.0.0/14, allow and deny, single ports and ranges, ``per_address``
+    rules on distinct ports per CIDR (more than 4 ranges put a CIDR's verdicts in
+    the second trie)."""
     rules = [lb.Rule("allow", "10.1.0.5/32", "tcp", 80)]
-    for i in range(count - 1):
+    rules += [lb.Rule("deny", "10.1.0.5/32", "tcp", 100 + j) for j in range(per_address - 1)]
+    for i in range((count - len(rules)) // per_address):
         length = 32 if i % 4 else 24
         address = ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.100.0.0")) + i * 256)
         network = ipaddress.IPv4Network((address, length), strict=False)
-        ports = 1000 + i % 5000 if i % 2 else (2000, 2000 + i % 3000)
-        rules.append(lb.Rule("deny" if i % 3 == 0 else "allow", network, "tcp", ports))
+        for j in range(per_address):
+            ports = 1000 + 10 * j + i % 5 if i % 2 else (2000 + 10 * j, 2005 + 10 * j + i % 3)
+            rules.append(lb.Rule("deny" if (i + j) % 3 == 0 else "allow", network, "tcp", ports))
     return rules
 
 
@@ -253,7 +257,12 @@ def measure_policy(args: argparse.Namespace) -> dict[str, Any]:
 
     many = 100 if args.smoke else 10_000
     mirror = lb.Service(vip="10.95.0.1", port=80, backends=[lb.Backend("10.95.0.1", 80)])
-    cases = {"no policy": [], "1 rule": policy_rules(1), f"{many} rules": policy_rules(many)}
+    cases = {
+        "no policy": [],
+        "1 rule": policy_rules(1),
+        f"{many} rules": policy_rules(many),
+        f"{many} rules, 5 ranges per address": policy_rules(many, per_address=5),
+    }
     results: dict[str, Any] = {"rules": many, "ns": {}, "sync seconds": {}}
     datapaths = {}
     try:

@@ -196,16 +196,16 @@ def _targets(results: dict[str, Any], latency: dict[Any, float]) -> list[str]:
     hit = cost[("conntrack hit", 1)] / cost["empty"]
     checks.append(("conntrack hit within 2.5x of the empty program", hit <= 2.5, f"{hit:.2f}x"))
     policy = results["policy"]
-    many = f"{policy['rules']} rules"
-    for what in ("conntrack hit", "non-service"):
-        ratio = policy["ns"][(what, many)] / policy["ns"][(what, "1 rule")]
-        checks.append(
-            (
-                f"{what} cost under {many} within 1.3x of 1 rule",
-                ratio <= 1.3,
-                f"{ratio:.2f}x",
+    for many in (f"{policy['rules']} rules", f"{policy['rules']} rules, 5 ranges per address"):
+        for what in ("conntrack hit", "non-service"):
+            ratio = policy["ns"][(what, many)] / policy["ns"][(what, "1 rule")]
+            checks.append(
+                (
+                    f"{what} cost under {many} within 1.3x of 1 rule",
+                    ratio <= 1.3,
+                    f"{ratio:.2f}x",
+                )
             )
-        )
     rows = [[what, "met" if ok else "**missed**", value] for what, ok, value in checks]
     return ["## Targets", "", *_table(["target", "", "measured"], rows)]
 
@@ -288,28 +288,31 @@ def _maglev(result: dict[str, Any]) -> list[str]:
 
 def _policy(result: dict[str, Any]) -> list[str]:
     many = f"{result['rules']} rules"
+    spilled = f"{many}, 5 ranges per address"
     lines = [
         "## Network policy",
         "",
         "The ingress program's cost under an ingress policy (default deny) of 1 rule and of "
         f"{result['rules']} (/32s and /24s, allow and deny, ports and ranges; the measured "
         "packet's rule among them), BPF_PROG_TEST_RUN, median of rounds alternating the "
-        "datapaths. A conntrack hit is a packet of an established service flow (policy is "
-        "checked on every packet); a non-service packet also looks for and refreshes its "
-        "flow's entry, so that its answers pass the other way.",
+        "datapaths. With one rule per address, each address's verdicts sit in its entry of "
+        "the first trie; with 5 port ranges per address they are in the second trie, so the "
+        "packet takes both lookups. A conntrack hit is a packet of an established service "
+        "flow (policy is checked on every packet); a non-service packet also looks for and "
+        "refreshes its flow's entry, so that its answers pass the other way.",
         "",
     ]
     rows = []
     for what in ("conntrack hit", "non-service"):
         one = result["ns"][(what, "1 rule")]
-        for label in ("no policy", "1 rule", many):
+        for label in ("no policy", "1 rule", many, spilled):
             ns = result["ns"][(what, label)]
             rows.append([what, label, f"{ns:.0f}", _ratio(ns, one)])
     lines += _table(["packet", "policy", "ns", "vs 1 rule"], rows)
     lines += [
         f"Installing the policy of {many} (compile, write, flip): "
-        f"{result['sync seconds'][many]:.2f} s; of 1 rule: "
-        f"{_ms(result['sync seconds']['1 rule'])} ms.",
+        f"{result['sync seconds'][many]:.2f} s ({result['sync seconds'][spilled]:.2f} s with 5 "
+        f"ranges per address); of 1 rule: {_ms(result['sync seconds']['1 rule'])} ms.",
         "",
     ]
     return lines

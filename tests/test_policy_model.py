@@ -218,6 +218,11 @@ def lpm_lookup(compiled: Compiled, packet: Packet, scope: int, port: int | None)
     code = packet.proto_code
     look = port if code in (TCP, UDP) else 0
     assert look is not None
+    if not best.spilled:
+        assert len(best.pieces) <= 4
+        inline = [p for p in best.pieces if p.proto == code and p.low <= look <= p.high]
+        assert len(inline) <= 1, "pieces of one class overlap"
+        return inline[0] if inline else None
     hits = [
         p
         for p in compiled.ports
@@ -305,13 +310,27 @@ def test_compiled_tables_decide_as_the_reference(
             )
 
 
-def test_other_protocols_and_icmp_get_one_entry_each() -> None:
-    installed = [Policy("p", [Rule("allow", "10.0.0.0/8"), Rule("deny", "10.1.0.0/16", "icmp")])]
+def test_small_classes_carry_their_ranges_large_ones_spill() -> None:
+    installed = [
+        Policy(
+            "p",
+            [
+                Rule("allow", "10.0.0.0/8"),
+                Rule("deny", "10.1.0.0/16", "icmp"),
+                Rule("allow", "10.2.0.0/16", "tcp", 22),
+            ],
+        )
+    ]
     refs = [RuleRef(i + 1, "p", i, r) for i, r in enumerate(installed[0].rules)]
     compiled = compile_policies(installed, refs, {})
-    by_class = {}
+    spilled = {str(c.network): c.spilled for c in compiled.cidrs}
+    # /8: allow for all six protocol kinds (> 4 pieces); the others add theirs to it.
+    assert spilled == {"10.0.0.0/8": True, "10.1.0.0/16": True, "10.2.0.0/16": True}
+    # ICMP and other protocols are one entry for every port.
     for entry in compiled.ports:
         if entry.proto in (ICMP, OTHER):
             assert entry.port_prefixlen == 0
-            by_class.setdefault(entry.class_id, []).append(entry.proto)
-    assert sorted(len(v) for v in by_class.values()) == [2, 2]
+    alone = [Policy("q", [Rule("allow", "10.0.0.0/8", "tcp", (80, 90))])]
+    (entry,) = compile_policies(alone, [RuleRef(1, "q", 0, alone[0].rules[0])], {}).cidrs
+    assert not entry.spilled
+    assert [(p.proto, p.low, p.high) for p in entry.pieces] == [(TCP, 80, 90)]

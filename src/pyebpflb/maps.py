@@ -229,6 +229,7 @@ assert (
     lib.PYEBPFLB_POLICY_TCP_NOPORT,
     lib.PYEBPFLB_POLICY_UDP_NOPORT,
 )
+assert policy.INLINE == lib.PYEBPFLB_POLICY_INLINE
 
 
 def policy_head(gen: int, compiled: policy.Compiled) -> Any:
@@ -259,6 +260,19 @@ def policy_cidr_key(entry: policy.CidrEntry, gen: int) -> Any:
     key.family = FAMILY_TAG[entry.family]
     ffi.memmove(key.addr.bytes, addr_bytes(entry.network.network_address), 16)
     return key
+
+
+def policy_class(entry: policy.CidrEntry) -> Any:
+    value = ffi.new("struct pyebpflb_policy_class *")
+    value.class_id = entry.class_id
+    value.spilled = int(entry.spilled)
+    for slot, piece in zip(value.pieces, entry.pieces, strict=False):
+        slot.port_low, slot.port_high = piece.low, piece.high
+        slot.proto = piece.proto
+        slot.action = ACTION_TAG[piece.action]
+        slot.prefixlen = piece.cidr_prefixlen
+        slot.rule_id = piece.rule_id
+    return value
 
 
 def policy_port_key(entry: policy.PortEntry) -> Any:

@@ -396,7 +396,7 @@ def diff_policies(
     for entry in compiled.cidrs:
         key = maps.policy_cidr_key(entry, gen)
         cidr_keys.append(key)
-        prepare.write("lb_pol_cidrs", key, maps.u32(entry.class_id))
+        prepare.write("lb_pol_cidrs", key, maps.policy_class(entry))
     for port_entry in compiled.ports:
         key = maps.policy_port_key(port_entry)
         port_keys.append(key)

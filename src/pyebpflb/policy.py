@@ -13,7 +13,8 @@ decides with two longest-prefix lookups, whatever the number of rules:
 2. (class, protocol, destination port) finds the verdict of the port range
    the port falls in: the class's port ranges are cut into pieces, each piece
    resolved (deny beats allow, then the longest prefix, then policy name and
-   rule order) and written as port prefixes.
+   rule order). A class of a few pieces carries them in its own entry; the
+   pieces of a larger one are written as port prefixes to a second trie.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pyebpflb.model import (
 
 # enum pyebpflb_policy_proto in csrc/include/pyebpflb/lb.h (pyebpflb.maps checks they agree)
 TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT = 1, 2, 3, 4, 5, 6
+INLINE = 4  # PYEBPFLB_POLICY_INLINE: port ranges a class carries itself
 PROTO_CODES = (TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT)
 NDISC_TYPES = (133, 137)  # ICMPv6 neighbour discovery: IPv6 needs it, no policy stops it
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
@@ -221,12 +223,26 @@ class RuleRef:
 
 
 @attrs.frozen
+class Piece:
+    """A port range of a class (0..65535 for protocols without ports) and its verdict."""
+
+    proto: int
+    low: int
+    high: int
+    action: Action
+    rule_id: int
+    cidr_prefixlen: int
+
+
+@attrs.frozen
 class CidrEntry:
     direction: Direction
     scope: int  # service id, 0: the real destination
     family: int
     network: ipaddress.IPv4Network | ipaddress.IPv6Network
     class_id: int
+    pieces: tuple[Piece, ...]  # at most INLINE; else () and the ranges are port entries
+    spilled: bool
 
 
 @attrs.frozen
@@ -343,10 +359,7 @@ def compile_policies(
                 applying.extend(by_cidr.get((length, network & mask), ()))
             class_id = class_base | next_class
             next_class += 1
-            net_type = ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network
-            cidrs.append(
-                CidrEntry(direction, scope, family, net_type((network, prefixlen)), class_id)
-            )
+            pieces: list[Piece] = []
             for code in PROTO_CODES:
                 relevant = [
                     (
@@ -359,15 +372,37 @@ def compile_policies(
                     for r in applying
                     if _protocol_matches(r.rule, code)
                 ]
-                if not relevant:
-                    continue
                 for low, high, action, rule_id, cidr_len in _resolve(relevant):
                     if code not in (TCP, UDP):
                         low, high = 0, 65535
-                    for port, length in port_prefixes(low, high):
+                    pieces.append(Piece(code, low, high, action, rule_id, cidr_len))
+            spilled = len(pieces) > INLINE
+            if spilled:
+                for piece in pieces:
+                    for port, length in port_prefixes(piece.low, piece.high):
                         ports.append(
-                            PortEntry(class_id, code, port, length, action, rule_id, cidr_len)
+                            PortEntry(
+                                class_id,
+                                piece.proto,
+                                port,
+                                length,
+                                piece.action,
+                                piece.rule_id,
+                                piece.cidr_prefixlen,
+                            )
                         )
+            net_type = ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network
+            cidrs.append(
+                CidrEntry(
+                    direction,
+                    scope,
+                    family,
+                    net_type((network, prefixlen)),
+                    class_id,
+                    () if spilled else tuple(pieces),
+                    spilled,
+                )
+            )
     return Compiled(
         cidrs=cidrs,
         ports=ports,

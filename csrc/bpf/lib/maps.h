@@ -130,7 +130,7 @@ struct {
 	__uint(max_entries, 262144);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct pyebpflb_policy_cidr_key);
-	__type(value, __u32);
+	__type(value, struct pyebpflb_policy_class);
 } lb_pol_cidrs SEC(".maps");
 
 struct {

@@ -59,7 +59,8 @@ static __always_inline __u8 policy_proto(const struct packet *pkt, int portless)
 	return PYEBPFLB_POLICY_OTHER;
 }
 
-/* One scope's verdict: the peer's class, then the port's range in it. */
+/* One scope's verdict: the peer's class, then the port's range in it (in the
+ * class itself when it has few, else one more lookup). */
 static __always_inline void policy_lookup(__u32 gen, __u32 scope, __u8 dir,
 					  const struct packet *pkt, __u8 proto, __u16 port,
 					  struct pyebpflb_policy_verdict *out)
@@ -77,13 +78,29 @@ static __always_inline void policy_lookup(__u32 gen, __u32 scope, __u8 dir,
 	    .port = proto == PYEBPFLB_POLICY_TCP || proto == PYEBPFLB_POLICY_UDP ? port : 0,
 	};
 	struct pyebpflb_policy_verdict *found;
-	__u32 *class_id;
+	struct pyebpflb_policy_class *cls;
+	__u16 host_port = bpf_ntohs(port_key.port);
 
 	out->action = PYEBPFLB_POLICY_NONE;
-	class_id = bpf_map_lookup_elem(&lb_pol_cidrs, &cidr_key);
-	if (!class_id)
+	cls = bpf_map_lookup_elem(&lb_pol_cidrs, &cidr_key);
+	if (!cls)
 		return;
-	port_key.class_id = *class_id;
+	if (!cls->spilled) {
+#pragma unroll
+		for (int i = 0; i < PYEBPFLB_POLICY_INLINE; i++) {
+			const struct pyebpflb_policy_piece *piece = &cls->pieces[i];
+
+			if (piece->proto == proto && piece->port_low <= host_port &&
+			    host_port <= piece->port_high) {
+				out->rule_id = piece->rule_id;
+				out->action = piece->action;
+				out->prefixlen = piece->prefixlen;
+				return;
+			}
+		}
+		return;
+	}
+	port_key.class_id = cls->class_id;
 	found = bpf_map_lookup_elem(&lb_pol_ports, &port_key);
 	if (found)
 		*out = *found;

@@ -244,6 +244,32 @@ struct pyebpflb_policy_head {
 	__u16 _pad;
 };
 
+/*
+ * A port range of a class and its verdict. A class of at most
+ * PYEBPFLB_POLICY_INLINE ranges (over all protocols) carries them in its
+ * lb_pol_cidrs value, which saves the second lookup; a larger one is in
+ * lb_pol_ports.
+ */
+struct pyebpflb_policy_piece {
+	__u16 port_low; /* host order, inclusive; 0 and 65535 for protocols without ports */
+	__u16 port_high;
+	__u8 proto;  /* enum pyebpflb_policy_proto; 0: unused */
+	__u8 action; /* enum pyebpflb_policy_action */
+	__u8 prefixlen;
+	__u8 _pad;
+	__u32 rule_id;
+};
+
+enum {
+	PYEBPFLB_POLICY_INLINE = 4,
+};
+
+struct pyebpflb_policy_class {
+	__u32 class_id; /* gen << 31 | class, the key of lb_pol_ports when spilled */
+	__u32 spilled;	/* 1: the ranges are in lb_pol_ports, not below */
+	struct pyebpflb_policy_piece pieces[PYEBPFLB_POLICY_INLINE];
+};
+
 /* lb_pol_cidrs (LPM trie): the peer's address -> its class. */
 struct pyebpflb_policy_cidr_key {
 	__u32 prefixlen; /* PYEBPFLB_POLICY_CIDR_FIXED_BITS + the CIDR's */
