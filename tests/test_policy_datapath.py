@@ -101,6 +101,20 @@ def test_service_rules_follow_the_service_name() -> None:
         assert run(dp, "lb_ingress", syn("10.1.2.3", "10.96.0.11"))[0] == TC_ACT_OK
 
 
+def test_backend_changes_leave_the_policies_alone() -> None:
+    with datapath("pol-backends") as dp:
+        dp.sync([WEB], [SOURCE_RANGES])
+        head = dp._object.map("lb_policy")
+        before = int(head[0].gen)
+        dp.upsert(WEB.with_backends([lb.Backend("10.0.1.9", 8080)]))
+        assert int(head[0].gen) == before  # not compiled again
+        # A second service of the name is covered at once (compiled again).
+        dp.upsert(lb.Service("10.96.0.12", 80, name="web", backends=WEB.backends))
+        assert int(head[0].gen) != before
+        assert run(dp, "lb_ingress", syn("10.2.0.1", "10.96.0.12"))[0] == TC_ACT_SHOT
+        assert run(dp, "lb_ingress", syn("10.1.2.3", "10.96.0.12"))[0] == TC_ACT_OK
+
+
 def test_full_maps_change_nothing() -> None:
     with datapath("pol-full", max_policy_entries=64) as dp:
         dp.sync([WEB], [SOURCE_RANGES])

@@ -467,30 +467,32 @@ class Datapath:
         """Apply ``change`` and, with ``policies``, make them the installed policies. The
         policies are compiled again whenever the services they name change."""
         installed = [p for _, p in self._policy.policies.values()]
+        # Rules naming services are compiled with the services' ids: a change that
+        # adds, removes or renames services compiles the policies again.
         names_rules = any(r.service is not None for p in installed for r in p.rules)
-        if policies is None and not (names_rules and not change.empty):
-            policies_plan = None
-        else:
+        retarget = names_rules and any(
+            (old := self._snapshot.services.get(key)) is None
+            or new is None
+            or old.service.name != new.service.name
+            for key, new in change.changes.items()
+        )
+        known = self._next_ids
+        policies_plan = None
+        if policies is not None or retarget:
             wanted = installed if policies is None else policies
-            after = self._services_after(change)
-            wanted = policy_mod.check_policies(wanted, (s.name for s in after))
+            wanted = policy_mod.check_policies(wanted, self._service_ids(change))
             if len(wanted) > self.max_policies:
                 raise ValueError(
                     f"{len(wanted)} policies; this datapath holds at most {self.max_policies} "
                     "(max_policies)"
                 )
-            if wanted == installed and not (names_rules and not change.empty):
-                policies_plan = None
-            else:
-                ids: dict[str, list[int]] = {}
-                for service, service_id in after.items():
-                    ids.setdefault(service.name, []).append(service_id)
+            if wanted != installed or retarget:
                 policies_plan = plan.diff_policies(
                     self._policy,
                     wanted,
-                    ids,
-                    self._next_ids["next_rule_id"],
-                    self._next_ids["next_policy_id"],
+                    self._service_ids(change),
+                    known["next_rule_id"],
+                    known["next_policy_id"],
                 )
                 change = plan.with_policies(change, policies_plan)
         if change.empty:
@@ -504,7 +506,6 @@ class Datapath:
             ids_now["next_policy_id"] = policies_plan.next_policy_id
             if policies_plan.state.active:
                 ids_now["policy_active"] = 1
-        known = self._next_ids
         if any(known.get(k) != v for k, v in ids_now.items()):
             # Ids are reserved before use and never handed out twice, even
             # when the change fails: conntrack entries may still name old ids.
@@ -532,16 +533,18 @@ class Datapath:
             "policy_active": int(config.policy_active),
         }
 
-    def _services_after(self, change: plan.Plan) -> dict[Service, int]:
-        """Every service with its id, as it will be once ``change`` is in."""
-        result = {
-            installed.service: installed.id
-            for key, installed in self._snapshot.services.items()
-            if key not in change.changes
-        }
-        for entry in change.changes.values():
+    def _service_ids(self, change: plan.Plan) -> dict[str, list[int]]:
+        """Service name -> ids of the services of that name, once ``change`` is in."""
+        changes = change.changes
+        result: dict[str, list[int]] = {}
+        for key, installed in self._snapshot.services.items():
+            if key not in changes:
+                result.setdefault(installed.service.name, []).append(installed.id)
+        for entry in changes.values():
             if entry is not None:
-                result[entry.service] = entry.id
+                result.setdefault(entry.service.name, []).append(entry.id)
+        for ids in result.values():
+            ids.sort()
         return result
 
     # -- reading back --------------------------------------------------------------------

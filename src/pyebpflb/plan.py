@@ -348,7 +348,6 @@ def diff_policies(
     for ref in state.refs:
         nth = seen[(ref.policy, ref.rule)] = seen.get((ref.policy, ref.rule), -1) + 1
         old_ids[(ref.policy, ref.rule, nth)] = ref
-    old_by_id = {ref.id: ref for ref in state.refs}
     installed: dict[str, tuple[int, Policy]] = {}
     refs: list[policy.RuleRef] = []
     seen.clear()
@@ -381,7 +380,6 @@ def diff_policies(
     for gone in old_ids.values():
         cleanup.delete("lb_pol_rules", maps.u32(gone.id))
         cleanup.delete("lb_rule_stats", maps.u32(gone.id))
-    del old_by_id
 
     # The generation packets do not read: first clear what a crashed change
     # may have left there, then write it whole.
