@@ -11,6 +11,7 @@
 
 #include "pyebpflb/lb.h"
 #include "lib/ct.h"
+#include "lib/events.h"
 #include "lib/icmp.h"
 #include "lib/maps.h"
 #include "lib/nat.h"
@@ -147,15 +148,60 @@ static __always_inline int dnat_to(struct __sk_buff *skb, const struct packet *p
 }
 
 /* Policy on a packet of a service flow: the rules naming the service, and the
- * others on its real destination. */
+ * others on its real destination. The first packet of a flow it lets through
+ * makes a policy event. */
 static __always_inline int service_denied(struct __sk_buff *skb,
 					  const struct pyebpflb_policy_head *head,
-					  const struct packet *pkt, __u32 service_id, __u16 port)
+					  const struct packet *pkt, __u32 service_id, __u16 port,
+					  int new_flow)
 {
 	struct pyebpflb_policy_verdict verdict;
 
-	return head && policy_decide(skb, head, PYEBPFLB_POLICY_INGRESS, pkt, service_id, port, 0,
-				     &verdict) == POLICY_DROP;
+	if (!head)
+		return 0;
+	if (policy_decide(skb, head, PYEBPFLB_POLICY_INGRESS, pkt, service_id, port, 0, &verdict) ==
+	    POLICY_DROP)
+		return 1;
+	if (new_flow && verdict.action != PYEBPFLB_POLICY_NONE)
+		policy_event(skb, pkt, PYEBPFLB_POLICY_INGRESS, &verdict, service_id);
+	return 0;
+}
+
+/* A new flow, translated: counted, and a trace event. */
+static __always_inline void note_new_flow(struct __sk_buff *skb, const struct packet *pkt,
+					  const struct pyebpflb_backend *backend, __u32 service_id,
+					  __u32 backend_id)
+{
+	struct pyebpflb_flow_event *event;
+
+	explain(skb, pkt, EXPLAIN_SERVICE, service_id);
+	explain(skb, pkt, EXPLAIN_BACKEND, backend_id);
+	if (pkt->dry)
+		return;
+	count_new_flow(&lb_svc_stats, service_id, skb->len);
+	count_new_flow(&lb_be_stats, backend_id, skb->len);
+	event = event_start(skb, pkt, PYEBPFLB_EVENT_TRACE, PYEBPFLB_POLICY_INGRESS);
+	if (!event)
+		return;
+	event->nat_addr = backend->addr;
+	event->nat_port = backend->port;
+	event->service_id = service_id;
+	event->backend_id = backend_id;
+	bpf_ringbuf_submit(event, 0);
+}
+
+/*
+ * Explain (Datapath.explain) runs a packet through BPF_PROG_TEST_RUN with
+ * this mark: the program decides as for real traffic but writes no map
+ * (no conntrack, counter, affinity or event) and reports what it decided in
+ * skb->cb. Test runs come in on the loopback device (ifindex 1), where the
+ * datapath is never attached, so real traffic never takes this path.
+ */
+#define EXPLAIN_MARK 0xeb1be791
+
+static __always_inline int explaining(const struct __sk_buff *skb)
+{
+	return skb->mark == EXPLAIN_MARK && skb->ifindex == 1;
 }
 
 SEC("tc")
@@ -174,6 +220,7 @@ int lb_ingress(struct __sk_buff *skb)
 	__u64 now;
 
 	parsed = parse_packet(skb, &pkt);
+	pkt.dry = explaining(skb);
 	cfg = config();
 	if (!cfg)
 		return TC_ACT_OK;
@@ -202,17 +249,18 @@ int lb_ingress(struct __sk_buff *skb)
 
 		backend = bpf_map_lookup_elem(&lb_backends, &reuse_id);
 		if (backend) {
-			if (service_denied(skb, policy, &pkt, service_id, backend->port))
+			if (service_denied(skb, policy, &pkt, service_id, backend->port, 1))
 				return TC_ACT_SHOT;
 			if (ct_create(&ct_key, &pkt, backend, reuse_id, service_id, now)) {
-				count_drop(PYEBPFLB_DROP_CT_FULL, skb->len);
+				note_drop(skb, &pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_CT_FULL,
+					  service_id, 0);
 				return TC_ACT_SHOT;
 			}
-			count_new_flow(&lb_svc_stats, service_id, skb->len);
-			count_new_flow(&lb_be_stats, reuse_id, skb->len);
+			note_new_flow(skb, &pkt, backend, service_id, reuse_id);
 			return dnat_to(skb, &pkt, &backend->addr, backend->port);
 		}
-		bpf_map_delete_elem(&lb_ct, &ct_key);
+		if (!pkt.dry)
+			bpf_map_delete_elem(&lb_ct, &ct_key);
 	} else if (flow) {
 		/*
 		 * A TCP connection whose backend left the service finishes where it
@@ -224,14 +272,20 @@ int lb_ingress(struct __sk_buff *skb)
 		if (pkt.proto == IPPROTO_TCP ||
 		    bpf_map_lookup_elem(&lb_backends, &flow->backend_id)) {
 			/* Policy holds for every packet: a new deny ends a flow at once. */
-			if (service_denied(skb, policy, &pkt, flow->service_id, flow->nat_port))
+			explain(skb, &pkt, EXPLAIN_SERVICE, flow->service_id);
+			if (service_denied(skb, policy, &pkt, flow->service_id, flow->nat_port, 0))
 				return TC_ACT_SHOT;
 			ct_touch(flow, &pkt, now, 0);
-			count_traffic(&lb_svc_stats, flow->service_id, skb->len);
-			count_traffic(&lb_be_stats, flow->backend_id, skb->len);
+			explain(skb, &pkt, EXPLAIN_SERVICE, flow->service_id);
+			explain(skb, &pkt, EXPLAIN_BACKEND, flow->backend_id);
+			if (!pkt.dry) {
+				count_traffic(&lb_svc_stats, flow->service_id, skb->len);
+				count_traffic(&lb_be_stats, flow->backend_id, skb->len);
+			}
 			return dnat_to(skb, &pkt, &flow->nat_addr, flow->nat_port);
 		}
-		bpf_map_delete_elem(&lb_ct, &ct_key);
+		if (!pkt.dry)
+			bpf_map_delete_elem(&lb_ct, &ct_key);
 	}
 
 	svc_key.vip = pkt.daddr;
@@ -245,6 +299,7 @@ int lb_ingress(struct __sk_buff *skb)
 					      cfg, now);
 		return TC_ACT_OK;
 	}
+	explain(skb, &pkt, EXPLAIN_SERVICE, svc->id);
 	backend_id = 0;
 	if (svc->count && (svc->flags & PYEBPFLB_SERVICE_MAGLEV)) {
 		/* Under affinity Maglev hashes the client's address alone: that is the
@@ -265,21 +320,22 @@ int lb_ingress(struct __sk_buff *skb)
 		backend_id = svc->count ? select_backend(svc, &backend) : 0;
 	}
 	/* Without a backend, the rules on the real destination see the VIP's port. */
-	if (service_denied(skb, policy, &pkt, svc->id, backend ? backend->port : pkt.dport))
+	if (service_denied(skb, policy, &pkt, svc->id, backend ? backend->port : pkt.dport, 1))
 		return TC_ACT_SHOT;
 	if (!backend_id || !backend) {
-		count_new_flow(&lb_svc_stats, svc->id, skb->len);
-		count_drop(PYEBPFLB_DROP_NO_BACKEND, skb->len);
+		explain(skb, &pkt, EXPLAIN_SERVICE, svc->id);
+		if (!pkt.dry)
+			count_new_flow(&lb_svc_stats, svc->id, skb->len);
+		note_drop(skb, &pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_NO_BACKEND, svc->id, 0);
 		return reject(skb, &pkt);
 	}
 	if (ct_create(&ct_key, &pkt, backend, backend_id, svc->id, now)) {
-		count_drop(PYEBPFLB_DROP_CT_FULL, skb->len);
+		note_drop(skb, &pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_CT_FULL, svc->id, 0);
 		return TC_ACT_SHOT;
 	}
-	if (svc->affinity_timeout_s && !(svc->flags & PYEBPFLB_SERVICE_MAGLEV))
+	if (svc->affinity_timeout_s && !(svc->flags & PYEBPFLB_SERVICE_MAGLEV) && !pkt.dry)
 		remember_affinity(svc, &pkt, backend_id, now);
-	count_new_flow(&lb_svc_stats, svc->id, skb->len);
-	count_new_flow(&lb_be_stats, backend_id, skb->len);
+	note_new_flow(skb, &pkt, backend, svc->id, backend_id);
 	return dnat_to(skb, &pkt, &backend->addr, backend->port);
 }
 
@@ -294,6 +350,7 @@ int lb_egress(struct __sk_buff *skb)
 	int parsed;
 
 	parsed = parse_packet(skb, &pkt);
+	pkt.dry = explaining(skb);
 	cfg = config();
 	if (!cfg)
 		return TC_ACT_OK;

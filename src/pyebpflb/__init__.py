@@ -50,9 +50,12 @@ if TYPE_CHECKING:
         Attachment,
         ConntrackTimeouts,
         Datapath,
+        DatapathStats,
+        Explanation,
         ServiceStats,
         Traffic,
     )
+    from pyebpflb.events import EventStats, FlowEvent
     from pyebpflb.sandbox import Sandbox
 
 __version__ = "0.2.0"
@@ -63,6 +66,10 @@ _LAZY = {
     "Attachment": "pyebpflb.datapath",
     "ConntrackTimeouts": "pyebpflb.datapath",
     "Datapath": "pyebpflb.datapath",
+    "DatapathStats": "pyebpflb.datapath",
+    "Explanation": "pyebpflb.datapath",
+    "EventStats": "pyebpflb.events",
+    "FlowEvent": "pyebpflb.events",
     "ServiceStats": "pyebpflb.datapath",
     "Traffic": "pyebpflb.datapath",
     "Sandbox": "pyebpflb.sandbox",
@@ -85,7 +92,11 @@ __all__ = [
     "ConntrackTimeouts",
     "Count",
     "Datapath",
+    "DatapathStats",
     "Direction",
+    "EventStats",
+    "Explanation",
+    "FlowEvent",
     "InterfaceCounter",
     "LoadError",
     "MapFull",

@@ -10,21 +10,27 @@ through the programs attached to this namespace's interfaces.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 import os
 import socket
+import struct
+import time
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any, overload
 
 import attrs
 
+from pyebpflb import events as events_mod
 from pyebpflb import maglev, maps, objects, plan
 from pyebpflb import policy as policy_mod
 from pyebpflb._bpf import Map, Object, Program, TcLink, fs, tc
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.netns import current_id, entered, is_initial
 from pyebpflb.errors import BpfError, PyEbpfLbError
+from pyebpflb.events import EventStats, FlowEvent
 from pyebpflb.model import Address, Backend, Policy, Protocol, Service
 
 logger = logging.getLogger("pyebpflb")
@@ -96,6 +102,57 @@ class ServiceStats:
 
 
 @attrs.frozen
+class DatapathStats:
+    """Every counter of a datapath, summed over CPUs."""
+
+    services: list[ServiceStats]
+    policies: dict[str, list[Traffic]]  # policy name -> per rule, in rule order
+    drops: dict[str, Traffic]  # by reason
+    events: EventStats
+
+
+@attrs.frozen
+class Explanation:
+    """What the datapath does with one packet (:meth:`Datapath.explain`).
+
+    ``verdict``: "forwarded" (translated to ``backend`` of ``service``),
+    "passed" (not for a service, let through), "refused" (a service without
+    backends: reset or ICMP unreachable), "dropped" (``drop_reason``).
+    ``policy_verdict`` is None when no policy applies to the direction;
+    ``rule`` None with a verdict means the direction's default decided.
+    """
+
+    source: str
+    destination: str
+    protocol: str
+    direction: str
+    verdict: str
+    service: Service | None
+    backend: Backend | None
+    policy_verdict: str | None
+    policy: str | None
+    rule: int | None
+    policy_default: bool
+    drop_reason: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "destination": self.destination,
+            "protocol": self.protocol,
+            "direction": self.direction,
+            "verdict": self.verdict,
+            "service": self.service.name or self.service.label if self.service else None,
+            "backend": str(self.backend) if self.backend else None,
+            "policy_verdict": self.policy_verdict,
+            "policy": self.policy,
+            "rule": self.rule,
+            "policy_default": self.policy_default,
+            "drop_reason": self.drop_reason,
+        }
+
+
+@attrs.frozen
 class Attachment:
     """The datapath on one interface: ingress balances, egress reverse-translates."""
 
@@ -137,6 +194,8 @@ class Datapath:
         max_policies: int = 4096,
         max_policy_rules: int = 65536,
         max_policy_entries: int = 1 << 20,
+        events: Iterable[str] | None = ("trace", "drop", "policy"),
+        event_rate: int = 10_000,
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > NAME_MAX:
             raise ValueError(
@@ -158,6 +217,8 @@ class Datapath:
             "max_policy_entries", max_policy_entries, 16, 1 << 26
         )
         self.maglev_table_size = maglev.check_table_size(maglev_table_size)
+        self.events = events_mod.to_types(events if events is not None else ())
+        self.event_rate = _check_capacity("event_rate", event_rate, 0, 1 << 30)
         if not isinstance(ct_timeouts, ConntrackTimeouts):
             raise ValueError(f"ct_timeouts must be a ConntrackTimeouts, got {ct_timeouts!r}")
         self.ct_timeouts = ct_timeouts
@@ -306,6 +367,8 @@ class Datapath:
             )
             self.maglev_table_size = stored
         config.maglev_table_size = self.maglev_table_size
+        config.event_mask = sum(events_mod.TYPE_BITS[t] for t in self.events)
+        config.event_rate = self.event_rate
         ids = [m.id for m in self._object.maps.values()]
         config.map_ids[0 : len(ids)] = ids
         config_map[0] = config
@@ -572,8 +635,7 @@ class Datapath:
         refs = sorted((r for r in self._policy.refs if r.policy == name), key=lambda r: r.index)
         return [Traffic(*_sum(counters.lookup(maps.u32(r.id)))) for r in refs]
 
-    def stats(self, service: Service) -> ServiceStats:
-        """Packets and bytes sent to ``service`` and to each of its backends."""
+    def _service_stats(self, service: Service) -> ServiceStats:
         self._live()
         installed = self._snapshot.services.get(service.key)
         if installed is None:
@@ -587,6 +649,183 @@ class Datapath:
             )
         }
         return ServiceStats(installed.service, svc[0], svc[1], backends)
+
+    @overload
+    def stats(self, service: Service) -> ServiceStats: ...
+
+    @overload
+    def stats(self, service: None = None) -> DatapathStats: ...
+
+    def stats(self, service: Service | None = None) -> ServiceStats | DatapathStats:
+        """Packets and bytes sent to ``service`` and to each of its backends; without a
+        service, every counter of the datapath (:class:`DatapathStats`)."""
+        if service is not None:
+            return self._service_stats(service)
+        self._live()
+        return DatapathStats(
+            services=[
+                self._service_stats(i.service)
+                for i in sorted(self._snapshot.services.values(), key=lambda i: i.id)
+            ],
+            policies={name: self.policy_stats(name) for name in self._policy.policies},
+            drops=self.drops(),
+            events=self.event_stats(),
+        )
+
+    def event_stats(self) -> EventStats:
+        """Flow events the kernel sent, lost (ring full) and held back (rate limit)."""
+        self._live()
+        per_cpu = self._object.map("lb_event_stats").lookup(maps.u32(0)) or []
+        return EventStats(
+            sent=sum(int(v.sent) for v in per_cpu),
+            lost=sum(int(v.lost) for v in per_cpu),
+            rate_limited=sum(int(v.rate_limited) for v in per_cpu),
+        )
+
+    # -- flow events -------------------------------------------------------------------
+    def _names(self) -> tuple[dict[int, str], dict[int, str], dict[int, tuple[str, int]]]:
+        snapshot = maps.read_snapshot(self._object)
+        state = maps.read_policy_state(self._object)
+        services = {i.id: i.service.name or i.service.label for i in snapshot.services.values()}
+        backends = {
+            backend_id: str(backend)
+            for i in snapshot.services.values()
+            for backend, backend_id in zip(i.service.backends, i.backend_ids, strict=True)
+        }
+        rules = {r.id: (r.policy, r.index) for r in state.refs}
+        return services, backends, rules
+
+    def open_monitor(
+        self,
+        types: Iterable[str] | str | None = None,
+        *,
+        service: str | None = None,
+        address: str | Address | None = None,
+        queue_size: int = 65536,
+    ) -> events_mod.Monitor:
+        """A :class:`~pyebpflb.events.Monitor` on this datapath's events (close it)."""
+        self._live()
+        return events_mod.Monitor(
+            self._object.map("lb_events"),
+            events_mod.Names(self._names, self.netns),
+            types=types,
+            service=service,
+            address=address,
+            queue_size=queue_size,
+        )
+
+    def monitor(
+        self,
+        types: Iterable[str] | str | None = None,
+        timeout: float | None = None,
+        *,
+        service: str | None = None,
+        address: str | Address | None = None,
+    ) -> Iterator[FlowEvent]:
+        """Flow events as they happen, for ``timeout`` seconds (None: until the loop
+        stops), filtered by type ("trace", "drop", "policy"), service name and address.
+        One monitor per datapath at a time (a ring buffer has one reader)."""
+        monitor = self.open_monitor(types, service=service, address=address)
+        try:
+            yield from monitor.events(timeout)
+        finally:
+            monitor.close()
+
+    async def amonitor(
+        self,
+        types: Iterable[str] | str | None = None,
+        timeout: float | None = None,
+        *,
+        service: str | None = None,
+        address: str | Address | None = None,
+    ) -> AsyncIterator[FlowEvent]:
+        """:meth:`monitor` for asyncio: waits on the ring buffer's fd in the event loop."""
+        monitor = self.open_monitor(types, service=service, address=address)
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        loop.add_reader(monitor.fileno(), ready.set)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                monitor.ring.consume()
+                while monitor.queue:
+                    yield monitor.queue.popleft()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                ready.clear()
+                try:
+                    await asyncio.wait_for(ready.wait(), left)
+                except TimeoutError:
+                    continue
+        finally:
+            loop.remove_reader(monitor.fileno())
+            monitor.close()
+
+    # -- explain -------------------------------------------------------------------------
+    def explain(
+        self,
+        src: str,
+        dst: str,
+        protocol: str = "tcp",
+        *,
+        direction: str = "ingress",
+    ) -> Explanation:
+        """What the datapath does with a packet ``src`` -> ``dst`` ("IP[:PORT]", IPv6 as
+        "[IP]:PORT"): the programs run on a synthetic first packet (a TCP SYN or a UDP
+        datagram) through BPF_PROG_TEST_RUN, deciding as for real traffic (existing
+        conntrack entries included) but writing nothing: no flow, counter or event."""
+        self._live()
+        source, sport = _endpoint(src, "src", default_port=40000)
+        target, dport = _endpoint(dst, "dst", default_port=None)
+        if source.version != target.version:
+            raise ValueError(f"src {src!r} and dst {dst!r} are of different IP versions")
+        if protocol not in ("tcp", "udp"):
+            raise ValueError(f"protocol must be 'tcp' or 'udp', got {protocol!r}")
+        if direction not in ("ingress", "egress"):
+            raise ValueError(f"direction must be 'ingress' or 'egress', got {direction!r}")
+        frame = _frame(source, sport, target, dport, protocol)
+        ctx = bytearray(_CTX_SIZE)
+        struct.pack_into("=I", ctx, _CTX_MARK, _EXPLAIN_MARK)
+        result = self._object.program(f"lb_{direction}").test_run(frame, ctx=bytes(ctx))
+        service_id, backend_id, rule_id, policy_code, drop_code = struct.unpack_from(
+            "=5I", result.ctx, _CTX_CB
+        )
+        installed = next((i for i in self._snapshot.services.values() if i.id == service_id), None)
+        backend = None
+        if installed is not None and backend_id in installed.backend_ids:
+            backend = installed.service.backends[installed.backend_ids.index(backend_id)]
+        policy_name, rule_index = None, None
+        ref = next((r for r in self._policy.refs if r.id == rule_id), None) if rule_id else None
+        if ref is not None:
+            policy_name, rule_index = ref.policy, ref.index
+        drop_reason = DROP_REASONS.get(drop_code) if drop_code else None
+        if drop_reason == "no backend":
+            verdict = "refused"
+        elif drop_reason is not None or result.retval == _TC_ACT_SHOT:
+            verdict = "dropped"
+        elif installed is not None:
+            verdict = "forwarded"
+        else:
+            verdict = "passed"
+        policy_verdict = None
+        if policy_code:
+            action = (policy_code & 0x0F) - 1
+            policy_verdict = "denied" if action == lib.PYEBPFLB_POLICY_DENY else "allowed"
+        return Explanation(
+            source=f"{_host(source)}:{sport}",
+            destination=f"{_host(target)}:{dport}",
+            protocol=protocol,
+            direction=direction,
+            verdict=verdict,
+            service=installed.service if installed is not None else None,
+            backend=backend,
+            policy_verdict=policy_verdict,
+            policy=policy_name,
+            rule=rule_index,
+            policy_default=bool(policy_code & 0x10),
+            drop_reason=drop_reason,
+        )
 
     def drops(self) -> dict[str, Traffic]:
         """Packets the datapath dropped or refused, by reason."""
@@ -700,3 +939,82 @@ def _sum(per_cpu: list[Any] | None) -> tuple[int, int]:
     if not per_cpu:
         return 0, 0
     return sum(int(v.packets) for v in per_cpu), sum(int(v.bytes) for v in per_cpu)
+
+
+# The start of a struct __sk_buff, as BPF_PROG_TEST_RUN takes it: mark at 8, cb[5] at 48.
+_CTX_SIZE, _CTX_MARK, _CTX_CB = 68, 8, 48
+_EXPLAIN_MARK = 0xEB1BE791  # EXPLAIN_MARK in lb.bpf.c
+_TC_ACT_SHOT = 2
+
+
+def _host(address: Address) -> str:
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def _endpoint(text: str, what: str, default_port: int | None) -> tuple[Address, int]:
+    """("10.0.0.1:80" | "10.0.0.1" | "[fd00::1]:80" | "fd00::1") -> (address, port)."""
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    address: Address | None
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port) if port is not None else default_port
+    except ValueError:
+        address, number = None, None
+    if address is None or number is None or not 1 <= number <= 65535:
+        need = "IP[:PORT]" if default_port is not None else "IP:PORT"
+        raise ValueError(f"{what} must be {need} (IPv6 as [IP]:PORT), got {text!r}")
+    return address, number
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _frame(source: Address, sport: int, target: Address, dport: int, protocol: str) -> bytes:
+    """An Ethernet frame with a TCP SYN or a UDP datagram, checksums right."""
+    if protocol == "tcp":
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+        number = 6
+    else:
+        l4 = struct.pack("!HHHH", sport, dport, 8 + 7, 0) + b"explain"
+        number = 17
+    if source.version == 4:
+        pseudo = source.packed + target.packed + struct.pack("!BBH", 0, number, len(l4))
+    else:
+        pseudo = source.packed + target.packed + struct.pack("!I3xB", len(l4), number)
+    check = _checksum(pseudo + l4)
+    at = 16 if protocol == "tcp" else 6
+    l4 = l4[:at] + struct.pack("!H", check) + l4[at + 2 :]
+    if source.version == 4:
+        header = struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(l4),
+            1,
+            0,
+            64,
+            number,
+            0,
+            source.packed,
+            target.packed,
+        )
+        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+        ethertype = 0x0800
+    else:
+        header = struct.pack(
+            "!IHBB16s16s", 6 << 28, len(l4), number, 64, source.packed, target.packed
+        )
+        ethertype = 0x86DD
+    ether = bytes.fromhex("020000000002020000000001") + struct.pack("!H", ethertype)
+    return ether + header + l4

@@ -52,6 +52,8 @@ static __always_inline void ct_touch(struct pyebpflb_ct_entry *entry, const stru
 {
 	__u8 flags = entry->flags | extra_flags;
 
+	if (pkt->dry)
+		return;
 	if (pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
 		flags |= PYEBPFLB_CT_CLOSING;
 	if (flags != entry->flags)
@@ -70,7 +72,8 @@ ct_lookup_service(const struct pyebpflb_ct_key *key, const struct packet *pkt,
 	if (!entry)
 		return NULL;
 	if (now - entry->last_seen_ns > ct_lifetime(config, entry, pkt->proto)) {
-		bpf_map_delete_elem(&lb_ct, key);
+		if (!pkt->dry)
+			bpf_map_delete_elem(&lb_ct, key);
 		return NULL;
 	}
 	return entry;
@@ -110,6 +113,8 @@ static __always_inline int ct_create(const struct pyebpflb_ct_key *service_key,
 	};
 	struct pyebpflb_ct_entry reply = entry;
 
+	if (pkt->dry)
+		return 0;
 	reply.nat_addr = pkt->daddr;
 	reply.nat_port = pkt->dport;
 	if (bpf_map_update_elem(&lb_ct, &reply_key, &reply, BPF_ANY))

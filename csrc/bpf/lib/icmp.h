@@ -17,6 +17,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "lib/ct.h"
+#include "lib/events.h"
 #include "lib/nat.h"
 #include "lib/parse.h"
 
@@ -241,7 +242,7 @@ static __always_inline int reject(struct __sk_buff *skb, const struct packet *pk
 		err = pkt->family == PYEBPFLB_IPV4 ? reject_ipv4(skb, pkt) : reject_ipv6(skb, pkt);
 
 	if (err) {
-		count_drop(PYEBPFLB_DROP_REJECT_FAILED, skb->len);
+		note_drop(skb, pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_REJECT_FAILED, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	return bpf_redirect(skb->ifindex, 0);

@@ -57,7 +57,10 @@ struct packet {
 	__u8 tcp_flags;
 	__u8 l3_hlen_ok; /* IPv4: header without options */
 	__u8 frag;	 /* enum fragment_kind */
-	__u16 icmp_id;	 /* ICMP echo identifier */
+	__u8 dry;	 /* explain: decide, write nothing (see lb.bpf.c) */
+	__u8 _pad;
+	__u16 icmp_id; /* ICMP echo identifier */
+	__u16 _pad2;
 	__u32 frag_id;
 	__u32 l3_off;
 	__u32 l4_off;

@@ -17,6 +17,7 @@
 
 #include "pyebpflb/lb.h"
 #include "lib/ct.h"
+#include "lib/events.h"
 #include "lib/icmp.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
@@ -106,6 +107,22 @@ static __always_inline void policy_lookup(__u32 gen, __u32 scope, __u8 dir,
 		*out = *found;
 }
 
+/* A policy verdict for flow events: every denial, and the allowing of a new flow. */
+static __always_inline void policy_event(struct __sk_buff *skb, const struct packet *pkt, __u8 dir,
+					 const struct pyebpflb_policy_verdict *verdict,
+					 __u32 service_id)
+{
+	struct pyebpflb_flow_event *event = event_start(skb, pkt, PYEBPFLB_EVENT_POLICY, dir);
+
+	if (!event)
+		return;
+	event->verdict = verdict->action;
+	event->is_default = verdict->_pad;
+	event->rule_id = verdict->rule_id;
+	event->service_id = service_id;
+	bpf_ringbuf_submit(event, 0);
+}
+
 /*
  * Decide on a packet of direction `dir`. `port` is its destination port after
  * translation; a packet to a service also meets the rules naming the service
@@ -121,6 +138,7 @@ static __always_inline int policy_decide(struct __sk_buff *skb,
 	struct pyebpflb_policy_verdict other;
 
 	verdict->action = PYEBPFLB_POLICY_NONE;
+	verdict->_pad = 0;
 	if (!(flags & PYEBPFLB_POLICY_ON))
 		return POLICY_PASS;
 	policy_lookup(head->gen, 0, dir, pkt, proto, port, verdict);
@@ -131,12 +149,20 @@ static __always_inline int policy_decide(struct __sk_buff *skb,
 		     (other.action == verdict->action && other.prefixlen >= verdict->prefixlen)))
 			*verdict = other;
 	}
-	if (verdict->action != PYEBPFLB_POLICY_NONE)
+	if (verdict->action != PYEBPFLB_POLICY_NONE && !pkt->dry)
 		count_or_create(&lb_rule_stats, &verdict->rule_id, skb->len);
-	if (verdict->action == PYEBPFLB_POLICY_DENY ||
-	    (verdict->action == PYEBPFLB_POLICY_NONE && (flags & PYEBPFLB_POLICY_DEFAULT_DENY))) {
-		/* verdict->rule_id (0: the default) names the reason for flow events. */
-		count_drop(PYEBPFLB_DROP_POLICY_DENIED, skb->len);
+	if (verdict->action == PYEBPFLB_POLICY_NONE) {
+		/* The default decided: rule id 0. */
+		verdict->rule_id = 0;
+		verdict->action = flags & PYEBPFLB_POLICY_DEFAULT_DENY ? PYEBPFLB_POLICY_DENY
+								       : PYEBPFLB_POLICY_ALLOW;
+		verdict->_pad = 1; /* the default */
+	}
+	explain(skb, pkt, EXPLAIN_RULE, verdict->rule_id);
+	explain(skb, pkt, EXPLAIN_POLICY, (1 + verdict->action) | (verdict->_pad ? 0x10 : 0));
+	if (verdict->action == PYEBPFLB_POLICY_DENY) {
+		policy_event(skb, pkt, dir, verdict, service_id);
+		note_drop(skb, pkt, dir, PYEBPFLB_DROP_POLICY_DENIED, service_id, verdict->rule_id);
 		return POLICY_DROP;
 	}
 	return POLICY_PASS;
@@ -177,13 +203,16 @@ static __always_inline int policy_ct_key(struct pyebpflb_ct_key *key, const stru
 	return 0;
 }
 
-/* Remember a flow policy let through, so that its answers pass the other way. */
-static __always_inline void policy_ct_record(const struct packet *pkt, __u8 answer_dir, __u64 now)
+/* Remember a flow policy let through, so that its answers pass the other way;
+ * the first packet of a flow a policy decided on makes a policy event. */
+static __always_inline void policy_ct_record(struct __sk_buff *skb, const struct packet *pkt,
+					     __u8 dir, __u8 answer_dir, __u64 now,
+					     const struct pyebpflb_policy_verdict *verdict)
 {
 	struct pyebpflb_ct_key key;
 	struct pyebpflb_ct_entry *entry;
 
-	if (pkt->frag || !policy_ct_key(&key, pkt, answer_dir, 1))
+	if (pkt->dry || pkt->frag || !policy_ct_key(&key, pkt, answer_dir, 1))
 		return;
 	entry = bpf_map_lookup_elem(&lb_ct, &key);
 	if (entry) {
@@ -193,6 +222,8 @@ static __always_inline void policy_ct_record(const struct packet *pkt, __u8 answ
 
 		ct_touch(&fresh, pkt, now, 0);
 		bpf_map_update_elem(&lb_ct, &key, &fresh, BPF_ANY);
+		if (verdict->action != PYEBPFLB_POLICY_NONE)
+			policy_event(skb, pkt, dir, verdict, 0);
 	}
 }
 
@@ -223,7 +254,8 @@ static __always_inline int policy_ct_answer(struct __sk_buff *skb, const struct 
 	if (!entry)
 		return 0;
 	if (now - entry->last_seen_ns > ct_lifetime(cfg, entry, pkt->proto)) {
-		bpf_map_delete_elem(&lb_ct, &key);
+		if (!pkt->dry)
+			bpf_map_delete_elem(&lb_ct, &key);
 		return 0;
 	}
 	ct_touch(entry, pkt, now, PYEBPFLB_CT_SEEN_REPLY);
@@ -248,7 +280,8 @@ static __always_inline int policy_fragment_ports(struct packet *pkt)
 	if (pkt->frag == FRAG_FIRST) {
 		struct pyebpflb_frag_ports ports = {.sport = pkt->sport, .dport = pkt->dport};
 
-		bpf_map_update_elem(&lb_frags, &key, &ports, BPF_ANY);
+		if (!pkt->dry)
+			bpf_map_update_elem(&lb_frags, &key, &ports, BPF_ANY);
 		return 1;
 	}
 	known = bpf_map_lookup_elem(&lb_frags, &key);
@@ -282,9 +315,10 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 	if (parsed == PARSE_MALFORMED || parsed == PARSE_UNSUPPORTED) {
 		if (!on)
 			return TC_ACT_OK;
-		count_drop(parsed == PARSE_MALFORMED ? PYEBPFLB_DROP_MALFORMED
-						     : PYEBPFLB_DROP_UNSUPPORTED,
-			   skb->len);
+		note_drop(skb, pkt, dir,
+			  parsed == PARSE_MALFORMED ? PYEBPFLB_DROP_MALFORMED
+						    : PYEBPFLB_DROP_UNSUPPORTED,
+			  0, 0);
 		return TC_ACT_SHOT;
 	}
 	/* IPv6 needs neighbour discovery on the link: no policy stops it. */
@@ -297,7 +331,7 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 		return TC_ACT_OK;
 	if (policy_decide(skb, head, dir, pkt, 0, pkt->dport, portless, &verdict) == POLICY_DROP)
 		return TC_ACT_SHOT;
-	policy_ct_record(pkt, other_dir, now);
+	policy_ct_record(skb, pkt, dir, other_dir, now, &verdict);
 	return TC_ACT_OK;
 }
 

@@ -163,6 +163,52 @@ enum pyebpflb_drop_reason {
 	PYEBPFLB_DROP_MAX = 16,
 };
 
+/*
+ * Flow events, one BPF ring buffer (lb_events) for all: a new flow translated
+ * (TRACE), a packet dropped or refused (DROP, with its reason), a policy
+ * verdict on a new flow or a denied packet (POLICY). Every CPU sends at most
+ * lb_config.event_rate a second; what the limit holds back and what does not
+ * fit the ring are counted in lb_event_stats, never silently lost.
+ */
+enum pyebpflb_event_type {
+	PYEBPFLB_EVENT_TRACE = 1,
+	PYEBPFLB_EVENT_DROP = 2,
+	PYEBPFLB_EVENT_POLICY = 3,
+};
+
+struct pyebpflb_flow_event {
+	__u64 time_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
+	union pyebpflb_addr saddr;
+	union pyebpflb_addr daddr;
+	union pyebpflb_addr nat_addr; /* TRACE: the backend */
+	__u16 sport;		      /* network order, as daddr etc.; ICMP: type and code */
+	__u16 dport;
+	__u16 nat_port;
+	__u8 type;   /* enum pyebpflb_event_type */
+	__u8 reason; /* DROP: enum pyebpflb_drop_reason */
+	__u8 family;
+	__u8 proto;
+	__u8 dir;     /* enum pyebpflb_policy_dir: the hook that saw the packet */
+	__u8 verdict; /* POLICY: enum pyebpflb_policy_action; 0 for a direction's default */
+	__u8 is_reply;
+	__u8 is_default; /* POLICY: no rule matched, the direction's default decided */
+	__u16 _pad;
+	__u32 ifindex;
+	__u32 service_id;
+	__u32 backend_id;
+	__u32 rule_id;
+	__u32 len;
+};
+
+/* lb_event_stats (per-CPU array[1]): the rate limit's window and what happened. */
+struct pyebpflb_event_stats {
+	__u64 window_ns;
+	__u64 in_window;
+	__u64 sent;
+	__u64 lost;	    /* the ring was full */
+	__u64 rate_limited; /* over lb_config.event_rate in a second, on one CPU */
+};
+
 #define PYEBPFLB_LB_MAPS_MAX 32
 
 /*
@@ -183,6 +229,8 @@ struct pyebpflb_lb_config {
 	__u32 policy_active;	 /* 1 once policies were installed: read lb_policy */
 	__u32 next_rule_id;
 	__u32 next_policy_id;
+	__u32 event_mask; /* 1 << enum pyebpflb_event_type: which events are sent */
+	__u32 event_rate; /* events a second per CPU; 0: none */
 	__u32 _pad;
 	char name[PYEBPFLB_DATAPATH_NAME_MAX];
 	__u32 map_ids[PYEBPFLB_LB_MAPS_MAX];

@@ -17,6 +17,9 @@ class ProgramType(enum.IntEnum):
     CGROUP_SKB = lib.BPF_PROG_TYPE_CGROUP_SKB
 
 
+_CTX_OUT_MAX = 1024
+
+
 class TestRun(NamedTuple):
     """Result of one BPF_PROG_TEST_RUN."""
 
@@ -26,6 +29,8 @@ class TestRun(NamedTuple):
     """The packet as the program left it."""
     duration_ns: int
     """Mean run time per repetition, as measured by the kernel."""
+    ctx: bytes = b""
+    """The context (``struct __sk_buff`` for tc) as the program left it, when one was given."""
 
 
 class Program:
@@ -91,6 +96,8 @@ class Program:
 
         ``repeat`` runs it that many times (the duration is the mean).
         ``headroom`` is how many bytes the program may grow the packet by.
+        ``ctx`` is the program's context (for tc, a ``struct __sk_buff``'s first
+        bytes); the result carries it back as the program left it.
         """
         if repeat < 1:
             raise ValueError(f"repeat must be at least 1, got {repeat}")
@@ -106,14 +113,21 @@ class Program:
         opts.data_size_out = len(data) + headroom
         opts.repeat = repeat
         ctx_in: Any = None
+        ctx_out: Any = None
         if ctx is not None:
             ctx_in = ffi.from_buffer(ctx)
             opts.ctx_in = ctx_in
             opts.ctx_size_in = len(ctx)
+            # The kernel copies its whole context back, and fails with ENOSPC
+            # when the buffer is smaller (struct __sk_buff is under 256 bytes).
+            ctx_out = ffi.new("char[]", max(len(ctx), _CTX_OUT_MAX))
+            opts.ctx_out = ctx_out
+            opts.ctx_size_out = len(ctx_out)
         check(lib.bpf_prog_test_run_opts(self.fd, opts), f"test run of program {self.name}")
         retval = int(ffi.cast("int", opts.retval))
         out = bytes(ffi.buffer(data_out, opts.data_size_out))
-        return TestRun(retval=retval, data=out, duration_ns=int(opts.duration))
+        context = bytes(ffi.buffer(ctx_out, opts.ctx_size_out)) if ctx is not None else b""
+        return TestRun(retval=retval, data=out, duration_ns=int(opts.duration), ctx=context)
 
     def pin(self, path: str | os.PathLike[str]) -> None:
         """Pin the program on a bpffs at ``path``, so it outlives this process."""

@@ -1,0 +1,134 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Flow events to user space through one BPF ring buffer, under a per-CPU
+ * rate limit. Every event held back (by the limit, or a full ring) is
+ * counted in lb_event_stats: loss is a number, never silent.
+ */
+#ifndef PYEBPFLB_BPF_EVENTS_H
+#define PYEBPFLB_BPF_EVENTS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "pyebpflb/lb.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+
+#define EVENT_WINDOW_NS 1000000000ULL
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} lb_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_event_stats);
+} lb_event_stats SEC(".maps");
+
+/*
+ * A new event of `type` about `pkt`, its common fields filled, or NULL when
+ * that type is off, over the rate, or the ring is full. The caller fills in
+ * the rest and submits it with bpf_ringbuf_submit.
+ */
+static __always_inline struct pyebpflb_flow_event *
+event_start(struct __sk_buff *skb, const struct packet *pkt, __u8 type, __u8 dir)
+{
+	struct pyebpflb_lb_config *cfg;
+	struct pyebpflb_event_stats *stats;
+	struct pyebpflb_flow_event *event;
+	__u32 zero = 0;
+	__u64 now;
+
+	if (pkt->dry)
+		return NULL;
+	cfg = bpf_map_lookup_elem(&lb_config, &zero);
+	if (!cfg || !(cfg->event_mask & (1U << type)))
+		return NULL;
+	stats = bpf_map_lookup_elem(&lb_event_stats, &zero);
+	if (!stats)
+		return NULL;
+	now = bpf_ktime_get_ns();
+	if (now - stats->window_ns >= EVENT_WINDOW_NS) {
+		stats->window_ns = now;
+		stats->in_window = 0;
+	}
+	if (stats->in_window >= cfg->event_rate) {
+		stats->rate_limited += 1;
+		return NULL;
+	}
+	stats->in_window += 1;
+	event = bpf_ringbuf_reserve(&lb_events, sizeof(*event), 0);
+	if (!event) {
+		stats->lost += 1;
+		return NULL;
+	}
+	stats->sent += 1;
+	__builtin_memset(event, 0, sizeof(*event));
+	event->time_ns = now;
+	event->saddr = pkt->saddr;
+	event->daddr = pkt->daddr;
+	event->sport = pkt->sport;
+	event->dport = pkt->dport;
+	event->family = pkt->family;
+	event->proto = pkt->proto;
+	event->type = type;
+	event->dir = dir;
+	event->ifindex = skb->ifindex;
+	event->len = skb->len;
+	return event;
+}
+
+/* What explain reads back (skb->cb, through BPF_PROG_TEST_RUN's context). */
+enum explain_slot {
+	EXPLAIN_SERVICE = 0,
+	EXPLAIN_BACKEND = 1,
+	EXPLAIN_RULE = 2,
+	EXPLAIN_POLICY = 3, /* 1 + enum pyebpflb_policy_action, | 0x10 when the default decided */
+	EXPLAIN_DROP = 4,   /* enum pyebpflb_drop_reason */
+};
+
+static __always_inline void explain(struct __sk_buff *skb, const struct packet *pkt, int slot,
+				    __u32 value)
+{
+	if (!pkt->dry)
+		return;
+	if (slot == EXPLAIN_SERVICE)
+		skb->cb[0] = value;
+	else if (slot == EXPLAIN_BACKEND)
+		skb->cb[1] = value;
+	else if (slot == EXPLAIN_RULE)
+		skb->cb[2] = value;
+	else if (slot == EXPLAIN_POLICY)
+		skb->cb[3] = value;
+	else
+		skb->cb[4] = value;
+}
+
+static __always_inline void event_drop(struct __sk_buff *skb, const struct packet *pkt, __u8 dir,
+				       __u8 reason, __u32 service_id, __u32 rule_id)
+{
+	struct pyebpflb_flow_event *event = event_start(skb, pkt, PYEBPFLB_EVENT_DROP, dir);
+
+	if (!event)
+		return;
+	event->reason = reason;
+	event->service_id = service_id;
+	event->rule_id = rule_id;
+	bpf_ringbuf_submit(event, 0);
+}
+
+/* Count a dropped (or refused) packet under `reason`, and tell user space. */
+static __always_inline void note_drop(struct __sk_buff *skb, const struct packet *pkt, __u8 dir,
+				      __u8 reason, __u32 service_id, __u32 rule_id)
+{
+	explain(skb, pkt, EXPLAIN_DROP, reason);
+	if (pkt->dry)
+		return;
+	count_drop(reason, skb->len);
+	event_drop(skb, pkt, dir, reason, service_id, rule_id);
+}
+
+#endif

@@ -1,0 +1,315 @@
+"""Flow events from the datapath, decoded into typed :class:`FlowEvent` objects.
+
+The kernel writes ``struct pyebpflb_flow_event`` (``csrc/include/pyebpflb/lb.h``)
+to one BPF ring buffer: ``trace`` for a new flow translated to a backend,
+``drop`` for a packet dropped or refused (with its reason), ``policy`` for a
+policy verdict (every denial, and the allowing of a new flow). A per-CPU rate
+limit keeps a flood from swamping user space; what it holds back, and what
+does not fit the ring, is counted (:class:`EventStats`), never silently lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import ipaddress
+import json
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import attrs
+
+from pyebpflb._bpf import RingBuffer, ffi
+from pyebpflb._bpf._libbpf import lib
+from pyebpflb._bpf.netns import entered
+from pyebpflb.model import Address
+
+TYPES = {
+    int(lib.PYEBPFLB_EVENT_TRACE): "trace",
+    int(lib.PYEBPFLB_EVENT_DROP): "drop",
+    int(lib.PYEBPFLB_EVENT_POLICY): "policy",
+}
+TYPE_BITS = {name: 1 << code for code, name in TYPES.items()}
+PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+DIRECTIONS = {
+    int(lib.PYEBPFLB_POLICY_INGRESS): "ingress",
+    int(lib.PYEBPFLB_POLICY_EGRESS): "egress",
+}
+DROP_REASONS = {
+    int(lib.PYEBPFLB_DROP_NO_BACKEND): "no backend",
+    int(lib.PYEBPFLB_DROP_CT_FULL): "conntrack full",
+    int(lib.PYEBPFLB_DROP_REJECT_FAILED): "reject failed",
+    int(lib.PYEBPFLB_DROP_POLICY_DENIED): "policy denied",
+    int(lib.PYEBPFLB_DROP_MALFORMED): "malformed packet",
+    int(lib.PYEBPFLB_DROP_UNSUPPORTED): "unsupported packet",
+}
+
+
+def to_types(types: Iterable[str] | str | None) -> frozenset[str]:
+    """Event types from names ("trace", "drop", "policy"); None: all."""
+    if types is None:
+        return frozenset(TYPE_BITS)
+    chosen = frozenset([types] if isinstance(types, str) else types)
+    unknown = sorted(chosen - set(TYPE_BITS))
+    if unknown:
+        raise ValueError(
+            f"event types must be among {sorted(TYPE_BITS)}, got {', '.join(map(repr, unknown))}"
+        )
+    return chosen
+
+
+@attrs.frozen
+class FlowEvent:
+    """One decision of the datapath, with Hubble's fields.
+
+    ``verdict``: "forwarded" (trace), "dropped" or "refused" (drop: refused is
+    a reset or ICMP unreachable sent back), "allowed" or "denied" (policy).
+    ``service`` and ``backend`` name what the flow was translated to (trace),
+    ``policy`` and ``rule`` the rule that decided (``rule`` None: the
+    direction's default).
+    """
+
+    time: datetime.datetime
+    type: str
+    verdict: str
+    source: Address
+    source_port: int
+    destination: Address
+    destination_port: int
+    protocol: str
+    interface: str
+    direction: str
+    length: int
+    service: str | None = None
+    backend: str | None = None
+    drop_reason: str | None = None
+    policy: str | None = None
+    rule: int | None = None
+    is_reply: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (addresses as strings, time in ISO 8601)."""
+        return {
+            field.name: (
+                value.isoformat()
+                if isinstance(value, datetime.datetime)
+                else str(value)
+                if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address))
+                else value
+            )
+            for field in attrs.fields(FlowEvent)
+            for value in (getattr(self, field.name),)
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def __str__(self) -> str:
+        def at(address: Address, port: int) -> str:
+            host = f"[{address}]" if address.version == 6 else str(address)
+            return f"{host}:{port}" if self.protocol in ("tcp", "udp") else host
+
+        line = (
+            f"{self.time.strftime('%H:%M:%S.%f')} {self.type.upper():<6} {self.verdict:<9} "
+            f"{self.protocol} {at(self.source, self.source_port)} -> "
+            f"{at(self.destination, self.destination_port)} {self.interface} {self.direction}"
+        )
+        if self.service:
+            line += f" service {self.service}"
+        if self.backend:
+            line += f" -> {self.backend}"
+        if self.drop_reason:
+            line += f" ({self.drop_reason})"
+        if self.type == "policy" or self.drop_reason == "policy denied":
+            line += (
+                f" policy {self.policy} rule {self.rule}"
+                if self.policy is not None
+                else " (the direction's default)"
+            )
+        return line
+
+
+@attrs.frozen
+class EventStats:
+    """Events the kernel sent, and those it could not: ``lost`` (the ring buffer was
+    full: user space did not keep up) and ``rate_limited`` (over the per-CPU rate)."""
+
+    sent: int
+    lost: int
+    rate_limited: int
+
+
+class Names:
+    """Ids and interface indexes -> what a person reads; refreshed on a miss (at most
+    once a second, so an unknown id in a flood costs nothing)."""
+
+    def __init__(
+        self,
+        refresh: Callable[[], tuple[dict[int, str], dict[int, str], dict[int, tuple[str, int]]]],
+        netns: str | None,
+    ) -> None:
+        self._refresh = refresh
+        self._netns = netns
+        self._last = 0.0
+        self.services: dict[int, str] = {}
+        self.backends: dict[int, str] = {}
+        self.rules: dict[int, tuple[str, int]] = {}
+        self._ifaces: dict[int, str] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        self.services, self.backends, self.rules = self._refresh()
+        self._last = time.monotonic()
+
+    def _lookup(self, table: str, key: int) -> Any:
+        found = getattr(self, table).get(key)
+        if found is None and time.monotonic() - self._last > 1.0:
+            self.reload()
+            found = getattr(self, table).get(key)
+        return found
+
+    def service(self, service_id: int) -> str | None:
+        if not service_id:
+            return None
+        return self._lookup("services", service_id) or f"service #{service_id}"
+
+    def backend(self, backend_id: int) -> str | None:
+        if not backend_id:
+            return None
+        return self._lookup("backends", backend_id) or f"backend #{backend_id}"
+
+    def rule(self, rule_id: int) -> tuple[str | None, int | None]:
+        if not rule_id:
+            return None, None
+        found = self._lookup("rules", rule_id)
+        return found if found is not None else (f"rule #{rule_id}", None)
+
+    def interface(self, ifindex: int) -> str:
+        name = self._ifaces.get(ifindex)
+        if name is None:
+            try:
+                with entered(self._netns):
+                    name = socket.if_indextoname(ifindex)
+            except OSError:
+                name = f"if{ifindex}"
+            self._ifaces[ifindex] = name
+        return name
+
+
+def _clock_offset() -> float:
+    """Seconds to add to CLOCK_MONOTONIC to get the wall clock."""
+    return time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def decode(raw: Any, names: Names, offset: float) -> FlowEvent:
+    """A ``struct pyebpflb_flow_event`` as a :class:`FlowEvent`."""
+    family = int(raw.family)
+
+    def address(union: Any) -> Address:
+        data = bytes(ffi.buffer(union.bytes, 16))
+        if family == lib.PYEBPFLB_IPV4:
+            return ipaddress.IPv4Address(data[:4])
+        return ipaddress.IPv6Address(data)
+
+    kind = TYPES.get(int(raw.type), f"type {int(raw.type)}")
+    proto = int(raw.proto)
+    reason = DROP_REASONS.get(int(raw.reason)) if kind == "drop" else None
+    if kind == "trace":
+        verdict = "forwarded"
+    elif kind == "drop":
+        verdict = "refused" if reason == "no backend" else "dropped"
+    else:
+        verdict = "denied" if int(raw.verdict) == lib.PYEBPFLB_POLICY_DENY else "allowed"
+    policy, rule = names.rule(int(raw.rule_id))
+    backend = None
+    if kind == "trace":
+        host = address(raw.nat_addr)
+        port = socket.ntohs(int(raw.nat_port))
+        backend = f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
+    with_ports = proto in (6, 17)
+    return FlowEvent(
+        time=datetime.datetime.fromtimestamp(int(raw.time_ns) / 1e9 + offset, tz=datetime.UTC),
+        type=kind,
+        verdict=verdict,
+        source=address(raw.saddr),
+        source_port=socket.ntohs(int(raw.sport)) if with_ports else 0,
+        destination=address(raw.daddr),
+        destination_port=socket.ntohs(int(raw.dport)) if with_ports else 0,
+        protocol=PROTOCOLS.get(proto, str(proto)),
+        interface=names.interface(int(raw.ifindex)),
+        direction=DIRECTIONS.get(int(raw.dir), "?"),
+        length=int(raw.len),
+        service=names.service(int(raw.service_id)),
+        backend=backend,
+        drop_reason=reason,
+        policy=policy,
+        rule=rule,
+        is_reply=bool(raw.is_reply),
+    )
+
+
+class Monitor:
+    """Reads the datapath's ring buffer into a bounded queue of filtered events.
+
+    One monitor per datapath at a time: a BPF ring buffer has one consumer.
+    ``queue_size`` bounds memory; events that arrive while the queue is full
+    are counted in :attr:`overflowed` and dropped, as the kernel counts its own.
+    """
+
+    def __init__(
+        self,
+        ring_map: Any,
+        names: Names,
+        *,
+        types: Iterable[str] | str | None = None,
+        service: str | None = None,
+        address: str | Address | None = None,
+        queue_size: int = 65536,
+    ) -> None:
+        self.types = to_types(types)
+        self.service = service
+        self.address = ipaddress.ip_address(address) if address is not None else None
+        self.names = names
+        self.queue: collections.deque[FlowEvent] = collections.deque()
+        self.queue_size = queue_size
+        self.overflowed = 0
+        self.received = 0
+        self._type_codes = {code for code, name in TYPES.items() if name in self.types}
+        self._offset = _clock_offset()
+        self.ring = RingBuffer(ring_map, self._on_event, event_type="struct pyebpflb_flow_event")
+
+    def _on_event(self, raw: Any) -> None:
+        self.received += 1
+        if int(raw.type) not in self._type_codes:
+            return
+        if len(self.queue) >= self.queue_size:
+            self.overflowed += 1
+            return
+        event = decode(raw, self.names, self._offset)
+        if self.service is not None and event.service != self.service:
+            return
+        if self.address is not None and self.address not in (event.source, event.destination):
+            return
+        self.queue.append(event)
+
+    def events(self, timeout: float | None) -> Iterator[FlowEvent]:
+        """Events as they come, until ``timeout`` seconds pass (None: forever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            while self.queue:
+                yield self.queue.popleft()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            self.ring.poll(0.2 if left is None else min(left, 0.2))
+
+    def fileno(self) -> int:
+        return self.ring.fileno()
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+__all__ = ["EventStats", "FlowEvent", "Monitor", "decode", "to_types"]
