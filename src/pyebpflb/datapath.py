@@ -11,6 +11,7 @@ through the programs attached to this namespace's interfaces.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
@@ -23,13 +24,13 @@ from typing import Any, overload
 
 import attrs
 
+from pyebpflb import _html, maglev, maps, objects, plan
 from pyebpflb import events as events_mod
-from pyebpflb import maglev, maps, objects, plan
 from pyebpflb import policy as policy_mod
-from pyebpflb._bpf import Map, Object, Program, TcLink, fs, tc
+from pyebpflb._bpf import Map, MapType, Object, Program, TcLink, fs, tc
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.netns import current_id, entered, is_initial
-from pyebpflb.errors import BpfError, PyEbpfLbError
+from pyebpflb.errors import BpfError, NotFound, PyEbpfLbError
 from pyebpflb.events import EventStats, FlowEvent
 from pyebpflb.model import Address, Backend, Policy, Protocol, Service
 
@@ -100,6 +101,11 @@ class ServiceStats:
     bytes: int
     backends: dict[Backend, Traffic]
 
+    def _repr_html_(self) -> str:
+        rows = [(str(b), t.packets, t.bytes) for b, t in self.backends.items()]
+        caption = f"{self.service.label}: {self.packets} packets, {self.bytes} bytes"
+        return _html.table(["backend", "packets", "bytes"], rows, caption)
+
 
 @attrs.frozen
 class DatapathStats:
@@ -109,6 +115,23 @@ class DatapathStats:
     policies: dict[str, list[Traffic]]  # policy name -> per rule, in rule order
     drops: dict[str, Traffic]  # by reason
     events: EventStats
+
+    def _repr_html_(self) -> str:
+        rows: list[tuple[object, ...]] = []
+        for st in self.services:
+            rows.append((st.service.name or st.service.label, "service", st.packets, st.bytes))
+            for backend, traffic in st.backends.items():
+                rows.append(("", f"-> {backend}", traffic.packets, traffic.bytes))
+        for name, rules in self.policies.items():
+            for index, traffic in enumerate(rules):
+                rows.append((name, f"rule {index}", traffic.packets, traffic.bytes))
+        for reason, traffic in self.drops.items():
+            rows.append(("drops", reason, traffic.packets, traffic.bytes))
+        caption = (
+            f"events sent {self.events.sent}, lost {self.events.lost}, "
+            f"rate-limited {self.events.rate_limited}"
+        )
+        return _html.table(["what", "", "packets", "bytes"], rows, caption)
 
 
 @attrs.frozen
@@ -153,6 +176,53 @@ class Explanation:
 
 
 @attrs.frozen
+class MapInfo:
+    """One map of a datapath: ``entries`` in use (None for a ring buffer)."""
+
+    name: str
+    type: str
+    entries: int | None
+    max_entries: int
+    pin: str | None
+
+
+@attrs.frozen
+class Hook:
+    """A program of the datapath attached to an interface."""
+
+    interface: str
+    hook: str  # "tc ingress" / "tc egress"
+    program: str
+    program_id: int
+
+
+@attrs.frozen
+class Flow:
+    """A conntrack entry, as a person reads it.
+
+    ``kind``: "service" (a balanced flow: ``source`` -> ``destination`` is the
+    client's packet to the VIP, ``backend`` where it goes), "reply" (the reverse
+    entry of a balanced flow), "policy-in"/"policy-out" (answers policy lets
+    through on ingress/egress). ``expires_in`` is None for entries that do not
+    expire on their own (reply entries live as long as their flow).
+    """
+
+    kind: str
+    protocol: str
+    source: str
+    destination: str
+    backend: str | None
+    service: str | None
+    age: float
+    expires_in: float | None
+    closing: bool
+    answered: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
 class Attachment:
     """The datapath on one interface: ingress balances, egress reverse-translates."""
 
@@ -174,7 +244,11 @@ class Datapath:
     removes the pins. ``persist=True``: closing leaves everything running, and
     a later ``Datapath`` of the same name adopts it without a dropped packet.
     ``netns`` names a network namespace (``ip netns`` name or path) to work in
-    from outside it.
+    from outside it. ``create=False`` only adopts, keeping the datapath's
+    settings (timeouts, events): without an existing datapath of that name it
+    raises :class:`~pyebpflb.errors.NotFound`.
+    ``events`` chooses the flow events the kernel sends ("trace", "drop",
+    "policy"), ``event_rate`` how many a second each CPU may send.
     """
 
     def __init__(
@@ -196,6 +270,7 @@ class Datapath:
         max_policy_entries: int = 1 << 20,
         events: Iterable[str] | None = ("trace", "drop", "policy"),
         event_rate: int = 10_000,
+        create: bool = True,
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > NAME_MAX:
             raise ValueError(
@@ -223,6 +298,7 @@ class Datapath:
             raise ValueError(f"ct_timeouts must be a ConntrackTimeouts, got {ct_timeouts!r}")
         self.ct_timeouts = ct_timeouts
         self.pin_root = os.fspath(pin_root)
+        self.create = create
         with entered(netns):
             self.pin_dir = self._pin_dir(self.pin_root)
             self._object, adopted = self._load()
@@ -230,8 +306,7 @@ class Datapath:
         self.adopted = adopted
         try:
             self._write_config()
-            self._snapshot = maps.read_snapshot(self._object)
-            self._policy = maps.read_policy_state(self._object)
+            self._reload()
         except BaseException:
             self._object.close()
             self._closed = True
@@ -244,6 +319,13 @@ class Datapath:
 
     def _load(self) -> tuple[Object, bool]:
         existing = self._find_attached_maps() or self._find_pinned_maps()
+        if not existing and not self.create:
+            where = f" in network namespace {self.netns!r}" if self.netns else ""
+            raise NotFound(
+                errno.ENOENT,
+                f"no datapath {self.name!r}{where}: none of its programs is attached here and "
+                f"nothing is pinned under {self.pin_dir}",
+            )
         obj = objects.open_object("lb")
         try:
             sizes = {
@@ -348,6 +430,18 @@ class Datapath:
         config.layout_version = LAYOUT_VERSION
         config.name = self.name.encode()
         seconds = 1_000_000_000
+        if self.adopted and not self.create:
+            # Opened as it is (a tool looking at a datapath): keep its settings.
+            self.ct_timeouts = ConntrackTimeouts(
+                tcp_syn=int(config.ct_tcp_syn_ns) / seconds,
+                tcp_established=int(config.ct_tcp_established_ns) / seconds,
+                tcp_closing=int(config.ct_tcp_closing_ns) / seconds,
+                udp=int(config.ct_udp_ns) / seconds,
+            )
+            self.events = frozenset(
+                name for name, bit in events_mod.TYPE_BITS.items() if int(config.event_mask) & bit
+            )
+            self.event_rate = int(config.event_rate)
         config.ct_tcp_syn_ns = int(self.ct_timeouts.tcp_syn * seconds)
         config.ct_tcp_established_ns = int(self.ct_timeouts.tcp_established * seconds)
         config.ct_tcp_closing_ns = int(self.ct_timeouts.tcp_closing * seconds)
@@ -372,6 +466,19 @@ class Datapath:
         ids = [m.id for m in self._object.maps.values()]
         config.map_ids[0 : len(ids)] = ids
         config_map[0] = config
+
+    def _reload(self) -> None:
+        """Read what the kernel holds (and which change it is at) into our copy."""
+        self._changes = int(self._object.map("lb_config")[0].changes)
+        self._snapshot = maps.read_snapshot(self._object)
+        self._policy = maps.read_policy_state(self._object)
+
+    def _fresh(self) -> None:
+        """Plan against the kernel's state: another Datapath object (another process,
+        the command line) may have changed it since we read it."""
+        self._live()
+        if int(self._object.map("lb_config")[0].changes) != self._changes:
+            self._reload()
 
     def _update_config(self, **fields: int) -> None:
         config_map = self._object.map("lb_config")
@@ -461,6 +568,7 @@ class Datapath:
     def sync(self, services: Iterable[Service], policies: Iterable[Policy] | None = None) -> None:
         """Make the kernel hold exactly ``services`` (and ``policies``, unless None:
         then the installed policies stay); all or nothing."""
+        self._fresh()
         wanted = list(services)
         seen: dict[tuple[Address, int, Protocol], Service] = {}
         for service in wanted:
@@ -478,20 +586,21 @@ class Datapath:
     def upsert(self, service: Service) -> None:
         """Install ``service`` or replace the one with its vip, port and protocol."""
         self._check(service)
+        self._fresh()
         self._apply(plan.diff(self._snapshot, [service], [], self.maglev_table_size))
 
     def remove(self, service: Service) -> bool:
         """Remove the service with ``service``'s vip, port and protocol; False if none."""
         if not isinstance(service, Service):
             raise ValueError(f"remove takes a Service, got {service!r}")
-        self._live()
+        self._fresh()
         change = plan.diff(self._snapshot, [], [service.key], self.maglev_table_size)
         self._apply(change)
         return not change.empty
 
     def upsert_policy(self, policy: Policy) -> None:
         """Install ``policy`` or replace the one of its name."""
-        self._live()
+        self._fresh()
         if not isinstance(policy, Policy):
             raise ValueError(f"expected a Policy, got {policy!r}")
         current = [p for _, p in self._policy.policies.values()]
@@ -506,7 +615,7 @@ class Datapath:
 
     def remove_policy(self, policy: Policy | str) -> bool:
         """Remove the policy of ``policy``'s name (or the name given); False if none."""
-        self._live()
+        self._fresh()
         name = policy.name if isinstance(policy, Policy) else policy
         if not isinstance(name, str):
             raise ValueError(f"remove_policy takes a Policy or a policy name, got {policy!r}")
@@ -563,6 +672,7 @@ class Datapath:
         ids_now = {
             "next_service_id": change.next_service_id,
             "next_backend_id": change.next_backend_id,
+            "changes": self._changes + 1,
         }
         if policies_plan is not None:
             ids_now["next_rule_id"] = policies_plan.next_rule_id
@@ -572,7 +682,9 @@ class Datapath:
         if any(known.get(k) != v for k, v in ids_now.items()):
             # Ids are reserved before use and never handed out twice, even
             # when the change fails: conntrack entries may still name old ids.
+            # The change count moves too (also on failure: an undo is a change).
             self._update_config(**ids_now)
+            self._changes = ids_now["changes"]
             self._snapshot = attrs.evolve(
                 self._snapshot,
                 next_service_id=change.next_service_id,
@@ -594,6 +706,7 @@ class Datapath:
             "next_rule_id": max(int(config.next_rule_id), 1),
             "next_policy_id": max(int(config.next_policy_id), 1),
             "policy_active": int(config.policy_active),
+            "changes": int(config.changes),
         }
 
     def _service_ids(self, change: plan.Plan) -> dict[str, list[int]]:
@@ -630,6 +743,8 @@ class Datapath:
         self._live()
         name = policy.name if isinstance(policy, Policy) else policy
         if name not in self._policy.policies:
+            self._policy = maps.read_policy_state(self._object)
+        if name not in self._policy.policies:
             raise KeyError(f"policy {name!r} is not installed in datapath {self.name!r}")
         counters = self._object.map("lb_rule_stats")
         refs = sorted((r for r in self._policy.refs if r.policy == name), key=lambda r: r.index)
@@ -638,6 +753,10 @@ class Datapath:
     def _service_stats(self, service: Service) -> ServiceStats:
         self._live()
         installed = self._snapshot.services.get(service.key)
+        if installed is None or installed.service != service:
+            # Another process (the command line) may have changed it: read again.
+            self._snapshot = maps.read_snapshot(self._object)
+            installed = self._snapshot.services.get(service.key)
         if installed is None:
             raise KeyError(f"service {service.label} is not installed in datapath {self.name!r}")
         svc = _sum(self._object.map("lb_svc_stats").lookup(maps.u32(installed.id)))
@@ -681,6 +800,100 @@ class Datapath:
             lost=sum(int(v.lost) for v in per_cpu),
             rate_limited=sum(int(v.rate_limited) for v in per_cpu),
         )
+
+    # -- inspecting ------------------------------------------------------------------------
+    def maps(self) -> list[MapInfo]:
+        """Every map: type, entries in use and at most, pin path."""
+        self._live()
+        result = []
+        for name, bpf_map in sorted(self._object.maps.items()):
+            if bpf_map.type in (MapType.ARRAY, MapType.PERCPU_ARRAY):
+                entries: int | None = bpf_map.max_entries
+            elif bpf_map.type == MapType.RINGBUF:
+                entries = None
+            else:
+                try:
+                    entries = len(bpf_map.lookup_batch())
+                except BpfError:
+                    entries = len(bpf_map)
+            pin = os.path.join(self.pin_dir, name)
+            result.append(
+                MapInfo(
+                    name,
+                    MapType(bpf_map.type).name.lower(),
+                    entries,
+                    bpf_map.max_entries,
+                    pin if os.path.exists(pin) else None,
+                )
+            )
+        return result
+
+    def hooks(self) -> list[Hook]:
+        """Where this datapath's programs are attached in its network namespace."""
+        self._live()
+        found = []
+        with entered(self.netns):
+            for _, iface in socket.if_nameindex():
+                for direction in ("ingress", "egress"):
+                    prog_id = tc.query(iface, direction, handle=LB_HANDLE, priority=LB_PRIORITY)
+                    if prog_id is not None and self._owns_program(prog_id):
+                        found.append(Hook(iface, f"tc {direction}", f"lb_{direction}", prog_id))
+        return found
+
+    def flows(self) -> list[Flow]:
+        """The conntrack entries, decoded: balanced flows, their replies, and the flows
+        policy lets answers through for."""
+        self._live()
+        config = self._object.map("lb_config")[0]
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        names = {i.id: i.service.name or i.service.label for i in self._snapshot.services.values()}
+        kinds = {
+            int(lib.PYEBPFLB_CT_SERVICE): "service",
+            int(lib.PYEBPFLB_CT_REPLY): "reply",
+            int(lib.PYEBPFLB_CT_POLICY_IN): "policy-in",
+            int(lib.PYEBPFLB_CT_POLICY_OUT): "policy-out",
+        }
+        result = []
+        for key, entry in self._object.map("lb_ct").lookup_batch():
+            kind = kinds.get(int(key.dir), str(int(key.dir)))
+            family = int(key.family)
+            proto = int(key.proto)
+
+            def at(union: Any, port: int, family: int = family, proto: int = proto) -> str:
+                host = _host(maps.addr_from(union, family))
+                return f"{host}:{socket.ntohs(port)}" if proto in (6, 17) else host
+
+            flags = int(entry.flags)
+            closing = bool(flags & lib.PYEBPFLB_CT_CLOSING)
+            answered = bool(flags & lib.PYEBPFLB_CT_SEEN_REPLY)
+            expires_in = None
+            if kind != "reply":
+                if proto != 6:
+                    life = int(config.ct_udp_ns)
+                elif closing:
+                    life = int(config.ct_tcp_closing_ns)
+                elif not answered:
+                    life = int(config.ct_tcp_syn_ns)
+                else:
+                    life = int(config.ct_tcp_established_ns)
+                expires_in = max(0.0, (int(entry.last_seen_ns) + life - now) / 1e9)
+            result.append(
+                Flow(
+                    kind=kind,
+                    protocol=events_mod.PROTOCOLS.get(proto, str(proto)),
+                    source=at(key.saddr, int(key.sport)),
+                    destination=at(key.daddr, int(key.dport)),
+                    backend=at(entry.nat_addr, int(entry.nat_port)) if kind == "service" else None,
+                    service=names.get(int(entry.service_id))
+                    if kind in ("service", "reply")
+                    else None,
+                    age=max(0.0, (now - int(entry.created_ns)) / 1e9),
+                    expires_in=expires_in,
+                    closing=closing,
+                    answered=answered,
+                )
+            )
+        return result
 
     # -- flow events -------------------------------------------------------------------
     def _names(self) -> tuple[dict[int, str], dict[int, str], dict[int, tuple[str, int]]]:
@@ -903,6 +1116,40 @@ class Datapath:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _repr_html_(self) -> str:
+        if self._closed:
+            return _html.table([], [], f"datapath {self.name!r} (closed)")
+        rows = [
+            (
+                s.name,
+                f"{_host(s.vip)}:{s.port}/{s.protocol.value}",
+                s.scheduler.value,
+                ", ".join(str(b) for b in s.backends) or "(none)",
+            )
+            for s in self.services
+        ]
+        where = ", ".join(h.interface for h in self.hooks() if h.hook == "tc ingress")
+        caption = f"datapath {self.name!r} on {where or 'no interface'}"
+        return _html.table(["service", "frontend", "scheduler", "backends"], rows, caption)
+
+    def flows_dataframe(
+        self, events: Iterable[FlowEvent] | None = None, *, timeout: float = 1.0
+    ) -> Any:
+        """Flow events as a pandas DataFrame, one row each (Hubble's fields as columns):
+        ``events`` given, or those that come within ``timeout`` seconds. Needs pandas."""
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError(
+                "flows_dataframe needs pandas (pip install pandas); "
+                "Datapath.monitor() gives the same events without it"
+            ) from None
+        chosen = list(events) if events is not None else list(self.monitor(timeout=timeout))
+        columns = [field.name for field in attrs.fields(FlowEvent)]
+        frame = pandas.DataFrame([e.to_dict() for e in chosen], columns=columns)
+        frame["time"] = pandas.to_datetime(frame["time"])
+        return frame
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._snapshot.services)} services"

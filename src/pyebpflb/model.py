@@ -233,6 +233,15 @@ class Service:
         where = f"{host}:{self.port}/{self.protocol.value}"
         return f"{self.name} ({where})" if self.name else where
 
+    def _repr_html_(self) -> str:
+        from pyebpflb import _html
+
+        rows = [(str(b), b.weight, b.state.value) for b in self.backends]
+        caption = f"{self.label}, scheduler {self.scheduler.value}" + (
+            f", affinity {self.affinity_timeout} s" if self.affinity_timeout else ""
+        )
+        return _html.table(["backend", "weight", "state"], rows, caption)
+
     def with_backends(self, backends: Iterable[Backend]) -> Service:
         return attrs.evolve(self, backends=tuple(backends))
 

@@ -232,6 +232,7 @@ struct pyebpflb_lb_config {
 	__u32 event_mask; /* 1 << enum pyebpflb_event_type: which events are sent */
 	__u32 event_rate; /* events a second per CPU; 0: none */
 	__u32 _pad;
+	__u64 changes; /* bumped by every change: a writer whose copy is older reads again */
 	char name[PYEBPFLB_DATAPATH_NAME_MAX];
 	__u32 map_ids[PYEBPFLB_LB_MAPS_MAX];
 };

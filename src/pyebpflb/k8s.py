@@ -1,0 +1,253 @@
+"""Kubernetes manifests -> pyebpflb services (pure Python, no kernel).
+
+Takes what ``kubectl get -o yaml`` prints (or what one writes by hand): a
+``Service`` plus the ``Pod``s its selector matches, or a ``Service`` plus its
+``EndpointSlice``s. Each port of a Service becomes one :class:`Service`
+named ``namespace/name`` (so a policy rule naming it covers all its ports,
+as ``loadBalancerSourceRanges`` does): ``clusterIP`` (every one of
+``clusterIPs``) and ``port``, to the endpoints' addresses on ``targetPort``
+(a number, or the name of a pod's ``containerPort``; the EndpointSlice's
+port of the same name). ``sessionAffinity: ClientIP`` becomes
+``affinity_timeout`` (``timeoutSeconds``, 10800 by default).
+
+Anything that cannot be translated raises :class:`ManifestError` naming the
+object and the field; nothing is returned then, so nothing is applied.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+import yaml
+
+from pyebpflb.model import (
+    DEFAULT_AFFINITY_SECONDS,
+    Backend,
+    BackendState,
+    Service,
+)
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be translated; the message names the object and field."""
+
+
+def load(text: str) -> list[dict[str, Any]]:
+    """The objects of a YAML (or JSON) stream; ``kind: List`` is unpacked."""
+    try:
+        documents = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"not YAML: {exc}") from None
+    objects: list[dict[str, Any]] = []
+    for document in documents:
+        if document is None:
+            continue
+        if not isinstance(document, dict):
+            raise ManifestError(f"a manifest document must be a mapping, got {document!r:.60}")
+        if document.get("kind") == "List":
+            objects.extend(document.get("items") or [])
+        else:
+            objects.append(document)
+    return objects
+
+
+def _where(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{obj.get('kind', '?')} {meta.get('namespace', 'default')}/{meta.get('name', '?')}"
+
+
+def _get(obj: dict[str, Any], path: str, default: Any = ...) -> Any:
+    value: Any = obj
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            if default is not ...:
+                return default
+            raise ManifestError(f"{_where(obj)}: {path} is missing")
+        value = value[part]
+    return value
+
+
+def services(objects: Iterable[dict[str, Any]]) -> list[Service]:
+    """The pyebpflb services of every Kubernetes Service in ``objects``."""
+    objects = list(objects)
+    result: list[Service] = []
+    pods = [o for o in objects if o.get("kind") == "Pod"]
+    slices = [o for o in objects if o.get("kind") == "EndpointSlice"]
+    known = {"Service", "Pod", "EndpointSlice"}
+    for obj in objects:
+        if obj.get("kind") not in known:
+            raise ManifestError(
+                f"{_where(obj)}: kind {obj.get('kind')!r} is not translated "
+                "(Service, Pod and EndpointSlice are)"
+            )
+    for obj in objects:
+        if obj.get("kind") == "Service":
+            result.extend(_translate(obj, pods, slices))
+    if not result:
+        raise ManifestError("the manifest has no Service")
+    return result
+
+
+def _namespace(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("namespace") or "default")
+
+
+def _translate(
+    svc: dict[str, Any], pods: list[dict[str, Any]], slices: list[dict[str, Any]]
+) -> list[Service]:
+    where = _where(svc)
+    name = f"{_namespace(svc)}/{_get(svc, 'metadata.name')}"
+    kind = _get(svc, "spec.type", "ClusterIP")
+    if kind not in ("ClusterIP", "NodePort", "LoadBalancer"):
+        raise ManifestError(f"{where}: spec.type {kind!r} is not translated (ClusterIP is)")
+    ips = _get(svc, "spec.clusterIPs", None) or [_get(svc, "spec.clusterIP")]
+    vips = []
+    for ip in ips:
+        if ip in (None, "None", ""):
+            raise ManifestError(
+                f"{where}: spec.clusterIP {ip!r}: a headless service has no VIP to balance"
+            )
+        try:
+            vips.append(ipaddress.ip_address(str(ip)))
+        except ValueError:
+            raise ManifestError(f"{where}: spec.clusterIP {ip!r} is not an IP address") from None
+    affinity = None
+    mode = _get(svc, "spec.sessionAffinity", "None")
+    if mode == "ClientIP":
+        affinity = _get(
+            svc, "spec.sessionAffinityConfig.clientIP.timeoutSeconds", DEFAULT_AFFINITY_SECONDS
+        )
+    elif mode != "None":
+        raise ManifestError(f"{where}: spec.sessionAffinity {mode!r} (None or ClientIP)")
+    ports = _get(svc, "spec.ports")
+    if not isinstance(ports, list) or not ports:
+        raise ManifestError(f"{where}: spec.ports must be a non-empty list")
+    selector = _get(svc, "spec.selector", None)
+    own_slices = [
+        s
+        for s in slices
+        if _namespace(s) == _namespace(svc)
+        and (_get(s, "metadata.labels", {}) or {}).get("kubernetes.io/service-name")
+        == _get(svc, "metadata.name")
+    ]
+    matched = (
+        [
+            p
+            for p in pods
+            if _namespace(p) == _namespace(svc)
+            and selector
+            and all((_get(p, "metadata.labels", {}) or {}).get(k) == v for k, v in selector.items())
+        ]
+        if not own_slices
+        else []
+    )
+    result = []
+    for index, port in enumerate(ports):
+        field = f"spec.ports[{index}]"
+        protocol = str(port.get("protocol", "TCP"))
+        if protocol not in ("TCP", "UDP"):
+            raise ManifestError(f"{where}: {field}.protocol {protocol!r} (TCP or UDP)")
+        if "port" not in port:
+            raise ManifestError(f"{where}: {field}.port is missing")
+        target = port.get("targetPort", port["port"])
+        for vip in vips:
+            if own_slices:
+                backends = _from_slices(own_slices, port, vip.version, protocol)
+            else:
+                backends = _from_pods(matched, target, vip.version, protocol, where, field)
+            try:
+                result.append(
+                    Service(
+                        vip=vip,
+                        port=port["port"],
+                        protocol=protocol.lower(),
+                        name=name,
+                        backends=backends,
+                        affinity_timeout=affinity,
+                    )
+                )
+            except ValueError as exc:
+                raise ManifestError(f"{where}: {field}: {exc}") from None
+    return result
+
+
+def _state(ready: bool, terminating: bool) -> BackendState:
+    if terminating:
+        return BackendState.TERMINATING
+    return BackendState.ACTIVE if ready else BackendState.MAINTENANCE
+
+
+def _from_pods(
+    pods: list[dict[str, Any]], target: Any, family: int, protocol: str, where: str, field: str
+) -> list[Backend]:
+    backends = []
+    for pod in pods:
+        pod_where = _where(pod)
+        if isinstance(target, int):
+            number = target
+        else:
+            found = [
+                p["containerPort"]
+                for c in _get(pod, "spec.containers", [])
+                for p in c.get("ports") or []
+                if p.get("name") == target and p.get("protocol", "TCP") == protocol
+            ]
+            if not found:
+                raise ManifestError(
+                    f"{where}: {field}.targetPort {target!r} names no {protocol} containerPort "
+                    f"of {pod_where}"
+                )
+            number = found[0]
+        addresses = [a.get("ip") for a in _get(pod, "status.podIPs", None) or []] or [
+            _get(pod, "status.podIP", None)
+        ]
+        if not any(addresses):
+            raise ManifestError(f"{pod_where}: status.podIP is missing (the pod has no address)")
+        conditions = {c.get("type"): c.get("status") for c in _get(pod, "status.conditions", [])}
+        ready = conditions.get("Ready", "True") == "True"
+        terminating = bool(_get(pod, "metadata.deletionTimestamp", None))
+        for address in addresses:
+            ip = ipaddress.ip_address(address)
+            if ip.version == family:
+                backends.append(Backend(ip, number, state=_state(ready, terminating)))
+    return backends
+
+
+def _from_slices(
+    slices: list[dict[str, Any]], port: dict[str, Any], family: int, protocol: str
+) -> list[Backend]:
+    backends = []
+    for piece in slices:
+        where = _where(piece)
+        address_type = _get(piece, "addressType")
+        if address_type not in ("IPv4", "IPv6"):
+            raise ManifestError(f"{where}: addressType {address_type!r} (IPv4 or IPv6)")
+        if int(address_type[-1]) != family:
+            continue
+        numbers = [
+            p.get("port")
+            for p in _get(piece, "ports", []) or []
+            if p.get("name", "") == port.get("name", "") and p.get("protocol", "TCP") == protocol
+        ]
+        if not numbers or numbers[0] is None:
+            raise ManifestError(
+                f"{where}: ports has no {protocol} port named {port.get('name', '')!r}"
+            )
+        for index, endpoint in enumerate(_get(piece, "endpoints", []) or []):
+            conditions = endpoint.get("conditions") or {}
+            ready = conditions.get("ready", True) is not False
+            terminating = conditions.get("terminating", False) is True
+            for address in endpoint.get("addresses") or []:
+                try:
+                    ip = ipaddress.ip_address(address)
+                except ValueError:
+                    raise ManifestError(
+                        f"{where}: endpoints[{index}].addresses: {address!r} is not an IP"
+                    ) from None
+                backends.append(Backend(ip, numbers[0], state=_state(ready, terminating)))
+    return backends
+
+
+__all__ = ["ManifestError", "load", "services"]

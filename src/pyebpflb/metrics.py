@@ -1,0 +1,108 @@
+"""Prometheus metrics of a datapath: a collector a program registers.
+
+::
+
+    from prometheus_client import REGISTRY, start_http_server
+    from pyebpflb.metrics import DatapathCollector
+
+    REGISTRY.register(DatapathCollector(dp))
+    start_http_server(9090)
+
+Every scrape reads the kernel's counters (per-CPU, summed). Names follow
+Prometheus' conventions: counters end in ``_total``, bytes say so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from pyebpflb.datapath import Datapath
+
+
+class DatapathCollector(Collector):
+    """The counters and map fill levels of ``datapath``, read at each scrape."""
+
+    def __init__(self, datapath: Datapath) -> None:
+        self.datapath = datapath
+
+    def collect(self) -> Iterator[Metric]:
+        dp = self.datapath
+        stats = dp.stats()
+        labels = ["datapath", "service", "vip", "port", "protocol"]
+        packets = CounterMetricFamily(
+            "pyebpflb_service_packets", "Packets sent to a service", labels=labels
+        )
+        sent = CounterMetricFamily(
+            "pyebpflb_service_bytes", "Bytes sent to a service", labels=labels
+        )
+        backend_labels = [*labels, "backend"]
+        be_packets = CounterMetricFamily(
+            "pyebpflb_backend_packets", "Packets sent to a backend", labels=backend_labels
+        )
+        be_bytes = CounterMetricFamily(
+            "pyebpflb_backend_bytes", "Bytes sent to a backend", labels=backend_labels
+        )
+        for service_stats in stats.services:
+            svc = service_stats.service
+            values = [dp.name, svc.name, str(svc.vip), str(svc.port), svc.protocol.value]
+            packets.add_metric(values, service_stats.packets)
+            sent.add_metric(values, service_stats.bytes)
+            for backend, traffic in service_stats.backends.items():
+                be_packets.add_metric([*values, str(backend)], traffic.packets)
+                be_bytes.add_metric([*values, str(backend)], traffic.bytes)
+        yield from (packets, sent, be_packets, be_bytes)
+
+        rule_labels = ["datapath", "policy", "rule"]
+        rule_packets = CounterMetricFamily(
+            "pyebpflb_policy_rule_packets", "Packets a policy rule matched", labels=rule_labels
+        )
+        rule_bytes = CounterMetricFamily(
+            "pyebpflb_policy_rule_bytes", "Bytes a policy rule matched", labels=rule_labels
+        )
+        for name, rules in stats.policies.items():
+            for index, traffic in enumerate(rules):
+                rule_packets.add_metric([dp.name, name, str(index)], traffic.packets)
+                rule_bytes.add_metric([dp.name, name, str(index)], traffic.bytes)
+        yield from (rule_packets, rule_bytes)
+
+        drops = CounterMetricFamily(
+            "pyebpflb_drops", "Packets dropped or refused", labels=["datapath", "reason"]
+        )
+        drop_bytes = CounterMetricFamily(
+            "pyebpflb_drop_bytes", "Bytes dropped or refused", labels=["datapath", "reason"]
+        )
+        for reason, traffic in stats.drops.items():
+            drops.add_metric([dp.name, reason], traffic.packets)
+            drop_bytes.add_metric([dp.name, reason], traffic.bytes)
+        yield from (drops, drop_bytes)
+
+        events = CounterMetricFamily(
+            "pyebpflb_events",
+            "Flow events: sent, lost (ring buffer full), rate_limited",
+            labels=["datapath", "outcome"],
+        )
+        for outcome in ("sent", "lost", "rate_limited"):
+            events.add_metric([dp.name, outcome], getattr(stats.events, outcome))
+        yield events
+
+        used = GaugeMetricFamily(
+            "pyebpflb_map_entries", "Entries in a map", labels=["datapath", "map"]
+        )
+        size = GaugeMetricFamily(
+            "pyebpflb_map_max_entries", "Entries a map can hold", labels=["datapath", "map"]
+        )
+        for info in dp.maps():
+            if info.entries is not None:
+                used.add_metric([dp.name, info.name], info.entries)
+            size.add_metric([dp.name, info.name], info.max_entries)
+        yield from (used, size)
+
+
+__all__ = ["DatapathCollector"]
