@@ -17,8 +17,8 @@ demo: build
 	$(VENV)/bin/pyebpflb demo
 
 lint: bootstrap
-	$(VENV)/bin/ruff check src tests examples bench
-	$(VENV)/bin/ruff format --check src tests examples bench
+	$(VENV)/bin/ruff check src tests examples bench scripts
+	$(VENV)/bin/ruff format --check src tests examples bench scripts
 	$(VENV)/bin/mypy --strict src
 	clang-format --dry-run -Werror $$(find csrc tests/bpf -name '*.c' -o -name '*.h')
 

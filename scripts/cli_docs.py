@@ -6,6 +6,7 @@ Run as root from the repository: `.venv/bin/python scripts/cli_docs.py`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -20,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "cli"
 NAME = "docs"
 
-MANIFEST = f"""\
+MANIFEST = """\
 apiVersion: v1
 kind: Service
 metadata:
@@ -101,174 +102,183 @@ def page(name: str, blocks: list[tuple[str, str]]) -> None:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    with Sandbox(backends=3, prefix="pyebpflb-docs") as sandbox:
-        with lb.Datapath(NAME, netns=sandbox.lb.netns) as dp:
-            dp.attach(sandbox.lb.iface)
-            with tempfile.TemporaryDirectory() as folder:
-                manifest = os.path.join(folder, "my-app.yaml")
-                pathlib.Path(manifest).write_text(MANIFEST)
-                bad = os.path.join(folder, "broken.yaml")
-                pathlib.Path(bad).write_text(MANIFEST.replace("targetPort: http", "targetPort: htp"))
-                applied = run(sandbox, "apply", "-f", manifest)
-                broken = run(sandbox, "apply", "-f", bad)
-                page(
-                    "apply",
-                    [
-                        ("The manifest", MANIFEST),
-                        ("Apply", applied),
-                        ("A manifest with an error changes nothing", broken),
-                        ("Help", run(sandbox, "apply", "--help")),
-                    ],
-                )
-                dp.upsert(lb.Service("10.96.0.20", 80, name="default/no-pods-yet"))
-                dp.upsert_policy(
-                    lb.Policy("no-ssh", [lb.Rule("deny", None, "tcp", 22)], direction="ingress")
-                )
-                watcher = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pyebpflb",
-                        "--datapath",
-                        NAME,
-                        "--netns",
-                        sandbox.lb.netns,
-                        "monitor",
-                        "--timeout",
-                        "4",
-                    ],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-                time.sleep(1.5)
-                for _ in range(3):
-                    sandbox.http_get("10.96.0.10", 80)
-                try:
-                    sandbox.http_get("10.96.0.20", 80)
-                except ConnectionRefusedError:
-                    pass
-                try:
-                    sandbox.http_get("10.91.1.2", 22, timeout=0.3)
-                except OSError:
-                    pass
-                watched, _ = watcher.communicate(timeout=30)
-                page(
+    with (
+        Sandbox(backends=3, prefix="pyebpflb-docs") as sandbox,
+        lb.Datapath(NAME, netns=sandbox.lb.netns) as dp,
+    ):
+        dp.attach(sandbox.lb.iface)
+        with tempfile.TemporaryDirectory() as folder:
+            manifest = os.path.join(folder, "my-app.yaml")
+            pathlib.Path(manifest).write_text(MANIFEST)
+            bad = os.path.join(folder, "broken.yaml")
+            pathlib.Path(bad).write_text(MANIFEST.replace("targetPort: http", "targetPort: htp"))
+            applied = run(sandbox, "apply", "-f", manifest)
+            broken = run(sandbox, "apply", "-f", bad)
+            page(
+                "apply",
+                [
+                    ("The manifest", MANIFEST),
+                    ("Apply", applied),
+                    ("A manifest with an error changes nothing", broken),
+                    ("Help", run(sandbox, "apply", "--help")),
+                ],
+            )
+            dp.upsert(lb.Service("10.96.0.20", 80, name="default/no-pods-yet"))
+            dp.upsert_policy(
+                lb.Policy("no-ssh", [lb.Rule("deny", None, "tcp", 22)], direction="ingress")
+            )
+            watcher = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pyebpflb",
+                    "--datapath",
+                    NAME,
+                    "--netns",
+                    sandbox.lb.netns,
                     "monitor",
-                    [
-                        (
-                            "Three requests, a service without pods, a denied port",
-                            "$ pyebpflb --datapath docs --netns demo-lb monitor --timeout 4\n"
-                            + watched,
+                    "--timeout",
+                    "4",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            time.sleep(1.5)
+            for _ in range(3):
+                sandbox.http_get("10.96.0.10", 80)
+            with contextlib.suppress(ConnectionRefusedError):
+                sandbox.http_get("10.96.0.20", 80)
+            with contextlib.suppress(OSError):
+                sandbox.http_get("10.91.1.2", 22, timeout=0.3)
+            watched, _ = watcher.communicate(timeout=30)
+            page(
+                "monitor",
+                [
+                    (
+                        "Three requests, a service without pods, a denied port",
+                        "$ pyebpflb --datapath docs --netns demo-lb monitor --timeout 4\n"
+                        + watched,
+                    ),
+                    ("Help", run(sandbox, "monitor", "--help")),
+                ],
+            )
+            with sandbox.connection("10.96.0.10", 80) as conn:
+                conn.get()
+                ct = run(sandbox, "ct", "list")
+                ct_json = run(sandbox, "ct", "list", "-o", "json")
+            page(
+                "ct",
+                [
+                    ("An open connection", ct),
+                    ("As JSON", ct_json),
+                    ("Flush", run(sandbox, "ct", "flush")),
+                ],
+            )
+            page(
+                "status",
+                [
+                    ("Status", run(sandbox, "status")),
+                    ("As JSON", run(sandbox, "status", "-o", "json")),
+                ],
+            )
+            page(
+                "service",
+                [
+                    ("List", run(sandbox, "service", "list")),
+                    ("Get", run(sandbox, "service", "get", "default/my-app-service")),
+                    ("As JSON", run(sandbox, "service", "list", "-o", "json")),
+                ],
+            )
+            page(
+                "backend",
+                [
+                    ("List", run(sandbox, "backend", "list")),
+                    ("As JSON", run(sandbox, "backend", "list", "-o", "json")),
+                ],
+            )
+            page(
+                "bpf-map",
+                [
+                    ("List", run(sandbox, "bpf", "map", "list")),
+                    (
+                        "As JSON (first entries)",
+                        run(sandbox, "bpf", "map", "list", "-o", "json")[:1200] + "\n...",
+                    ),
+                ],
+            )
+            page(
+                "explain",
+                [
+                    (
+                        "A new connection to the service",
+                        run(sandbox, "explain", "--src", "10.90.0.2", "--dst", "10.96.0.10:80"),
+                    ),
+                    (
+                        "A denied port",
+                        run(sandbox, "explain", "--src", "10.90.0.2", "--dst", "10.91.1.2:22"),
+                    ),
+                    (
+                        "A service without pods, as JSON",
+                        run(
+                            sandbox,
+                            "explain",
+                            "--src",
+                            "10.90.0.2",
+                            "--dst",
+                            "10.96.0.20:80",
+                            "-o",
+                            "json",
                         ),
-                        ("Help", run(sandbox, "monitor", "--help")),
-                    ],
-                )
-                with sandbox.connection("10.96.0.10", 80) as conn:
-                    conn.get()
-                    ct = run(sandbox, "ct", "list")
-                    ct_json = run(sandbox, "ct", "list", "-o", "json")
-                page(
-                    "ct",
-                    [
-                        ("An open connection", ct),
-                        ("As JSON", ct_json),
-                        ("Flush", run(sandbox, "ct", "flush")),
-                    ],
-                )
-                page(
-                    "status",
-                    [
-                        ("Status", run(sandbox, "status")),
-                        ("As JSON", run(sandbox, "status", "-o", "json")),
-                    ],
-                )
-                page(
-                    "service",
-                    [
-                        ("List", run(sandbox, "service", "list")),
-                        ("Get", run(sandbox, "service", "get", "default/my-app-service")),
-                        ("As JSON", run(sandbox, "service", "list", "-o", "json")),
-                    ],
-                )
-                page(
-                    "backend",
-                    [
-                        ("List", run(sandbox, "backend", "list")),
-                        ("As JSON", run(sandbox, "backend", "list", "-o", "json")),
-                    ],
-                )
-                page(
-                    "bpf-map",
-                    [
-                        ("List", run(sandbox, "bpf", "map", "list")),
-                        ("As JSON (first entries)", run(sandbox, "bpf", "map", "list", "-o", "json")[:1200] + "\n..."),
-                    ],
-                )
-                page(
-                    "explain",
-                    [
-                        (
-                            "A new connection to the service",
-                            run(sandbox, "explain", "--src", "10.90.0.2", "--dst", "10.96.0.10:80"),
-                        ),
-                        (
-                            "A denied port",
-                            run(sandbox, "explain", "--src", "10.90.0.2", "--dst", "10.91.1.2:22"),
-                        ),
-                        (
-                            "A service without pods, as JSON",
-                            run(
-                                sandbox,
-                                "explain",
-                                "--src",
-                                "10.90.0.2",
-                                "--dst",
-                                "10.96.0.20:80",
-                                "-o",
-                                "json",
-                            ),
-                        ),
-                    ],
-                )
-                server = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pyebpflb",
-                        "--datapath",
-                        NAME,
-                        "--netns",
-                        sandbox.lb.netns,
-                        "metrics",
-                        "--port",
-                        "19090",
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                assert server.stdout is not None
-                started = server.stdout.readline()
-                scraped = subprocess.run(
-                    ["python3", "-c", "import urllib.request as u; print(u.urlopen('http://127.0.0.1:19090/metrics').read().decode())"],
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                server.terminate()
-                server.wait()
-                wanted = [
-                    line
-                    for line in scraped.splitlines()
-                    if line.startswith("pyebpflb_") or line.startswith("# HELP pyebpflb_")
-                ]
-                page(
+                    ),
+                ],
+            )
+            server = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pyebpflb",
+                    "--datapath",
+                    NAME,
+                    "--netns",
+                    sandbox.lb.netns,
                     "metrics",
-                    [
-                        ("Serve", "$ pyebpflb --datapath docs --netns demo-lb metrics --port 19090\n" + started),
-                        ("Scraped (curl http://127.0.0.1:19090/metrics)", "\n".join(wanted)),
-                    ],
-                )
-                run(sandbox, "delete", "-f", manifest)
+                    "--port",
+                    "19090",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert server.stdout is not None
+            started = server.stdout.readline()
+            scraped = subprocess.run(
+                [
+                    "python3",
+                    "-c",
+                    "import urllib.request as u; print(u.urlopen('http://127.0.0.1:19090/metrics').read().decode())",
+                ],
+                capture_output=True,
+                text=True,
+            ).stdout
+            server.terminate()
+            server.wait()
+            wanted = [
+                line
+                for line in scraped.splitlines()
+                if line.startswith("pyebpflb_") or line.startswith("# HELP pyebpflb_")
+            ]
+            page(
+                "metrics",
+                [
+                    (
+                        "Serve",
+                        "$ pyebpflb --datapath docs --netns demo-lb metrics --port 19090\n"
+                        + started,
+                    ),
+                    ("Scraped (curl http://127.0.0.1:19090/metrics)", "\n".join(wanted)),
+                ],
+            )
+            run(sandbox, "delete", "-f", manifest)
     print(f"wrote {len(PAGES)} pages to {OUT}")
 
 

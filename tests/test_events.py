@@ -93,6 +93,10 @@ def test_a_flood_is_counted_not_lost_silently() -> None:
             got = list(monitor.events(0.5))
         finally:
             monitor.close()
+        print(
+            f"\nflood of 100,000 denied packets: {stats}; the monitor received "
+            f"{monitor.received}, delivered {len(got)} drop events, overflowed {monitor.overflowed}"
+        )
         # What the kernel sent was received: the drop events (up to the queue's size,
         # the rest counted as overflowed), the policy events filtered out.
         assert monitor.received == stats.sent

@@ -325,3 +325,15 @@ def test_rule_counters(dp: lb.Datapath) -> None:
     grown = Policy("count", [Rule("allow", "10.9.0.0/16"), *policy.rules])
     dp.upsert_policy(grown)
     assert [s.packets for s in dp.policy_stats("count")] == [0, 3, 1]
+
+
+def test_a_reset_opens_nothing(dp: lb.Datapath) -> None:
+    # The datapath's own refusals (a reset sent back through egress) and any other
+    # reset leave no entry that would let the other side's packets in as answers.
+    dp.sync(SERVICES, [Policy("in", default="deny")])
+    dp.flush_conntrack()
+    reset = Ether() / IP(src="10.96.0.99", dst="10.1.2.3") / TCP(sport=80, dport=5555, flags="RA")
+    assert run(dp, "lb_egress", reset)[0] == TC_ACT_OK
+    assert dp.conntrack() == []
+    back = Ether() / IP(src="10.1.2.3", dst="10.96.0.99") / TCP(sport=5555, dport=80, flags="S")
+    assert run(dp, "lb_ingress", back)[0] == TC_ACT_SHOT

@@ -212,7 +212,9 @@ static __always_inline void policy_ct_record(struct __sk_buff *skb, const struct
 	struct pyebpflb_ct_key key;
 	struct pyebpflb_ct_entry *entry;
 
-	if (pkt->dry || pkt->frag || !policy_ct_key(&key, pkt, answer_dir, 1))
+	/* A reset opens nothing to answer (the datapath's own refusals among them). */
+	if (pkt->dry || pkt->frag || !policy_ct_key(&key, pkt, answer_dir, 1) ||
+	    (pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & TCP_FLAG_RST)))
 		return;
 	entry = bpf_map_lookup_elem(&lb_ct, &key);
 	if (entry) {
