@@ -340,12 +340,16 @@ def ct_list(ctx: Context, output: str) -> None:
 
 
 @ct.command("flush")
+@OUTPUT
 @pass_context
-def ct_flush(ctx: Context) -> None:
+def ct_flush(ctx: Context, output: str) -> None:
     """Forget every tracked flow."""
     with ctx.datapath() as dp:
         count = dp.flush_conntrack()
-    click.echo(f"flushed {count} conntrack entries")
+    if output == "json":
+        emit(output, {"flushed": count}, lambda: ([], []))
+    else:
+        click.echo(f"flushed {count} conntrack entries")
 
 
 # -- bpf map list ------
@@ -448,8 +452,9 @@ def _translate(path: str) -> list[Any]:
 
 @main_group.command()
 @click.option("-f", "--filename", "path", required=True, help="manifest file (- for stdin)")
+@OUTPUT
 @pass_context
-def apply(ctx: Context, path: str) -> None:
+def apply(ctx: Context, path: str, output: str) -> None:
     """Apply Kubernetes Services (+ Pods or EndpointSlices) from a manifest."""
     wanted = _translate(path)
     names = {s.name for s in wanted}
@@ -457,14 +462,18 @@ def apply(ctx: Context, path: str) -> None:
     with ctx.datapath(create=True) as dp:
         kept = [s for s in dp.services if s.name not in names and s.key not in keys]
         dp.sync(kept + wanted)
+    if output == "json":
+        emit(output, [_service_dict(s) for s in wanted], lambda: ([], []))
+        return
     for svc in wanted:
         click.echo(f"service {svc.label}: {len(svc.backends)} backends")
 
 
 @main_group.command()
 @click.option("-f", "--filename", "path", required=True, help="manifest file (- for stdin)")
+@OUTPUT
 @pass_context
-def delete(ctx: Context, path: str) -> None:
+def delete(ctx: Context, path: str, output: str) -> None:
     """Remove the Services of a manifest."""
     wanted = _translate(path)
     names = {s.name for s in wanted}
@@ -472,9 +481,12 @@ def delete(ctx: Context, path: str) -> None:
         before = dp.services
         kept = [s for s in before if s.name not in names]
         dp.sync(kept)
-    for svc in before:
-        if svc.name in names:
-            click.echo(f"service {svc.label} deleted")
+    gone = [s for s in before if s.name in names]
+    if output == "json":
+        emit(output, [_service_dict(s) for s in gone], lambda: ([], []))
+        return
+    for svc in gone:
+        click.echo(f"service {svc.label} deleted")
 
 
 # -- explain ------
