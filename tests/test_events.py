@@ -51,6 +51,7 @@ def test_trace_drop_and_policy_events() -> None:
         assert (trace.interface, trace.direction) == ("lo", "ingress")
         refused = got[3]
         assert (refused.drop_reason, refused.service) == ("no backend", "default/empty")
+        assert refused.drop_reason_code == 1
         denied = got[5]
         assert (denied.drop_reason, denied.policy, denied.rule) == ("policy denied", "closed", 0)
         assert got[0].policy is None and got[0].rule is None  # the default allowed it

@@ -66,6 +66,7 @@ class FlowEvent:
 
     ``verdict``: "forwarded" (trace), "dropped" or "refused" (drop: refused is
     a reset or ICMP unreachable sent back), "allowed" or "denied" (policy).
+    ``drop_reason`` is readable, ``drop_reason_code`` the kernel's number.
     ``service`` and ``backend`` name what the flow was translated to (trace),
     ``policy`` and ``rule`` the rule that decided (``rule`` None: the
     direction's default).
@@ -85,6 +86,7 @@ class FlowEvent:
     service: str | None = None
     backend: str | None = None
     drop_reason: str | None = None
+    drop_reason_code: int | None = None  # enum pyebpflb_drop_reason
     policy: str | None = None
     rule: int | None = None
     is_reply: bool = False
@@ -244,6 +246,7 @@ def decode(raw: Any, names: Names, offset: float) -> FlowEvent:
         service=names.service(int(raw.service_id)),
         backend=backend,
         drop_reason=reason,
+        drop_reason_code=int(raw.reason) if kind == "drop" else None,
         policy=policy,
         rule=rule,
         is_reply=bool(raw.is_reply),
