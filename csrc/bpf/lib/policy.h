@@ -83,6 +83,7 @@ static __always_inline void policy_lookup(__u32 gen, __u32 scope, __u8 dir,
 	__u16 host_port = bpf_ntohs(port_key.port);
 
 	out->action = PYEBPFLB_POLICY_NONE;
+	out->is_default = 0;
 	cls = bpf_map_lookup_elem(&lb_pol_cidrs, &cidr_key);
 	if (!cls)
 		return;
@@ -117,7 +118,7 @@ static __always_inline void policy_event(struct __sk_buff *skb, const struct pac
 	if (!event)
 		return;
 	event->verdict = verdict->action;
-	event->is_default = verdict->_pad;
+	event->is_default = verdict->is_default;
 	event->rule_id = verdict->rule_id;
 	event->service_id = service_id;
 	bpf_ringbuf_submit(event, 0);
@@ -138,7 +139,7 @@ static __always_inline int policy_decide(struct __sk_buff *skb,
 	struct pyebpflb_policy_verdict other;
 
 	verdict->action = PYEBPFLB_POLICY_NONE;
-	verdict->_pad = 0;
+	verdict->is_default = 0;
 	if (!(flags & PYEBPFLB_POLICY_ON))
 		return POLICY_PASS;
 	policy_lookup(head->gen, 0, dir, pkt, proto, port, verdict);
@@ -156,10 +157,10 @@ static __always_inline int policy_decide(struct __sk_buff *skb,
 		verdict->rule_id = 0;
 		verdict->action = flags & PYEBPFLB_POLICY_DEFAULT_DENY ? PYEBPFLB_POLICY_DENY
 								       : PYEBPFLB_POLICY_ALLOW;
-		verdict->_pad = 1; /* the default */
+		verdict->is_default = 1;
 	}
 	explain(skb, pkt, EXPLAIN_RULE, verdict->rule_id);
-	explain(skb, pkt, EXPLAIN_POLICY, (1 + verdict->action) | (verdict->_pad ? 0x10 : 0));
+	explain(skb, pkt, EXPLAIN_POLICY, (1 + verdict->action) | (verdict->is_default ? 0x10 : 0));
 	if (verdict->action == PYEBPFLB_POLICY_DENY) {
 		policy_event(skb, pkt, dir, verdict, service_id);
 		note_drop(skb, pkt, dir, PYEBPFLB_DROP_POLICY_DENIED, service_id, verdict->rule_id);

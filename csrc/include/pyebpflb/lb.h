@@ -340,9 +340,10 @@ struct pyebpflb_policy_port_key {
 
 struct pyebpflb_policy_verdict {
 	__u32 rule_id;
-	__u8 action;	/* enum pyebpflb_policy_action */
-	__u8 prefixlen; /* the rule's CIDR's: of two scopes' verdicts, the longer wins */
-	__u16 _pad;
+	__u8 action;	 /* enum pyebpflb_policy_action */
+	__u8 prefixlen;	 /* the rule's CIDR's: of two scopes' verdicts, the longer wins */
+	__u8 is_default; /* set by the datapath: no rule matched (rule_id 0) */
+	__u8 _pad;
 };
 
 /* lb_pol_rules: rule id -> the rule, for reading policies back (user space only). */
