@@ -1,4 +1,5 @@
-"""The load balancer in the kernel: load or adopt it, attach it, program it.
+"""The load balancer in the kernel: load or adopt it, attach it, program it
+(services and policies), watch it (flow events, counters, explain).
 
 A :class:`Datapath` owns one loaded ``lb`` object: its maps are pinned under
 ``pin_root/name/`` (``pin_root/name/netns-<inode>/`` outside the initial
