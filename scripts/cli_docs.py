@@ -71,8 +71,9 @@ PAGES = {
 }
 
 
-def run(sandbox: Sandbox, *args: str, stdin: str | None = None) -> str:
-    command = [
+def command(sandbox: Sandbox, *args: str) -> list[str]:
+    """`pyebpflb --datapath docs --netns <the sandbox's> ARGS` with this interpreter."""
+    return [
         sys.executable,
         "-m",
         "pyebpflb",
@@ -82,7 +83,12 @@ def run(sandbox: Sandbox, *args: str, stdin: str | None = None) -> str:
         sandbox.lb.netns,
         *args,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, input=stdin, timeout=60)
+
+
+def run(sandbox: Sandbox, *args: str, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        command(sandbox, *args), capture_output=True, text=True, input=stdin, timeout=60
+    )
     shown = " ".join(["pyebpflb", "--datapath", NAME, "--netns", "demo-lb", *args])
     return f"$ {shown}\n{done.stdout}{done.stderr}".rstrip() + "\n"
 
@@ -128,18 +134,7 @@ def main() -> None:
                 lb.Policy("no-ssh", [lb.Rule("deny", None, "tcp", 22)], direction="ingress")
             )
             watcher = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pyebpflb",
-                    "--datapath",
-                    NAME,
-                    "--netns",
-                    sandbox.lb.netns,
-                    "monitor",
-                    "--timeout",
-                    "4",
-                ],
+                command(sandbox, "monitor", "--timeout", "4"),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -234,18 +229,7 @@ def main() -> None:
                 ],
             )
             server = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pyebpflb",
-                    "--datapath",
-                    NAME,
-                    "--netns",
-                    sandbox.lb.netns,
-                    "metrics",
-                    "--port",
-                    "19090",
-                ],
+                command(sandbox, "metrics", "--port", "19090"),
                 stdout=subprocess.PIPE,
                 text=True,
             )

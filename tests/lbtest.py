@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from conftest import PIN_ROOT
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
@@ -14,6 +15,7 @@ from scapy.layers.l2 import Ether
 
 import pyebpflb as lb
 from pyebpflb._bpf import TestRun
+from pyebpflb.sandbox import Sandbox
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
@@ -96,4 +98,13 @@ def bad_checksums(pkt: Any) -> list[str]:
 def datapath(name: str, **kwargs: Any) -> Iterator[lb.Datapath]:
     """A datapath pinned under the test pin root, destroyed afterwards."""
     with lb.Datapath(f"t{os.getpid()}-{name}"[:60], pin_root=PIN_ROOT, **kwargs) as dp:
+        yield dp
+
+
+@contextmanager
+def attached(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[lb.Datapath]:
+    """A datapath named after the test, attached to the sandbox's load balancer."""
+    name = f"t{os.getpid()}-{request.node.name}"[:60]
+    with lb.Datapath(name, netns=sandbox.lb.netns, pin_root=PIN_ROOT) as dp:
+        dp.attach(sandbox.lb.iface)
         yield dp

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import PIN_ROOT
+from lbtest import attached
 
 import pyebpflb as lb
 from pyebpflb.sandbox import BACKEND_PORT, Sandbox
@@ -27,9 +28,7 @@ def sandbox() -> Iterator[Sandbox]:
 
 @pytest.fixture
 def dp(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[lb.Datapath]:
-    name = f"t{os.getpid()}-{request.node.name}"[:60]
-    with lb.Datapath(name, netns=sandbox.lb.netns, pin_root=PIN_ROOT) as datapath:
-        datapath.attach(sandbox.lb.iface)
+    with attached(sandbox, request) as datapath:
         yield datapath
 
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 from collections.abc import Iterator
 
 import pytest
-from conftest import PIN_ROOT
-from lbtest import TC_ACT_SHOT, datapath, packet, run
+from lbtest import TC_ACT_SHOT, attached, datapath, packet, run
 
 import pyebpflb as lb
 from pyebpflb.sandbox import BACKEND_PORT, HttpConnection, Sandbox
@@ -158,9 +156,7 @@ def sandbox() -> Iterator[Sandbox]:
 
 @pytest.fixture
 def dp(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[lb.Datapath]:
-    name = f"t{os.getpid()}-{request.node.name}"[:60]
-    with lb.Datapath(name, netns=sandbox.lb.netns, pin_root=PIN_ROOT) as datapath:
-        datapath.attach(sandbox.lb.iface)
+    with attached(sandbox, request) as datapath:
         yield datapath
 
 

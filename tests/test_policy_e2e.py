@@ -7,12 +7,11 @@ well under a millisecond.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 
 import pytest
-from conftest import PIN_ROOT
+from lbtest import attached
 
 import pyebpflb as lb
 from pyebpflb.model import Policy, Rule
@@ -32,9 +31,7 @@ def sandbox() -> Iterator[Sandbox]:
 
 @pytest.fixture
 def dp(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[lb.Datapath]:
-    name = f"t{os.getpid()}-{request.node.name}"[:60]
-    with lb.Datapath(name, netns=sandbox.lb.netns, pin_root=PIN_ROOT) as datapath:
-        datapath.attach(sandbox.lb.iface)
+    with attached(sandbox, request) as datapath:
         yield datapath
 
 

@@ -43,14 +43,7 @@ LB_PRIORITY = 1
 LAYOUT_VERSION = 3  # 2: weights, states and session affinity; 3: network policy
 NAME_MAX = len(ffi.new("struct pyebpflb_lb_config *").name) - 1
 
-DROP_REASONS = {
-    int(lib.PYEBPFLB_DROP_NO_BACKEND): "no backend",
-    int(lib.PYEBPFLB_DROP_CT_FULL): "conntrack full",
-    int(lib.PYEBPFLB_DROP_REJECT_FAILED): "reject failed",
-    int(lib.PYEBPFLB_DROP_POLICY_DENIED): "policy denied",
-    int(lib.PYEBPFLB_DROP_MALFORMED): "malformed packet",
-    int(lib.PYEBPFLB_DROP_UNSUPPORTED): "unsupported packet",
-}
+DROP_REASONS = events_mod.DROP_REASONS
 
 # Which constructor argument sizes which map, for the error of a full map.
 _CAPACITY = {
