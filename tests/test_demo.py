@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,10 @@ def test_demo_balances_survives_a_backend_removal_and_cleans_up() -> None:
     policy = text.split("network policy my-app-source-ranges")[1]
     assert "10.90.0.2  answered by my-app-" in policy
     assert "10.90.0.3  no answer: dropped in tc" in policy
+    assert "explain 10.90.0.3 -> 10.96.0.10:80 (a dry run in the kernel): dropped" in policy
+    assert "denied by the default" in policy
+    assert re.search(r"TRACE\s+forwarded tcp 10\.90\.0\.2:\d+ -> 10\.96\.0\.10:80 lb0", policy)
+    assert re.search(r"DROP\s+dropped\s+tcp 10\.90\.0\.3:\d+ .*\(policy denied\)", policy)
     assert "namespaces removed" in text
     assert not [ns for ns in namespaces.netns.listnetns() if ns.startswith("pyebpflb-demo")]
 

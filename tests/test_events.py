@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -57,6 +58,31 @@ def test_trace_drop_and_policy_events() -> None:
         assert as_json["source"] == "10.9.0.5" and as_json["drop_reason"] == "policy denied"
         assert "policy closed rule 0" in str(denied)
         assert dp.event_stats() == lb.EventStats(sent=6, lost=0, rate_limited=0)
+
+
+def test_events_only_while_someone_reads() -> None:
+    with datapath("ev-reader") as dp:
+        dp.sync([EMPTY])
+        refused = packet(4, "udp", "10.1.0.5", "10.96.0.20", 1234, 53)
+        run(dp, "lb_ingress", refused)  # nobody reads: no event, nothing counted lost
+        assert dp.event_stats() == lb.EventStats(sent=0, lost=0, rate_limited=0)
+        first = dp.open_monitor()
+        run(dp, "lb_ingress", refused)
+        first.close()  # without reading
+        second = dp.open_monitor()
+        try:
+            # The new reader starts with events from now on: the old one is dropped.
+            run(dp, "lb_ingress", packet(4, "udp", "10.1.0.6", "10.96.0.20", 1234, 53))
+            got = list(second.events(0.2))
+            assert [str(e.source) for e in got] == ["10.1.0.6"]
+            # A reader silent for more than 5 s counts as gone.
+            stale = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - 6_000_000_000
+            dp._object.map("lb_event_reader")[0] = stale
+            run(dp, "lb_ingress", refused)
+            assert dp.event_stats().sent == 2
+        finally:
+            second.close()
+        assert dp.drops()["no backend"].packets == 4
 
 
 def test_filters() -> None:
@@ -221,13 +247,13 @@ def test_async_monitor(sandbox: Sandbox, dp: lb.Datapath) -> None:
     dp.sync(services(sandbox))
 
     async def watch() -> list[lb.FlowEvent]:
-        seen = []
         loop = asyncio.get_running_loop()
-        request = loop.run_in_executor(None, sandbox.http_get, "10.96.0.10", 80)
-        async for event in dp.amonitor(types="trace", timeout=1.0):
-            seen.append(event)
-            break
-        await request
+        stream = dp.amonitor(types="trace", timeout=5.0)
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.2)  # the monitor is open: events from now on
+        await loop.run_in_executor(None, sandbox.http_get, "10.96.0.10", 80)
+        seen = [await first]
+        await stream.aclose()
         return seen
 
     (event,) = asyncio.run(watch())

@@ -915,6 +915,7 @@ class Datapath:
         return events_mod.Monitor(
             self._object.map("lb_events"),
             events_mod.Names(self._names, self.netns),
+            reader_map=self._object.map("lb_event_reader"),
             types=types,
             service=service,
             address=address,
@@ -960,9 +961,11 @@ class Datapath:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return
+                monitor.renew()
                 ready.clear()
                 try:
-                    await asyncio.wait_for(ready.wait(), left)
+                    # Wake at least every second to renew the reader's presence.
+                    await asyncio.wait_for(ready.wait(), 1.0 if left is None else min(left, 1.0))
                 except TimeoutError:
                     continue
         finally:

@@ -50,6 +50,19 @@ def _policy(sandbox: Sandbox, dp: Datapath, service: Service, out: Callable[[str
         f"\nnetwork policy {policy.name}: ingress allows {allowed} to {service.name} "
         "(like loadBalancerSourceRanges), denies the rest"
     )
+    for source in (sandbox.client.ipv4, second):
+        answer = dp.explain(str(source), f"{VIP4}:80")
+        decided = (
+            f"policy {answer.policy!r} rule {answer.rule}"
+            if answer.rule is not None
+            else "the default"
+        )
+        out(
+            f"  explain {source} -> {VIP4}:80 (a dry run in the kernel): {answer.verdict}"
+            f"{' to ' + str(answer.backend) if answer.backend else ''}, "
+            f"{answer.policy_verdict} by {decided}"
+        )
+    monitor = dp.open_monitor(types=["trace", "drop"])
     rows = [("client", "request to " + VIP4 + ":80")]
     for source in (sandbox.client.ipv4, second):
         try:
@@ -62,6 +75,13 @@ def _policy(sandbox: Sandbox, dp: Datapath, service: Service, out: Callable[[str
         except TimeoutError:
             rows.append((str(source), "no answer: dropped in tc"))
     _table(rows, out)
+    try:
+        events = list(monitor.events(0.2))
+    finally:
+        monitor.close()
+    out("  flow events of those requests (Datapath.monitor, `pyebpflb monitor`):")
+    for event in events[:4]:
+        out(f"    {event}")
     stats = dp.policy_stats(policy)
     out(
         f"  rule 0 matched {stats[0].packets} packets; "

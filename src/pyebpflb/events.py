@@ -257,6 +257,9 @@ class Monitor:
     """Reads the datapath's ring buffer into a bounded queue of filtered events.
 
     One monitor per datapath at a time: a BPF ring buffer has one consumer.
+    The kernel sends events only while a monitor renews its presence (every
+    second while :meth:`events` runs), and a new monitor starts with events
+    from now on.
     ``queue_size`` bounds memory; events that arrive while the queue is full
     are counted in :attr:`overflowed` and dropped, as the kernel counts its own.
     """
@@ -266,6 +269,7 @@ class Monitor:
         ring_map: Any,
         names: Names,
         *,
+        reader_map: Any = None,
         types: Iterable[str] | str | None = None,
         service: str | None = None,
         address: str | Address | None = None,
@@ -281,9 +285,31 @@ class Monitor:
         self.received = 0
         self._type_codes = {code for code, name in TYPES.items() if name in self.types}
         self._offset = _clock_offset()
+        self._reader_map = reader_map
+        self._renewed = 0.0
         self.ring = RingBuffer(ring_map, self._on_event, event_type="struct pyebpflb_flow_event")
+        # Events from now on: what an earlier reader left in the ring is dropped.
+        self._discarding = True
+        self.ring.consume()
+        self._discarding = False
+        self.renew()
+
+    def renew(self) -> None:
+        """Tell the kernel a reader is here (it sends events only while one renews
+        this at least every 5 s; :meth:`events` does, every second)."""
+        if self._reader_map is None:
+            return
+        self._renewed = time.monotonic()
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self._reader_map.update(ffi.new("__u32 *", 0), ffi.new("__u64 *", now))
+
+    def _renew_if_due(self) -> None:
+        if time.monotonic() - self._renewed >= 1.0:
+            self.renew()
 
     def _on_event(self, raw: Any) -> None:
+        if self._discarding:
+            return
         self.received += 1
         if int(raw.type) not in self._type_codes:
             return
@@ -306,6 +332,7 @@ class Monitor:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
+            self._renew_if_due()
             self.ring.poll(0.2 if left is None else min(left, 0.2))
 
     def fileno(self) -> int:

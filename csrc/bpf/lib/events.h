@@ -29,6 +29,20 @@ struct {
 } lb_event_stats SEC(".maps");
 
 /*
+ * When a reader last said it is there (bpf_ktime_get_ns). Events are made
+ * only while one reads: an unwatched datapath neither fills the ring nor
+ * counts its events as lost. A reader renews this every second.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lb_event_reader SEC(".maps");
+
+#define EVENT_READER_TIMEOUT_NS (5 * 1000000000ULL)
+
+/*
  * A new event of `type` about `pkt`, its common fields filled, or NULL when
  * that type is off, over the rate, or the ring is full. The caller fills in
  * the rest and submits it with bpf_ringbuf_submit.
@@ -40,17 +54,20 @@ event_start(struct __sk_buff *skb, const struct packet *pkt, __u8 type, __u8 dir
 	struct pyebpflb_event_stats *stats;
 	struct pyebpflb_flow_event *event;
 	__u32 zero = 0;
-	__u64 now;
+	__u64 now, *reader;
 
 	if (pkt->dry)
 		return NULL;
 	cfg = bpf_map_lookup_elem(&lb_config, &zero);
 	if (!cfg || !(cfg->event_mask & (1U << type)))
 		return NULL;
+	now = bpf_ktime_get_ns();
+	reader = bpf_map_lookup_elem(&lb_event_reader, &zero);
+	if (!reader || now - *reader > EVENT_READER_TIMEOUT_NS)
+		return NULL;
 	stats = bpf_map_lookup_elem(&lb_event_stats, &zero);
 	if (!stats)
 		return NULL;
-	now = bpf_ktime_get_ns();
 	if (now - stats->window_ns >= EVENT_WINDOW_NS) {
 		stats->window_ns = now;
 		stats->in_window = 0;
