@@ -161,6 +161,7 @@ def test_neighbour_discovery_always_passes() -> None:
     policy = Policy("p", default="deny")
     assert evaluate([policy], Packet("fe80::1", "ff02::1", "icmp", icmp_type=135)).allowed
     assert not evaluate([policy], Packet("fe80::1", "ff02::1", "icmp", icmp_type=128)).allowed
+    assert evaluate([policy], Packet("fe80::1", "ff02::16", "icmp", icmp_type=143)).allowed
 
 
 def test_service_rules_see_the_vip_others_the_backend() -> None:

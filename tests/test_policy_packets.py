@@ -18,10 +18,12 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6EchoReply,
     ICMPv6EchoRequest,
+    ICMPv6MLReport2,
     ICMPv6ND_NS,
     IPv6,
     IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
+    RouterAlert,
 )
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -308,6 +310,16 @@ def test_neighbour_discovery_passes_default_deny(dp: lb.Datapath) -> None:
     solicit = Ether() / IPv6(src="fe80::1", dst="ff02::1:ff00:1") / ICMPv6ND_NS(tgt="fe80::2")
     assert run(dp, "lb_ingress", solicit)[0] == TC_ACT_OK
     assert run(dp, "lb_egress", solicit)[0] == TC_ACT_OK
+    # A multicast listener report behind its hop-by-hop router alert, as Linux sends them.
+    report = (
+        Ether()
+        / IPv6(src="fe80::1", dst="ff02::16", hlim=1)
+        / IPv6ExtHdrHopByHop(options=[RouterAlert()])
+        / ICMPv6MLReport2()
+    )
+    assert run(dp, "lb_ingress", report)[0] == TC_ACT_OK
+    echo = Ether() / IPv6(src="fe80::1", dst="fe80::2") / ICMPv6EchoRequest()
+    assert run(dp, "lb_ingress", echo)[0] == TC_ACT_SHOT
 
 
 def test_rule_counters(dp: lb.Datapath) -> None:

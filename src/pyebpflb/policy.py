@@ -43,7 +43,9 @@ from pyebpflb.model import (
 TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT = 1, 2, 3, 4, 5, 6
 INLINE = 4  # PYEBPFLB_POLICY_INLINE: port ranges a class carries itself
 PROTO_CODES = (TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT)
-NDISC_TYPES = (133, 137)  # ICMPv6 neighbour discovery: IPv6 needs it, no policy stops it
+# ICMPv6 multicast listener (130-132, 143) and neighbour discovery (133-137): IPv6
+# needs them on the link; no policy stops them.
+LINK_CONTROL_TYPES = frozenset([*range(130, 138), 143])
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 
 
@@ -114,7 +116,8 @@ class Verdict:
     ``reason`` is "rule" (``policy`` and ``rule``, its index, name the rule
     that decided), "default" (no rule matched; the direction's default),
     "no policy" (no policy for the packet's direction) or "neighbour
-    discovery" (ICMPv6 types 133-137, always let through).
+    discovery" (ICMPv6 neighbour and multicast listener discovery, types
+    130-137 and 143, always let through).
     """
 
     action: Action
@@ -175,7 +178,7 @@ def evaluate(
     mine = [p for p in policies if p.direction is packet.direction]
     if not mine:
         return Verdict(Action.ALLOW, "no policy")
-    if packet.protocol == 58 and NDISC_TYPES[0] <= packet.icmp_type <= NDISC_TYPES[1]:
+    if packet.protocol == 58 and packet.icmp_type in LINK_CONTROL_TYPES:
         return Verdict(Action.ALLOW, "neighbour discovery")
     code = packet.proto_code
     best: dict[Action, tuple[Candidate, Policy, int]] = {}

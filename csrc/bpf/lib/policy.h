@@ -26,8 +26,9 @@
 #define ICMP_ECHO_REPLY	    0
 #define ICMPV6_ECHO_REQUEST 128
 #define ICMPV6_ECHO_REPLY   129
-#define ICMPV6_NDISC_FIRST  133 /* router solicitation */
-#define ICMPV6_NDISC_LAST   137 /* redirect */
+#define ICMPV6_LINK_FIRST   130 /* multicast listener query */
+#define ICMPV6_LINK_LAST    137 /* redirect (133-137: neighbour discovery) */
+#define ICMPV6_MLD2_REPORT  143
 
 enum policy_result {
 	POLICY_PASS = 0,
@@ -324,9 +325,11 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 			  0, 0);
 		return TC_ACT_SHOT;
 	}
-	/* IPv6 needs neighbour discovery on the link: no policy stops it. */
+	/* IPv6 needs neighbour and multicast listener discovery on the link: no
+	 * policy stops them. */
 	if (parsed == PARSE_OK && pkt->proto == IPPROTO_ICMPV6 &&
-	    icmp_type(pkt) >= ICMPV6_NDISC_FIRST && icmp_type(pkt) <= ICMPV6_NDISC_LAST)
+	    ((icmp_type(pkt) >= ICMPV6_LINK_FIRST && icmp_type(pkt) <= ICMPV6_LINK_LAST) ||
+	     icmp_type(pkt) == ICMPV6_MLD2_REPORT))
 		return TC_ACT_OK;
 	if (parsed == PARSE_FRAGMENT && pkt->proto != IPPROTO_ICMP && pkt->proto != IPPROTO_ICMPV6)
 		portless = !policy_fragment_ports(pkt);
