@@ -140,7 +140,7 @@ def test_a_flood_is_counted_not_lost_silently() -> None:
 def test_explain_writes_nothing() -> None:
     with datapath("ev-explain") as dp:
         dp.sync([WEB, EMPTY], [CLOSED])
-        before = (len(dp.conntrack()), dp.stats(), dp.event_stats())
+        before = (len(dp.flows()), dp.stats(), dp.event_stats())
         answer = dp.explain("10.1.0.5:1234", "10.96.0.10:80")
         assert (answer.verdict, answer.service, answer.backend) == (
             "forwarded",
@@ -159,7 +159,7 @@ def test_explain_writes_nothing() -> None:
         assert (refused["verdict"], refused["service"]) == ("refused", "default/empty")
         passed = dp.explain("[fd00::1]:5", "[fd00::2]:22")
         assert (passed.verdict, passed.service) == ("passed", None)
-        assert (len(dp.conntrack()), dp.stats(), dp.event_stats()) == before
+        assert (len(dp.flows()), dp.stats(), dp.event_stats()) == before
         for bad, message in (
             (("10.1.0.5", "10.96.0.10"), "dst must be IP:PORT"),
             (("nope", "10.96.0.10:80"), "src must be IP"),

@@ -346,6 +346,19 @@ def test_a_reset_opens_nothing(dp: lb.Datapath) -> None:
     dp.flush_conntrack()
     reset = Ether() / IP(src="10.96.0.99", dst="10.1.2.3") / TCP(sport=80, dport=5555, flags="RA")
     assert run(dp, "lb_egress", reset)[0] == TC_ACT_OK
-    assert dp.conntrack() == []
+    assert dp.flows() == []
     back = Ether() / IP(src="10.1.2.3", dst="10.96.0.99") / TCP(sport=5555, dport=80, flags="S")
     assert run(dp, "lb_ingress", back)[0] == TC_ACT_SHOT
+
+
+def test_other_traffic_never_evicts_a_balanced_flow() -> None:
+    with datapath("policy-lru", max_conntrack=64, max_policy_conntrack=16) as small:
+        small.sync(SERVICES, [Policy("in", [Rule("allow")], default="deny")])
+        syn = Ether() / IP(src="10.1.2.3", dst="10.96.0.10") / TCP(sport=7000, dport=80, flags="S")
+        assert run(small, "lb_ingress", syn)[0] == TC_ACT_OK
+        for port in range(1000, 1500):  # 500 other flows through a 16-entry table
+            other = Ether() / IP(src="10.1.2.3", dst="10.5.5.5") / TCP(sport=port, dport=22)
+            assert run(small, "lb_ingress", other)[0] == TC_ACT_OK
+        kinds = sorted(f.kind for f in small.flows())
+        assert kinds.count("service") == 1 and kinds.count("reply") == 1
+        assert kinds.count("policy-out") <= 16

@@ -243,6 +243,8 @@ class Datapath:
     raises :class:`~pyebpflb.errors.NotFound`.
     ``events`` chooses the flow events the kernel sends ("trace", "drop",
     "policy"), ``event_rate`` how many a second each CPU may send.
+    ``max_policy_conntrack`` sizes the table of flows policy lets answers
+    through for, apart from the balanced flows' (``max_conntrack``).
     """
 
     def __init__(
@@ -262,6 +264,7 @@ class Datapath:
         max_policies: int = 4096,
         max_policy_rules: int = 65536,
         max_policy_entries: int = 1 << 20,
+        max_policy_conntrack: int = 65536,
         events: Iterable[str] | None = ("trace", "drop", "policy"),
         event_rate: int = 10_000,
         create: bool = True,
@@ -284,6 +287,9 @@ class Datapath:
         self.max_policy_rules = _check_capacity("max_policy_rules", max_policy_rules, 1, 1 << 24)
         self.max_policy_entries = _check_capacity(
             "max_policy_entries", max_policy_entries, 16, 1 << 26
+        )
+        self.max_policy_conntrack = _check_capacity(
+            "max_policy_conntrack", max_policy_conntrack, 16, 1 << 26
         )
         self.maglev_table_size = maglev.check_table_size(maglev_table_size)
         self.events = events_mod.to_types(events if events is not None else ())
@@ -338,6 +344,7 @@ class Datapath:
                 # Both generations of the lookup entries, during a change.
                 "lb_pol_cidrs": self.max_policy_entries,
                 "lb_pol_ports": self.max_policy_entries,
+                "lb_pol_ct": self.max_policy_conntrack,
             }
             for map_name, size in sizes.items():
                 if map_name in existing and existing[map_name].max_entries != size:
@@ -848,7 +855,11 @@ class Datapath:
             int(lib.PYEBPFLB_CT_POLICY_OUT): "policy-out",
         }
         result = []
-        for key, entry in self._object.map("lb_ct").lookup_batch():
+        entries = [
+            *self._object.map("lb_ct").lookup_batch(),
+            *self._object.map("lb_pol_ct").lookup_batch(),
+        ]
+        for key, entry in entries:
             kind = kinds.get(int(key.dir), str(int(key.dir)))
             family = int(key.family)
             proto = int(key.proto)
@@ -1053,14 +1064,14 @@ class Datapath:
     def flush_conntrack(self) -> int:
         """Forget every tracked flow (and the ports of fragmented datagrams): the next
         packet of each picks a backend anew, and meets policy as a new flow.
-        Returns how many conntrack entries went."""
+        Returns how many conntrack entries went (balanced flows' and policy's)."""
         self._live()
-        ct = self._object.map("lb_ct")
-        keys = [key for key, _ in ct.lookup_batch()]
-        plan._run(self._object, plan.Delete("lb_ct", keys), strict=False)
-        frags = [key for key, _ in self._object.map("lb_frags").lookup_batch()]
-        plan._run(self._object, plan.Delete("lb_frags", frags), strict=False)
-        return len(keys)
+        gone = 0
+        for name in ("lb_ct", "lb_pol_ct", "lb_frags"):
+            keys = [key for key, _ in self._object.map(name).lookup_batch()]
+            plan._run(self._object, plan.Delete(name, keys), strict=False)
+            gone += len(keys) if name != "lb_frags" else 0
+        return gone
 
     # -- lifetime ----------------------------------------------------------------------------
     def _live(self) -> None:

@@ -116,6 +116,16 @@ struct {
 	__type(value, struct pyebpflb_service_name);
 } lb_svc_names SEC(".maps");
 
+/* Flows policy let through, keyed as their answers will come (POLICY_IN,
+ * POLICY_OUT entries): apart from lb_ct, so that however much other traffic
+ * passes, its LRU never evicts a balanced flow (which would move it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct pyebpflb_ct_key);
+	__type(value, struct pyebpflb_ct_entry);
+} lb_pol_ct SEC(".maps");
+
 /* Network policy: see lb.h. LPM tries allocate per entry (no prealloc). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

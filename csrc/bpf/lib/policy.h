@@ -5,7 +5,7 @@
  * tests compare against): deny beats allow; among allows or among denies the
  * most specific prefix wins; what no rule matches gets the direction's
  * default. Replies of a flow policy let through, and ICMP errors about it,
- * pass without evaluation (a conntrack entry in lb_ct). Nothing here runs
+ * pass without evaluation (an entry in lb_pol_ct). Nothing here runs
  * while no policy is installed.
  */
 #ifndef PYEBPFLB_BPF_POLICY_H
@@ -218,14 +218,14 @@ static __always_inline void policy_ct_record(struct __sk_buff *skb, const struct
 	if (pkt->dry || pkt->frag || !policy_ct_key(&key, pkt, answer_dir, 1) ||
 	    (pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & TCP_FLAG_RST)))
 		return;
-	entry = bpf_map_lookup_elem(&lb_ct, &key);
+	entry = bpf_map_lookup_elem(&lb_pol_ct, &key);
 	if (entry) {
 		ct_touch(entry, pkt, now, 0);
 	} else {
 		struct pyebpflb_ct_entry fresh = {.created_ns = now, .last_seen_ns = now};
 
 		ct_touch(&fresh, pkt, now, 0);
-		bpf_map_update_elem(&lb_ct, &key, &fresh, BPF_ANY);
+		bpf_map_update_elem(&lb_pol_ct, &key, &fresh, BPF_ANY);
 		if (verdict->action != PYEBPFLB_POLICY_NONE)
 			policy_event(skb, pkt, dir, verdict, 0);
 	}
@@ -245,7 +245,7 @@ static __always_inline int policy_ct_answer(struct __sk_buff *skb, const struct 
 		if (!pkt->frag && !icmp_quoted_key(skb, pkt, &key, &quote)) {
 			/* About a flow we let through, or (ingress) one we balance. */
 			key.dir = answer_dir;
-			if (bpf_map_lookup_elem(&lb_ct, &key))
+			if (bpf_map_lookup_elem(&lb_pol_ct, &key))
 				return 1;
 			key.dir = PYEBPFLB_CT_SERVICE;
 			return answer_dir == PYEBPFLB_CT_POLICY_IN &&
@@ -254,12 +254,12 @@ static __always_inline int policy_ct_answer(struct __sk_buff *skb, const struct 
 	}
 	if (!policy_ct_key(&key, pkt, answer_dir, 0))
 		return 0;
-	entry = bpf_map_lookup_elem(&lb_ct, &key);
+	entry = bpf_map_lookup_elem(&lb_pol_ct, &key);
 	if (!entry)
 		return 0;
 	if (now - entry->last_seen_ns > ct_lifetime(cfg, entry, pkt->proto)) {
 		if (!pkt->dry)
-			bpf_map_delete_elem(&lb_ct, &key);
+			bpf_map_delete_elem(&lb_pol_ct, &key);
 		return 0;
 	}
 	ct_touch(entry, pkt, now, PYEBPFLB_CT_SEEN_REPLY);
