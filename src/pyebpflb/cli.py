@@ -57,7 +57,7 @@ class Context:
     @contextmanager
     def datapath(self, *, create: bool = False) -> Iterator[Datapath]:
         from pyebpflb.datapath import DEFAULT_PIN_ROOT, Datapath
-        from pyebpflb.errors import NotFound, PyEbpfLbError
+        from pyebpflb.errors import PyEbpfLbError
 
         try:
             dp = Datapath(
@@ -67,9 +67,7 @@ class Context:
                 netns=self.netns,
                 pin_root=self.pin_root or DEFAULT_PIN_ROOT,
             )
-        except NotFound as exc:
-            raise click.ClickException(str(exc)) from None
-        except (PyEbpfLbError, PermissionError, ValueError) as exc:
+        except (PyEbpfLbError, PermissionError, ValueError) as exc:  # NotFound among them
             raise click.ClickException(str(exc)) from None
         try:
             yield dp

@@ -474,12 +474,15 @@ class Datapath:
         self._snapshot = maps.read_snapshot(self._object)
         self._policy = maps.read_policy_state(self._object)
 
-    def _fresh(self) -> None:
-        """Plan against the kernel's state: another Datapath object (another process,
-        the command line) may have changed it since we read it."""
+    def _fresh(self) -> Any:
+        """Plan and read against the kernel's state: another Datapath object (another
+        process, the command line) may have changed it since we read it. Returns the
+        config it read."""
         self._live()
-        if int(self._object.map("lb_config")[0].changes) != self._changes:
+        config = self._object.map("lb_config")[0]
+        if int(config.changes) != self._changes:
             self._reload()
+        return config
 
     def _update_config(self, **fields: int) -> None:
         config_map = self._object.map("lb_config")
@@ -741,10 +744,10 @@ class Datapath:
 
     def policy_stats(self, policy: Policy | str) -> list[Traffic]:
         """Packets and bytes each rule of the policy (by name) matched, in rule order."""
-        self._live()
-        name = policy.name if isinstance(policy, Policy) else policy
-        if name not in self._policy.policies:
-            self._policy = maps.read_policy_state(self._object)
+        self._fresh()
+        return self._policy_stats(policy.name if isinstance(policy, Policy) else policy)
+
+    def _policy_stats(self, name: str) -> list[Traffic]:
         if name not in self._policy.policies:
             raise KeyError(f"policy {name!r} is not installed in datapath {self.name!r}")
         counters = self._object.map("lb_rule_stats")
@@ -752,12 +755,7 @@ class Datapath:
         return [Traffic(*_sum(counters.lookup(maps.u32(r.id)))) for r in refs]
 
     def _service_stats(self, service: Service) -> ServiceStats:
-        self._live()
         installed = self._snapshot.services.get(service.key)
-        if installed is None or installed.service != service:
-            # Another process (the command line) may have changed it: read again.
-            self._snapshot = maps.read_snapshot(self._object)
-            installed = self._snapshot.services.get(service.key)
         if installed is None:
             raise KeyError(f"service {service.label} is not installed in datapath {self.name!r}")
         svc = _sum(self._object.map("lb_svc_stats").lookup(maps.u32(installed.id)))
@@ -779,15 +777,15 @@ class Datapath:
     def stats(self, service: Service | None = None) -> ServiceStats | DatapathStats:
         """Packets and bytes sent to ``service`` and to each of its backends; without a
         service, every counter of the datapath (:class:`DatapathStats`)."""
+        self._fresh()
         if service is not None:
             return self._service_stats(service)
-        self._live()
         return DatapathStats(
             services=[
                 self._service_stats(i.service)
                 for i in sorted(self._snapshot.services.values(), key=lambda i: i.id)
             ],
-            policies={name: self.policy_stats(name) for name in self._policy.policies},
+            policies={name: self._policy_stats(name) for name in self._policy.policies},
             drops=self.drops(),
             events=self.event_stats(),
         )
@@ -813,10 +811,7 @@ class Datapath:
             elif bpf_map.type == MapType.RINGBUF:
                 entries = None
             else:
-                try:
-                    entries = len(bpf_map.lookup_batch())
-                except BpfError:
-                    entries = len(bpf_map)
+                entries = len(maps.all_keys(bpf_map))
             pin = os.path.join(self.pin_dir, name)
             result.append(
                 MapInfo(
@@ -844,10 +839,9 @@ class Datapath:
     def flows(self) -> list[Flow]:
         """The conntrack entries, decoded: balanced flows, their replies, and the flows
         policy lets answers through for."""
-        self._live()
-        config = self._object.map("lb_config")[0]
+        config = self._fresh()
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        names = {i.id: i.service.name or i.service.label for i in self._snapshot.services.values()}
+        names = self._snapshot.names()
         kinds = {
             int(lib.PYEBPFLB_CT_SERVICE): "service",
             int(lib.PYEBPFLB_CT_REPLY): "reply",
@@ -904,7 +898,7 @@ class Datapath:
     def _names(self) -> tuple[dict[int, str], dict[int, str], dict[int, tuple[str, int]]]:
         snapshot = maps.read_snapshot(self._object)
         state = maps.read_policy_state(self._object)
-        services = {i.id: i.service.name or i.service.label for i in snapshot.services.values()}
+        services = snapshot.names()
         backends = {
             backend_id: str(backend)
             for i in snapshot.services.values()
@@ -972,7 +966,7 @@ class Datapath:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return
-                monitor.renew()
+                monitor.renew_if_due()
                 ready.clear()
                 try:
                     # Wake at least every second to renew the reader's presence.
@@ -996,7 +990,7 @@ class Datapath:
         "[IP]:PORT"): the programs run on a synthetic first packet (a TCP SYN or a UDP
         datagram) through BPF_PROG_TEST_RUN, deciding as for real traffic (existing
         conntrack entries included) but writing nothing: no flow, counter or event."""
-        self._live()
+        self._fresh()
         source, sport = _endpoint(src, "src", default_port=40000)
         target, dport = _endpoint(dst, "dst", default_port=None)
         if source.version != target.version:
@@ -1068,7 +1062,7 @@ class Datapath:
         self._live()
         gone = 0
         for name in ("lb_ct", "lb_pol_ct", "lb_frags"):
-            keys = [key for key, _ in self._object.map(name).lookup_batch()]
+            keys = maps.all_keys(self._object.map(name))
             plan._run(self._object, plan.Delete(name, keys), strict=False)
             gone += len(keys) if name != "lb_frags" else 0
         return gone

@@ -303,7 +303,8 @@ class Monitor:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         self._reader_map.update(ffi.new("__u32 *", 0), ffi.new("__u64 *", now))
 
-    def _renew_if_due(self) -> None:
+    def renew_if_due(self) -> None:
+        """:meth:`renew` if the last renewal is a second old or more."""
         if time.monotonic() - self._renewed >= 1.0:
             self.renew()
 
@@ -332,7 +333,7 @@ class Monitor:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
-            self._renew_if_due()
+            self.renew_if_due()
             self.ring.poll(0.2 if left is None else min(left, 0.2))
 
     def fileno(self) -> int:

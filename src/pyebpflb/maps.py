@@ -14,8 +14,9 @@ from typing import Any
 import attrs
 
 from pyebpflb import policy
-from pyebpflb._bpf import Object, ffi
+from pyebpflb._bpf import Map, Object, ffi
 from pyebpflb._bpf._libbpf import lib
+from pyebpflb.errors import BpfError
 from pyebpflb.model import (
     Action,
     Address,
@@ -32,6 +33,15 @@ from pyebpflb.model import (
 
 SLOT_GEN_SHIFT = int(lib.PYEBPFLB_SLOT_GEN_SHIFT)
 FAMILY_TAG = {4: lib.PYEBPFLB_IPV4, 6: lib.PYEBPFLB_IPV6}
+
+
+def all_keys(bpf_map: Map) -> list[Any]:
+    """Every key of ``bpf_map``: in batches where the kernel has them for its type,
+    else one system call a key."""
+    try:
+        return [key for key, _ in bpf_map.lookup_batch()]
+    except BpfError:
+        return list(bpf_map.keys())
 
 
 def u32(value: int) -> Any:
@@ -150,6 +160,10 @@ class Snapshot:
     services: dict[tuple[Address, int, Protocol], Installed]
     next_service_id: int
     next_backend_id: int
+
+    def names(self) -> dict[int, str]:
+        """Service id -> its name (its VIP:port/protocol when it has none)."""
+        return {i.id: i.service.name or i.service.label for i in self.services.values()}
 
 
 def read_snapshot(obj: Object) -> Snapshot:
@@ -380,9 +394,9 @@ def read_policy_state(obj: Object) -> PolicyState:
         )
         refs.extend(policy.RuleRef(rule_id, name, index, rule) for index, rule_id, rule in own)
     keys: dict[int, tuple[list[Any], list[Any]]] = {0: ([], []), 1: ([], [])}
-    for key in obj.map("lb_pol_cidrs"):
+    for key in all_keys(obj.map("lb_pol_cidrs")):
         keys[int(key.scope) >> POLICY_GEN_SHIFT][0].append(key)
-    for key in obj.map("lb_pol_ports"):
+    for key in all_keys(obj.map("lb_pol_ports")):
         keys[int(key.class_id) >> POLICY_GEN_SHIFT][1].append(key)
     return PolicyState(
         gen=int(head.gen) if head is not None else 0,
