@@ -20,7 +20,7 @@ import pyebpflb as lb
 from bench import measure, report
 from bench.contenders import Contender, Ebpf, Floor, Iptables, Nftables
 from bench.servers import PORT, Nginx
-from pyebpflb.sandbox import Sandbox, _sysctl
+from pyebpflb.testing.sandbox import Sandbox, _sysctl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pyebpflb as lb
 from bench import kubeproxy
-from pyebpflb.sandbox import Sandbox
+from pyebpflb.testing.sandbox import Sandbox
 
 
 class Contender:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pyebpflb import objects
 from pyebpflb._bpf.netns import entered
-from pyebpflb.sandbox import Sandbox
+from pyebpflb.testing.sandbox import Sandbox
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT pile-up
 

@@ -10,7 +10,7 @@ import time
 from types import TracebackType
 
 from pyebpflb._bpf.netns import entered
-from pyebpflb.sandbox import Sandbox, stop
+from pyebpflb.testing.sandbox import Sandbox, stop
 
 PORT = 80
 

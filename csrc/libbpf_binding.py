@@ -41,6 +41,9 @@ int libbpf_num_possible_cpus(void);
 int libbpf_probe_bpf_prog_type(int prog_type, const void *opts);
 int libbpf_probe_bpf_map_type(int map_type, const void *opts);
 
+/* --- the start of a tc program's context, as BPF_PROG_TEST_RUN takes it --- */
+struct __sk_buff { __u32 len; __u32 mark; __u32 cb[5]; ...; };
+
 /* --- objects, programs, maps --------------------------------------- */
 struct bpf_object;
 struct bpf_program;
@@ -78,6 +81,7 @@ __u32 bpf_map__key_size(const struct bpf_map *map);
 __u32 bpf_map__value_size(const struct bpf_map *map);
 __u32 bpf_map__max_entries(const struct bpf_map *map);
 int bpf_map__set_max_entries(struct bpf_map *map, __u32 max_entries);
+__u32 bpf_map__map_flags(const struct bpf_map *map);
 int bpf_map__set_pin_path(struct bpf_map *map, const char *path);
 const char *bpf_map__pin_path(const struct bpf_map *map);
 bool bpf_map__is_pinned(const struct bpf_map *map);

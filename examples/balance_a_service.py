@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 
 import pyebpflb as lb
-from pyebpflb.sandbox import BACKEND_PORT, Sandbox
+from pyebpflb.testing.sandbox import BACKEND_PORT, Sandbox
 
 
 def main() -> None:

@@ -27,7 +27,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PYTHON=${PYTHON:-python3}
+# Debian's interpreter, which every user can run: the pure tests pass as an
+# unprivileged user too (`sudo -u nobody .venv/bin/pytest -m "not kernel"`),
+# and an interpreter under /root is not theirs to read.
+PYTHON=${PYTHON:-/usr/bin/python3}
+home=$(dirname "$(readlink -f "$PYTHON")")
+if [ -f .venv/pyvenv.cfg ] && ! grep -qx "home = $home" .venv/pyvenv.cfg; then
+  echo "bootstrap: remaking .venv with $PYTHON"
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -15,7 +15,7 @@ import tempfile
 import time
 
 import pyebpflb as lb
-from pyebpflb.sandbox import BACKEND_PORT, Sandbox
+from pyebpflb.testing.sandbox import BACKEND_PORT, Sandbox
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "cli"

@@ -1,4 +1,10 @@
-"""Fixtures shared by the suite. Every test here runs against the real kernel."""
+"""Fixtures shared by the suite.
+
+Tests marked ``kernel`` load BPF programs into the real kernel and need root;
+without it they are skipped, with the reason printed. The others (the model,
+policy semantics and compiler, the planner, Kubernetes translation, Maglev,
+the alias tables) are pure and pass as any user: ``pytest -m "not kernel"``.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if os.geteuid() != 0:
         reason = "needs root (CAP_BPF, CAP_NET_ADMIN) to load BPF programs: run `make test` as root"
         for item in items:
-            item.add_marker(pytest.mark.skip(reason=reason))
+            if item.get_closest_marker("kernel") is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session", autouse=True)

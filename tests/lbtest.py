@@ -15,7 +15,7 @@ from scapy.layers.l2 import Ether
 
 import pyebpflb as lb
 from pyebpflb._bpf import TestRun
-from pyebpflb.sandbox import Sandbox
+from pyebpflb.testing.sandbox import Sandbox
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2

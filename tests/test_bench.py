@@ -6,6 +6,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -14,6 +14,8 @@ import pytest
 from pyebpflb._bpf import CgroupLink, Object, fs
 from pyebpflb._bpf._libbpf import lib
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 SEND = (
     "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
     "[s.sendto(b'x' * 10, ('127.0.0.1', 9)) for _ in range(int(__import__('sys').argv[1]))]"

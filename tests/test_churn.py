@@ -12,7 +12,9 @@ import pytest
 from conftest import PIN_ROOT
 
 import pyebpflb as lb
-from pyebpflb.sandbox import BACKEND_PORT, Sandbox
+from pyebpflb.testing.sandbox import BACKEND_PORT, Sandbox
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
 VIP = "10.96.0.10"
 CHANGES = 1000

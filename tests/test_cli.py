@@ -19,7 +19,9 @@ from conftest import PIN_ROOT
 
 import pyebpflb as lb
 from pyebpflb.cli import main_group
-from pyebpflb.sandbox import BACKEND_PORT, Sandbox
+from pyebpflb.testing.sandbox import BACKEND_PORT, Sandbox
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
 NAME = f"cli-{os.getpid()}"
 

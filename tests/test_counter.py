@@ -6,11 +6,14 @@ import select
 import socket
 from typing import Any
 
+import pytest
 from namespaces import VethPair
 
 from pyebpflb import Count, InterfaceCounter
 from pyebpflb._bpf import netns
 from pyebpflb._bpf.netlink import TC_H_EGRESS, TC_H_INGRESS, count_filters
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
 DATAGRAMS = 25
 PAYLOAD = b"p" * 100

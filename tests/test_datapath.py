@@ -19,6 +19,8 @@ import pyebpflb as lb
 from pyebpflb._bpf import tc
 from pyebpflb._bpf.netns import entered
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 
 def test_services_read_back_equal_what_was_synced() -> None:
     wanted = [service(4, "tcp"), service(4, "udp", port=53), service(6, "tcp", name="v6")]
@@ -260,7 +262,9 @@ def test_flush_conntrack_forgets_every_flow() -> None:
         dp.upsert(service(4, "udp"))
         for port in (5000, 5001, 5002):
             run(dp, "lb_ingress", packet(4, "udp", "10.1.0.5", "10.96.0.10", port, 80))
-        assert len(dp.conntrack()) == 6  # a SERVICE and a REPLY entry per flow
+        flows = dp.conntrack()
+        assert len(flows) == 6  # a SERVICE and a REPLY entry per flow
+        assert sorted({f.kind for f in flows}) == ["reply", "service"]
         assert dp.flush_conntrack() == 6
         assert dp.conntrack() == []
 
@@ -279,5 +283,6 @@ def test_detach_removes_the_datapath_from_one_interface(veth: VethPair) -> None:
 def test_a_closed_datapath_refuses_to_work() -> None:
     with datapath("closed") as dp:
         pass
-    with pytest.raises(lb.PyEbpfLbError, match="is closed"):
-        dp.upsert(service(4, "tcp"))
+    for use in (lambda: dp.upsert(service(4, "tcp")), lambda: dp.services, dp.stats, dp.flows):
+        with pytest.raises(lb.DatapathClosed, match=r"datapath '.*closed' is closed"):
+            use()

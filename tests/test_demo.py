@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import namespaces
+import pytest
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
 
 def test_demo_balances_survives_a_backend_removal_and_cleans_up() -> None:

@@ -15,7 +15,9 @@ from conftest import PIN_ROOT
 from lbtest import attached
 
 import pyebpflb as lb
-from pyebpflb.sandbox import BACKEND_PORT, Sandbox
+from pyebpflb.testing.sandbox import BACKEND_PORT, Sandbox
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
 VIP = {4: "10.96.0.10", 6: "fd00:96::10"}
 

@@ -15,6 +15,8 @@ import pytest
 from pyebpflb import BpfError, MissingPrivilege, PyEbpfLbError, VerifierError
 from pyebpflb._bpf import Object
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 HERE = pathlib.Path(__file__).parent
 
 

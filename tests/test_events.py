@@ -12,7 +12,9 @@ import pytest
 from lbtest import TC_ACT_SHOT, attached, datapath, packet, run
 
 import pyebpflb as lb
-from pyebpflb.sandbox import BACKEND_PORT, HttpConnection, Sandbox
+from pyebpflb.testing.sandbox import BACKEND_PORT, HttpConnection, Sandbox
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
 WEB = lb.Service("10.96.0.10", 80, name="default/web", backends=[lb.Backend("10.0.1.1", 8080)])
 EMPTY = lb.Service("10.96.0.20", 53, "udp", name="default/empty")
@@ -143,14 +145,15 @@ def test_explain_writes_nothing() -> None:
         before = (len(dp.flows()), dp.stats(), dp.event_stats())
         answer = dp.explain("10.1.0.5:1234", "10.96.0.10:80")
         assert (answer.verdict, answer.service, answer.backend) == (
-            "forwarded",
+            lb.Verdict.FORWARDED,
             WEB,
             WEB.backends[0],
         )
-        assert (answer.policy_verdict, answer.policy_default) == ("allowed", True)
+        assert (answer.policy_verdict, answer.policy_default) == (lb.Action.ALLOW, True)
+        assert (answer.protocol, answer.direction) == (lb.Protocol.TCP, lb.Direction.INGRESS)
         denied = dp.explain("10.9.0.1", "10.96.0.10:80")
         assert (denied.verdict, denied.drop_reason, denied.policy, denied.rule) == (
-            "dropped",
+            lb.Verdict.DROPPED,
             "policy denied",
             "closed",
             0,
@@ -158,7 +161,7 @@ def test_explain_writes_nothing() -> None:
         refused = dp.explain("10.1.0.5", "10.96.0.20:53", "udp").to_dict()
         assert (refused["verdict"], refused["service"]) == ("refused", "default/empty")
         passed = dp.explain("[fd00::1]:5", "[fd00::2]:22")
-        assert (passed.verdict, passed.service) == ("passed", None)
+        assert (passed.verdict, passed.service) == (lb.Verdict.PASSED, None)
         assert (len(dp.flows()), dp.stats(), dp.event_stats()) == before
         for bad, message in (
             (("10.1.0.5", "10.96.0.10"), "dst must be IP:PORT"),
@@ -274,5 +277,5 @@ def test_explain_agrees_with_a_real_connection(sandbox: Sandbox, dp: lb.Datapath
     finally:
         client.close()
     backend = next(b for b in sandbox.backends if b.name == answered)
-    assert explained.verdict == "forwarded"
+    assert explained.verdict is lb.Verdict.FORWARDED
     assert explained.backend == lb.Backend(backend.ipv4, BACKEND_PORT)

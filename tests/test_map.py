@@ -9,6 +9,8 @@ import pytest
 from pyebpflb._bpf import Map, MapType, Object, UpdateFlag, possible_cpus
 from pyebpflb.errors import BpfError, MapFull, NotSupported
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 
 @pytest.fixture
 def hash_map() -> Iterator[Map]:

@@ -7,6 +7,8 @@ from lbtest import datapath, packet, run
 
 import pyebpflb as lb
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 WEB = lb.Service("10.96.0.10", 80, name="default/<web>", backends=[lb.Backend("10.0.1.1", 8080)])
 
 

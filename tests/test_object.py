@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+import pyebpflb as lb
 from pyebpflb import objects
 from pyebpflb._bpf import MapType, Object, ProgramType
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
 
 def test_shipped_counter_object_is_listed() -> None:
@@ -38,13 +41,18 @@ def test_maps_are_typed_by_the_shared_headers(counter: Object) -> None:
 def test_set_max_entries_before_load_sizes_the_kernel_map() -> None:
     with objects.open_object("counter") as obj:
         obj.set_max_entries("iface_counters", 4096)
-        obj.load()
-        assert obj.map("iface_counters").max_entries == 4096
+        with obj.load() as loaded:
+            assert loaded.map("iface_counters").max_entries == 4096
 
 
-def test_configuring_after_load_is_refused(counter: Object) -> None:
-    with pytest.raises(RuntimeError, match="already loaded"):
-        counter.set_max_entries("iface_counters", 10)
+def test_load_consumes_the_open_object() -> None:
+    opened = objects.open_object("counter")
+    with opened.load() as loaded:
+        assert not hasattr(loaded, "set_max_entries")  # a loaded object cannot be sized
+        with pytest.raises(lb.DatapathClosed, match=r"was loaded: use what load\(\) returned"):
+            opened.set_max_entries("iface_counters", 10)
+    with pytest.raises(lb.DatapathClosed, match=r"object 'counter' is closed"):
+        loaded.program("count_tc_ingress")
 
 
 def test_unknown_program_names_the_ones_there_are(counter: Object) -> None:

@@ -13,6 +13,8 @@ import pytest
 from pyebpflb import objects
 from pyebpflb._bpf import Map
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 SECOND_PROCESS = textwrap.dedent(
     """
     import json, sys
@@ -81,9 +83,9 @@ def test_explicit_pin_of_a_created_map(pin_dir: pathlib.Path) -> None:
 def test_reuse_map_before_load_shares_state(pin_dir: pathlib.Path) -> None:
     with objects.open_object("counter").load() as first, objects.open_object("counter") as second:
         second.reuse_map("counter_config", first.map("counter_config"))
-        second.load()
-        first.map("counter_config")[0] = {"emit_events": 5}
-        assert second.map("counter_config")[0].emit_events == 5
+        with second.load() as loaded:
+            first.map("counter_config")[0] = {"emit_events": 5}
+            assert loaded.map("counter_config")[0].emit_events == 5
 
 
 def test_opening_a_missing_pin_names_the_path(pin_dir: pathlib.Path) -> None:
@@ -161,10 +163,11 @@ def test_ensure_bpffs_mounts_one_under_ip_netns_exec() -> None:
 def test_an_incompatible_pinned_map_fails_the_load_and_is_kept(pin_dir: pathlib.Path) -> None:
     from pyebpflb import LoadError, VerifierError
 
-    with objects.open_object("counter", pin_dir=pin_dir) as first:
-        first.set_max_entries("iface_counters", 10)
-        first.load()
+    with objects.open_object("counter", pin_dir=pin_dir) as opened:
+        opened.set_max_entries("iface_counters", 10)
+        first = opened.load()
         with (
+            first,
             objects.open_object("counter", pin_dir=pin_dir) as second,
             pytest.raises(LoadError) as info,
         ):

@@ -13,6 +13,8 @@ from scapy.layers.l2 import Ether
 import pyebpflb as lb
 from pyebpflb.model import Policy, Rule
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 WEB = lb.Service("10.96.0.10", 80, name="web", backends=[lb.Backend("10.0.1.1", 8080)])
 SOURCE_RANGES = Policy(
     "web-sources",
@@ -136,7 +138,7 @@ def test_contradictions_are_accepted_with_the_documented_precedence() -> None:
         dp.sync([WEB], [both, Policy("dup", [Rule("allow"), Rule("allow")])])
         assert run(dp, "lb_ingress", syn("10.1.2.3", "10.5.5.5"))[0] == TC_ACT_SHOT
         assert [s.packets for s in dp.policy_stats("both")] == [0, 1]
-        with pytest.raises(KeyError, match="policy 'nope' is not installed"):
+        with pytest.raises(lb.NotFound, match="policy 'nope' is not installed"):
             dp.policy_stats("nope")
 
 

@@ -15,7 +15,9 @@ from lbtest import attached
 
 import pyebpflb as lb
 from pyebpflb.model import Policy, Rule
-from pyebpflb.sandbox import BACKEND_PORT, Sandbox
+from pyebpflb.testing.sandbox import BACKEND_PORT, Sandbox
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
 VIP = "10.96.0.10"
 SECOND_CLIENT = "10.90.0.3"

@@ -32,6 +32,8 @@ import pyebpflb as lb
 from pyebpflb.model import Direction, Policy, Rule
 from pyebpflb.policy import Packet, evaluate
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 WEB4 = lb.Service("10.96.0.10", 80, name="web", backends=[lb.Backend("10.0.1.1", 8080)])
 DNS4 = lb.Service("10.96.0.10", 53, "udp", name="web", backends=[lb.Backend("10.0.1.2", 5353)])
 WEB6 = lb.Service("fd00:96::10", 80, name="web6", backends=[lb.Backend("fd00:2::1", 8080)])

@@ -12,6 +12,8 @@ from scapy.layers.l2 import Ether
 from pyebpflb._bpf import Object, RingBuffer
 from pyebpflb._bpf._libbpf import lib
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 
 def udp_packet(payload: bytes = b"x" * 18) -> Any:
     return Ether() / IP(src="10.248.9.1", dst="10.248.9.2") / UDP(sport=1000, dport=2000) / payload

@@ -10,6 +10,8 @@ from namespaces import VethPair
 from pyebpflb._bpf import Object, TcLink, netns, tc
 from pyebpflb._bpf.netlink import TC_H_EGRESS, TC_H_INGRESS, count_filters
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 
 def filters(host_ns: str, iface: str, direction: str) -> list[str]:
     """What `tc filter show` prints, one line per filter (the user's view)."""

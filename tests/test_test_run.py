@@ -9,6 +9,8 @@ from scapy.layers.l2 import Ether
 
 from pyebpflb._bpf import Object
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 
 def test_counter_passes_the_packet_untouched_and_counts_each_repeat(counter: Object) -> None:
     packet = Ether() / IP(src="10.248.9.1", dst="10.248.9.2") / TCP(sport=40000, dport=80)

@@ -11,6 +11,8 @@ import zipfile
 import pytest
 from namespaces import VethPair
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 USE_WITHOUT_COMPILER = textwrap.dedent(

@@ -9,6 +9,8 @@ from pyebpflb import objects
 from pyebpflb._bpf import Object, XdpLink, netns, xdp
 from pyebpflb.errors import BpfError
 
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
 
 def test_xdp_attach_detach_and_idempotent_reattach(veth: VethPair, counter: Object) -> None:
     prog = counter.program("count_xdp")

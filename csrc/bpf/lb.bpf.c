@@ -174,8 +174,8 @@ static __always_inline void note_new_flow(struct __sk_buff *skb, const struct pa
 {
 	struct pyebpflb_flow_event *event;
 
-	explain(skb, pkt, EXPLAIN_SERVICE, service_id);
-	explain(skb, pkt, EXPLAIN_BACKEND, backend_id);
+	explain(skb, pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
+	explain(skb, pkt, PYEBPFLB_EXPLAIN_BACKEND, backend_id);
 	if (pkt->dry)
 		return;
 	count_new_flow(&lb_svc_stats, service_id, skb->len);
@@ -197,11 +197,10 @@ static __always_inline void note_new_flow(struct __sk_buff *skb, const struct pa
  * skb->cb. Test runs come in on the loopback device (ifindex 1), where the
  * datapath is never attached, so real traffic never takes this path.
  */
-#define EXPLAIN_MARK 0xeb1be791
 
 static __always_inline int explaining(const struct __sk_buff *skb)
 {
-	return skb->mark == EXPLAIN_MARK && skb->ifindex == 1;
+	return skb->mark == PYEBPFLB_EXPLAIN_MARK && skb->ifindex == 1;
 }
 
 SEC("tc")
@@ -272,12 +271,12 @@ int lb_ingress(struct __sk_buff *skb)
 		if (pkt.proto == IPPROTO_TCP ||
 		    bpf_map_lookup_elem(&lb_backends, &flow->backend_id)) {
 			/* Policy holds for every packet: a new deny ends a flow at once. */
-			explain(skb, &pkt, EXPLAIN_SERVICE, flow->service_id);
+			explain(skb, &pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
 			if (service_denied(skb, policy, &pkt, flow->service_id, flow->nat_port, 0))
 				return TC_ACT_SHOT;
 			ct_touch(flow, &pkt, now, 0);
-			explain(skb, &pkt, EXPLAIN_SERVICE, flow->service_id);
-			explain(skb, &pkt, EXPLAIN_BACKEND, flow->backend_id);
+			explain(skb, &pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
+			explain(skb, &pkt, PYEBPFLB_EXPLAIN_BACKEND, flow->backend_id);
 			if (!pkt.dry) {
 				count_traffic(&lb_svc_stats, flow->service_id, skb->len);
 				count_traffic(&lb_be_stats, flow->backend_id, skb->len);
@@ -299,7 +298,7 @@ int lb_ingress(struct __sk_buff *skb)
 					      cfg, now);
 		return TC_ACT_OK;
 	}
-	explain(skb, &pkt, EXPLAIN_SERVICE, svc->id);
+	explain(skb, &pkt, PYEBPFLB_EXPLAIN_SERVICE, svc->id);
 	backend_id = 0;
 	if (svc->count && (svc->flags & PYEBPFLB_SERVICE_MAGLEV)) {
 		/* Under affinity Maglev hashes the client's address alone: that is the
@@ -323,7 +322,7 @@ int lb_ingress(struct __sk_buff *skb)
 	if (service_denied(skb, policy, &pkt, svc->id, backend ? backend->port : pkt.dport, 1))
 		return TC_ACT_SHOT;
 	if (!backend_id || !backend) {
-		explain(skb, &pkt, EXPLAIN_SERVICE, svc->id);
+		explain(skb, &pkt, PYEBPFLB_EXPLAIN_SERVICE, svc->id);
 		if (!pkt.dry)
 			count_new_flow(&lb_svc_stats, svc->id, skb->len);
 		note_drop(skb, &pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_NO_BACKEND, svc->id, 0);

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyebpflb.errors import (
     BpfError,
+    DatapathClosed,
     LoadError,
     MapFull,
     MissingPrivilege,
@@ -42,6 +43,7 @@ from pyebpflb.model import (
     RuleProtocol,
     Scheduler,
     Service,
+    Verdict,
 )
 
 if TYPE_CHECKING:
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
         Traffic,
     )
     from pyebpflb.events import EventStats, FlowEvent
-    from pyebpflb.sandbox import Sandbox
+    from pyebpflb.testing.sandbox import Sandbox
 
 __version__ = "0.2.0"
 
@@ -72,7 +74,7 @@ _LAZY = {
     "FlowEvent": "pyebpflb.events",
     "ServiceStats": "pyebpflb.datapath",
     "Traffic": "pyebpflb.datapath",
-    "Sandbox": "pyebpflb.sandbox",
+    "Sandbox": "pyebpflb.testing.sandbox",
 }
 
 
@@ -92,6 +94,7 @@ __all__ = [
     "ConntrackTimeouts",
     "Count",
     "Datapath",
+    "DatapathClosed",
     "DatapathStats",
     "Direction",
     "EventStats",
@@ -113,6 +116,7 @@ __all__ = [
     "Service",
     "ServiceStats",
     "Traffic",
+    "Verdict",
     "VerifierError",
     "__version__",
 ]

@@ -93,7 +93,7 @@ def main_group(ctx: click.Context, name: str, netns: str | None, pin_root: str |
 @main_group.command()
 def demo() -> None:
     """Build a sandbox and balance a service through it (what `make demo` runs)."""
-    from pyebpflb import demo as story
+    from pyebpflb.testing import demo as story
 
     sys.exit(story.run())
 
@@ -507,16 +507,16 @@ def explain(ctx: Context, src: str, dst: str, proto: str, direction: str, output
         return
     click.echo(f"packet   {proto} {answer.source} -> {answer.destination} ({direction})")
     click.echo(
-        f"verdict  {answer.verdict}" + (f" ({answer.drop_reason})" if answer.drop_reason else "")
+        f"verdict  {data['verdict']}" + (f" ({answer.drop_reason})" if answer.drop_reason else "")
     )
     click.echo(f"service  {data['service'] or '-'}")
     click.echo(f"backend  {data['backend'] or '-'}")
     if answer.policy_verdict is None:
         policy = "no policy for this direction"
     elif answer.policy_default:
-        policy = f"{answer.policy_verdict} by the direction's default"
+        policy = f"{data['policy_verdict']} by the direction's default"
     else:
-        policy = f"{answer.policy_verdict} by policy {answer.policy!r} rule {answer.rule}"
+        policy = f"{data['policy_verdict']} by policy {answer.policy!r} rule {answer.rule}"
     click.echo(f"policy   {policy}")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from pyebpflb import objects
-from pyebpflb._bpf import Object, RingBuffer, TcLink, netns
+from pyebpflb._bpf import LoadedObject, RingBuffer, TcLink, netns
 from pyebpflb._bpf._libbpf import lib
 from pyebpflb._bpf.netlink import ifindex_of
 
@@ -43,10 +43,10 @@ class InterfaceCounter:
 
     def __init__(self, *, events: bool = False) -> None:
         self._events = events
-        self._objects: dict[str | None, Object] = {}
+        self._objects: dict[str | None, LoadedObject] = {}
         self._links: dict[tuple[str | None, str], list[TcLink]] = {}
 
-    def _object(self, netns_name: str | None) -> Object:
+    def _object(self, netns_name: str | None) -> LoadedObject:
         obj = self._objects.get(netns_name)
         if obj is None:
             obj = objects.open_object("counter").load()

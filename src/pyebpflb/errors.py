@@ -17,6 +17,19 @@ class PyEbpfLbError(Exception):
     """Base class of every error raised by pyebpflb."""
 
 
+class DatapathClosed(PyEbpfLbError):
+    """The datapath, object, map or ring buffer was closed: open it again to go on."""
+
+
+class IncompatibleDatapath(PyEbpfLbError):
+    """A datapath found (pinned, or attached here) has maps this version cannot use;
+    ``differences`` lists each, in words. Nothing was changed."""
+
+    def __init__(self, message: str, differences: list[str]) -> None:
+        super().__init__(f"{message}: " + "; ".join(differences))
+        self.differences = differences
+
+
 class BpfError(PyEbpfLbError, OSError):
     """The kernel or libbpf refused an operation.
 

@@ -10,41 +10,39 @@ does not fit the ring, is counted (:class:`EventStats`), never silently lost.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import datetime
 import ipaddress
 import json
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import attrs
 
+from pyebpflb import maps
 from pyebpflb._bpf import RingBuffer, ffi
 from pyebpflb._bpf._libbpf import lib
 from pyebpflb._bpf.netns import entered
-from pyebpflb.model import Address
+from pyebpflb.layout import DROP_REASONS, DropReason, EventType
+from pyebpflb.model import Address, Verdict, endpoint_text, protocol_name
 
-TYPES = {
-    int(lib.PYEBPFLB_EVENT_TRACE): "trace",
-    int(lib.PYEBPFLB_EVENT_DROP): "drop",
-    int(lib.PYEBPFLB_EVENT_POLICY): "policy",
-}
+TYPES = {int(t): t.label for t in EventType}
 TYPE_BITS = {name: 1 << code for code, name in TYPES.items()}
-PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
-DIRECTIONS = {
-    int(lib.PYEBPFLB_POLICY_INGRESS): "ingress",
-    int(lib.PYEBPFLB_POLICY_EGRESS): "egress",
-}
-DROP_REASONS = {
-    int(lib.PYEBPFLB_DROP_NO_BACKEND): "no backend",
-    int(lib.PYEBPFLB_DROP_CT_FULL): "conntrack full",
-    int(lib.PYEBPFLB_DROP_REJECT_FAILED): "reject failed",
-    int(lib.PYEBPFLB_DROP_POLICY_DENIED): "policy denied",
-    int(lib.PYEBPFLB_DROP_MALFORMED): "malformed packet",
-    int(lib.PYEBPFLB_DROP_UNSUPPORTED): "unsupported packet",
-}
+
+
+def verdict_of(drop_reason: str | None, *, shot: bool, translated: bool) -> Verdict:
+    """What became of a packet: refused (no backend: a refusal went back), dropped
+    (another reason, or the program's drop verdict), forwarded (translated to a
+    backend) or passed."""
+    if drop_reason == DropReason.NO_BACKEND.label:
+        return Verdict.REFUSED
+    if drop_reason is not None or shot:
+        return Verdict.DROPPED
+    return Verdict.FORWARDED if translated else Verdict.PASSED
 
 
 def to_types(types: Iterable[str] | str | None) -> frozenset[str]:
@@ -110,8 +108,7 @@ class FlowEvent:
 
     def __str__(self) -> str:
         def at(address: Address, port: int) -> str:
-            host = f"[{address}]" if address.version == 6 else str(address)
-            return f"{host}:{port}" if self.protocol in ("tcp", "udp") else host
+            return endpoint_text(address, port if self.protocol in ("tcp", "udp") else None)
 
         line = (
             f"{self.time.strftime('%H:%M:%S.%f')} {self.type.upper():<6} {self.verdict:<9} "
@@ -208,40 +205,31 @@ def _clock_offset() -> float:
 def decode(raw: Any, names: Names, offset: float) -> FlowEvent:
     """A ``struct pyebpflb_flow_event`` as a :class:`FlowEvent`."""
     family = int(raw.family)
-
-    def address(union: Any) -> Address:
-        data = bytes(ffi.buffer(union.bytes, 16))
-        if family == lib.PYEBPFLB_IPV4:
-            return ipaddress.IPv4Address(data[:4])
-        return ipaddress.IPv6Address(data)
-
     kind = TYPES.get(int(raw.type), f"type {int(raw.type)}")
     proto = int(raw.proto)
     reason = DROP_REASONS.get(int(raw.reason)) if kind == "drop" else None
-    if kind == "trace":
-        verdict = "forwarded"
-    elif kind == "drop":
-        verdict = "refused" if reason == "no backend" else "dropped"
+    if kind == "policy":
+        denied = int(raw.verdict) == lib.PYEBPFLB_POLICY_DENY
+        verdict = Verdict.DENIED if denied else Verdict.ALLOWED
     else:
-        verdict = "denied" if int(raw.verdict) == lib.PYEBPFLB_POLICY_DENY else "allowed"
+        verdict = verdict_of(reason, shot=kind == "drop", translated=True)
     policy, rule = names.rule(int(raw.rule_id))
     backend = None
     if kind == "trace":
-        host = address(raw.nat_addr)
-        port = socket.ntohs(int(raw.nat_port))
-        backend = f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
+        nat = maps.addr_from(raw.nat_addr, family)
+        backend = endpoint_text(nat, maps.port_from(int(raw.nat_port)))
     with_ports = proto in (6, 17)
     return FlowEvent(
         time=datetime.datetime.fromtimestamp(int(raw.time_ns) / 1e9 + offset, tz=datetime.UTC),
         type=kind,
-        verdict=verdict,
-        source=address(raw.saddr),
-        source_port=socket.ntohs(int(raw.sport)) if with_ports else 0,
-        destination=address(raw.daddr),
-        destination_port=socket.ntohs(int(raw.dport)) if with_ports else 0,
-        protocol=PROTOCOLS.get(proto, str(proto)),
+        verdict=verdict.value,
+        source=maps.addr_from(raw.saddr, family),
+        source_port=maps.port_from(int(raw.sport)) if with_ports else 0,
+        destination=maps.addr_from(raw.daddr, family),
+        destination_port=maps.port_from(int(raw.dport)) if with_ports else 0,
+        protocol=protocol_name(proto),
         interface=names.interface(int(raw.ifindex)),
-        direction=DIRECTIONS.get(int(raw.dir), "?"),
+        direction=direction.value if (direction := maps.POLICY_DIR_OF.get(int(raw.dir))) else "?",
         length=int(raw.len),
         service=names.service(int(raw.service_id)),
         backend=backend,
@@ -251,6 +239,16 @@ def decode(raw: Any, names: Names, offset: float) -> FlowEvent:
         rule=rule,
         is_reply=bool(raw.is_reply),
     )
+
+
+@attrs.frozen
+class Wait:
+    """A step of the monitor's loop: wait up to ``seconds`` for ring buffer records."""
+
+    seconds: float
+
+
+Step = FlowEvent | Wait
 
 
 class Monitor:
@@ -324,17 +322,45 @@ class Monitor:
             return
         self.queue.append(event)
 
-    def events(self, timeout: float | None) -> Iterator[FlowEvent]:
-        """Events as they come, until ``timeout`` seconds pass (None: forever)."""
+    def _steps(self, timeout: float | None, wait_most: float) -> Generator[Step, None, None]:
+        """The monitor's loop, written once (as psycopg writes its protocol): it yields
+        each event, or a :class:`Wait` for records that the driver carries out, blocking
+        (:meth:`events`) or in an asyncio loop (:meth:`aevents`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            self.ring.consume()
             while self.queue:
                 yield self.queue.popleft()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
             self.renew_if_due()
-            self.ring.poll(0.2 if left is None else min(left, 0.2))
+            yield Wait(wait_most if left is None else min(left, wait_most))
+
+    def events(self, timeout: float | None) -> Iterator[FlowEvent]:
+        """Events as they come, until ``timeout`` seconds pass (None: forever)."""
+        for step in self._steps(timeout, 0.2):
+            if isinstance(step, Wait):
+                self.ring.poll(step.seconds)
+            else:
+                yield step
+
+    async def aevents(self, timeout: float | None) -> AsyncIterator[FlowEvent]:
+        """:meth:`events` for asyncio: waits on the ring buffer's fd in the running loop
+        (waking at least every second, to renew the reader's presence)."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        loop.add_reader(self.fileno(), ready.set)
+        try:
+            for step in self._steps(timeout, 1.0):
+                if isinstance(step, Wait):
+                    ready.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ready.wait(), step.seconds)
+                else:
+                    yield step
+        finally:
+            loop.remove_reader(self.fileno())
 
     def fileno(self) -> int:
         return self.ring.fileno()

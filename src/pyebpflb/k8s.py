@@ -20,8 +20,6 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-import yaml
-
 from pyebpflb.model import (
     DEFAULT_AFFINITY_SECONDS,
     Backend,
@@ -36,6 +34,8 @@ class ManifestError(ValueError):
 
 def load(text: str) -> list[dict[str, Any]]:
     """The objects of a YAML (or JSON) stream; ``kind: List`` is unpacked."""
+    import yaml  # only reading manifests needs PyYAML
+
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:

@@ -1,8 +1,9 @@
-"""Codecs between the model and the load balancer's maps.
+"""The load balancer's maps: their names, and codecs between the model and them.
 
 Every layout comes from ``csrc/include/pyebpflb/lb.h`` through cffi; this
 module only knows which model value goes into which field, and in which byte
-order. It reads whole maps into a :class:`Snapshot` of installed services.
+order. Pure: it builds and reads cdata, never a map (reading the kernel is
+``pyebpflb.datapath.state``'s job).
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ import ipaddress
 import socket
 from typing import Any
 
-import attrs
-
 from pyebpflb import policy
-from pyebpflb._bpf import Map, Object, ffi
-from pyebpflb._bpf._libbpf import lib
-from pyebpflb.errors import BpfError
+from pyebpflb._bpf._libbpf import ffi, lib
+from pyebpflb.layout import FAMILY_TAG, POLICY_GEN_SHIFT, SLOT_GEN_SHIFT
 from pyebpflb.model import (
     Action,
     Address,
@@ -24,24 +22,37 @@ from pyebpflb.model import (
     BackendState,
     Direction,
     Policy,
-    Protocol,
     Rule,
     RuleProtocol,
     Scheduler,
     Service,
 )
 
-SLOT_GEN_SHIFT = int(lib.PYEBPFLB_SLOT_GEN_SHIFT)
-FAMILY_TAG = {4: lib.PYEBPFLB_IPV4, 6: lib.PYEBPFLB_IPV6}
-
-
-def all_keys(bpf_map: Map) -> list[Any]:
-    """Every key of ``bpf_map``: in batches where the kernel has them for its type,
-    else one system call a key."""
-    try:
-        return [key for key, _ in bpf_map.lookup_batch()]
-    except BpfError:
-        return list(bpf_map.keys())
+# The maps of the lb object (csrc/bpf/lib/maps.h): a map's name in C, its pin file
+# and the name Python opens it by are this one word.
+CONFIG = "lb_config"
+SERVICES = "lb_services"
+SVC_NAMES = "lb_svc_names"
+SVC_STATS = "lb_svc_stats"
+BACKENDS = "lb_backends"
+BE_STATS = "lb_be_stats"
+SLOTS = "lb_slots"
+MAGLEV = "lb_maglev"
+CT = "lb_ct"
+AFFINITY = "lb_affinity"
+DROPS = "lb_drops"
+POLICY = "lb_policy"
+POL_NAMES = "lb_pol_names"
+POL_RULES = "lb_pol_rules"
+RULE_STATS = "lb_rule_stats"
+POL_CIDRS = "lb_pol_cidrs"
+POL_PORTS = "lb_pol_ports"
+POL_CT = "lb_pol_ct"
+FRAGS = "lb_frags"
+EVENTS = "lb_events"
+EVENT_STATS = "lb_event_stats"
+EVENT_READER = "lb_event_reader"
+MAGLEV_TABLE = "lb_maglev_table"  # the inner maps of lb_maglev
 
 
 def u32(value: int) -> Any:
@@ -55,10 +66,18 @@ def addr_bytes(address: Address) -> bytes:
 
 
 def addr_from(union: Any, family: int) -> Address:
+    """The address in a ``union pyebpflb_addr`` of ``family`` (enum pyebpflb_family)."""
     raw = bytes(ffi.buffer(union.bytes, 16))
     if family == lib.PYEBPFLB_IPV4:
         return ipaddress.IPv4Address(raw[:4])
     return ipaddress.IPv6Address(raw)
+
+
+def counter_sum(per_cpu: list[Any] | None) -> tuple[int, int]:
+    """(packets, bytes) of a per-CPU ``struct pyebpflb_counter_value``, summed."""
+    if not per_cpu:
+        return 0, 0
+    return sum(int(v.packets) for v in per_cpu), sum(int(v.bytes) for v in per_cpu)
 
 
 def port_be(port: int) -> int:
@@ -90,6 +109,11 @@ def service_entry(service_id: int, count: int, gen: int, service: Service) -> An
             "affinity_timeout_s": service.affinity_timeout or 0,
         },
     )
+
+
+def scheduler_from(entry: Any) -> Scheduler:
+    """The scheduler of a ``struct pyebpflb_service``."""
+    return Scheduler.MAGLEV if int(entry.flags) & lib.PYEBPFLB_SERVICE_MAGLEV else Scheduler.RANDOM
 
 
 def slot_key(service_id: int, gen: int, slot: int) -> Any:
@@ -143,73 +167,8 @@ def name_value(name: str) -> Any:
     return value
 
 
-@attrs.frozen
-class Installed:
-    """A service as the kernel holds it: the model plus its ids."""
-
-    service: Service
-    id: int
-    gen: int
-    backend_ids: tuple[int, ...]  # in the order of service.backends
-    count: int  # slots of the current generation (usable backends)
-    slots: frozenset[int]  # every slot key (gen << 31 | index) present, both generations
-
-
-@attrs.frozen
-class Snapshot:
-    services: dict[tuple[Address, int, Protocol], Installed]
-    next_service_id: int
-    next_backend_id: int
-
-    def names(self) -> dict[int, str]:
-        """Service id -> its name (its VIP:port/protocol when it has none)."""
-        return {i.id: i.service.name or i.service.label for i in self.services.values()}
-
-
-def read_snapshot(obj: Object) -> Snapshot:
-    """Everything installed, read from the maps in a few batch calls."""
-    config = obj.map("lb_config")[0]
-    names = {int(k): ffi.string(v.name).decode() for k, v in obj.map("lb_svc_names").lookup_batch()}
-    members: dict[int, list[tuple[int, int, Any]]] = {}
-    for key, value in obj.map("lb_backends").lookup_batch():
-        members.setdefault(int(value.service_id), []).append((int(value.position), int(key), value))
-    slots: dict[int, set[int]] = {}
-    for key, _ in obj.map("lb_slots").lookup_batch():
-        slots.setdefault(int(key.service_id), set()).add(int(key.slot))
-    services = {}
-    for key, entry in obj.map("lb_services").lookup_batch():
-        own = sorted(members.get(int(entry.id), []), key=lambda member: member[0])
-        service = Service(
-            vip=addr_from(key.vip, key.family),
-            port=port_from(key.port),
-            protocol=Protocol.from_number(int(key.proto)),
-            name=names.get(int(entry.id), ""),
-            backends=[backend_from(value) for _, _, value in own],
-            affinity_timeout=int(entry.affinity_timeout_s) or None,
-            scheduler=(
-                Scheduler.MAGLEV
-                if int(entry.flags) & lib.PYEBPFLB_SERVICE_MAGLEV
-                else Scheduler.RANDOM
-            ),
-        )
-        services[service.key] = Installed(
-            service,
-            int(entry.id),
-            int(entry.gen),
-            tuple(backend_id for _, backend_id, _ in own),
-            int(entry.count),
-            frozenset(slots.get(int(entry.id), set())),
-        )
-    return Snapshot(
-        services=services,
-        next_service_id=max(int(config.next_service_id), 1),
-        next_backend_id=max(int(config.next_backend_id), 1),
-    )
-
-
 # -- network policy ----------------------------------------------------------------------
 
-POLICY_GEN_SHIFT = int(lib.PYEBPFLB_POLICY_GEN_SHIFT)
 POLICY_DIR_TAG = {
     Direction.INGRESS: lib.PYEBPFLB_POLICY_INGRESS,
     Direction.EGRESS: lib.PYEBPFLB_POLICY_EGRESS,
@@ -226,24 +185,6 @@ RULE_PROTO_TAG = {
 RULE_PROTO_OF = {tag: proto for proto, tag in RULE_PROTO_TAG.items()}
 _CIDR_FIXED = int(lib.PYEBPFLB_POLICY_CIDR_FIXED_BITS)
 _PORT_FIXED = int(lib.PYEBPFLB_POLICY_PORT_FIXED_BITS)
-
-# The pure-Python compiler numbers protocols as the kernel does.
-assert (
-    policy.TCP,
-    policy.UDP,
-    policy.ICMP,
-    policy.OTHER,
-    policy.TCP_NOPORT,
-    policy.UDP_NOPORT,
-) == (
-    lib.PYEBPFLB_POLICY_TCP,
-    lib.PYEBPFLB_POLICY_UDP,
-    lib.PYEBPFLB_POLICY_ICMP,
-    lib.PYEBPFLB_POLICY_OTHER,
-    lib.PYEBPFLB_POLICY_TCP_NOPORT,
-    lib.PYEBPFLB_POLICY_UDP_NOPORT,
-)
-assert policy.INLINE == lib.PYEBPFLB_POLICY_INLINE
 
 
 def policy_head(gen: int, compiled: policy.Compiled) -> Any:
@@ -355,53 +296,3 @@ def policy_info(item: Policy) -> Any:
     value.default_deny = int(item.default is Action.DENY)
     value.rules = len(item.rules)
     return value
-
-
-@attrs.frozen
-class PolicyState:
-    """The policies the kernel holds, and what a change must replace."""
-
-    gen: int  # the generation lb_policy points at (meaningless while `active` is False)
-    active: bool  # lb_policy holds a head
-    policies: dict[str, tuple[int, Policy]]  # name -> (policy id, policy), in install order
-    refs: tuple[policy.RuleRef, ...]
-    keys: dict[int, tuple[list[Any], list[Any]]]  # gen -> (cidr keys, port keys) present
-
-
-def read_policy_state(obj: Object) -> PolicyState:
-    head_map = obj.map("lb_policy")
-    head = head_map.lookup(u32(0))
-    infos = {int(k): v for k, v in obj.map("lb_pol_names").lookup_batch()}
-    rules: dict[int, list[tuple[int, int, Rule]]] = {}
-    for key, value in obj.map("lb_pol_rules").lookup_batch():
-        rules.setdefault(int(value.policy_id), []).append(
-            (int(value.index), int(key), rule_from(value))
-        )
-    policies: dict[str, tuple[int, Policy]] = {}
-    refs: list[policy.RuleRef] = []
-    for policy_id in sorted(infos):
-        info = infos[policy_id]
-        name = ffi.string(info.name).decode()
-        own = sorted(rules.get(policy_id, []), key=lambda r: r[0])
-        policies[name] = (
-            policy_id,
-            Policy(
-                name,
-                [rule for _, _, rule in own],
-                default=Action.DENY if int(info.default_deny) else Action.ALLOW,
-                direction=POLICY_DIR_OF[int(info.dir)],
-            ),
-        )
-        refs.extend(policy.RuleRef(rule_id, name, index, rule) for index, rule_id, rule in own)
-    keys: dict[int, tuple[list[Any], list[Any]]] = {0: ([], []), 1: ([], [])}
-    for key in all_keys(obj.map("lb_pol_cidrs")):
-        keys[int(key.scope) >> POLICY_GEN_SHIFT][0].append(key)
-    for key in all_keys(obj.map("lb_pol_ports")):
-        keys[int(key.class_id) >> POLICY_GEN_SHIFT][1].append(key)
-    return PolicyState(
-        gen=int(head.gen) if head is not None else 0,
-        active=head is not None,
-        policies=policies,
-        refs=tuple(refs),
-        keys=keys,
-    )

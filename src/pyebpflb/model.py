@@ -81,11 +81,52 @@ class Protocol(enum.Enum):
     @property
     def number(self) -> int:
         """The IP protocol number (IPPROTO_TCP, IPPROTO_UDP)."""
-        return 6 if self is Protocol.TCP else 17
+        return PROTOCOL_NUMBERS[self.value]
 
     @classmethod
     def from_number(cls, number: int) -> Protocol:
-        return {6: cls.TCP, 17: cls.UDP}[number]
+        return cls(PROTOCOL_NAMES[number])
+
+
+# IP protocol numbers and their names, for every protocol a flow or event may carry.
+PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+PROTOCOL_NUMBERS = {name: number for number, name in PROTOCOL_NAMES.items()}
+
+
+def protocol_name(number: int) -> str:
+    """ "tcp", "udp", "icmp", "icmpv6", or the number itself as text."""
+    return PROTOCOL_NAMES.get(number, str(number))
+
+
+def host_text(address: Address) -> str:
+    """An address as it stands before a port: IPv6 in brackets."""
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def endpoint_text(address: Address, port: int | None) -> str:
+    """ "10.0.0.1:80", "[fd00::1]:80"; the bare host without a port."""
+    return host_text(address) if port is None else f"{host_text(address)}:{port}"
+
+
+def parse_endpoint(text: str, what: str, default_port: int | None) -> tuple[Address, int]:
+    """("10.0.0.1:80" | "10.0.0.1" | "[fd00::1]:80" | "fd00::1") -> (address, port);
+    without ``default_port`` the port is required. ``what`` names the argument in errors."""
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    address: Address | None
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port) if port is not None else default_port
+    except ValueError:
+        address, number = None, None
+    if address is None or number is None or not 1 <= number <= 65535:
+        need = "IP[:PORT]" if default_port is not None else "IP:PORT"
+        raise ValueError(f"{what} must be {need} (IPv6 as [IP]:PORT), got {text!r}")
+    return address, number
 
 
 def to_address(value: object) -> Address:
@@ -142,8 +183,7 @@ class Backend:
         return (self.address, self.port)
 
     def __str__(self) -> str:
-        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
-        return f"{host}:{self.port}"
+        return endpoint_text(self.address, self.port)
 
 
 def _to_backends(value: Iterable[Any]) -> tuple[Backend, ...]:
@@ -229,8 +269,7 @@ class Service:
 
     @property
     def label(self) -> str:
-        host = f"[{self.vip}]" if self.vip.version == 6 else str(self.vip)
-        where = f"{host}:{self.port}/{self.protocol.value}"
+        where = f"{endpoint_text(self.vip, self.port)}/{self.protocol.value}"
         return f"{self.name} ({where})" if self.name else where
 
     def _repr_html_(self) -> str:
@@ -274,6 +313,20 @@ class Direction(enum.Enum):
 
     INGRESS = "ingress"
     EGRESS = "egress"
+
+
+class Verdict(enum.Enum):
+    """What the datapath did with a packet: ``FORWARDED`` (translated to a backend),
+    ``PASSED`` (not for a service, let through), ``REFUSED`` (a service without
+    backends: a reset or ICMP unreachable went back), ``DROPPED``; and what policy
+    said of it: ``ALLOWED``, ``DENIED``."""
+
+    FORWARDED = "forwarded"
+    PASSED = "passed"
+    REFUSED = "refused"
+    DROPPED = "dropped"
+    ALLOWED = "allowed"
+    DENIED = "denied"
 
 
 class RuleProtocol(enum.Enum):

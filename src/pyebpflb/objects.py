@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 
-from pyebpflb._bpf import Object
+from pyebpflb._bpf import OpenObject
 
 
 def available() -> list[str]:
@@ -35,6 +35,6 @@ def image(name: str) -> bytes:
         ) from None
 
 
-def open_object(name: str, *, pin_dir: str | os.PathLike[str] | None = None) -> Object:
-    """Open (not load) the shipped object ``name``."""
-    return Object.open(image(name), name, pin_dir=pin_dir)
+def open_object(name: str, *, pin_dir: str | os.PathLike[str] | None = None) -> OpenObject:
+    """Open (not load) the shipped object ``name``; ``.load()`` it to use it."""
+    return OpenObject.open(image(name), name, pin_dir=pin_dir)

@@ -1,7 +1,9 @@
-"""Turning a wanted set of services into ordered map writes, and applying them.
+"""Turning a wanted set of services and policies into ordered map writes.
 
-A change is planned against a :class:`~pyebpflb.maps.Snapshot` of what is
-installed, in four phases, so that no packet meets a half-written service:
+Pure: a plan says what to write and in which order, never how; the datapath's
+executor (``pyebpflb.datapath.apply``) carries it out. A change is planned
+against a :class:`~pyebpflb.snapshot.Snapshot` of what is installed, in four
+phases, so that no packet meets a half-written service:
 
 1. ``prepare``: writes packets cannot see yet: new backends, names, and the
    slots of the generation the service entry does not point at (counters are
@@ -16,26 +18,17 @@ installed, in four phases, so that no packet meets a half-written service:
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import itertools
-import logging
-import sys
 from collections.abc import Iterable
 from typing import Any
 
 import attrs
 
 from pyebpflb import maglev, maps, policy
-from pyebpflb._bpf import Map, MapType, Object, ffi
-from pyebpflb._bpf._libbpf import lib
 from pyebpflb.alias import alias_table
-from pyebpflb.errors import BpfError, MapFull
-from pyebpflb.model import Address, Backend, Policy, Protocol, Rule, Scheduler, Service
-
-logger = logging.getLogger("pyebpflb")
-
-Key = tuple[Address, int, Protocol]
+from pyebpflb.layout import POLICY_GEN_SHIFT, SLOT_GEN_SHIFT
+from pyebpflb.model import Address, Backend, Policy, Rule, Scheduler, Service
+from pyebpflb.snapshot import Installed, Key, PolicyState, Snapshot
 
 
 @attrs.define
@@ -59,9 +52,6 @@ class Table:
 
     service_id: int
     backend_ids: list[int]  # per slot; 0 where no backend
-    inner: Map | None = None
-    published: bool = False
-    previous_id: int | None = None
 
 
 @attrs.define
@@ -83,7 +73,7 @@ class Plan:
     publish: list[Step]
     undo: list[Step]
     cleanup: list[Step]
-    changes: dict[Key, maps.Installed | None]
+    changes: dict[Key, Installed | None]
     next_service_id: int
     next_backend_id: int
     changed: int
@@ -124,191 +114,218 @@ class _Steps:
 
 
 def diff(
-    snapshot: maps.Snapshot,
+    snapshot: Snapshot,
     upserts: Iterable[Service],
     removals: Iterable[Key],
     maglev_size: int = maglev.DEFAULT_TABLE_SIZE,
 ) -> Plan:
     """The plan that makes ``upserts`` installed and ``removals`` gone."""
-    prepare, publish_removals, publish_tables, publish = _Steps(), _Steps(), _Steps(), _Steps()
-    undo_first, undo, cleanup = _Steps(), _Steps(), _Steps()
-    # What this plan changes, over the snapshot (None: removed). Not a copy of
-    # the snapshot: one upsert among 100,000 services stays O(1).
-    changes: dict[Key, maps.Installed | None] = {}
-
-    def installed(key: Key) -> maps.Installed | None:
-        return changes[key] if key in changes else snapshot.services.get(key)
-
-    service_ids = itertools.count(snapshot.next_service_id)
-    backend_ids = itertools.count(snapshot.next_backend_id)
-    changed = 0
-
+    planner = _Planner(snapshot, maglev_size)
     for key in removals:
-        old = installed(key)
+        planner.remove(key)
+    for service in upserts:
+        planner.upsert(service)
+    return planner.plan()
+
+
+class _Planner:
+    """Collects the steps of one change, service by service."""
+
+    def __init__(self, snapshot: Snapshot, maglev_size: int) -> None:
+        self.snapshot = snapshot
+        self.maglev_size = maglev_size
+        self.prepare, self.publish_removals, self.publish_tables = _Steps(), _Steps(), _Steps()
+        self.publish, self.undo_first, self.undo, self.cleanup = (
+            _Steps(),
+            _Steps(),
+            _Steps(),
+            _Steps(),
+        )
+        # What this plan changes, over the snapshot (None: removed). Not a copy of
+        # the snapshot: one upsert among 100,000 services stays O(1).
+        self.changes: dict[Key, Installed | None] = {}
+        self.service_ids = itertools.count(snapshot.next_service_id)
+        self.backend_ids = itertools.count(snapshot.next_backend_id)
+        self.changed = 0
+
+    def installed(self, key: Key) -> Installed | None:
+        return self.changes[key] if key in self.changes else self.snapshot.services.get(key)
+
+    def remove(self, key: Key) -> None:
+        old = self.installed(key)
         if old is None:
-            continue
-        changes[key] = None
-        changed += 1
-        publish_removals.delete("lb_services", maps.service_key(old.service))
-        undo.write(
-            "lb_services",
-            maps.service_key(old.service),
-            maps.service_entry(old.id, old.count, old.gen, old.service),
+            return
+        self.changes[key] = None
+        self.changed += 1
+        key_value = maps.service_key(old.service)
+        self.publish_removals.delete(maps.SERVICES, key_value)
+        self.undo.write(
+            maps.SERVICES, key_value, maps.service_entry(old.id, old.count, old.gen, old.service)
         )
         for slot in old.slots:
-            cleanup.delete("lb_slots", maps.slot_key(old.id, *_split(slot)))
+            self.cleanup.delete(maps.SLOTS, maps.slot_key(old.id, *_split(slot)))
         for backend_id in old.backend_ids:
-            cleanup.delete("lb_backends", maps.u32(backend_id))
-            cleanup.delete("lb_be_stats", maps.u32(backend_id))
-        cleanup.delete("lb_svc_stats", maps.u32(old.id))
-        cleanup.delete("lb_svc_names", maps.u32(old.id))
+            self.cleanup.delete(maps.BACKENDS, maps.u32(backend_id))
+            self.cleanup.delete(maps.BE_STATS, maps.u32(backend_id))
+        self.cleanup.delete(maps.SVC_STATS, maps.u32(old.id))
+        self.cleanup.delete(maps.SVC_NAMES, maps.u32(old.id))
         if old.service.scheduler is Scheduler.MAGLEV:
-            cleanup.delete("lb_maglev", maps.u32(old.id))
+            self.cleanup.delete(maps.MAGLEV, maps.u32(old.id))
 
-    for service in upserts:
-        old = installed(service.key)
+    def upsert(self, service: Service) -> None:
+        old = self.installed(service.key)
         if old is not None and old.service == service:
-            continue
-        changed += 1
-        if (
-            old is not None
-            and old.service.backends == service.backends
-            and old.service.affinity_timeout == service.affinity_timeout
-            and old.service.scheduler == service.scheduler
-        ):
+            return
+        self.changed += 1
+        if old is not None and _only_renamed(old.service, service):
             # Only the name changed: packets never read it.
-            prepare.write("lb_svc_names", maps.u32(old.id), maps.name_value(service.name))
-            undo.write("lb_svc_names", maps.u32(old.id), maps.name_value(old.service.name))
-            changes[service.key] = attrs.evolve(old, service=service)
-            continue
-
-        # Each key is encoded once and shared by its write and its undo.
-        known: dict[tuple[Address, int], tuple[int, Backend, int]] = {}
+            self.prepare.write(maps.SVC_NAMES, maps.u32(old.id), maps.name_value(service.name))
+            self.undo.write(maps.SVC_NAMES, maps.u32(old.id), maps.name_value(old.service.name))
+            self.changes[service.key] = attrs.evolve(old, service=service)
+            return
         service_key = maps.service_key(service)
         if old is None:
-            service_id, gen = next(service_ids), 0
+            service_id, gen = next(self.service_ids), 0
             id_key = maps.u32(service_id)
-            prepare.write("lb_svc_names", id_key, maps.name_value(service.name))
-            undo.delete("lb_svc_names", id_key)
-            undo_first.delete("lb_services", service_key)
+            self.prepare.write(maps.SVC_NAMES, id_key, maps.name_value(service.name))
+            self.undo.delete(maps.SVC_NAMES, id_key)
+            self.undo_first.delete(maps.SERVICES, service_key)
         else:
             service_id, gen = old.id, 1 - old.gen
-            id_key = maps.u32(service_id)
+            if old.service.name != service.name:
+                id_key = maps.u32(service_id)
+                self.prepare.write(maps.SVC_NAMES, id_key, maps.name_value(service.name))
+                self.undo.write(maps.SVC_NAMES, id_key, maps.name_value(old.service.name))
+            self.undo.write(
+                maps.SERVICES,
+                service_key,
+                maps.service_entry(old.id, old.count, old.gen, old.service),
+            )
+        ids = self._backends(service, service_id, old)
+        count, slots = self._slots(service, service_id, gen, ids, old)
+        self._maglev(service, service_id, ids, old)
+        self.publish.write(
+            maps.SERVICES, service_key, maps.service_entry(service_id, count, gen, service)
+        )
+        self.changes[service.key] = Installed(
+            service, service_id, gen, tuple(ids), count, frozenset(slots)
+        )
+
+    def _backends(self, service: Service, service_id: int, old: Installed | None) -> list[int]:
+        """The backends' ids, writing those that are new or changed.
+
+        Every backend is in lb_backends (its flows go on, whatever its state);
+        one that stays keeps its id, and its value is rewritten only if its
+        weight, state, place or usability changed. Only `usable` is read by
+        packets (session affinity returns only to a usable backend). Positions,
+        not addresses, index the new set: hashing an ipaddress object is slow,
+        and a sync of 10,000 services would do it 200,000 times.
+        """
+        known: dict[tuple[Address, int], tuple[int, Backend, int]] = {}
+        usable_before: set[tuple[Address, int]] = set()
+        if old is not None:
             known = {
                 backend.endpoint: (backend_id, backend, position)
                 for position, (backend, backend_id) in enumerate(
                     zip(old.service.backends, old.backend_ids, strict=True)
                 )
             }
-            if old.service.name != service.name:
-                prepare.write("lb_svc_names", id_key, maps.name_value(service.name))
-                undo.write("lb_svc_names", id_key, maps.name_value(old.service.name))
-            undo.write(
-                "lb_services",
-                service_key,
-                maps.service_entry(old.id, old.count, old.gen, old.service),
-            )
-
-        # Every backend is in lb_backends (its flows go on, whatever its state);
-        # one that stays keeps its id, and its value is rewritten only if its
-        # weight, state, place or usability changed. Only `usable` is read by
-        # packets (session affinity returns only to a usable backend).
-        # Positions, not addresses, index the new set: hashing an ipaddress
-        # object is slow, and a sync of 10,000 services would do it 200,000 times.
-        usable_at = service.usable_positions()
-        in_use_now = set(usable_at)
-        usable_before = (
-            {old.service.backends[i].endpoint for i in old.service.usable_positions()}
-            if old is not None
-            else set()
-        )
+            usable_before = {
+                old.service.backends[i].endpoint for i in old.service.usable_positions()
+            }
+        in_use_now = set(service.usable_positions())
         ids: list[int] = []
         for position, backend in enumerate(service.backends):
             in_use = position in in_use_now
-            known_entry = known.get(backend.endpoint) if known else None
-            if known_entry is not None:
+            known_entry = known.pop(backend.endpoint, None) if known else None
+            if known_entry is None:
+                backend_id = next(self.backend_ids)
+                backend_key = maps.u32(backend_id)
+                value = maps.backend_value(backend, service_id, position, in_use)
+                self.prepare.write(maps.BACKENDS, backend_key, value)
+                self.undo.delete(maps.BACKENDS, backend_key)
+            else:
                 backend_id, was, was_at = known_entry
                 was_in_use = backend.endpoint in usable_before
                 if (was, was_at, was_in_use) != (backend, position, in_use):
                     backend_key = maps.u32(backend_id)
-                    prepare.write(
-                        "lb_backends",
-                        backend_key,
-                        maps.backend_value(backend, service_id, position, in_use),
-                    )
-                    undo.write(
-                        "lb_backends",
-                        backend_key,
-                        maps.backend_value(was, service_id, was_at, was_in_use),
-                    )
-            else:
-                backend_id = next(backend_ids)
-                backend_key = maps.u32(backend_id)
-                prepare.write(
-                    "lb_backends",
-                    backend_key,
-                    maps.backend_value(backend, service_id, position, in_use),
-                )
-                undo.delete("lb_backends", backend_key)
+                    value = maps.backend_value(backend, service_id, position, in_use)
+                    self.prepare.write(maps.BACKENDS, backend_key, value)
+                    before = maps.backend_value(was, service_id, was_at, was_in_use)
+                    self.undo.write(maps.BACKENDS, backend_key, before)
             ids.append(backend_id)
+        for backend_id, _, _ in known.values():  # left the service
+            self.cleanup.delete(maps.BACKENDS, maps.u32(backend_id))
+            self.cleanup.delete(maps.BE_STATS, maps.u32(backend_id))
+        return ids
 
-        # New flows choose among the usable backends only, by weight.
-        usable = [service.backends[i] for i in usable_at]
-        table = alias_table([b.weight for b in usable])
+    def _slots(
+        self, service: Service, service_id: int, gen: int, ids: list[int], old: Installed | None
+    ) -> tuple[int, set[int]]:
+        """The slots of generation ``gen`` (new flows choose among the usable backends,
+        by weight): how many, and every slot present once the change is in."""
+        usable_at = service.usable_positions()
+        table = alias_table([service.backends[i].weight for i in usable_at])
         before = old.slots if old is not None else frozenset()
         slots = set(before)
         for index, (own, alias, threshold) in enumerate(table, start=1):
-            slot = (gen << maps.SLOT_GEN_SHIFT) | index
+            slot = (gen << SLOT_GEN_SHIFT) | index
             slot_key = maps.slot_key(service_id, gen, index)
             value = maps.slot_value(ids[usable_at[own]], ids[usable_at[alias]], threshold)
-            prepare.write("lb_slots", slot_key, value)
+            self.prepare.write(maps.SLOTS, slot_key, value)
             if slot not in before:
-                undo.delete("lb_slots", slot_key)
+                self.undo.delete(maps.SLOTS, slot_key)
             slots.add(slot)
         # Leftovers of this generation from an older, larger set: past the new
         # count, no packet reads them; they go once the change is in.
-        for slot in sorted(slots):
+        for slot in sorted(before):
             slot_gen, index = _split(slot)
             if slot_gen == gen and index > len(table):
-                cleanup.delete("lb_slots", maps.slot_key(service_id, gen, index))
+                self.cleanup.delete(maps.SLOTS, maps.slot_key(service_id, gen, index))
                 slots.discard(slot)
+        return len(table), slots
+
+    def _maglev(
+        self, service: Service, service_id: int, ids: list[int], old: Installed | None
+    ) -> None:
         if service.scheduler is Scheduler.MAGLEV:
-            weights = [b.weight for b in usable]
-            slots_of = maglev.build(usable, maglev_size, weights) if usable else []
+            usable_at = service.usable_positions()
+            usable = [service.backends[i] for i in usable_at]
+            slots_of = (
+                maglev.build(usable, self.maglev_size, [b.weight for b in usable]) if usable else []
+            )
             built = Table(
                 service_id,
-                [ids[usable_at[i]] if i >= 0 else 0 for i in slots_of] or [0] * maglev_size,
+                [ids[usable_at[i]] if i >= 0 else 0 for i in slots_of] or [0] * self.maglev_size,
             )
-            prepare.add(built)
-            publish_tables.add(PublishTable(built))
-            undo.add(RestoreTable(built))
+            self.prepare.add(built)
+            self.publish_tables.add(PublishTable(built))
+            self.undo.add(RestoreTable(built))
         elif old is not None and old.service.scheduler is Scheduler.MAGLEV:
-            cleanup.delete("lb_maglev", maps.u32(service_id))
-        publish.write(
-            "lb_services", service_key, maps.service_entry(service_id, len(table), gen, service)
-        )
-        kept = set(ids)
-        for backend_id, _, _ in known.values():
-            if backend_id not in kept:
-                cleanup.delete("lb_backends", maps.u32(backend_id))
-                cleanup.delete("lb_be_stats", maps.u32(backend_id))
-        changes[service.key] = maps.Installed(
-            service, service_id, gen, tuple(ids), len(table), frozenset(slots)
+            self.cleanup.delete(maps.MAGLEV, maps.u32(service_id))
+
+    def plan(self) -> Plan:
+        removal_steps = self.publish_removals.list()
+        unpublish = self.undo_first.list()
+        return Plan(
+            removal_steps=len(removal_steps),
+            unpublish_steps=len(unpublish),
+            prepare=self.prepare.list(),
+            publish=removal_steps + self.publish_tables.list() + self.publish.list(),
+            undo=unpublish + self.undo.list(),
+            cleanup=self.cleanup.list(),
+            changes=self.changes,
+            next_service_id=next(self.service_ids),
+            next_backend_id=next(self.backend_ids),
+            changed=self.changed,
         )
 
-    removal_steps = publish_removals.list()
-    unpublish = undo_first.list()
-    return Plan(
-        removal_steps=len(removal_steps),
-        unpublish_steps=len(unpublish),
-        prepare=prepare.list(),
-        publish=removal_steps + publish_tables.list() + publish.list(),
-        undo=unpublish + undo.list(),
-        cleanup=cleanup.list(),
-        changes=changes,
-        next_service_id=next(service_ids),
-        next_backend_id=next(backend_ids),
-        changed=changed,
+
+def _only_renamed(old: Service, new: Service) -> bool:
+    return (
+        old.backends == new.backends
+        and old.affinity_timeout == new.affinity_timeout
+        and old.scheduler == new.scheduler
     )
 
 
@@ -322,13 +339,13 @@ class PolicyPlan:
     publish: list[Step]
     undo: list[Step]
     cleanup: list[Step]
-    state: maps.PolicyState
+    state: PolicyState
     next_rule_id: int
     next_policy_id: int
 
 
 def diff_policies(
-    state: maps.PolicyState,
+    state: PolicyState,
     wanted: list[Policy],
     service_ids: dict[str, list[int]],
     next_rule_id: int,
@@ -357,11 +374,11 @@ def diff_policies(
         installed[item.name] = (policy_id, item)
         info_key = maps.u32(policy_id)
         if old is None:
-            prepare.write("lb_pol_names", info_key, maps.policy_info(item))
-            undo.delete("lb_pol_names", info_key)
+            prepare.write(maps.POL_NAMES, info_key, maps.policy_info(item))
+            undo.delete(maps.POL_NAMES, info_key)
         elif old[1] != item:
-            prepare.write("lb_pol_names", info_key, maps.policy_info(item))
-            undo.write("lb_pol_names", info_key, maps.policy_info(old[1]))
+            prepare.write(maps.POL_NAMES, info_key, maps.policy_info(item))
+            undo.write(maps.POL_NAMES, info_key, maps.policy_info(old[1]))
         for index, rule in enumerate(item.rules):
             nth = seen[(item.name, rule)] = seen.get((item.name, rule), -1) + 1
             kept = old_ids.pop((item.name, rule, nth), None)
@@ -369,57 +386,57 @@ def diff_policies(
             refs.append(ref)
             rule_key = maps.u32(ref.id)
             if kept is None:
-                prepare.write("lb_pol_rules", rule_key, maps.policy_rule(ref, policy_id))
-                undo.delete("lb_pol_rules", rule_key)
+                prepare.write(maps.POL_RULES, rule_key, maps.policy_rule(ref, policy_id))
+                undo.delete(maps.POL_RULES, rule_key)
             elif kept.index != index:
-                prepare.write("lb_pol_rules", rule_key, maps.policy_rule(ref, policy_id))
-                undo.write("lb_pol_rules", rule_key, maps.policy_rule(kept, policy_id))
+                prepare.write(maps.POL_RULES, rule_key, maps.policy_rule(ref, policy_id))
+                undo.write(maps.POL_RULES, rule_key, maps.policy_rule(kept, policy_id))
     for name, (policy_id, _) in state.policies.items():
         if name not in installed:
-            cleanup.delete("lb_pol_names", maps.u32(policy_id))
+            cleanup.delete(maps.POL_NAMES, maps.u32(policy_id))
     for gone in old_ids.values():
-        cleanup.delete("lb_pol_rules", maps.u32(gone.id))
-        cleanup.delete("lb_rule_stats", maps.u32(gone.id))
+        cleanup.delete(maps.POL_RULES, maps.u32(gone.id))
+        cleanup.delete(maps.RULE_STATS, maps.u32(gone.id))
 
     # The generation packets do not read: first clear what a crashed change
     # may have left there, then write it whole.
     gen = 1 - state.gen if state.active else 0
     stale_cidrs, stale_ports = state.keys.get(gen, ([], []))
     for key in stale_cidrs:
-        prepare.delete("lb_pol_cidrs", key, missing_ok=True)
+        prepare.delete(maps.POL_CIDRS, key, missing_ok=True)
     for key in stale_ports:
-        prepare.delete("lb_pol_ports", key, missing_ok=True)
-    compiled = policy.compile_policies(wanted, refs, service_ids, gen << maps.POLICY_GEN_SHIFT)
+        prepare.delete(maps.POL_PORTS, key, missing_ok=True)
+    compiled = policy.compile_policies(wanted, refs, service_ids, gen << POLICY_GEN_SHIFT)
     cidr_keys, port_keys = [], []
     for entry in compiled.cidrs:
         key = maps.policy_cidr_key(entry, gen)
         cidr_keys.append(key)
-        prepare.write("lb_pol_cidrs", key, maps.policy_class(entry))
+        prepare.write(maps.POL_CIDRS, key, maps.policy_class(entry))
     for port_entry in compiled.ports:
         key = maps.policy_port_key(port_entry)
         port_keys.append(key)
-        prepare.write("lb_pol_ports", key, maps.policy_verdict(port_entry))
+        prepare.write(maps.POL_PORTS, key, maps.policy_verdict(port_entry))
     for key in cidr_keys:
-        undo.delete("lb_pol_cidrs", key)
+        undo.delete(maps.POL_CIDRS, key)
     for key in port_keys:
-        undo.delete("lb_pol_ports", key)
+        undo.delete(maps.POL_PORTS, key)
 
     # Undo flips the head back before it removes what the new head pointed at.
     head_key = maps.u32(0)
     if wanted:
-        publish.write("lb_policy", head_key, maps.policy_head(gen, compiled))
+        publish.write(maps.POLICY, head_key, maps.policy_head(gen, compiled))
     elif state.active:
-        publish.delete("lb_policy", head_key)
+        publish.delete(maps.POLICY, head_key)
     if state.active:
         old_head = maps.policy_head(state.gen, _flags_of(state))
-        undo_head.write("lb_policy", head_key, old_head)
+        undo_head.write(maps.POLICY, head_key, old_head)
         old_cidrs, old_ports = state.keys.get(state.gen, ([], []))
         for key in old_cidrs:
-            cleanup.delete("lb_pol_cidrs", key)
+            cleanup.delete(maps.POL_CIDRS, key)
         for key in old_ports:
-            cleanup.delete("lb_pol_ports", key)
+            cleanup.delete(maps.POL_PORTS, key)
     elif wanted:
-        undo_head.delete("lb_policy", head_key)
+        undo_head.delete(maps.POLICY, head_key)
 
     keys: dict[int, tuple[list[Any], list[Any]]] = {gen: (cidr_keys, port_keys), 1 - gen: ([], [])}
     return PolicyPlan(
@@ -427,7 +444,7 @@ def diff_policies(
         publish=publish.list(),
         undo=undo_head.list() + undo.list(),
         cleanup=cleanup.list(),
-        state=maps.PolicyState(
+        state=PolicyState(
             gen=gen, active=bool(wanted), policies=installed, refs=tuple(refs), keys=keys
         ),
         next_rule_id=next(rule_ids),
@@ -435,7 +452,7 @@ def diff_policies(
     )
 
 
-def _flags_of(state: maps.PolicyState) -> policy.Compiled:
+def _flags_of(state: PolicyState) -> policy.Compiled:
     """The head flags of the installed policies (no entries needed)."""
     return policy.compile_policies([p for _, p in state.policies.values()], [], {})
 
@@ -456,7 +473,7 @@ def with_policies(change: Plan, policies: PolicyPlan) -> Plan:
     )
 
 
-def commit(snapshot: maps.Snapshot, plan: Plan) -> maps.Snapshot:
+def commit(snapshot: Snapshot, plan: Plan) -> Snapshot:
     """The snapshot after ``plan`` was applied. Updates ``snapshot``'s dict in place:
     it is the datapath's own, and copying 100,000 entries per upsert would cost ms."""
     for key, entry in plan.changes.items():
@@ -471,115 +488,7 @@ def commit(snapshot: maps.Snapshot, plan: Plan) -> maps.Snapshot:
 
 def _split(slot: int) -> tuple[int, int]:
     """(generation, index) of a slot number."""
-    return slot >> maps.SLOT_GEN_SHIFT, slot & ((1 << maps.SLOT_GEN_SHIFT) - 1)
+    return slot >> SLOT_GEN_SHIFT, slot & ((1 << SLOT_GEN_SHIFT) - 1)
 
 
-def apply(obj: Object, plan: Plan, capacity_hint: dict[str, str]) -> None:
-    """Apply ``plan``; on any failure undo it and raise, leaving the old state in force."""
-    try:
-        try:
-            for step in plan.prepare + plan.publish:
-                _run(obj, step, strict=True)
-        except BaseException as exc:
-            for step in plan.undo:
-                try:
-                    _run(obj, step, strict=False)
-                except BpfError:  # pragma: no cover - the kernel refusing an undo
-                    logger.exception("pyebpflb: undoing a failed update also failed")
-            if isinstance(exc, MapFull):
-                raise _explain_full(exc, obj, capacity_hint) from exc
-            raise
-        for step in plan.cleanup:
-            try:
-                _run(obj, step, strict=False)
-            except BpfError:
-                # The new state is in force; what is left over only takes room.
-                logger.warning("pyebpflb: cleanup of %s failed", step, exc_info=True)
-    finally:
-        # The outer map holds the tables it points at; our fds can go.
-        for step in plan.prepare:
-            if isinstance(step, Table) and step.inner is not None:
-                step.inner.close()
-
-
-def _run(obj: Object, step: Step, *, strict: bool) -> None:
-    if isinstance(step, Table):
-        _build_table(step)
-        return
-    if isinstance(step, PublishTable):
-        _publish_table(obj, step.table)
-        return
-    if isinstance(step, RestoreTable):
-        _restore_table(obj, step.table)
-        return
-    bpf_map = obj.map(step.map)
-    if isinstance(step, Write):
-        if step.items:
-            keys, values = zip(*step.items, strict=True)
-            bpf_map.update_batch(list(keys), list(values))
-        return
-    if not step.keys:
-        return
-    try:
-        bpf_map.delete_batch(step.keys)
-    except KeyError:
-        if strict and not step.missing_ok:
-            raise
-        # Some were gone already: delete the rest one by one.
-        for key in step.keys:
-            with contextlib.suppress(KeyError):
-                bpf_map.delete(key)
-
-
-def _build_table(table: Table) -> None:
-    size = len(table.backend_ids)
-    table.inner = Map.create(
-        MapType.ARRAY,
-        key_size=4,
-        value_size=4,
-        max_entries=size,
-        name="lb_maglev_table",
-        flags=lib.BPF_F_INNER_MAP,
-    )
-    table.inner.update_batch_packed(
-        ffi.new("__u32[]", list(range(size))), ffi.new("__u32[]", table.backend_ids), size
-    )
-
-
-def _publish_table(obj: Object, table: Table) -> None:
-    assert table.inner is not None
-    outer = obj.map("lb_maglev")
-    key = table.service_id.to_bytes(4, sys.byteorder)
-    previous = outer.lookup(key)  # from user space, an inner map reads as its id
-    table.previous_id = int.from_bytes(previous, sys.byteorder) if previous else None
-    outer.update(key, table.inner.fd.to_bytes(4, sys.byteorder))
-    table.published = True
-
-
-def _restore_table(obj: Object, table: Table) -> None:
-    if not table.published:
-        return  # the failure came first: the service's table is as it was
-    outer = obj.map("lb_maglev")
-    key = table.service_id.to_bytes(4, sys.byteorder)
-    if table.previous_id is None:
-        with contextlib.suppress(KeyError):
-            outer.delete(key)
-        return
-    with Map.from_id(table.previous_id) as previous:
-        outer.update(key, previous.fd.to_bytes(4, sys.byteorder))
-
-
-def _explain_full(exc: MapFull, obj: Object, capacity_hint: dict[str, str]) -> MapFull:
-    operation = exc.operation
-    for name, hint in capacity_hint.items():
-        if name in operation:
-            size = obj.map(name).max_entries
-            return MapFull(
-                exc.errno or errno.E2BIG,
-                f"{operation} (map {name} holds at most {size} entries; raise {hint}); "
-                "nothing was changed",
-            )
-    return exc
-
-
-__all__ = ["Delete", "Plan", "Write", "apply", "diff"]
+__all__ = ["Delete", "Plan", "PolicyPlan", "Step", "Table", "Write", "diff", "diff_policies"]

@@ -26,7 +26,9 @@ from typing import Any
 
 import attrs
 
+from pyebpflb.layout import POLICY_INLINE, PolicyProto
 from pyebpflb.model import (
+    PROTOCOL_NUMBERS,
     Action,
     Address,
     Backend,
@@ -39,19 +41,19 @@ from pyebpflb.model import (
     to_direction,
 )
 
-# enum pyebpflb_policy_proto in csrc/include/pyebpflb/lb.h (pyebpflb.maps checks they agree)
-TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT = 1, 2, 3, 4, 5, 6
-INLINE = 4  # PYEBPFLB_POLICY_INLINE: port ranges a class carries itself
-PROTO_CODES = (TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT)
+# enum pyebpflb_policy_proto, as the header has it: the kernel numbers protocols so too.
+# Plain ints: the compiler hashes them by the million, and an enum member hashes slowly.
+PROTO_CODES = tuple(int(code) for code in PolicyProto)
+TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT = PROTO_CODES
+INLINE = POLICY_INLINE  # port ranges a class carries itself
 # ICMPv6 multicast listener (130-132, 143) and neighbour discovery (133-137): IPv6
 # needs them on the link; no policy stops them.
 LINK_CONTROL_TYPES = frozenset([*range(130, 138), 143])
-PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 
 
 def _to_protocol_number(value: object) -> int:
-    if isinstance(value, str) and value.lower() in PROTO_NUMBERS:
-        return PROTO_NUMBERS[value.lower()]
+    if isinstance(value, str) and value.lower() in PROTOCOL_NUMBERS:
+        return PROTOCOL_NUMBERS[value.lower()]
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
         return value
     raise ValueError(

@@ -98,30 +98,14 @@ event_start(struct __sk_buff *skb, const struct packet *pkt, __u8 type, __u8 dir
 	return event;
 }
 
-/* What explain reads back (skb->cb, through BPF_PROG_TEST_RUN's context). */
-enum explain_slot {
-	EXPLAIN_SERVICE = 0,
-	EXPLAIN_BACKEND = 1,
-	EXPLAIN_RULE = 2,
-	EXPLAIN_POLICY = 3, /* 1 + enum pyebpflb_policy_action, | 0x10 when the default decided */
-	EXPLAIN_DROP = 4,   /* enum pyebpflb_drop_reason */
-};
-
 static __always_inline void explain(struct __sk_buff *skb, const struct packet *pkt, int slot,
 				    __u32 value)
 {
 	if (!pkt->dry)
 		return;
-	if (slot == EXPLAIN_SERVICE)
-		skb->cb[0] = value;
-	else if (slot == EXPLAIN_BACKEND)
-		skb->cb[1] = value;
-	else if (slot == EXPLAIN_RULE)
-		skb->cb[2] = value;
-	else if (slot == EXPLAIN_POLICY)
-		skb->cb[3] = value;
-	else
-		skb->cb[4] = value;
+	/* A constant index at every call site: the verifier sees a fixed cb offset. */
+	if (slot >= 0 && slot < PYEBPFLB_EXPLAIN_SLOTS)
+		skb->cb[slot] = value;
 }
 
 static __always_inline void event_drop(struct __sk_buff *skb, const struct packet *pkt, __u8 dir,
@@ -141,7 +125,7 @@ static __always_inline void event_drop(struct __sk_buff *skb, const struct packe
 static __always_inline void note_drop(struct __sk_buff *skb, const struct packet *pkt, __u8 dir,
 				      __u8 reason, __u32 service_id, __u32 rule_id)
 {
-	explain(skb, pkt, EXPLAIN_DROP, reason);
+	explain(skb, pkt, PYEBPFLB_EXPLAIN_DROP, reason);
 	if (pkt->dry)
 		return;
 	count_drop(reason, skb->len);

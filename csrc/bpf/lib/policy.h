@@ -160,8 +160,9 @@ static __always_inline int policy_decide(struct __sk_buff *skb,
 								       : PYEBPFLB_POLICY_ALLOW;
 		verdict->is_default = 1;
 	}
-	explain(skb, pkt, EXPLAIN_RULE, verdict->rule_id);
-	explain(skb, pkt, EXPLAIN_POLICY, (1 + verdict->action) | (verdict->is_default ? 0x10 : 0));
+	explain(skb, pkt, PYEBPFLB_EXPLAIN_RULE, verdict->rule_id);
+	explain(skb, pkt, PYEBPFLB_EXPLAIN_POLICY,
+		(1 + verdict->action) | (verdict->is_default ? PYEBPFLB_EXPLAIN_DEFAULT : 0));
 	if (verdict->action == PYEBPFLB_POLICY_DENY) {
 		policy_event(skb, pkt, dir, verdict, service_id);
 		note_drop(skb, pkt, dir, PYEBPFLB_DROP_POLICY_DENIED, service_id, verdict->rule_id);

@@ -176,6 +176,25 @@ enum pyebpflb_event_type {
 	PYEBPFLB_EVENT_POLICY = 3,
 };
 
+/*
+ * Explain (Datapath.explain) runs a packet through BPF_PROG_TEST_RUN with
+ * skb->mark == PYEBPFLB_EXPLAIN_MARK: the programs decide as for real traffic,
+ * write no map, and report their decisions in skb->cb[slot]. The POLICY slot
+ * holds 1 + enum pyebpflb_policy_action, | PYEBPFLB_EXPLAIN_DEFAULT when the
+ * direction's default decided.
+ */
+enum pyebpflb_explain {
+	PYEBPFLB_EXPLAIN_SERVICE = 0,
+	PYEBPFLB_EXPLAIN_BACKEND = 1,
+	PYEBPFLB_EXPLAIN_RULE = 2,
+	PYEBPFLB_EXPLAIN_POLICY = 3,
+	PYEBPFLB_EXPLAIN_DROP = 4, /* enum pyebpflb_drop_reason */
+	PYEBPFLB_EXPLAIN_SLOTS = 5,
+	PYEBPFLB_EXPLAIN_ACTION_MASK = 0x0f,
+	PYEBPFLB_EXPLAIN_DEFAULT = 0x10,
+	PYEBPFLB_EXPLAIN_MARK = 0xeb1be791,
+};
+
 struct pyebpflb_flow_event {
 	__u64 time_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
 	union pyebpflb_addr saddr;

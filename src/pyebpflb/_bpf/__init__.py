@@ -11,11 +11,12 @@ from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.cgroup import CgroupLink
 from pyebpflb._bpf.link import Link
 from pyebpflb._bpf.map import Map, MapType, UpdateFlag, possible_cpus
-from pyebpflb._bpf.object import Object
+from pyebpflb._bpf.object import LoadedObject, MapSpec, Object, OpenObject
 from pyebpflb._bpf.program import Program, ProgramType, TestRun
 from pyebpflb._bpf.ringbuf import RingBuffer
-from pyebpflb._bpf.tc import Direction, TcLink
+from pyebpflb._bpf.tc import TcLink
 from pyebpflb._bpf.xdp import XdpLink, XdpMode
+from pyebpflb.model import Direction
 
 
 def libbpf_version() -> str:
@@ -27,9 +28,12 @@ __all__ = [
     "CgroupLink",
     "Direction",
     "Link",
+    "LoadedObject",
     "Map",
+    "MapSpec",
     "MapType",
     "Object",
+    "OpenObject",
     "Program",
     "ProgramType",
     "RingBuffer",

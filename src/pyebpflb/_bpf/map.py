@@ -18,7 +18,7 @@ from typing import Any
 from pyebpflb._bpf import fs
 from pyebpflb._bpf._call import c_string, check, object_info
 from pyebpflb._bpf._libbpf import ffi, lib
-from pyebpflb.errors import NotSupported
+from pyebpflb.errors import DatapathClosed, NotSupported
 
 
 class MapType(enum.IntEnum):
@@ -64,6 +64,7 @@ class Map:
         max_entries: int,
         key_type: str | None = None,
         value_type: str | None = None,
+        flags: int = 0,
         owns_fd: bool = True,
     ) -> None:
         self._fd = fd
@@ -72,6 +73,7 @@ class Map:
         self.key_size = key_size
         self.value_size = value_size
         self.max_entries = max_entries
+        self.flags = flags
         self.key_type = _checked_type(key_type, key_size, name, "key")
         self.value_type = _checked_type(value_type, value_size, name, "value")
         self._owns_fd = owns_fd
@@ -113,6 +115,7 @@ class Map:
             max_entries=max_entries,
             key_type=key_type,
             value_type=value_type,
+            flags=flags,
         )
 
     @classmethod
@@ -132,6 +135,7 @@ class Map:
             max_entries=info.max_entries,
             key_type=key_type,
             value_type=value_type,
+            flags=info.map_flags,
         )
 
     @classmethod
@@ -156,7 +160,7 @@ class Map:
     @property
     def fd(self) -> int:
         if self._fd < 0:
-            raise ValueError(f"map {self.name!r} is closed")
+            raise DatapathClosed(f"map {self.name!r} is closed")
         return self._fd
 
     @property

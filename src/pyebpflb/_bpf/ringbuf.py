@@ -9,6 +9,7 @@ from typing import Any
 from pyebpflb._bpf._call import check, check_ptr
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.map import Map, MapType
+from pyebpflb.errors import DatapathClosed
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
@@ -88,7 +89,7 @@ class RingBuffer:
 
     def _live(self) -> Any:
         if self._ring is None:
-            raise ValueError(f"ring buffer {self.map.name} is closed")
+            raise DatapathClosed(f"ring buffer {self.map.name} is closed")
         return self._ring
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ only when this link created it and no filter of anybody's is left on it.
 
 from __future__ import annotations
 
-import enum
 import errno
 from typing import Any
 
@@ -19,22 +18,10 @@ from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.link import Link
 from pyebpflb._bpf.netlink import TC_H_EGRESS, TC_H_INGRESS, count_filters, ifindex_of
 from pyebpflb._bpf.program import Program
+from pyebpflb.model import Direction  # the model is a leaf: it imports nothing of ours
 
 DEFAULT_HANDLE = 0xEB1B
 DEFAULT_PRIORITY = 1
-
-
-class Direction(enum.Enum):
-    INGRESS = "ingress"
-    EGRESS = "egress"
-
-    @property
-    def _attach_point(self) -> int:
-        return int(lib.BPF_TC_INGRESS if self is Direction.INGRESS else lib.BPF_TC_EGRESS)
-
-    @property
-    def _parent(self) -> int:
-        return TC_H_INGRESS if self is Direction.INGRESS else TC_H_EGRESS
 
 
 def _direction(value: Direction | str) -> Direction:
@@ -48,7 +35,7 @@ def _hook(ifindex: int, direction: Direction) -> Any:
     hook = ffi.new("struct bpf_tc_hook *")
     hook.sz = ffi.sizeof("struct bpf_tc_hook")
     hook.ifindex = ifindex
-    hook.attach_point = direction._attach_point
+    hook.attach_point = lib.BPF_TC_INGRESS if direction is Direction.INGRESS else lib.BPF_TC_EGRESS
     return hook
 
 

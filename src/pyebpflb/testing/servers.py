@@ -1,6 +1,6 @@
 """A tiny backend for the sandbox: answers HTTP and UDP with its own name.
 
-Run as ``python -m pyebpflb._server --name backend-1 --port 8080`` inside a
+Run as ``python -m pyebpflb.testing.servers --name backend-1 --port 8080`` inside a
 network namespace. It listens on every IPv4 and IPv6 address, prints
 ``ready`` once both sockets are bound, and stops on SIGTERM or when its
 parent dies.

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from pyebpflb.datapath import Datapath
 from pyebpflb.model import Backend, Policy, Rule, Service
-from pyebpflb.sandbox import BACKEND_PORT, Sandbox
+from pyebpflb.testing.sandbox import BACKEND_PORT, Sandbox
 
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
 SECOND_CLIENT = "10.90.0.3"
@@ -52,15 +52,16 @@ def _policy(sandbox: Sandbox, dp: Datapath, service: Service, out: Callable[[str
     )
     for source in (sandbox.client.ipv4, second):
         answer = dp.explain(str(source), f"{VIP4}:80")
+        said = answer.to_dict()
         decided = (
             f"policy {answer.policy!r} rule {answer.rule}"
             if answer.rule is not None
             else "the default"
         )
         out(
-            f"  explain {source} -> {VIP4}:80 (a dry run in the kernel): {answer.verdict}"
+            f"  explain {source} -> {VIP4}:80 (a dry run in the kernel): {said['verdict']}"
             f"{' to ' + str(answer.backend) if answer.backend else ''}, "
-            f"{answer.policy_verdict} by {decided}"
+            f"{said['policy_verdict']} by {decided}"
         )
     monitor = dp.open_monitor(types=["trace", "drop"])
     rows = [("client", "request to " + VIP4 + ":80")]

@@ -1,0 +1,225 @@
+"""Finding a datapath's state and loading the programs over it.
+
+A datapath's maps are pinned under ``pin_root/name/`` (``pin_root/name/netns-<inode>/``
+outside the initial network namespace, so datapaths of one name in different
+namespaces stay apart) and found again by a later ``Datapath`` of the same name:
+through the programs attached to this namespace's interfaces (which works where
+the bpffs is not shared: ``ip netns exec`` mounts a new one), else through the
+pins. Adopting is a check first (cilium/ebpf's ``MapSpec.Compatible``): a map
+of another layout is refused with every difference named, before anything loads.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from pyebpflb import events, maglev, maps, objects
+from pyebpflb._bpf import LoadedObject, Map, OpenObject, ffi, fs
+from pyebpflb._bpf.netns import current_id, is_initial
+from pyebpflb.datapath.hooks import close_all, filters, maps_by_id, maps_of_program
+from pyebpflb.datapath.results import ConntrackTimeouts
+from pyebpflb.errors import IncompatibleDatapath, NotFound, PyEbpfLbError
+from pyebpflb.model import Direction
+
+logger = logging.getLogger("pyebpflb")
+
+LAYOUT_VERSION = 3  # 2: weights, states and session affinity; 3: network policy
+_SECOND = 1_000_000_000
+
+
+@attrs.frozen
+class Settings:
+    """What a datapath is told at start and keeps in ``lb_config``."""
+
+    ct_timeouts: ConntrackTimeouts
+    events: frozenset[str]
+    event_rate: int
+    maglev_table_size: int
+
+
+def settings(
+    ct_timeouts: object, events_wanted: Iterable[str] | None, event_rate: object, maglev_size: int
+) -> Settings:
+    """The constructor's settings, checked."""
+    if (
+        isinstance(event_rate, bool)
+        or not isinstance(event_rate, int)
+        or not (0 <= event_rate <= 1 << 30)
+    ):
+        raise ValueError(f"event_rate must be an integer from 0 to {1 << 30}, got {event_rate!r}")
+    if not isinstance(ct_timeouts, ConntrackTimeouts):
+        raise ValueError(f"ct_timeouts must be a ConntrackTimeouts, got {ct_timeouts!r}")
+    return Settings(
+        ct_timeouts=ct_timeouts,
+        events=events.to_types(events_wanted if events_wanted is not None else ()),
+        event_rate=event_rate,
+        maglev_table_size=maglev.check_table_size(maglev_size),
+    )
+
+
+def pin_dir_for(pin_root: str, name: str) -> str:
+    base = os.path.join(pin_root, name)
+    return base if is_initial() else os.path.join(base, f"netns-{current_id()}")
+
+
+def find_existing(name: str, pin_dir: str) -> dict[str, Map]:
+    """The maps of datapath ``name`` in this namespace, by name (empty: none)."""
+    return _find_attached(name) or _find_pinned(name, pin_dir)
+
+
+def _find_attached(name: str) -> dict[str, Map]:
+    """The maps of our programs attached here; lb_config lists the ids of all maps."""
+    for found in filters([Direction.INGRESS]):
+        used = maps_of_program(found.prog_id)
+        config = config_if_named(used, name)
+        close_all(used)
+        if config is not None:
+            return maps_by_id(int(i) for i in config.map_ids if i)
+    return {}
+
+
+def _find_pinned(name: str, pin_dir: str) -> dict[str, Map]:
+    if fs.fs_type(pin_dir) != "bpf" or not os.path.isdir(pin_dir):
+        return {}
+    found = {}
+    for entry in os.listdir(pin_dir):
+        path = os.path.join(pin_dir, entry)
+        if entry.startswith("lb_") and not os.path.isdir(path):
+            found[entry] = Map.from_pinned(path)
+    if found and config_if_named(found, name) is None:
+        close_all(found)
+        raise PyEbpfLbError(
+            f"the pins in {pin_dir} are not datapath {name!r}'s (another pyebpflb "
+            "version's?); remove that folder or destroy() that datapath with its version"
+        )
+    return found
+
+
+def config_if_named(found: dict[str, Map], name: str) -> Any:
+    """The config of ``found`` (maps by name) if it is datapath ``name``'s: it names it."""
+    config_map = found.get(maps.CONFIG)
+    if config_map is None or config_map.value_size != ffi.sizeof("struct pyebpflb_lb_config"):
+        return None
+    config = ffi.from_buffer("struct pyebpflb_lb_config *", config_map[bytes(4)])
+    return config if ffi.string(config.name).decode() == name else None
+
+
+def missing(name: str, netns: str | None, pin_dir: str) -> NotFound:
+    where = f" in network namespace {netns!r}" if netns else ""
+    return NotFound(
+        errno.ENOENT,
+        f"no datapath {name!r}{where}: none of its programs is attached here and "
+        f"nothing is pinned under {pin_dir}",
+    )
+
+
+def load(name: str, sizes: dict[str, int], existing: dict[str, Map]) -> LoadedObject:
+    """The lb object loaded over ``existing`` maps (which it closes), the rest sized."""
+    try:
+        opened = objects.open_object("lb")
+        with opened:
+            _check_compatible(opened, name, existing)
+            for map_name, size in sizes.items():
+                if map_name in existing and existing[map_name].max_entries != size:
+                    logger.warning(
+                        "pyebpflb: datapath %s keeps %s at %d entries (asked for %d)",
+                        name,
+                        map_name,
+                        existing[map_name].max_entries,
+                        size,
+                    )
+                    size = existing[map_name].max_entries
+                opened.set_max_entries(map_name, size)
+            for map_name, adopted in existing.items():
+                if map_name in opened.map_names():
+                    opened.reuse_map(map_name, adopted)
+            return opened.load()
+    finally:
+        close_all(existing)
+
+
+def _check_compatible(opened: OpenObject, name: str, existing: dict[str, Map]) -> None:
+    known = set(opened.map_names())
+    differences = [f"{m}: not a map of this version" for m in sorted(set(existing) - known)]
+    for map_name, adopted in sorted(existing.items()):
+        if map_name in known:
+            differences += opened.map_spec(map_name).differences(adopted)
+    if differences:
+        raise IncompatibleDatapath(
+            f"datapath {name!r} was made by another pyebpflb version; destroy it with that "
+            "version first",
+            differences,
+        )
+
+
+def pin_maps(obj: LoadedObject, pin_dir: str) -> None:
+    fs.ensure_bpffs(os.path.dirname(pin_dir))
+    os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+    for map_name, bpf_map in obj.maps.items():
+        path = os.path.join(pin_dir, map_name)
+        if not os.path.exists(path):
+            bpf_map.pin(path)
+
+
+def write_config(
+    obj: LoadedObject, name: str, wanted: Settings, *, adopted: bool, keep: bool
+) -> Settings:
+    """Write ``wanted`` (or with ``keep``, what an adopted datapath has) into lb_config;
+    returns the settings in force."""
+    config_map = obj.map(maps.CONFIG)
+    config = config_map[0]
+    if adopted and int(config.layout_version) not in (0, LAYOUT_VERSION):
+        raise PyEbpfLbError(
+            f"datapath {name!r} was made by another pyebpflb version "
+            f"(layout {config.layout_version}, this is {LAYOUT_VERSION}); destroy it first"
+        )
+    settings = _settings_of(config, wanted) if adopted and keep else wanted
+    stored = int(config.maglev_table_size)
+    if adopted and stored and stored != settings.maglev_table_size:
+        # The installed tables have the size they were built with.
+        logger.warning(
+            "pyebpflb: datapath %s keeps Maglev tables of %d slots (asked for %d)",
+            name,
+            stored,
+            settings.maglev_table_size,
+        )
+        settings = attrs.evolve(settings, maglev_table_size=stored)
+    config.layout_version = LAYOUT_VERSION
+    config.name = name.encode()
+    timeouts = settings.ct_timeouts
+    config.ct_tcp_syn_ns = int(timeouts.tcp_syn * _SECOND)
+    config.ct_tcp_established_ns = int(timeouts.tcp_established * _SECOND)
+    config.ct_tcp_closing_ns = int(timeouts.tcp_closing * _SECOND)
+    config.ct_udp_ns = int(timeouts.udp * _SECOND)
+    for counter in ("next_service_id", "next_backend_id", "next_rule_id", "next_policy_id"):
+        setattr(config, counter, max(int(getattr(config, counter)), 1))
+    config.maglev_table_size = settings.maglev_table_size
+    config.event_mask = sum(events.TYPE_BITS[t] for t in settings.events)
+    config.event_rate = settings.event_rate
+    ids = [m.id for m in obj.maps.values()]
+    config.map_ids[0 : len(ids)] = ids
+    config_map[0] = config
+    return settings
+
+
+def _settings_of(config: Any, wanted: Settings) -> Settings:
+    """An adopted datapath's settings, as its config holds them."""
+    return Settings(
+        ct_timeouts=ConntrackTimeouts(
+            tcp_syn=int(config.ct_tcp_syn_ns) / _SECOND,
+            tcp_established=int(config.ct_tcp_established_ns) / _SECOND,
+            tcp_closing=int(config.ct_tcp_closing_ns) / _SECOND,
+            udp=int(config.ct_udp_ns) / _SECOND,
+        ),
+        events=frozenset(
+            name for name, bit in events.TYPE_BITS.items() if int(config.event_mask) & bit
+        ),
+        event_rate=int(config.event_rate),
+        maglev_table_size=int(config.maglev_table_size) or wanted.maglev_table_size,
+    )

@@ -1,0 +1,286 @@
+"""Carrying out plans: the executor (writes in order, undo on failure, the hint of a
+full map), and :class:`Programmer`, which plans and applies services and policies."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import sys
+from collections.abc import Iterable
+
+import attrs
+
+from pyebpflb import maps, plan
+from pyebpflb import policy as policy_mod
+from pyebpflb._bpf import LoadedObject, Map, MapType, ffi
+from pyebpflb._bpf._libbpf import lib
+from pyebpflb.datapath.limits import Limits, argument_for
+from pyebpflb.datapath.state import State
+from pyebpflb.errors import BpfError, MapFull
+from pyebpflb.model import Policy, Service
+from pyebpflb.snapshot import Key
+
+logger = logging.getLogger("pyebpflb")
+
+
+class Executor:
+    """Applies plans to one loaded object."""
+
+    def __init__(self, obj: LoadedObject) -> None:
+        self._obj = obj
+        # The inner maps built for Maglev tables, by the plan's Table step, and what
+        # each replaced (for undo).
+        self._inner: dict[int, Map] = {}
+        self._previous: dict[int, int | None] = {}
+
+    def apply(self, change: plan.Plan) -> None:
+        """Apply ``change``; on any failure undo it and raise, leaving the old state in force."""
+        try:
+            self._forward(change)
+            for step in change.cleanup:
+                try:
+                    self.run(step, strict=False)
+                except BpfError:
+                    # The new state is in force; what is left over only takes room.
+                    logger.warning("pyebpflb: cleanup of %s failed", step, exc_info=True)
+        finally:
+            # The outer map holds the tables it points at; our fds can go.
+            for inner in self._inner.values():
+                inner.close()
+            self._inner.clear()
+            self._previous.clear()
+
+    def _forward(self, change: plan.Plan) -> None:
+        step: plan.Step | None = None
+        try:
+            for step in change.prepare + change.publish:
+                self.run(step, strict=True)
+        except BaseException as exc:
+            for undo in change.undo:
+                try:
+                    self.run(undo, strict=False)
+                except BpfError:  # pragma: no cover - the kernel refusing an undo
+                    logger.exception("pyebpflb: undoing a failed update also failed")
+            if isinstance(exc, MapFull) and isinstance(step, (plan.Write, plan.Delete)):
+                raise self._full(exc, step.map) from exc
+            raise
+
+    def run(self, step: plan.Step, *, strict: bool) -> None:
+        if isinstance(step, plan.Table):
+            self._build_table(step)
+        elif isinstance(step, plan.PublishTable):
+            self._publish_table(step.table)
+        elif isinstance(step, plan.RestoreTable):
+            self._restore_table(step.table)
+        elif isinstance(step, plan.Write):
+            if step.items:
+                keys, values = zip(*step.items, strict=True)
+                self._obj.map(step.map).update_batch(list(keys), list(values))
+        else:
+            self.delete(step.map, step.keys, strict=strict and not step.missing_ok)
+
+    def delete(self, map_name: str, keys: list[object], *, strict: bool) -> None:
+        """Delete ``keys``; with ``strict``, all must be there."""
+        if not keys:
+            return
+        bpf_map = self._obj.map(map_name)
+        try:
+            bpf_map.delete_batch(keys)
+        except KeyError:
+            if strict:
+                raise
+            # Some were gone already: delete the rest one by one.
+            for key in keys:
+                with contextlib.suppress(KeyError):
+                    bpf_map.delete(key)
+
+    def _build_table(self, table: plan.Table) -> None:
+        size = len(table.backend_ids)
+        inner = Map.create(
+            MapType.ARRAY,
+            key_size=4,
+            value_size=4,
+            max_entries=size,
+            name=maps.MAGLEV_TABLE,
+            flags=lib.BPF_F_INNER_MAP,
+        )
+        self._inner[id(table)] = inner
+        inner.update_batch_packed(
+            ffi.new("__u32[]", list(range(size))), ffi.new("__u32[]", table.backend_ids), size
+        )
+
+    def _publish_table(self, table: plan.Table) -> None:
+        outer = self._obj.map(maps.MAGLEV)
+        key = table.service_id.to_bytes(4, sys.byteorder)
+        previous = outer.lookup(key)  # from user space, an inner map reads as its id
+        self._previous[id(table)] = int.from_bytes(previous, sys.byteorder) if previous else None
+        outer.update(key, self._inner[id(table)].fd.to_bytes(4, sys.byteorder))
+
+    def _restore_table(self, table: plan.Table) -> None:
+        if id(table) not in self._previous:
+            return  # the failure came first: the service's table is as it was
+        outer = self._obj.map(maps.MAGLEV)
+        key = table.service_id.to_bytes(4, sys.byteorder)
+        previous_id = self._previous[id(table)]
+        if previous_id is None:
+            with contextlib.suppress(KeyError):
+                outer.delete(key)
+            return
+        with Map.from_id(previous_id) as previous:
+            outer.update(key, previous.fd.to_bytes(4, sys.byteorder))
+
+    def _full(self, exc: MapFull, map_name: str) -> MapFull:
+        argument = argument_for(map_name)
+        if argument is None:
+            return exc
+        size = self._obj.map(map_name).max_entries
+        return MapFull(
+            exc.errno or errno.E2BIG,
+            f"{exc.operation} (map {map_name} holds at most {size} entries; raise "
+            f"{argument}); nothing was changed",
+        )
+
+
+class Programmer:
+    """Services and policies in, ordered map writes out: plans against the state's
+    copy, applies, and keeps the copy in step."""
+
+    def __init__(self, obj: LoadedObject, state: State, limits: Limits, maglev_size: int) -> None:
+        self._state = state
+        self._limits = limits
+        self._maglev_size = maglev_size
+        self._executor = Executor(obj)
+
+    def check(self, service: object) -> Service:
+        if not isinstance(service, Service):
+            raise ValueError(f"expected a Service, got {service!r}")
+        most = self._limits.max_backends_per_service
+        if len(service.backends) > most:
+            raise ValueError(
+                f"service {service.label} has {len(service.backends)} backends; this datapath "
+                f"allows {most} per service (max_backends_per_service)"
+            )
+        return service
+
+    def sync(self, services: Iterable[Service], policies: list[Policy] | None) -> None:
+        self._state.fresh()
+        wanted = list(services)
+        seen: dict[Key, Service] = {}
+        for service in wanted:
+            self.check(service)
+            if service.key in seen:
+                raise ValueError(
+                    f"services {seen[service.key].label} and {service.label} have the same "
+                    "vip, port and protocol"
+                )
+            seen[service.key] = service
+        removals = [key for key in self._state.snapshot.services if key not in seen]
+        self.apply(self._diff(wanted, removals), policies)
+
+    def upsert(self, service: Service) -> None:
+        self.check(service)
+        self._state.fresh()
+        self.apply(self._diff([service], []))
+
+    def remove(self, key: Key) -> bool:
+        self._state.fresh()
+        change = self._diff([], [key])
+        self.apply(change)
+        return not change.empty
+
+    def set_policies(self, policies: list[Policy]) -> None:
+        self.apply(self._diff([], []), policies)
+
+    def _diff(self, upserts: list[Service], removals: list[Key]) -> plan.Plan:
+        return plan.diff(self._state.snapshot, upserts, removals, self._maglev_size)
+
+    def apply(self, change: plan.Plan, policies: list[Policy] | None = None) -> None:
+        """Apply ``change`` and, with ``policies``, make them the installed policies. The
+        policies are compiled again whenever the services they name change."""
+        policies_plan = self._policies_plan(change, policies)
+        if policies_plan is not None:
+            change = plan.with_policies(change, policies_plan)
+        if change.empty:
+            return
+        self._reserve_ids(change, policies_plan)
+        state = self._state
+        self._executor.apply(change)
+        state.snapshot = plan.commit(state.snapshot, change)
+        if policies_plan is not None:
+            state.policy = policies_plan.state
+            if not policies_plan.state.active:
+                state.update_config(policy_active=0)
+
+    def _policies_plan(
+        self, change: plan.Plan, policies: list[Policy] | None
+    ) -> plan.PolicyPlan | None:
+        state = self._state
+        installed = [p for _, p in state.policy.policies.values()]
+        # Rules naming services are compiled with the services' ids: a change that
+        # adds, removes or renames services compiles the policies again.
+        names_rules = any(r.service is not None for p in installed for r in p.rules)
+        retarget = names_rules and any(
+            (old := state.snapshot.services.get(key)) is None
+            or new is None
+            or old.service.name != new.service.name
+            for key, new in change.changes.items()
+        )
+        if policies is None and not retarget:
+            return None
+        service_ids = self._service_ids(change)
+        wanted = policy_mod.check_policies(installed if policies is None else policies, service_ids)
+        if len(wanted) > self._limits.max_policies:
+            raise ValueError(
+                f"{len(wanted)} policies; this datapath holds at most "
+                f"{self._limits.max_policies} (max_policies)"
+            )
+        if wanted == installed and not retarget:
+            return None
+        config = state.config()
+        return plan.diff_policies(
+            state.policy,
+            wanted,
+            service_ids,
+            max(int(config.next_rule_id), 1),
+            max(int(config.next_policy_id), 1),
+        )
+
+    def _reserve_ids(self, change: plan.Plan, policies_plan: plan.PolicyPlan | None) -> None:
+        """Ids are reserved before use and never handed out twice, even when the change
+        fails: conntrack entries may still name old ids. The change count moves too
+        (also on failure: an undo is a change)."""
+        state = self._state
+        config = state.config()
+        ids_now = {
+            "next_service_id": change.next_service_id,
+            "next_backend_id": change.next_backend_id,
+            "changes": state.changes + 1,
+        }
+        if policies_plan is not None:
+            ids_now["next_rule_id"] = policies_plan.next_rule_id
+            ids_now["next_policy_id"] = policies_plan.next_policy_id
+            if policies_plan.state.active:
+                ids_now["policy_active"] = 1
+        if any(int(getattr(config, k)) != v for k, v in ids_now.items()):
+            state.update_config(**ids_now)
+            state.changes = ids_now["changes"]
+            state.snapshot = attrs.evolve(
+                state.snapshot,
+                next_service_id=change.next_service_id,
+                next_backend_id=change.next_backend_id,
+            )
+
+    def _service_ids(self, change: plan.Plan) -> dict[str, list[int]]:
+        """Service name -> ids of the services of that name, once ``change`` is in."""
+        changes = change.changes
+        result: dict[str, list[int]] = {}
+        for key, installed in self._state.snapshot.services.items():
+            if key not in changes:
+                result.setdefault(installed.service.name, []).append(installed.id)
+        for entry in changes.values():
+            if entry is not None:
+                result.setdefault(entry.service.name, []).append(entry.id)
+        for ids in result.values():
+            ids.sort()
+        return result

@@ -1,0 +1,397 @@
+"""The :class:`Datapath`: one object composed of parts with one job each (see the
+package's docstring). It checks arguments, keeps the lifetime, and delegates."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any, overload
+
+from pyebpflb import events as events_mod
+from pyebpflb import maglev, maps
+from pyebpflb._bpf import LoadedObject
+from pyebpflb._bpf.netns import entered
+from pyebpflb.datapath import adopt, explain, notebook
+from pyebpflb.datapath.apply import Programmer
+from pyebpflb.datapath.hooks import Hooks
+from pyebpflb.datapath.inspect import Inspector
+from pyebpflb.datapath.limits import Limits
+from pyebpflb.datapath.results import (
+    Attachment,
+    ConntrackTimeouts,
+    DatapathStats,
+    Explanation,
+    Flow,
+    Hook,
+    MapInfo,
+    ServiceStats,
+    Traffic,
+)
+from pyebpflb.datapath.state import State, event_names, read_policy_state, read_snapshot
+from pyebpflb.errors import DatapathClosed
+from pyebpflb.events import EventStats, FlowEvent
+from pyebpflb.layout import DATAPATH_NAME_MAX
+from pyebpflb.model import Address, Direction, Policy, Service
+
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/pyebpflb"
+NAME_MAX = DATAPATH_NAME_MAX
+
+
+class Datapath:
+    """Service load balancing in the kernel, as one object.
+
+    ``persist=False`` (the default): closing detaches the programs and
+    removes the pins. ``persist=True``: closing leaves everything running, and
+    a later ``Datapath`` of the same name adopts it without a dropped packet.
+    ``netns`` names a network namespace (``ip netns`` name or path) to work in
+    from outside it. ``create=False`` only adopts, keeping the datapath's
+    settings (timeouts, events): without an existing datapath of that name it
+    raises :class:`~pyebpflb.errors.NotFound`.
+    ``events`` chooses the flow events the kernel sends ("trace", "drop",
+    "policy"), ``event_rate`` how many a second each CPU may send.
+    ``max_policy_conntrack`` sizes the table of flows policy lets answers
+    through for, apart from the balanced flows' (``max_conntrack``).
+    """
+
+    def __init__(
+        self,
+        name: str = "default",
+        *,
+        persist: bool = False,
+        pin_root: str | os.PathLike[str] = DEFAULT_PIN_ROOT,
+        netns: str | None = None,
+        max_services: int = 65536,
+        max_backends: int = 262144,
+        max_conntrack: int = 262144,
+        max_backends_per_service: int = 1024,
+        max_affinity: int = 65536,
+        maglev_table_size: int = maglev.DEFAULT_TABLE_SIZE,
+        ct_timeouts: ConntrackTimeouts = ConntrackTimeouts(),  # noqa: B008 (frozen)
+        max_policies: int = 4096,
+        max_policy_rules: int = 65536,
+        max_policy_entries: int = 1 << 20,
+        max_policy_conntrack: int = 65536,
+        events: Iterable[str] | None = ("trace", "drop", "policy"),
+        event_rate: int = 10_000,
+        create: bool = True,
+    ) -> None:
+        if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > NAME_MAX:
+            raise ValueError(
+                f"datapath name must be 1 to {NAME_MAX} bytes without '/', got {name!r}"
+            )
+        self.limits = Limits(
+            max_services=max_services,
+            max_backends=max_backends,
+            max_conntrack=max_conntrack,
+            max_backends_per_service=max_backends_per_service,
+            max_affinity=max_affinity,
+            max_policies=max_policies,
+            max_policy_rules=max_policy_rules,
+            max_policy_entries=max_policy_entries,
+            max_policy_conntrack=max_policy_conntrack,
+        )
+        wanted = adopt.settings(ct_timeouts, events, event_rate, maglev_table_size)
+        self.name, self.persist, self.netns, self.create = name, persist, netns, create
+        self.pin_root = os.fspath(pin_root)
+        with entered(netns):
+            self.pin_dir = adopt.pin_dir_for(self.pin_root, name)
+            existing = adopt.find_existing(name, self.pin_dir)
+            if not existing and not create:
+                raise adopt.missing(name, netns, self.pin_dir)
+            self.adopted = bool(existing)
+            self._object: LoadedObject = adopt.load(name, self.limits.sizes(), existing)
+        try:
+            adopt.pin_maps(self._object, self.pin_dir)
+            self.settings = adopt.write_config(
+                self._object, name, wanted, adopted=self.adopted, keep=not create
+            )
+            self._state = State(self._object)
+        except BaseException:
+            self._object.close()
+            raise
+        programs = {d: self._object.program(f"lb_{d.value}") for d in Direction}
+        self._hooks = Hooks(netns, programs, self._object.map(maps.CT))
+        self._programmer = Programmer(
+            self._object, self._state, self.limits, self.settings.maglev_table_size
+        )
+        self._inspector = Inspector(self._object, self._state, name, self.pin_dir)
+
+    # The settings in force (an adopted datapath's own under create=False).
+    ct_timeouts = property(lambda self: self.settings.ct_timeouts)
+    events = property(lambda self: self.settings.events)
+    event_rate = property(lambda self: self.settings.event_rate)
+    maglev_table_size = property(lambda self: self.settings.maglev_table_size)
+
+    def _live(self) -> LoadedObject:
+        if self._object.closed:
+            raise DatapathClosed(f"datapath {self.name!r} is closed")
+        return self._object
+
+    def _fresh(self) -> Any:
+        """The kernel's config, our copy read again if another writer changed it."""
+        self._live()
+        return self._state.fresh()
+
+    # -- hooks ---------------------------------------------------------------------------
+    def attach(self, iface: str) -> Attachment:
+        """Balance services arriving on ``iface`` and translate replies leaving it.
+        Idempotent; attaching again after an upgrade swaps the programs in place
+        without dropping traffic."""
+        self._live()
+        links = self._hooks.attach(iface)
+        return Attachment(iface, links[Direction.INGRESS], links[Direction.EGRESS])
+
+    def detach(self, iface: str) -> None:
+        """Stop balancing on ``iface`` (also when another process attached it)."""
+        self._live()
+        self._hooks.detach(iface)
+
+    @property
+    def interfaces(self) -> list[str]:
+        """Interfaces of the namespace that run this datapath."""
+        self._live()
+        return [f.iface for f in self._hooks.ours([Direction.INGRESS])]
+
+    def hooks(self) -> list[Hook]:
+        """Where this datapath's programs are attached in its network namespace."""
+        self._live()
+        return [
+            Hook(f.iface, f"tc {f.direction.value}", f"lb_{f.direction.value}", f.prog_id)
+            for f in self._hooks.ours()
+        ]
+
+    # -- programming ---------------------------------------------------------------------
+    def sync(self, services: Iterable[Service], policies: Iterable[Policy] | None = None) -> None:
+        """Make the kernel hold exactly ``services`` (and ``policies``, unless None:
+        then the installed policies stay); all or nothing."""
+        self._live()
+        self._programmer.sync(services, None if policies is None else list(policies))
+
+    def upsert(self, service: Service) -> None:
+        """Install ``service`` or replace the one with its vip, port and protocol."""
+        self._live()
+        self._programmer.upsert(service)
+
+    def remove(self, service: Service) -> bool:
+        """Remove the service with ``service``'s vip, port and protocol; False if none."""
+        self._live()
+        if not isinstance(service, Service):
+            raise ValueError(f"remove takes a Service, got {service!r}")
+        return self._programmer.remove(service.key)
+
+    def upsert_policy(self, policy: Policy) -> None:
+        """Install ``policy`` or replace the one of its name."""
+        self._fresh()
+        if not isinstance(policy, Policy):
+            raise ValueError(f"expected a Policy, got {policy!r}")
+        current = [p for _, p in self._state.policy.policies.values()]
+        if policy in current:
+            return
+        names = [p.name for p in current]
+        if policy.name in names:
+            current[names.index(policy.name)] = policy
+        else:
+            current.append(policy)
+        self._programmer.set_policies(current)
+
+    def remove_policy(self, policy: Policy | str) -> bool:
+        """Remove the policy of ``policy``'s name (or the name given); False if none."""
+        self._fresh()
+        name = policy.name if isinstance(policy, Policy) else policy
+        if not isinstance(name, str):
+            raise ValueError(f"remove_policy takes a Policy or a policy name, got {policy!r}")
+        installed = self._state.policy.policies
+        if name not in installed:
+            return False
+        self._programmer.set_policies([p for n, (_, p) in installed.items() if n != name])
+        return True
+
+    # -- reading back --------------------------------------------------------------------
+    @property
+    def services(self) -> list[Service]:
+        """The services the kernel holds, read from its maps, in the order installed."""
+        return [i.service for i in read_snapshot(self._live()).in_order()]
+
+    @property
+    def policies(self) -> list[Policy]:
+        """The policies the kernel holds, read from its maps, in the order installed."""
+        return [p for _, p in read_policy_state(self._live()).policies.values()]
+
+    @overload
+    def stats(self, service: Service) -> ServiceStats: ...
+
+    @overload
+    def stats(self, service: None = None) -> DatapathStats: ...
+
+    def stats(self, service: Service | None = None) -> ServiceStats | DatapathStats:
+        """Packets and bytes sent to ``service`` and to each of its backends; without a
+        service, every counter of the datapath. :class:`NotFound` if not installed."""
+        self._fresh()
+        if service is not None:
+            return self._inspector.service_stats(service)
+        return self._inspector.stats()
+
+    def policy_stats(self, policy: Policy | str) -> list[Traffic]:
+        """Packets and bytes each rule of the policy (by name) matched, in rule order."""
+        self._fresh()
+        return self._inspector.policy_stats(policy.name if isinstance(policy, Policy) else policy)
+
+    def drops(self) -> dict[str, Traffic]:
+        """Packets the datapath dropped or refused, by reason."""
+        self._live()
+        return self._inspector.drops()
+
+    def event_stats(self) -> EventStats:
+        """Flow events the kernel sent, lost (ring full) and held back (rate limit)."""
+        self._live()
+        return self._inspector.event_stats()
+
+    def maps(self) -> list[MapInfo]:
+        """Every map: type, entries in use and at most, pin path."""
+        self._live()
+        return self._inspector.map_infos()
+
+    def flows(self) -> list[Flow]:
+        """The conntrack entries, decoded: balanced flows, their replies, and the flows
+        policy lets answers through for."""
+        return self._inspector.flows(self._fresh())
+
+    def conntrack(self) -> list[Flow]:
+        """The balanced flows' entries (service and reply), decoded."""
+        return self._inspector.flows(self._fresh(), (maps.CT,))
+
+    def flush_conntrack(self) -> int:
+        """Forget every tracked flow (and the ports of fragmented datagrams): the next
+        packet of each picks a backend anew, and meets policy as a new flow.
+        Returns how many conntrack entries went (balanced flows' and policy's)."""
+        self._live()
+        return self._inspector.flush_conntrack()
+
+    def explain(
+        self, src: str, dst: str, protocol: str = "tcp", *, direction: str = "ingress"
+    ) -> Explanation:
+        """What the datapath does with a packet ``src`` -> ``dst`` ("IP[:PORT]", IPv6 as
+        "[IP]:PORT"): the programs run on a synthetic first packet (a TCP SYN or a UDP
+        datagram) through BPF_PROG_TEST_RUN, deciding as for real traffic (existing
+        conntrack entries included) but writing nothing: no flow, counter or event."""
+        self._fresh()
+        return explain.explain(self._object, self._state, src, dst, protocol, direction)
+
+    # -- flow events ---------------------------------------------------------------------
+    def open_monitor(
+        self,
+        types: Iterable[str] | str | None = None,
+        *,
+        service: str | None = None,
+        address: str | Address | None = None,
+        queue_size: int = 65536,
+    ) -> events_mod.Monitor:
+        """A :class:`~pyebpflb.events_mod.Monitor` on this datapath's events (close it)."""
+        obj = self._live()
+        return events_mod.Monitor(
+            obj.map(maps.EVENTS),
+            events_mod.Names(functools.partial(event_names, obj), self.netns),
+            reader_map=obj.map(maps.EVENT_READER),
+            types=types,
+            service=service,
+            address=address,
+            queue_size=queue_size,
+        )
+
+    def monitor(
+        self,
+        types: Iterable[str] | str | None = None,
+        timeout: float | None = None,
+        *,
+        service: str | None = None,
+        address: str | Address | None = None,
+    ) -> Iterator[FlowEvent]:
+        """Flow events as they happen, for ``timeout`` seconds (None: until the loop
+        stops), filtered by type ("trace", "drop", "policy"), service name and address.
+        One monitor per datapath at a time (a ring buffer has one reader)."""
+        with_monitor = self.open_monitor(types, service=service, address=address)
+        try:
+            yield from with_monitor.events(timeout)
+        finally:
+            with_monitor.close()
+
+    async def amonitor(
+        self,
+        types: Iterable[str] | str | None = None,
+        timeout: float | None = None,
+        *,
+        service: str | None = None,
+        address: str | Address | None = None,
+    ) -> AsyncIterator[FlowEvent]:
+        """:meth:`monitor` for asyncio: waits on the ring buffer's fd in the event loop."""
+        with_monitor = self.open_monitor(types, service=service, address=address)
+        try:
+            async for event in with_monitor.aevents(timeout):
+                yield event
+        finally:
+            with_monitor.close()
+
+    # -- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release this object; without ``persist`` also detach and unpin (see :meth:`destroy`)."""
+        if self._object.closed:
+            return
+        if not self.persist:
+            self.destroy()
+            return
+        self._object.close()
+
+    def destroy(self) -> None:
+        """Detach from every interface of the namespace and remove the pins and maps."""
+        if self._object.closed:
+            return
+        self._hooks.detach()
+        for map_name, bpf_map in self._object.maps.items():
+            path = os.path.join(self.pin_dir, map_name)
+            if os.path.exists(path):
+                bpf_map.unpin(path)
+        # Remove the now empty folders up to and including pin_root.
+        folder = self.pin_dir
+        while folder.startswith(self.pin_root):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty: another datapath's pins live there
+                break
+            folder = os.path.dirname(folder)
+        self._object.close()
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        obj = getattr(self, "_obj", None)
+        if obj is not None and not obj.closed:
+            warnings.warn(
+                f"unclosed {self!r}: call close() or use `with`", ResourceWarning, stacklevel=2
+            )
+
+    # -- notebooks -----------------------------------------------------------------------
+    def _repr_html_(self) -> str:
+        if self._object.closed:
+            return notebook.datapath_html(self.name, None, [])
+        return notebook.datapath_html(self.name, self.services, self._hooks.ours())
+
+    def flows_dataframe(
+        self, events: Iterable[FlowEvent] | None = None, *, timeout: float = 1.0
+    ) -> Any:
+        """Flow events as a pandas DataFrame, one row each (Hubble's fields as columns):
+        ``events`` given, or those that come within ``timeout`` seconds. Needs pandas."""
+        return notebook.flows_dataframe(
+            list(events) if events is not None else list(self.monitor(timeout=timeout))
+        )
+
+    def __repr__(self) -> str:
+        closed = self._object.closed
+        state = "closed" if closed else f"{len(self._state.snapshot.services)} services"
+        where = f" netns={self.netns!r}" if self.netns else ""
+        return f"<Datapath {self.name!r}{where} {state}>"

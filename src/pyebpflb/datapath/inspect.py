@@ -1,0 +1,155 @@
+"""Reading a datapath's counters and tables: typed results only."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from pyebpflb import maps
+from pyebpflb._bpf import LoadedObject, MapType
+from pyebpflb._bpf._libbpf import lib
+from pyebpflb.datapath.apply import Executor
+from pyebpflb.datapath.results import (
+    DatapathStats,
+    Flow,
+    MapInfo,
+    ServiceStats,
+    Traffic,
+)
+from pyebpflb.datapath.state import State, all_keys
+from pyebpflb.errors import NotFound
+from pyebpflb.events import EventStats
+from pyebpflb.layout import DROP_REASONS, CtKind
+from pyebpflb.model import Service, endpoint_text, protocol_name
+
+
+def _not_installed(what: str, datapath: str) -> NotFound:
+    return NotFound(2, f"{what} is not installed in datapath {datapath!r}")
+
+
+class Inspector:
+    def __init__(self, obj: LoadedObject, state: State, name: str, pin_dir: str) -> None:
+        self._obj = obj
+        self._state = state
+        self._name = name
+        self._pin_dir = pin_dir
+
+    def _traffic(self, map_name: str, key: int) -> Traffic:
+        return Traffic(*maps.counter_sum(self._obj.map(map_name).lookup(maps.u32(key))))
+
+    def service_stats(self, service: Service) -> ServiceStats:
+        installed = self._state.snapshot.services.get(service.key)
+        if installed is None:
+            raise _not_installed(f"service {service.label}", self._name)
+        total = self._traffic(maps.SVC_STATS, installed.id)
+        backends = {
+            backend: self._traffic(maps.BE_STATS, backend_id)
+            for backend, backend_id in zip(
+                installed.service.backends, installed.backend_ids, strict=True
+            )
+        }
+        return ServiceStats(installed.service, total.packets, total.bytes, backends)
+
+    def policy_stats(self, name: str) -> list[Traffic]:
+        policy = self._state.policy
+        if name not in policy.policies:
+            raise _not_installed(f"policy {name!r}", self._name)
+        refs = sorted((r for r in policy.refs if r.policy == name), key=lambda r: r.index)
+        return [self._traffic(maps.RULE_STATS, r.id) for r in refs]
+
+    def drops(self) -> dict[str, Traffic]:
+        return {reason: self._traffic(maps.DROPS, code) for code, reason in DROP_REASONS.items()}
+
+    def event_stats(self) -> EventStats:
+        per_cpu = self._obj.map(maps.EVENT_STATS).lookup(maps.u32(0)) or []
+        return EventStats(
+            sent=sum(int(v.sent) for v in per_cpu),
+            lost=sum(int(v.lost) for v in per_cpu),
+            rate_limited=sum(int(v.rate_limited) for v in per_cpu),
+        )
+
+    def stats(self) -> DatapathStats:
+        return DatapathStats(
+            services=[self.service_stats(i.service) for i in self._state.snapshot.in_order()],
+            policies={name: self.policy_stats(name) for name in self._state.policy.policies},
+            drops=self.drops(),
+            events=self.event_stats(),
+        )
+
+    def map_infos(self) -> list[MapInfo]:
+        result = []
+        for name, bpf_map in sorted(self._obj.maps.items()):
+            if bpf_map.type in (MapType.ARRAY, MapType.PERCPU_ARRAY):
+                entries: int | None = bpf_map.max_entries
+            elif bpf_map.type == MapType.RINGBUF:
+                entries = None
+            else:
+                entries = len(all_keys(bpf_map))
+            pin = os.path.join(self._pin_dir, name)
+            result.append(
+                MapInfo(
+                    name,
+                    MapType(bpf_map.type).name.lower(),
+                    entries,
+                    bpf_map.max_entries,
+                    pin if os.path.exists(pin) else None,
+                )
+            )
+        return result
+
+    def flows(self, config: Any, tables: tuple[str, ...] = (maps.CT, maps.POL_CT)) -> list[Flow]:
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        names = self._state.snapshot.names()
+        entries = [item for table in tables for item in self._obj.map(table).lookup_batch()]
+        return [_flow(key, entry, config, names, now) for key, entry in entries]
+
+    def flush_conntrack(self) -> int:
+        executor = Executor(self._obj)
+        gone = 0
+        for name in (maps.CT, maps.POL_CT, maps.FRAGS):
+            keys = all_keys(self._obj.map(name))
+            executor.delete(name, keys, strict=False)
+            gone += len(keys) if name != maps.FRAGS else 0
+        return gone
+
+
+def _flow(key: Any, entry: Any, config: Any, names: dict[int, str], now: int) -> Flow:
+    try:
+        kind = CtKind(int(key.dir)).label
+    except ValueError:
+        kind = str(int(key.dir))
+    family, proto = int(key.family), int(key.proto)
+
+    def at(union: Any, port: int) -> str:
+        address = maps.addr_from(union, family)
+        return endpoint_text(address, maps.port_from(port) if proto in (6, 17) else None)
+
+    flags = int(entry.flags)
+    closing = bool(flags & lib.PYEBPFLB_CT_CLOSING)
+    answered = bool(flags & lib.PYEBPFLB_CT_SEEN_REPLY)
+    expires_in = None
+    if kind != CtKind.REPLY.label:
+        if proto != 6:
+            life = int(config.ct_udp_ns)
+        elif closing:
+            life = int(config.ct_tcp_closing_ns)
+        elif not answered:
+            life = int(config.ct_tcp_syn_ns)
+        else:
+            life = int(config.ct_tcp_established_ns)
+        expires_in = max(0.0, (int(entry.last_seen_ns) + life - now) / 1e9)
+    balanced = kind in (CtKind.SERVICE.label, CtKind.REPLY.label)
+    return Flow(
+        kind=kind,
+        protocol=protocol_name(proto),
+        source=at(key.saddr, int(key.sport)),
+        destination=at(key.daddr, int(key.dport)),
+        backend=at(entry.nat_addr, int(entry.nat_port)) if kind == CtKind.SERVICE.label else None,
+        service=names.get(int(entry.service_id)) if balanced else None,
+        age=max(0.0, (now - int(entry.created_ns)) / 1e9),
+        expires_in=expires_in,
+        closing=closing,
+        answered=answered,
+        created_ns=int(entry.created_ns),
+    )

@@ -1,0 +1,182 @@
+"""What a datapath reports: typed, frozen values (no cdata)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from pyebpflb import _html
+from pyebpflb._bpf import TcLink
+from pyebpflb.events import EventStats
+from pyebpflb.model import Action, Backend, Direction, Protocol, Service, Verdict
+
+
+@attrs.frozen
+class ConntrackTimeouts:
+    """How long an idle flow keeps its backend, in seconds."""
+
+    tcp_syn: float = 60.0
+    tcp_established: float = 21600.0
+    tcp_closing: float = 10.0
+    udp: float = 60.0
+
+    def __attrs_post_init__(self) -> None:
+        for field in attrs.fields(ConntrackTimeouts):
+            value = getattr(self, field.name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(
+                    f"conntrack timeout {field.name} must be > 0 seconds, got {value!r}"
+                )
+
+
+@attrs.frozen
+class Traffic:
+    packets: int
+    bytes: int
+
+
+@attrs.frozen
+class ServiceStats:
+    """Packets and bytes sent to a service, in total and per backend."""
+
+    service: Service
+    packets: int
+    bytes: int
+    backends: dict[Backend, Traffic]
+
+    def _repr_html_(self) -> str:
+        rows = [(str(b), t.packets, t.bytes) for b, t in self.backends.items()]
+        caption = f"{self.service.label}: {self.packets} packets, {self.bytes} bytes"
+        return _html.table(["backend", "packets", "bytes"], rows, caption)
+
+
+@attrs.frozen
+class DatapathStats:
+    """Every counter of a datapath, summed over CPUs."""
+
+    services: list[ServiceStats]
+    policies: dict[str, list[Traffic]]  # policy name -> per rule, in rule order
+    drops: dict[str, Traffic]  # by reason
+    events: EventStats
+
+    def _repr_html_(self) -> str:
+        rows: list[tuple[object, ...]] = []
+        for st in self.services:
+            rows.append((st.service.name or st.service.label, "service", st.packets, st.bytes))
+            for backend, traffic in st.backends.items():
+                rows.append(("", f"-> {backend}", traffic.packets, traffic.bytes))
+        for name, rules in self.policies.items():
+            for index, traffic in enumerate(rules):
+                rows.append((name, f"rule {index}", traffic.packets, traffic.bytes))
+        for reason, traffic in self.drops.items():
+            rows.append(("drops", reason, traffic.packets, traffic.bytes))
+        caption = (
+            f"events sent {self.events.sent}, lost {self.events.lost}, "
+            f"rate-limited {self.events.rate_limited}"
+        )
+        return _html.table(["what", "", "packets", "bytes"], rows, caption)
+
+
+@attrs.frozen
+class Explanation:
+    """What the datapath does with one packet (:meth:`Datapath.explain`).
+
+    ``verdict``: FORWARDED (translated to ``backend`` of ``service``), PASSED
+    (not for a service, let through), REFUSED (a service without backends:
+    reset or ICMP unreachable), DROPPED (``drop_reason``).
+    ``policy_verdict`` is None when no policy applies to the direction;
+    ``rule`` None with a verdict means the direction's default decided.
+    """
+
+    source: str
+    destination: str
+    protocol: Protocol
+    direction: Direction
+    verdict: Verdict
+    service: Service | None
+    backend: Backend | None
+    policy_verdict: Action | None
+    policy: str | None
+    rule: int | None
+    policy_default: bool
+    drop_reason: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "destination": self.destination,
+            "protocol": self.protocol.value,
+            "direction": self.direction.value,
+            "verdict": self.verdict.value,
+            "service": self.service.name or self.service.label if self.service else None,
+            "backend": str(self.backend) if self.backend else None,
+            "policy_verdict": _POLICY_WORDS[self.policy_verdict] if self.policy_verdict else None,
+            "policy": self.policy,
+            "rule": self.rule,
+            "policy_default": self.policy_default,
+            "drop_reason": self.drop_reason,
+        }
+
+
+# How an explanation says what policy decided ("allowed", "denied"), as flow events do.
+_POLICY_WORDS = {Action.ALLOW: Verdict.ALLOWED.value, Action.DENY: Verdict.DENIED.value}
+
+
+@attrs.frozen
+class MapInfo:
+    """One map of a datapath: ``entries`` in use (None for a ring buffer)."""
+
+    name: str
+    type: str
+    entries: int | None
+    max_entries: int
+    pin: str | None
+
+
+@attrs.frozen
+class Hook:
+    """A program of the datapath attached to an interface."""
+
+    interface: str
+    hook: str  # "tc ingress" / "tc egress"
+    program: str
+    program_id: int
+
+
+@attrs.frozen
+class Flow:
+    """A conntrack entry, as a person reads it.
+
+    ``kind``: "service" (a balanced flow: ``source`` -> ``destination`` is the
+    client's packet to the VIP, ``backend`` where it goes), "reply" (the reverse
+    entry of a balanced flow), "policy-in"/"policy-out" (answers policy lets
+    through on ingress/egress). ``expires_in`` is None for entries that do not
+    expire on their own (reply entries live as long as their flow).
+    """
+
+    kind: str
+    protocol: str
+    source: str
+    destination: str
+    backend: str | None
+    service: str | None
+    age: float
+    expires_in: float | None
+    closing: bool
+    answered: bool
+    created_ns: int = (
+        0  # CLOCK_MONOTONIC at the flow's first packet: tells a flow from its successor
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class Attachment:
+    """The datapath on one interface: ingress balances, egress reverse-translates."""
+
+    iface: str
+    ingress: TcLink
+    egress: TcLink

@@ -1,0 +1,69 @@
+"""What a datapath holds, as plain values: the input of the planner.
+
+Pure: a :class:`Snapshot` or :class:`PolicyState` is read from the kernel by
+``pyebpflb.datapath.state`` and planned against by ``pyebpflb.plan``, but it is
+only data, and tests build their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from pyebpflb.model import Address, Policy, Protocol, Service
+from pyebpflb.policy import RuleRef
+
+Key = tuple[Address, int, Protocol]
+
+
+@attrs.frozen
+class Installed:
+    """A service as the kernel holds it: the model plus its ids."""
+
+    service: Service
+    id: int
+    gen: int
+    backend_ids: tuple[int, ...]  # in the order of service.backends
+    count: int  # slots of the current generation (usable backends)
+    slots: frozenset[int]  # every slot key (gen << 31 | index) present, both generations
+
+
+@attrs.frozen
+class Snapshot:
+    services: dict[Key, Installed]
+    next_service_id: int
+    next_backend_id: int
+
+    def names(self) -> dict[int, str]:
+        """Service id -> its name (its VIP:port/protocol when it has none)."""
+        return {i.id: i.service.name or i.service.label for i in self.services.values()}
+
+    def by_id(self, service_id: int) -> Installed | None:
+        return next((i for i in self.services.values() if i.id == service_id), None)
+
+    def in_order(self) -> list[Installed]:
+        """The installed services in the order they were installed (by id)."""
+        return sorted(self.services.values(), key=lambda i: i.id)
+
+
+EMPTY = Snapshot(services={}, next_service_id=1, next_backend_id=1)
+
+
+@attrs.frozen
+class PolicyState:
+    """The policies the kernel holds, and what a change must replace."""
+
+    gen: int  # the generation lb_policy points at (meaningless while `active` is False)
+    active: bool  # lb_policy holds a head
+    policies: dict[str, tuple[int, Policy]]  # name -> (policy id, policy), in install order
+    refs: tuple[RuleRef, ...]
+    keys: dict[int, tuple[list[Any], list[Any]]]  # gen -> (cidr keys, port keys) present
+
+    def ref(self, rule_id: int) -> RuleRef | None:
+        return next((r for r in self.refs if r.id == rule_id), None) if rule_id else None
+
+
+NO_POLICIES = PolicyState(
+    gen=0, active=False, policies={}, refs=(), keys={0: ([], []), 1: ([], [])}
+)

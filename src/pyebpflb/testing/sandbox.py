@@ -1,0 +1,356 @@
+"""A whole service network on one machine, in network namespaces.
+
+``Sandbox(backends=3)`` builds a client, a load balancer (a router with
+forwarding on) and N backends, each in its own network namespace, joined by
+veth pairs with IPv4 and IPv6 addresses; every backend runs a small HTTP and
+UDP server on port 8080 that answers with its name. Leaving the ``with``
+block stops the servers and removes the namespaces, also after an error.
+Tests, the demo, benchmarks and notebooks use it. Needs root and iproute2.
+
+::
+
+    client 10.90.0.2      lb0 10.90.0.1 [load balancer] be1 10.91.1.1 -- 10.91.1.2 backend-1
+           fd00:90::2         fd00:90::1                 be2 10.91.2.1 -- 10.91.2.2 backend-2 ...
+
+The client's default route points at the load balancer, so a VIP from any
+range not otherwise routed (10.96.0.0/12, fd00:96::/64, ...) reaches
+``lb0`` ingress, where the datapath is attached.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import IO, Any
+
+import attrs
+
+from pyebpflb._bpf.netns import entered
+from pyebpflb.model import Address
+
+BACKEND_PORT = 8080
+LB_IFACE = "lb0"
+_PR_SET_PDEATHSIG = 1
+
+
+@attrs.frozen
+class Host:
+    """A namespace of the sandbox and its addresses on its link towards the load balancer."""
+
+    name: str
+    netns: str
+    iface: str
+    ipv4: ipaddress.IPv4Address
+    ipv6: ipaddress.IPv6Address
+
+    def address(self, family: int) -> Address:
+        return self.ipv4 if family == 4 else self.ipv6
+
+    def socket(self, family: int = 4, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket created inside this host's namespace (it stays there)."""
+        with entered(self.netns):
+            return socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, kind)
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`ip {' '.join(args)}` failed: {result.stderr.strip()}")
+
+
+def _sysctl(netns: str, key: str, value: str) -> None:
+    with entered(netns), open(f"/proc/sys/{key.replace('.', '/')}", "w") as knob:
+        knob.write(value)
+
+
+def _die_with_parent() -> None:
+    # The servers must not outlive a test process that is killed.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Sandbox:
+    """Client, load balancer and ``backends`` backends in network namespaces."""
+
+    def __init__(
+        self, backends: int = 3, *, prefix: str = "pyebpflb", names: Sequence[str] | None = None
+    ) -> None:
+        if isinstance(backends, bool) or not isinstance(backends, int) or not 1 <= backends <= 200:
+            raise ValueError(f"backends must be an integer from 1 to 200, got {backends!r}")
+        if names is not None and len(names) != backends:
+            raise ValueError(f"names must give one name per backend ({backends}), got {names!r}")
+        labels = (
+            list(names) if names is not None else [f"backend-{i}" for i in range(1, backends + 1)]
+        )
+        tag = f"{prefix}-{os.getpid()}"
+        self.client = Host(
+            "client",
+            f"{tag}-client",
+            "eth0",
+            ipaddress.IPv4Address("10.90.0.2"),
+            ipaddress.IPv6Address("fd00:90::2"),
+        )
+        self.lb = Host(
+            "lb",
+            f"{tag}-lb",
+            LB_IFACE,
+            ipaddress.IPv4Address("10.90.0.1"),
+            ipaddress.IPv6Address("fd00:90::1"),
+        )
+        self.backends = [
+            Host(
+                labels[i - 1],
+                f"{tag}-be{i}",
+                "eth0",
+                ipaddress.IPv4Address(f"10.91.{i}.2"),
+                ipaddress.IPv6Address(f"fd00:91:{i}::2"),
+            )
+            for i in range(1, backends + 1)
+        ]
+        self._namespaces: list[str] = []
+        self._servers: list[subprocess.Popen[str]] = []
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.client.netns, self.lb.netns, *(b.netns for b in self.backends)]
+
+    # -- building -------------------------------------------------------------------
+    def __enter__(self) -> Sandbox:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _add_netns(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self._namespaces.append(name)
+        _ip("-n", name, "link", "set", "lo", "up")
+
+    def _link(self, a: Host, a_iface: str, b: Host, b_iface: str) -> None:
+        _ip(
+            "-n",
+            a.netns,
+            "link",
+            "add",
+            a_iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_iface,
+            "netns",
+            b.netns,
+        )
+
+    def _address(self, host: Host, iface: str, v4: str, v6: str) -> None:
+        _ip("-n", host.netns, "addr", "add", v4, "dev", iface)
+        _ip("-n", host.netns, "addr", "add", v6, "dev", iface, "nodad")
+        _ip("-n", host.netns, "link", "set", iface, "up")
+
+    def _build(self) -> None:
+        for name in self.namespaces:
+            self._add_netns(name)
+            # No duplicate address detection: link-local addresses would stay
+            # tentative for a second, and neighbour discovery with them.
+            for scope in ("all", "default"):
+                _sysctl(name, f"net.ipv6.conf.{scope}.accept_dad", "0")
+        _sysctl(self.lb.netns, "net.ipv4.ip_forward", "1")
+        _sysctl(self.lb.netns, "net.ipv6.conf.all.forwarding", "1")
+
+        self._link(self.lb, LB_IFACE, self.client, "eth0")
+        self._address(self.lb, LB_IFACE, "10.90.0.1/24", "fd00:90::1/64")
+        self._address(self.client, "eth0", "10.90.0.2/24", "fd00:90::2/64")
+        _ip("-n", self.client.netns, "route", "add", "default", "via", "10.90.0.1")
+        _ip("-n", self.client.netns, "-6", "route", "add", "default", "via", "fd00:90::1")
+
+        for i, backend in enumerate(self.backends, start=1):
+            self._link(self.lb, f"be{i}", backend, "eth0")
+            self._address(self.lb, f"be{i}", f"10.91.{i}.1/24", f"fd00:91:{i}::1/64")
+            self._address(backend, "eth0", f"10.91.{i}.2/24", f"fd00:91:{i}::2/64")
+            _ip("-n", backend.netns, "route", "add", "default", "via", f"10.91.{i}.1")
+            _ip("-n", backend.netns, "-6", "route", "add", "default", "via", f"fd00:91:{i}::1")
+        for backend in self.backends:
+            self._start_server(backend)
+
+    def _start_server(self, backend: Host) -> None:
+        server = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                backend.netns,
+                sys.executable,
+                "-m",
+                "pyebpflb.testing.servers",
+                "--name",
+                backend.name,
+                "--port",
+                str(BACKEND_PORT),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=_die_with_parent,
+        )
+        self._servers.append(server)
+        assert server.stdout is not None
+        if _readline(server.stdout, timeout=10.0) != "ready":
+            raise RuntimeError(f"the server of {backend.name} did not start")
+
+    # -- traffic from the client ---------------------------------------------------------------
+    def http_get(
+        self,
+        address: Address | str,
+        port: int,
+        *,
+        timeout: float = 2.0,
+        source_port: int | None = None,
+        source: Address | str | None = None,
+    ) -> str:
+        """GET / from the client on a new connection; the answering backend's name.
+
+        ``source_port`` fixes the client's port, so the flow's 5-tuple is known;
+        ``source`` its address (one of the client's, see :meth:`add_client_address`).
+        """
+        target = ipaddress.ip_address(address)
+        with self.client.socket(target.version) as sock:
+            sock.settimeout(timeout)
+            if source_port is not None or source is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((str(source or ""), source_port or 0))
+            sock.connect((str(target), port))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n")
+            return _http_body(sock)
+
+    def connection(
+        self, address: Address | str, port: int, *, timeout: float = 2.0
+    ) -> HttpConnection:
+        """A keep-alive HTTP connection from the client: many requests, one flow."""
+        target = ipaddress.ip_address(address)
+        sock = self.client.socket(target.version)
+        sock.settimeout(timeout)
+        sock.connect((str(target), port))
+        return HttpConnection(sock)
+
+    def udp_request(
+        self,
+        address: Address | str,
+        port: int,
+        *,
+        timeout: float = 2.0,
+        payload: bytes = b"hello",
+    ) -> tuple[str, Address]:
+        """One datagram from the client; (the answering backend's name, the reply's source).
+
+        The socket is connected, as a DNS client's is: it takes replies only
+        from ``address``, and an ICMP port unreachable raises
+        ``ConnectionRefusedError``. A ``payload`` over the link's MTU (1500)
+        leaves in IP fragments.
+        """
+        target = ipaddress.ip_address(address)
+        with self.client.socket(target.version, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect((str(target), port))
+            sock.send(payload)
+            data, source = sock.recvfrom(2048)
+        return data.decode().strip(), ipaddress.ip_address(source[0])
+
+    def add_client_address(self, address: Address | str) -> Address:
+        """Give the client another address on its link (a second client, as the
+        load balancer sees it); it goes with the sandbox."""
+        added = ipaddress.ip_address(address)
+        length = 24 if added.version == 4 else 64
+        extra = ["nodad"] if added.version == 6 else []
+        _ip("-n", self.client.netns, "addr", "add", f"{added}/{length}", "dev", "eth0", *extra)
+        return added
+
+    # -- tearing down -----------------------------------------------------------------------------
+    def close(self) -> None:
+        stop(self._servers)
+        for name in reversed(self._namespaces):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self._namespaces.clear()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class HttpConnection:
+    """One client TCP connection carrying HTTP/1.1 requests."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    def get(self) -> str:
+        self.socket.sendall(b"GET / HTTP/1.1\r\nHost: sandbox\r\n\r\n")
+        return _http_body(self.socket, keep_alive=True)
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __enter__(self) -> HttpConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _http_body(sock: socket.socket, *, keep_alive: bool = False) -> str:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"connection closed mid-response: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        None,
+    )
+    while length is None or len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return body.decode().strip()
+
+
+def stop(processes: list[subprocess.Popen[Any]]) -> None:
+    """Terminate ``processes`` (killing what does not stop within 5 s) and forget them."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
+    processes.clear()
+
+
+def _readline(stream: IO[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([stream], [], [], deadline - time.monotonic())[0]:
+            return stream.readline().strip()
+    return ""
+
+
+__all__ = ["BACKEND_PORT", "LB_IFACE", "Host", "HttpConnection", "Sandbox"]
