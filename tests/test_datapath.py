@@ -16,7 +16,7 @@ from namespaces import VethPair
 from scapy.layers.inet import IP
 
 import pyebpflb as lb
-from pyebpflb._bpf import tc
+from pyebpflb._bpf import Map, MapType, tc
 from pyebpflb._bpf.netns import entered
 
 pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
@@ -182,6 +182,35 @@ def test_persisted_datapath_is_adopted_by_a_new_one(pin_dir: pathlib.Path) -> No
         assert again[IP].dst == backend  # the flow survived in the adopted conntrack
         second.destroy()
     assert not (pin_dir / name).exists()
+
+
+def test_a_datapath_of_another_layout_is_refused_naming_each_difference(
+    pin_dir: pathlib.Path,
+) -> None:
+    name = f"t{os.getpid()}-layout"
+    svc = service(4, "tcp")
+    with lb.Datapath(name, persist=True, pin_root=pin_dir) as first:
+        first.upsert(svc)
+    folder = pin_dir / name
+    # Another version's lb_svc_names: 64-byte names instead of 256, and one map this
+    # version does not know.
+    (folder / "lb_svc_names").unlink()
+    with Map.create(MapType.HASH, key_size=4, value_size=64, max_entries=16) as other:
+        other.pin(folder / "lb_svc_names")
+    with Map.create(MapType.ARRAY, key_size=4, value_size=4, max_entries=1) as extra:
+        extra.pin(folder / "lb_future")
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(lb.IncompatibleDatapath) as info:
+        lb.Datapath(name, persist=True, pin_root=pin_dir)
+    assert info.value.differences == [
+        "lb_future: not a map of this version",
+        "lb_svc_names: value_size 64, this version needs 256",
+    ]
+    assert "destroy it with that version first" in str(info.value)
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing was changed
+    for pin in folder.iterdir():
+        pin.unlink()
+    folder.rmdir()
 
 
 def test_attach_is_idempotent_and_close_detaches(veth: VethPair) -> None:

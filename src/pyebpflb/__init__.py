@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pyebpflb.errors import (
     BpfError,
     DatapathClosed,
+    IncompatibleDatapath,
     LoadError,
     MapFull,
     MissingPrivilege,
@@ -100,6 +101,7 @@ __all__ = [
     "EventStats",
     "Explanation",
     "FlowEvent",
+    "IncompatibleDatapath",
     "InterfaceCounter",
     "LoadError",
     "MapFull",
