@@ -195,7 +195,10 @@ def test_a_datapath_of_another_layout_is_refused_naming_each_difference(
     # Another version's lb_svc_names: 64-byte names instead of 256, and one map this
     # version does not know.
     (folder / "lb_svc_names").unlink()
-    with Map.create(MapType.HASH, key_size=4, value_size=64, max_entries=16) as other:
+    no_prealloc = 1  # BPF_F_NO_PREALLOC, as the real one has
+    with Map.create(
+        MapType.HASH, key_size=4, value_size=64, max_entries=16, flags=no_prealloc
+    ) as other:
         other.pin(folder / "lb_svc_names")
     with Map.create(MapType.ARRAY, key_size=4, value_size=4, max_entries=1) as extra:
         extra.pin(folder / "lb_future")
