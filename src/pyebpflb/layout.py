@@ -10,7 +10,6 @@ import enum
 
 from pyebpflb._bpf._libbpf import ffi, lib
 
-NAME_MAX = len(ffi.new("struct pyebpflb_service_name *").name)
 DATAPATH_NAME_MAX = len(ffi.new("struct pyebpflb_lb_config *").name) - 1
 FAMILY_TAG = {4: int(lib.PYEBPFLB_IPV4), 6: int(lib.PYEBPFLB_IPV6)}
 SLOT_GEN_SHIFT = int(lib.PYEBPFLB_SLOT_GEN_SHIFT)

@@ -62,8 +62,3 @@ class PolicyState:
 
     def ref(self, rule_id: int) -> RuleRef | None:
         return next((r for r in self.refs if r.id == rule_id), None) if rule_id else None
-
-
-NO_POLICIES = PolicyState(
-    gen=0, active=False, policies={}, refs=(), keys={0: ([], []), 1: ([], [])}
-)

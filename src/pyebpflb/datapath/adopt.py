@@ -136,9 +136,8 @@ def load(name: str, sizes: dict[str, int], existing: dict[str, Map]) -> LoadedOb
                     )
                     size = existing[map_name].max_entries
                 opened.set_max_entries(map_name, size)
-            for map_name, adopted in existing.items():
-                if map_name in opened.map_names():
-                    opened.reuse_map(map_name, adopted)
+            for map_name, adopted in existing.items():  # all known: checked above
+                opened.reuse_map(map_name, adopted)
             return opened.load()
     finally:
         close_all(existing)

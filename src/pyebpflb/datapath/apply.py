@@ -8,6 +8,7 @@ import errno
 import logging
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -198,12 +199,13 @@ class Programmer:
     def apply(self, change: plan.Plan, policies: list[Policy] | None = None) -> None:
         """Apply ``change`` and, with ``policies``, make them the installed policies. The
         policies are compiled again whenever the services they name change."""
-        policies_plan = self._policies_plan(change, policies)
+        config = self._state.config()
+        policies_plan = self._policies_plan(change, policies, config)
         if policies_plan is not None:
             change = plan.with_policies(change, policies_plan)
         if change.empty:
             return
-        self._reserve_ids(change, policies_plan)
+        self._reserve_ids(change, policies_plan, config)
         state = self._state
         self._executor.apply(change)
         state.snapshot = plan.commit(state.snapshot, change)
@@ -213,7 +215,7 @@ class Programmer:
                 state.update_config(policy_active=0)
 
     def _policies_plan(
-        self, change: plan.Plan, policies: list[Policy] | None
+        self, change: plan.Plan, policies: list[Policy] | None, config: Any
     ) -> plan.PolicyPlan | None:
         state = self._state
         installed = [p for _, p in state.policy.policies.values()]
@@ -237,7 +239,6 @@ class Programmer:
             )
         if wanted == installed and not retarget:
             return None
-        config = state.config()
         return plan.diff_policies(
             state.policy,
             wanted,
@@ -246,12 +247,13 @@ class Programmer:
             max(int(config.next_policy_id), 1),
         )
 
-    def _reserve_ids(self, change: plan.Plan, policies_plan: plan.PolicyPlan | None) -> None:
+    def _reserve_ids(
+        self, change: plan.Plan, policies_plan: plan.PolicyPlan | None, config: Any
+    ) -> None:
         """Ids are reserved before use and never handed out twice, even when the change
         fails: conntrack entries may still name old ids. The change count moves too
         (also on failure: an undo is a change)."""
         state = self._state
-        config = state.config()
         ids_now = {
             "next_service_id": change.next_service_id,
             "next_backend_id": change.next_backend_id,

@@ -21,7 +21,6 @@ from pyebpflb.layout import (
 from pyebpflb.maps import ACTION_OF
 from pyebpflb.model import (
     Address,
-    Direction,
     Protocol,
     endpoint_text,
     parse_endpoint,
@@ -116,4 +115,4 @@ def probe(source: Address, sport: int, target: Address, dport: int, protocol: Pr
     return ether + header + l4
 
 
-__all__ = ["Direction", "explain", "probe"]
+__all__ = ["checksum", "explain", "probe"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from typing import Any
@@ -25,7 +26,7 @@ from pyebpflb.model import Service, endpoint_text, protocol_name
 
 
 def _not_installed(what: str, datapath: str) -> NotFound:
-    return NotFound(2, f"{what} is not installed in datapath {datapath!r}")
+    return NotFound(errno.ENOENT, f"{what} is not installed in datapath {datapath!r}")
 
 
 class Inspector:
