@@ -25,4 +25,20 @@ static __always_inline void count_or_create(void *map, const void *key, __u32 le
 	}
 }
 
+static __always_inline void count_traffic(void *map, __u32 id, __u32 len)
+{
+	struct pyebpflb_counter_value *value = bpf_map_lookup_elem(map, &id);
+
+	if (value) {
+		value->packets += 1;
+		value->bytes += len;
+	}
+}
+
+/* Count the first packet of a new flow, creating the counter if needed. */
+static __always_inline void count_new_flow(void *map, __u32 id, __u32 len)
+{
+	count_or_create(map, &id, len);
+}
+
 #endif

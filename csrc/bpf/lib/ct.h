@@ -13,13 +13,21 @@
 #include <linux/tcp.h>
 #include <bpf/bpf_helpers.h>
 
-#include "lib/maps.h"
+#include "pyebpflb/lb.h"
 #include "lib/parse.h"
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
+
+/* Both entries of every translated flow. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct pyebpflb_ct_key);
+	__type(value, struct pyebpflb_ct_entry);
+} lb_ct SEC(".maps");
 
 static __always_inline void ct_key_of(struct pyebpflb_ct_key *key, const struct packet *pkt,
 				      __u8 dir)

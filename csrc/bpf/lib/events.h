@@ -11,7 +11,10 @@
 #include <bpf/bpf_helpers.h>
 
 #include "pyebpflb/lb.h"
-#include "lib/maps.h"
+#include "lib/config.h"
+#include "lib/counters.h"
+#include "lib/drops.h"
+#include "lib/ctx.h"
 #include "lib/parse.h"
 
 #define EVENT_WINDOW_NS 1000000000ULL
@@ -48,7 +51,7 @@ struct {
  * the rest and submits it with bpf_ringbuf_submit.
  */
 static __always_inline struct pyebpflb_flow_event *
-event_start(struct __sk_buff *skb, const struct packet *pkt, __u8 type, __u8 dir)
+event_start(struct ctx_buff *ctx, const struct packet *pkt, __u8 type, __u8 dir)
 {
 	struct pyebpflb_lb_config *cfg;
 	struct pyebpflb_event_stats *stats;
@@ -58,7 +61,7 @@ event_start(struct __sk_buff *skb, const struct packet *pkt, __u8 type, __u8 dir
 
 	if (pkt->dry)
 		return NULL;
-	cfg = bpf_map_lookup_elem(&lb_config, &zero);
+	cfg = config();
 	if (!cfg || !(cfg->event_mask & (1U << type)))
 		return NULL;
 	now = bpf_ktime_get_ns();
@@ -93,25 +96,22 @@ event_start(struct __sk_buff *skb, const struct packet *pkt, __u8 type, __u8 dir
 	event->proto = pkt->proto;
 	event->type = type;
 	event->dir = dir;
-	event->ifindex = skb->ifindex;
-	event->len = skb->len;
+	event->ifindex = ctx_ifindex(ctx);
+	event->len = ctx_len(ctx);
 	return event;
 }
 
-static __always_inline void explain(struct __sk_buff *skb, const struct packet *pkt, int slot,
+static __always_inline void explain(struct ctx_buff *ctx, const struct packet *pkt, int slot,
 				    __u32 value)
 {
-	if (!pkt->dry)
-		return;
-	/* A constant index at every call site: the verifier sees a fixed cb offset. */
-	if (slot >= 0 && slot < PYEBPFLB_EXPLAIN_SLOTS)
-		skb->cb[slot] = value;
+	if (pkt->dry)
+		ctx_explain(ctx, slot, value);
 }
 
-static __always_inline void event_drop(struct __sk_buff *skb, const struct packet *pkt, __u8 dir,
+static __always_inline void event_drop(struct ctx_buff *ctx, const struct packet *pkt, __u8 dir,
 				       __u8 reason, __u32 service_id, __u32 rule_id)
 {
-	struct pyebpflb_flow_event *event = event_start(skb, pkt, PYEBPFLB_EVENT_DROP, dir);
+	struct pyebpflb_flow_event *event = event_start(ctx, pkt, PYEBPFLB_EVENT_DROP, dir);
 
 	if (!event)
 		return;
@@ -122,14 +122,14 @@ static __always_inline void event_drop(struct __sk_buff *skb, const struct packe
 }
 
 /* Count a dropped (or refused) packet under `reason`, and tell user space. */
-static __always_inline void note_drop(struct __sk_buff *skb, const struct packet *pkt, __u8 dir,
+static __always_inline void note_drop(struct ctx_buff *ctx, const struct packet *pkt, __u8 dir,
 				      __u8 reason, __u32 service_id, __u32 rule_id)
 {
-	explain(skb, pkt, PYEBPFLB_EXPLAIN_DROP, reason);
+	explain(ctx, pkt, PYEBPFLB_EXPLAIN_DROP, reason);
 	if (pkt->dry)
 		return;
-	count_drop(reason, skb->len);
-	event_drop(skb, pkt, dir, reason, service_id, rule_id);
+	count_drop(reason, ctx_len(ctx));
+	event_drop(ctx, pkt, dir, reason, service_id, rule_id);
 }
 
 #endif

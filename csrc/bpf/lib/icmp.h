@@ -12,11 +12,12 @@
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
-#include <linux/pkt_cls.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
+#include "lib/csum.h"
 #include "lib/ct.h"
+#include "lib/ctx.h"
 #include "lib/events.h"
 #include "lib/nat.h"
 #include "lib/parse.h"
@@ -40,24 +41,15 @@ struct icmp_header {
 	__u32 unused;
 };
 
-static __always_inline __u16 csum_fold(__s64 sum)
-{
-	__u32 folded = (__u32)sum;
-
-	folded = (folded & 0xffff) + (folded >> 16);
-	folded = (folded & 0xffff) + (folded >> 16);
-	return (__u16)~folded;
-}
-
-static __always_inline int swap_macs(struct __sk_buff *skb)
+static __always_inline int swap_macs(struct ctx_buff *ctx)
 {
 	__u8 macs[2 * ETH_ALEN], swapped[2 * ETH_ALEN];
 
-	if (bpf_skb_load_bytes(skb, 0, macs, sizeof(macs)))
+	if (ctx_load_bytes(ctx, 0, macs, sizeof(macs)))
 		return -1;
 	__builtin_memcpy(swapped, macs + ETH_ALEN, ETH_ALEN);
 	__builtin_memcpy(swapped + ETH_ALEN, macs, ETH_ALEN);
-	return bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0);
+	return ctx_store_bytes(ctx, 0, swapped, sizeof(swapped));
 }
 
 /*
@@ -80,18 +72,18 @@ static __always_inline int quote_len(const struct packet *pkt)
 
 /* Make room for `hdr_len` bytes of new headers before the old IP header, and
  * keep only the quote after them; the quote is loaded into `quote`. */
-static __always_inline int make_room(struct __sk_buff *skb, __u32 hdr_len, __u32 len,
+static __always_inline int make_room(struct ctx_buff *ctx, __u32 hdr_len, __u32 len,
 				     __u8 quote[QUOTE_MAX + 4])
 {
 	/* A no-op for the lengths quote_len() gives; it tells the verifier the bound. */
 	len &= 0x7c;
 	if (len < 8)
 		return -1;
-	if (bpf_skb_adjust_room(skb, hdr_len, BPF_ADJ_ROOM_MAC, 0))
+	if (ctx_grow_after_mac(ctx, hdr_len))
 		return -1;
-	if (bpf_skb_change_tail(skb, ETH_HLEN + hdr_len + len, 0))
+	if (ctx_set_len(ctx, ETH_HLEN + hdr_len + len))
 		return -1;
-	return bpf_skb_load_bytes(skb, ETH_HLEN + hdr_len, quote, len);
+	return ctx_load_bytes(ctx, ETH_HLEN + hdr_len, quote, len);
 }
 
 /*
@@ -99,7 +91,7 @@ static __always_inline int make_room(struct __sk_buff *skb, __u32 hdr_len, __u32
  * the new IP and ICMP headers goes in front of the old IP header, which with
  * its L4 header becomes the quoted part; the payload is cut.
  */
-static __always_inline int reject_ipv4(struct __sk_buff *skb, const struct packet *pkt)
+static __always_inline int reject_ipv4(struct ctx_buff *ctx, const struct packet *pkt)
 {
 	struct {
 		struct iphdr ip;
@@ -110,7 +102,7 @@ static __always_inline int reject_ipv4(struct __sk_buff *skb, const struct packe
 	__s64 sum;
 
 	/* Options would put the ports beyond where the quote is read. */
-	if (!pkt->l3_hlen_ok || len < 0 || make_room(skb, sizeof(hdr), len, quote))
+	if (!pkt->l3_hlen_ok || len < 0 || make_room(ctx, sizeof(hdr), len, quote))
 		return -1;
 
 	hdr.ip.version = 4;
@@ -120,19 +112,19 @@ static __always_inline int reject_ipv4(struct __sk_buff *skb, const struct packe
 	hdr.ip.protocol = IPPROTO_ICMP;
 	hdr.ip.saddr = pkt->daddr.v4;
 	hdr.ip.daddr = pkt->saddr.v4;
-	hdr.ip.check = csum_fold(bpf_csum_diff(0, 0, (__u32 *)&hdr.ip, sizeof(hdr.ip), 0));
+	hdr.ip.check = csum_fold((__u32)bpf_csum_diff(0, 0, (__u32 *)&hdr.ip, sizeof(hdr.ip), 0));
 	hdr.icmp.type = ICMP_DEST_UNREACH;
 	hdr.icmp.code = ICMP_PORT_UNREACH;
 	sum = bpf_csum_diff(0, 0, (__u32 *)&hdr.icmp, sizeof(hdr.icmp), 0);
 	sum = bpf_csum_diff(0, 0, (__u32 *)quote, len & 0x7c, sum);
-	hdr.icmp.checksum = csum_fold(sum);
+	hdr.icmp.checksum = csum_fold((__u32)sum);
 
-	if (bpf_skb_store_bytes(skb, ETH_HLEN, &hdr, sizeof(hdr), 0))
+	if (ctx_store_bytes(ctx, ETH_HLEN, &hdr, sizeof(hdr)))
 		return -1;
-	return swap_macs(skb);
+	return swap_macs(ctx);
 }
 
-static __always_inline int reject_ipv6(struct __sk_buff *skb, const struct packet *pkt)
+static __always_inline int reject_ipv6(struct ctx_buff *ctx, const struct packet *pkt)
 {
 	struct {
 		struct ipv6hdr ip;
@@ -148,7 +140,7 @@ static __always_inline int reject_ipv6(struct __sk_buff *skb, const struct packe
 	int len = quote_len(pkt);
 	__s64 sum;
 
-	if (len < 0 || make_room(skb, sizeof(hdr), len, quote))
+	if (len < 0 || make_room(ctx, sizeof(hdr), len, quote))
 		return -1;
 
 	hdr.ip.version = 6;
@@ -168,11 +160,11 @@ static __always_inline int reject_ipv6(struct __sk_buff *skb, const struct packe
 	sum = bpf_csum_diff(0, 0, (__u32 *)&pseudo, sizeof(pseudo), 0);
 	sum = bpf_csum_diff(0, 0, (__u32 *)&hdr.icmp, sizeof(hdr.icmp), sum);
 	sum = bpf_csum_diff(0, 0, (__u32 *)quote, len & 0x7c, sum);
-	hdr.icmp.checksum = csum_fold(sum);
+	hdr.icmp.checksum = csum_fold((__u32)sum);
 
-	if (bpf_skb_store_bytes(skb, ETH_HLEN, &hdr, sizeof(hdr), 0))
+	if (ctx_store_bytes(ctx, ETH_HLEN, &hdr, sizeof(hdr)))
 		return -1;
-	return swap_macs(skb);
+	return swap_macs(ctx);
 }
 
 /*
@@ -186,7 +178,7 @@ static __always_inline int reject_ipv6(struct __sk_buff *skb, const struct packe
  * its socket backlog, while an ICMP error that arrives during connect() is
  * dropped while the socket is locked, leaving the client to its SYN retry.
  */
-static __always_inline int reset_tcp(struct __sk_buff *skb, const struct packet *pkt)
+static __always_inline int reset_tcp(struct ctx_buff *ctx, const struct packet *pkt)
 {
 	struct tcphdr tcp;
 	__u32 old_seq, old_ack, payload;
@@ -195,7 +187,7 @@ static __always_inline int reset_tcp(struct __sk_buff *skb, const struct packet 
 	__u32 addr_len = pkt->family == PYEBPFLB_IPV4 ? 4 : 16;
 	__u8 flags;
 
-	if (bpf_skb_load_bytes(skb, pkt->l4_off, &tcp, sizeof(tcp)))
+	if (ctx_load_bytes(ctx, pkt->l4_off, &tcp, sizeof(tcp)))
 		return -1;
 	old_seq = tcp.seq;
 	old_ack = tcp.ack_seq;
@@ -215,37 +207,37 @@ static __always_inline int reset_tcp(struct __sk_buff *skb, const struct packet 
 	tcp.source = pkt->dport;
 	tcp.dest = pkt->sport;
 
-	if (bpf_l4_csum_replace(skb, pkt->csum_off, old_seq, tcp.seq, sizeof(__u32)) ||
-	    bpf_l4_csum_replace(skb, pkt->csum_off, old_ack, tcp.ack_seq, sizeof(__u32)) ||
-	    bpf_l4_csum_replace(skb, pkt->csum_off, old_word, new_word, sizeof(__u16)))
+	if (ctx_l4_csum_replace(ctx, pkt->csum_off, old_seq, tcp.seq, sizeof(__u32)) ||
+	    ctx_l4_csum_replace(ctx, pkt->csum_off, old_ack, tcp.ack_seq, sizeof(__u32)) ||
+	    ctx_l4_csum_replace(ctx, pkt->csum_off, old_word, new_word, sizeof(__u16)))
 		return -1;
 	/* Ports, sequence numbers and flags: the first 14 bytes of the header. */
-	if (bpf_skb_store_bytes(skb, pkt->l4_off, &tcp, 14, 0))
+	if (ctx_store_bytes(ctx, pkt->l4_off, &tcp, 14))
 		return -1;
 	addrs[0] = pkt->daddr;
 	addrs[1] = pkt->saddr;
-	if (bpf_skb_store_bytes(skb, saddr_off(pkt), &addrs[0], addr_len, 0) ||
-	    bpf_skb_store_bytes(skb, daddr_off(pkt), &addrs[1], addr_len, 0))
+	if (ctx_store_bytes(ctx, saddr_off(pkt), &addrs[0], addr_len) ||
+	    ctx_store_bytes(ctx, daddr_off(pkt), &addrs[1], addr_len))
 		return -1;
-	return swap_macs(skb);
+	return swap_macs(ctx);
 }
 
 /* Refuse a flow and send the refusal back out of the interface it came in on:
  * a reset for TCP, ICMP port unreachable for UDP (kube-proxy's REJECT). */
-static __always_inline int reject(struct __sk_buff *skb, const struct packet *pkt)
+static __always_inline int reject(struct ctx_buff *ctx, const struct packet *pkt)
 {
 	int err;
 
 	if (pkt->proto == IPPROTO_TCP)
-		err = reset_tcp(skb, pkt);
+		err = reset_tcp(ctx, pkt);
 	else
-		err = pkt->family == PYEBPFLB_IPV4 ? reject_ipv4(skb, pkt) : reject_ipv6(skb, pkt);
+		err = pkt->family == PYEBPFLB_IPV4 ? reject_ipv4(ctx, pkt) : reject_ipv6(ctx, pkt);
 
 	if (err) {
-		note_drop(skb, pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_REJECT_FAILED, 0, 0);
-		return TC_ACT_SHOT;
+		note_drop(ctx, pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_REJECT_FAILED, 0, 0);
+		return CTX_DROP;
 	}
-	return bpf_redirect(skb->ifindex, 0);
+	return ctx_bounce(ctx);
 }
 
 static __always_inline int icmp_is_error(const struct packet *pkt)
@@ -269,7 +261,7 @@ struct icmp_quote {
 	__u32 l4_off;	 /* the quoted transport header */
 };
 
-static __always_inline int icmp_quoted_key(struct __sk_buff *skb, const struct packet *pkt,
+static __always_inline int icmp_quoted_key(struct ctx_buff *ctx, const struct packet *pkt,
 					   struct pyebpflb_ct_key *key, struct icmp_quote *quote)
 {
 	__u32 inner_off = pkt->l4_off + 8;
@@ -283,7 +275,7 @@ static __always_inline int icmp_quoted_key(struct __sk_buff *skb, const struct p
 	if (pkt->family == PYEBPFLB_IPV4) {
 		struct iphdr inner;
 
-		if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)) || inner.ihl < 5)
+		if (ctx_load_bytes(ctx, inner_off, &inner, sizeof(inner)) || inner.ihl < 5)
 			return -1;
 		proto = inner.protocol;
 		key->saddr.v4 = inner.daddr;
@@ -293,7 +285,7 @@ static __always_inline int icmp_quoted_key(struct __sk_buff *skb, const struct p
 	} else {
 		struct ipv6hdr inner;
 
-		if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)))
+		if (ctx_load_bytes(ctx, inner_off, &inner, sizeof(inner)))
 			return -1;
 		proto = inner.nexthdr;
 		__builtin_memcpy(key->saddr.bytes, &inner.daddr, 16);
@@ -303,7 +295,7 @@ static __always_inline int icmp_quoted_key(struct __sk_buff *skb, const struct p
 	}
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return -1;
-	if (bpf_skb_load_bytes(skb, quote->l4_off, ports, sizeof(ports)))
+	if (ctx_load_bytes(ctx, quote->l4_off, ports, sizeof(ports)))
 		return -1;
 	key->proto = proto;
 	key->sport = ports[1];
@@ -319,14 +311,14 @@ static __always_inline int icmp_quoted_key(struct __sk_buff *skb, const struct p
  * 1 when the error was about a translated flow (and is translated now), 0
  * when not, -1 when rewriting failed.
  */
-static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, const struct packet *pkt)
+static __always_inline int icmp_error_rev_nat(struct ctx_buff *ctx, const struct packet *pkt)
 {
 	struct pyebpflb_ct_key key;
 	struct pyebpflb_ct_entry *entry;
 	struct icmp_quote quote;
 	__u32 csum_off = pkt->csum_off;
 
-	if (icmp_quoted_key(skb, pkt, &key, &quote))
+	if (icmp_quoted_key(ctx, pkt, &key, &quote))
 		return 0;
 	key.dir = PYEBPFLB_CT_REPLY;
 	entry = bpf_map_lookup_elem(&lb_ct, &key);
@@ -339,30 +331,29 @@ static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, const struc
 		    quote.daddr_off - offsetof(struct iphdr, daddr) + offsetof(struct iphdr, check);
 		__u16 old_csum, new_csum;
 
-		if (bpf_skb_load_bytes(skb, inner_csum_off, &old_csum, sizeof(old_csum)) ||
-		    bpf_l3_csum_replace(skb, inner_csum_off, key.saddr.v4, entry->nat_addr.v4,
+		if (ctx_load_bytes(ctx, inner_csum_off, &old_csum, sizeof(old_csum)) ||
+		    ctx_l3_csum_replace(ctx, inner_csum_off, key.saddr.v4, entry->nat_addr.v4,
 					sizeof(__u32)) ||
-		    bpf_skb_load_bytes(skb, inner_csum_off, &new_csum, sizeof(new_csum)) ||
-		    bpf_l4_csum_replace(skb, csum_off, old_csum, new_csum, sizeof(__u16)) ||
-		    bpf_l4_csum_replace(skb, csum_off, key.saddr.v4, entry->nat_addr.v4,
+		    ctx_load_bytes(ctx, inner_csum_off, &new_csum, sizeof(new_csum)) ||
+		    ctx_l4_csum_replace(ctx, csum_off, old_csum, new_csum, sizeof(__u16)) ||
+		    ctx_l4_csum_replace(ctx, csum_off, key.saddr.v4, entry->nat_addr.v4,
 					sizeof(__u32)) ||
-		    bpf_skb_store_bytes(skb, quote.daddr_off, &entry->nat_addr.v4, sizeof(__u32),
-					0))
+		    ctx_store_bytes(ctx, quote.daddr_off, &entry->nat_addr.v4, sizeof(__u32)))
 			return -1;
 	} else {
 		__s64 diff = bpf_csum_diff(key.saddr.v6, 16, entry->nat_addr.v6, 16, 0);
 
-		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, 0) ||
-		    bpf_skb_store_bytes(skb, quote.daddr_off, entry->nat_addr.bytes, 16, 0))
+		if (ctx_l4_csum_replace(ctx, csum_off, 0, diff, 0) ||
+		    ctx_store_bytes(ctx, quote.daddr_off, entry->nat_addr.bytes, 16))
 			return -1;
 	}
 	/* The quoted destination port. */
-	if (bpf_l4_csum_replace(skb, csum_off, key.sport, entry->nat_port, sizeof(__u16)) ||
-	    bpf_skb_store_bytes(skb, quote.l4_off + 2, &entry->nat_port, sizeof(__u16), 0))
+	if (ctx_l4_csum_replace(ctx, csum_off, key.sport, entry->nat_port, sizeof(__u16)) ||
+	    ctx_store_bytes(ctx, quote.l4_off + 2, &entry->nat_port, sizeof(__u16)))
 		return -1;
 	/* The error's own source, if the backend sent it (a router on the way keeps its own). */
 	if (addr_equal(&pkt->saddr, &key.saddr) &&
-	    rewrite_addr(skb, pkt, saddr_off(pkt), &pkt->saddr, &entry->nat_addr,
+	    rewrite_addr(ctx, pkt, saddr_off(pkt), &pkt->saddr, &entry->nat_addr,
 			 pkt->family == PYEBPFLB_IPV6))
 		return -1;
 	return 1;

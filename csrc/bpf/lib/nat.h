@@ -13,6 +13,8 @@
 #include <linux/ipv6.h>
 #include <bpf/bpf_helpers.h>
 
+#include "lib/csum.h"
+#include "lib/ctx.h"
 #include "lib/parse.h"
 
 /* UDP over IPv4 may carry no checksum (0); MARK_MANGLED_0 keeps it so. */
@@ -22,35 +24,35 @@ static __always_inline __u64 l4_csum_flags(const struct packet *pkt)
 }
 
 /* Is the address at `off` covered by the L4 checksum's pseudo-header? ICMPv4 has none. */
-static __always_inline int rewrite_addr(struct __sk_buff *skb, const struct packet *pkt, __u32 off,
+static __always_inline int rewrite_addr(struct ctx_buff *ctx, const struct packet *pkt, __u32 off,
 					const union pyebpflb_addr *from,
 					const union pyebpflb_addr *to, int pseudo)
 {
 	__u64 flags = l4_csum_flags(pkt) | (pseudo ? BPF_F_PSEUDO_HDR : 0);
 
 	if (pkt->family == PYEBPFLB_IPV4) {
-		if (bpf_l3_csum_replace(skb, pkt->l3_off + offsetof(struct iphdr, check), from->v4,
+		if (ctx_l3_csum_replace(ctx, pkt->l3_off + offsetof(struct iphdr, check), from->v4,
 					to->v4, sizeof(__u32)))
 			return -1;
-		if (pseudo && bpf_l4_csum_replace(skb, pkt->csum_off, from->v4, to->v4,
+		if (pseudo && ctx_l4_csum_replace(ctx, pkt->csum_off, from->v4, to->v4,
 						  flags | sizeof(__u32)))
 			return -1;
-		return bpf_skb_store_bytes(skb, off, &to->v4, sizeof(__u32), 0);
+		return ctx_store_bytes(ctx, off, &to->v4, sizeof(__u32));
 	}
 	/* IPv6 has no header checksum; the L4 one covers both addresses. */
 	__s64 diff = bpf_csum_diff((__u32 *)from->v6, 16, (__u32 *)to->v6, 16, 0);
 
-	if (bpf_l4_csum_replace(skb, pkt->csum_off, 0, diff, flags))
+	if (ctx_l4_csum_replace(ctx, pkt->csum_off, 0, diff, flags))
 		return -1;
-	return bpf_skb_store_bytes(skb, off, to->bytes, 16, 0);
+	return ctx_store_bytes(ctx, off, to->bytes, 16);
 }
 
-static __always_inline int rewrite_port(struct __sk_buff *skb, const struct packet *pkt, __u32 off,
+static __always_inline int rewrite_port(struct ctx_buff *ctx, const struct packet *pkt, __u32 off,
 					__u16 from, __u16 to)
 {
-	if (bpf_l4_csum_replace(skb, pkt->csum_off, from, to, l4_csum_flags(pkt) | sizeof(__u16)))
+	if (ctx_l4_csum_replace(ctx, pkt->csum_off, from, to, l4_csum_flags(pkt) | sizeof(__u16)))
 		return -1;
-	return bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0);
+	return ctx_store_bytes(ctx, off, &to, sizeof(to));
 }
 
 static __always_inline __u32 saddr_off(const struct packet *pkt)
@@ -65,24 +67,13 @@ static __always_inline __u32 daddr_off(const struct packet *pkt)
 							   : offsetof(struct ipv6hdr, daddr));
 }
 
-/* RFC 1624: HC' = ~(~HC + ~m + m'), for a 32-bit field, in one's complement. */
-static __always_inline __u16 csum_update4(__u16 check, __u32 from, __u32 to)
-{
-	__u32 sum = (__u16)~check;
-
-	sum += (__u16)~from + (__u16) ~(from >> 16) + (__u16)to + (__u16)(to >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return (__u16)~sum;
-}
-
 /*
  * The common case, IPv4 without options: the L4 checksum still goes through
  * the helper (it knows a partial checksum from a full one), but the header
  * checksum is always full, so it and both fields are written directly: three
  * helper calls fewer per packet. `dst` picks destination or source.
  */
-static __always_inline int nat_ipv4_direct(struct __sk_buff *skb, const struct packet *pkt, int dst,
+static __always_inline int nat_ipv4_direct(struct ctx_buff *ctx, const struct packet *pkt, int dst,
 					   __u32 addr, __u16 port)
 {
 	__u64 flags = l4_csum_flags(pkt);
@@ -92,13 +83,13 @@ static __always_inline int nat_ipv4_direct(struct __sk_buff *skb, const struct p
 	struct iphdr *ip;
 	__u16 *ports;
 
-	if (bpf_l4_csum_replace(skb, pkt->csum_off, old_addr, addr,
+	if (ctx_l4_csum_replace(ctx, pkt->csum_off, old_addr, addr,
 				flags | BPF_F_PSEUDO_HDR | sizeof(__u32)) ||
-	    bpf_l4_csum_replace(skb, pkt->csum_off, old_port, port, flags | sizeof(__u16)))
+	    ctx_l4_csum_replace(ctx, pkt->csum_off, old_port, port, flags | sizeof(__u16)))
 		return -1;
 	/* The helpers may have moved the data: find the headers again. */
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
+	data = ctx_data(ctx);
+	end = ctx_data_end(ctx);
 	ip = data + ETH_HLEN;
 	ports = data + ETH_HLEN + sizeof(*ip);
 	if ((void *)(ports + 2) > end)
@@ -115,32 +106,31 @@ static __always_inline int nat_ipv4_direct(struct __sk_buff *skb, const struct p
 }
 
 /* Are the IPv4 header (without options) and the ports in the linear part? */
-static __always_inline int ipv4_direct(struct __sk_buff *skb, const struct packet *pkt)
+static __always_inline int ipv4_direct(struct ctx_buff *ctx, const struct packet *pkt)
 {
 	return pkt->family == PYEBPFLB_IPV4 && pkt->l3_hlen_ok &&
-	       (void *)(long)skb->data + ETH_HLEN + sizeof(struct iphdr) + 4 <=
-		   (void *)(long)skb->data_end;
+	       ctx_data(ctx) + ETH_HLEN + sizeof(struct iphdr) + 4 <= ctx_data_end(ctx);
 }
 
 /* Ports sit at the same place in TCP and UDP: source first, destination next. */
-static __always_inline int dnat(struct __sk_buff *skb, const struct packet *pkt,
+static __always_inline int dnat(struct ctx_buff *ctx, const struct packet *pkt,
 				const union pyebpflb_addr *addr, __u16 port)
 {
-	if (ipv4_direct(skb, pkt))
-		return nat_ipv4_direct(skb, pkt, 1, addr->v4, port);
-	if (rewrite_addr(skb, pkt, daddr_off(pkt), &pkt->daddr, addr, 1))
+	if (ipv4_direct(ctx, pkt))
+		return nat_ipv4_direct(ctx, pkt, 1, addr->v4, port);
+	if (rewrite_addr(ctx, pkt, daddr_off(pkt), &pkt->daddr, addr, 1))
 		return -1;
-	return rewrite_port(skb, pkt, pkt->l4_off + 2, pkt->dport, port);
+	return rewrite_port(ctx, pkt, pkt->l4_off + 2, pkt->dport, port);
 }
 
-static __always_inline int snat(struct __sk_buff *skb, const struct packet *pkt,
+static __always_inline int snat(struct ctx_buff *ctx, const struct packet *pkt,
 				const union pyebpflb_addr *addr, __u16 port)
 {
-	if (ipv4_direct(skb, pkt))
-		return nat_ipv4_direct(skb, pkt, 0, addr->v4, port);
-	if (rewrite_addr(skb, pkt, saddr_off(pkt), &pkt->saddr, addr, 1))
+	if (ipv4_direct(ctx, pkt))
+		return nat_ipv4_direct(ctx, pkt, 0, addr->v4, port);
+	if (rewrite_addr(ctx, pkt, saddr_off(pkt), &pkt->saddr, addr, 1))
 		return -1;
-	return rewrite_port(skb, pkt, pkt->l4_off, pkt->sport, port);
+	return rewrite_port(ctx, pkt, pkt->l4_off, pkt->sport, port);
 }
 
 #endif

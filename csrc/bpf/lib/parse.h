@@ -2,7 +2,7 @@
 /*
  * Header parsing into one flat description of the packet. Reads go through
  * load_header: direct loads where the bytes are in the packet's linear part,
- * bpf_skb_load_bytes (which also reaches paged data) otherwise.
+ * ctx_load_bytes (which also reaches paged data) otherwise.
  */
 #ifndef PYEBPFLB_BPF_PARSE_H
 #define PYEBPFLB_BPF_PARSE_H
@@ -18,6 +18,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "pyebpflb/lb.h"
+#include "lib/ctx.h"
 
 #define IPV4_FRAG_MASK	     0x3fff /* more-fragments flag and fragment offset */
 #define IPV4_FRAG_OFFSET     0x1fff
@@ -71,14 +72,14 @@ struct packet {
 
 /*
  * Copy `len` header bytes at `off`: straight from the packet when they are in
- * its linear part (a few loads), through bpf_skb_load_bytes otherwise (a
+ * its linear part (a few loads), through ctx_load_bytes otherwise (a
  * helper call, which also reaches paged data). `len` is a constant at every
  * call site; the bound on `off` is what lets the verifier check the access.
  */
-static __always_inline int load_header(struct __sk_buff *skb, __u32 off, void *dst, __u32 len)
+static __always_inline int load_header(struct ctx_buff *ctx, __u32 off, void *dst, __u32 len)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
+	void *data = ctx_data(ctx);
+	void *end = ctx_data_end(ctx);
 	void *at;
 
 	if (off <= 512) {
@@ -88,7 +89,7 @@ static __always_inline int load_header(struct __sk_buff *skb, __u32 off, void *d
 			return 0;
 		}
 	}
-	return bpf_skb_load_bytes(skb, off, dst, len);
+	return ctx_load_bytes(ctx, off, dst, len);
 }
 
 static __always_inline int addr_equal(const union pyebpflb_addr *a, const union pyebpflb_addr *b)
@@ -97,13 +98,13 @@ static __always_inline int addr_equal(const union pyebpflb_addr *a, const union 
 	       a->v6[3] == b->v6[3];
 }
 
-static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
+static __always_inline int parse_l4(struct ctx_buff *ctx, struct packet *pkt)
 {
 	if (pkt->proto == IPPROTO_TCP) {
 		struct tcphdr tcp;
 
 		if (pkt->l4_off + sizeof(tcp) > pkt->l3_end ||
-		    load_header(skb, pkt->l4_off, &tcp, sizeof(tcp)))
+		    load_header(ctx, pkt->l4_off, &tcp, sizeof(tcp)))
 			return PARSE_MALFORMED;
 		if (tcp.doff < 5 || pkt->l4_off + tcp.doff * 4 > pkt->l3_end)
 			return PARSE_MALFORMED;
@@ -118,7 +119,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
 		struct udphdr udp;
 
 		if (pkt->l4_off + sizeof(udp) > pkt->l3_end ||
-		    load_header(skb, pkt->l4_off, &udp, sizeof(udp)))
+		    load_header(ctx, pkt->l4_off, &udp, sizeof(udp)))
 			return PARSE_MALFORMED;
 		/* A first fragment holds only the start of the datagram. */
 		if (bpf_ntohs(udp.len) < sizeof(udp) ||
@@ -135,7 +136,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
 
 		/* An ICMP header is 8 bytes; its checksum follows type and code. */
 		if (pkt->l4_off + 8 > pkt->l3_end ||
-		    load_header(skb, pkt->l4_off, head, sizeof(head)))
+		    load_header(ctx, pkt->l4_off, head, sizeof(head)))
 			return PARSE_MALFORMED;
 		pkt->sport = head[0];
 		pkt->icmp_id = head[2];
@@ -147,30 +148,30 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *pkt)
 }
 
 /* After the IP header: a fragment reports its kind, a whole packet its transport. */
-static __always_inline int parse_transport(struct __sk_buff *skb, struct packet *pkt)
+static __always_inline int parse_transport(struct ctx_buff *ctx, struct packet *pkt)
 {
 	int result;
 
 	if (pkt->frag == FRAG_LATER)
 		return PARSE_FRAGMENT;
-	result = parse_l4(skb, pkt);
+	result = parse_l4(ctx, pkt);
 	if (pkt->frag == FRAG_FIRST && (result == PARSE_OK || result == PARSE_OTHER))
 		return PARSE_FRAGMENT;
 	return result;
 }
 
-static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
+static __always_inline int parse_ipv4(struct ctx_buff *ctx, struct packet *pkt)
 {
 	struct iphdr ip;
 	__u32 hlen, total;
 
-	if (load_header(skb, pkt->l3_off, &ip, sizeof(ip)))
+	if (load_header(ctx, pkt->l3_off, &ip, sizeof(ip)))
 		return PARSE_MALFORMED;
 	if (ip.version != 4 || ip.ihl < 5)
 		return PARSE_MALFORMED;
 	hlen = ip.ihl * 4;
 	total = bpf_ntohs(ip.tot_len);
-	if (total < hlen || pkt->l3_off + total > skb->len)
+	if (total < hlen || pkt->l3_off + total > ctx_len(ctx))
 		return PARSE_MALFORMED;
 	/* Only the first fragment carries ports: fragments are not translated. */
 	if (ip.frag_off & bpf_htons(IPV4_FRAG_MASK)) {
@@ -184,7 +185,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt)
 	pkt->l3_hlen_ok = hlen == sizeof(ip);
 	pkt->l4_off = pkt->l3_off + hlen;
 	pkt->l3_end = pkt->l3_off + total;
-	return parse_transport(skb, pkt);
+	return parse_transport(ctx, pkt);
 }
 
 static __always_inline int ipv6_is_extension(__u8 next)
@@ -193,13 +194,13 @@ static __always_inline int ipv6_is_extension(__u8 next)
 	       next == IPPROTO_FRAGMENT || next == IPPROTO_AH;
 }
 
-static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
+static __always_inline int parse_ipv6(struct ctx_buff *ctx, struct packet *pkt)
 {
 	struct ipv6hdr ip;
 	__u32 off, payload;
 	__u8 next;
 
-	if (load_header(skb, pkt->l3_off, &ip, sizeof(ip)))
+	if (load_header(ctx, pkt->l3_off, &ip, sizeof(ip)))
 		return PARSE_MALFORMED;
 	if (ip.version != 6)
 		return PARSE_MALFORMED;
@@ -207,7 +208,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
 	/* A zero payload length means a jumbogram; those are not ours. */
 	if (payload == 0)
 		return PARSE_UNSUPPORTED;
-	if (pkt->l3_off + sizeof(ip) + payload > skb->len)
+	if (pkt->l3_off + sizeof(ip) + payload > ctx_len(ctx))
 		return PARSE_MALFORMED;
 	pkt->family = PYEBPFLB_IPV6;
 	__builtin_memcpy(pkt->saddr.bytes, &ip.saddr, 16);
@@ -224,8 +225,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
 
 		if (!ipv6_is_extension(next))
 			break;
-		if (off + sizeof(ext) > pkt->l3_end ||
-		    bpf_skb_load_bytes(skb, off, ext, sizeof(ext)))
+		if (off + sizeof(ext) > pkt->l3_end || ctx_load_bytes(ctx, off, ext, sizeof(ext)))
 			return PARSE_MALFORMED;
 		if (next == IPPROTO_FRAGMENT) {
 			if (pkt->frag)
@@ -250,17 +250,17 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *pkt)
 	/* Still an extension header after the most we follow: the transport is not found. */
 	if (pkt->frag != FRAG_LATER && ipv6_is_extension(next))
 		return PARSE_UNSUPPORTED;
-	return parse_transport(skb, pkt);
+	return parse_transport(ctx, pkt);
 }
 
-static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pkt)
+static __always_inline int parse_packet(struct ctx_buff *ctx, struct packet *pkt)
 {
 	__builtin_memset(pkt, 0, sizeof(*pkt));
 	pkt->l3_off = ETH_HLEN;
-	if (skb->protocol == bpf_htons(ETH_P_IP))
-		return parse_ipv4(skb, pkt);
-	if (skb->protocol == bpf_htons(ETH_P_IPV6))
-		return parse_ipv6(skb, pkt);
+	if (ctx_protocol(ctx) == bpf_htons(ETH_P_IP))
+		return parse_ipv4(ctx, pkt);
+	if (ctx_protocol(ctx) == bpf_htons(ETH_P_IPV6))
+		return parse_ipv6(ctx, pkt);
 	return PARSE_NOT_OURS;
 }
 

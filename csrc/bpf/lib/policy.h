@@ -12,14 +12,15 @@
 #define PYEBPFLB_BPF_POLICY_H
 
 #include <linux/bpf.h>
-#include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 
 #include "pyebpflb/lb.h"
 #include "lib/ct.h"
 #include "lib/events.h"
 #include "lib/icmp.h"
-#include "lib/maps.h"
+#include "lib/config.h"
+#include "lib/counters.h"
+#include "lib/ctx.h"
 #include "lib/parse.h"
 
 #define ICMP_ECHO_REQUEST   8
@@ -29,6 +30,74 @@
 #define ICMPV6_LINK_FIRST   130 /* multicast listener query */
 #define ICMPV6_LINK_LAST    137 /* redirect (133-137: neighbour discovery) */
 #define ICMPV6_MLD2_REPORT  143
+
+/* Flows policy let through, keyed as their answers will come (POLICY_IN,
+ * POLICY_OUT entries): apart from lb_ct, so that however much other traffic
+ * passes, its LRU never evicts a balanced flow (which would move it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct pyebpflb_ct_key);
+	__type(value, struct pyebpflb_ct_entry);
+} lb_pol_ct SEC(".maps");
+
+/* Network policy: see lb.h. LPM tries allocate per entry (no prealloc). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* replaced whole, read under RCU */
+	__type(key, __u32);
+	__type(value, struct pyebpflb_policy_head);
+} lb_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pyebpflb_policy_cidr_key);
+	__type(value, struct pyebpflb_policy_class);
+} lb_pol_cidrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pyebpflb_policy_port_key);
+	__type(value, struct pyebpflb_policy_verdict);
+} lb_pol_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_policy_rule);
+} lb_pol_rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_policy_info);
+} lb_pol_names SEC(".maps");
+
+/* Per-rule counters, created by a rule's first match. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_counter_value);
+} lb_rule_stats SEC(".maps");
+
+/* First fragments' ports, for the later fragments of the same datagram. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct pyebpflb_frag_key);
+	__type(value, struct pyebpflb_frag_ports);
+} lb_frags SEC(".maps");
 
 enum policy_result {
 	POLICY_PASS = 0,
@@ -110,11 +179,11 @@ static __always_inline void policy_lookup(__u32 gen, __u32 scope, __u8 dir,
 }
 
 /* A policy verdict for flow events: every denial, and the allowing of a new flow. */
-static __always_inline void policy_event(struct __sk_buff *skb, const struct packet *pkt, __u8 dir,
+static __always_inline void policy_event(struct ctx_buff *ctx, const struct packet *pkt, __u8 dir,
 					 const struct pyebpflb_policy_verdict *verdict,
 					 __u32 service_id)
 {
-	struct pyebpflb_flow_event *event = event_start(skb, pkt, PYEBPFLB_EVENT_POLICY, dir);
+	struct pyebpflb_flow_event *event = event_start(ctx, pkt, PYEBPFLB_EVENT_POLICY, dir);
 
 	if (!event)
 		return;
@@ -131,7 +200,7 @@ static __always_inline void policy_event(struct __sk_buff *skb, const struct pac
  * (`service_id`), on its VIP's port. Of the two scopes' verdicts, deny beats
  * allow, then the longer prefix wins, and a tie goes to the service's rule.
  */
-static __always_inline int policy_decide(struct __sk_buff *skb,
+static __always_inline int policy_decide(struct ctx_buff *ctx,
 					 const struct pyebpflb_policy_head *head, __u8 dir,
 					 const struct packet *pkt, __u32 service_id, __u16 port,
 					 int portless, struct pyebpflb_policy_verdict *verdict)
@@ -152,7 +221,7 @@ static __always_inline int policy_decide(struct __sk_buff *skb,
 			*verdict = other;
 	}
 	if (verdict->action != PYEBPFLB_POLICY_NONE && !pkt->dry)
-		count_or_create(&lb_rule_stats, &verdict->rule_id, skb->len);
+		count_or_create(&lb_rule_stats, &verdict->rule_id, ctx_len(ctx));
 	if (verdict->action == PYEBPFLB_POLICY_NONE) {
 		/* The default decided: rule id 0. */
 		verdict->rule_id = 0;
@@ -160,12 +229,12 @@ static __always_inline int policy_decide(struct __sk_buff *skb,
 								       : PYEBPFLB_POLICY_ALLOW;
 		verdict->is_default = 1;
 	}
-	explain(skb, pkt, PYEBPFLB_EXPLAIN_RULE, verdict->rule_id);
-	explain(skb, pkt, PYEBPFLB_EXPLAIN_POLICY,
+	explain(ctx, pkt, PYEBPFLB_EXPLAIN_RULE, verdict->rule_id);
+	explain(ctx, pkt, PYEBPFLB_EXPLAIN_POLICY,
 		(1 + verdict->action) | (verdict->is_default ? PYEBPFLB_EXPLAIN_DEFAULT : 0));
 	if (verdict->action == PYEBPFLB_POLICY_DENY) {
-		policy_event(skb, pkt, dir, verdict, service_id);
-		note_drop(skb, pkt, dir, PYEBPFLB_DROP_POLICY_DENIED, service_id, verdict->rule_id);
+		policy_event(ctx, pkt, dir, verdict, service_id);
+		note_drop(ctx, pkt, dir, PYEBPFLB_DROP_POLICY_DENIED, service_id, verdict->rule_id);
 		return POLICY_DROP;
 	}
 	return POLICY_PASS;
@@ -208,7 +277,7 @@ static __always_inline int policy_ct_key(struct pyebpflb_ct_key *key, const stru
 
 /* Remember a flow policy let through, so that its answers pass the other way;
  * the first packet of a flow a policy decided on makes a policy event. */
-static __always_inline void policy_ct_record(struct __sk_buff *skb, const struct packet *pkt,
+static __always_inline void policy_ct_record(struct ctx_buff *ctx, const struct packet *pkt,
 					     __u8 dir, __u8 answer_dir, __u64 now,
 					     const struct pyebpflb_policy_verdict *verdict)
 {
@@ -228,12 +297,12 @@ static __always_inline void policy_ct_record(struct __sk_buff *skb, const struct
 		ct_touch(&fresh, pkt, now, 0);
 		bpf_map_update_elem(&lb_pol_ct, &key, &fresh, BPF_ANY);
 		if (verdict->action != PYEBPFLB_POLICY_NONE)
-			policy_event(skb, pkt, dir, verdict, 0);
+			policy_event(ctx, pkt, dir, verdict, 0);
 	}
 }
 
 /* Is `pkt` an answer to a flow recorded for `answer_dir`, or an ICMP error about one? */
-static __always_inline int policy_ct_answer(struct __sk_buff *skb, const struct packet *pkt,
+static __always_inline int policy_ct_answer(struct ctx_buff *ctx, const struct packet *pkt,
 					    __u8 answer_dir, const struct pyebpflb_lb_config *cfg,
 					    __u64 now)
 {
@@ -243,7 +312,7 @@ static __always_inline int policy_ct_answer(struct __sk_buff *skb, const struct 
 	if (pkt->proto == IPPROTO_ICMP || pkt->proto == IPPROTO_ICMPV6) {
 		struct icmp_quote quote;
 
-		if (!pkt->frag && !icmp_quoted_key(skb, pkt, &key, &quote)) {
+		if (!pkt->frag && !icmp_quoted_key(ctx, pkt, &key, &quote)) {
 			/* About a flow we let through, or (ingress) one we balance. */
 			key.dir = answer_dir;
 			if (bpf_map_lookup_elem(&lb_pol_ct, &key))
@@ -303,7 +372,7 @@ static __always_inline int policy_fragment_ports(struct packet *pkt)
  * anything else is decided by the rules, and when let through, recorded so
  * that its answers pass the other way.
  */
-static __always_inline int policy_enforce(struct __sk_buff *skb,
+static __always_inline int policy_enforce(struct ctx_buff *ctx,
 					  const struct pyebpflb_policy_head *head, __u8 dir,
 					  struct packet *pkt, int parsed,
 					  const struct pyebpflb_lb_config *cfg, __u64 now)
@@ -316,30 +385,30 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 	int on = policy_flags(head, dir) & PYEBPFLB_POLICY_ON, portless = 0;
 
 	if (parsed == PARSE_NOT_OURS)
-		return TC_ACT_OK; /* not IP */
+		return CTX_PASS; /* not IP */
 	if (parsed == PARSE_MALFORMED || parsed == PARSE_UNSUPPORTED) {
 		if (!on)
-			return TC_ACT_OK;
-		note_drop(skb, pkt, dir,
+			return CTX_PASS;
+		note_drop(ctx, pkt, dir,
 			  parsed == PARSE_MALFORMED ? PYEBPFLB_DROP_MALFORMED
 						    : PYEBPFLB_DROP_UNSUPPORTED,
 			  0, 0);
-		return TC_ACT_SHOT;
+		return CTX_DROP;
 	}
 	/* IPv6 needs neighbour and multicast listener discovery on the link: no
 	 * policy stops them. */
 	if (parsed == PARSE_OK && pkt->proto == IPPROTO_ICMPV6 &&
 	    ((icmp_type(pkt) >= ICMPV6_LINK_FIRST && icmp_type(pkt) <= ICMPV6_LINK_LAST) ||
 	     icmp_type(pkt) == ICMPV6_MLD2_REPORT))
-		return TC_ACT_OK;
+		return CTX_PASS;
 	if (parsed == PARSE_FRAGMENT && pkt->proto != IPPROTO_ICMP && pkt->proto != IPPROTO_ICMPV6)
 		portless = !policy_fragment_ports(pkt);
-	if (on && !portless && policy_ct_answer(skb, pkt, answer_dir, cfg, now))
-		return TC_ACT_OK;
-	if (policy_decide(skb, head, dir, pkt, 0, pkt->dport, portless, &verdict) == POLICY_DROP)
-		return TC_ACT_SHOT;
-	policy_ct_record(skb, pkt, dir, other_dir, now, &verdict);
-	return TC_ACT_OK;
+	if (on && !portless && policy_ct_answer(ctx, pkt, answer_dir, cfg, now))
+		return CTX_PASS;
+	if (policy_decide(ctx, head, dir, pkt, 0, pkt->dport, portless, &verdict) == POLICY_DROP)
+		return CTX_DROP;
+	policy_ct_record(ctx, pkt, dir, other_dir, now, &verdict);
+	return CTX_PASS;
 }
 
 #endif

@@ -1,0 +1,296 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * The load balancer's two directions as named steps, written once over the
+ * packet context (lib/ctx.h): lb.bpf.c runs them on tc, lb_xdp.bpf.c runs
+ * the ingress on XDP.
+ *
+ * Ingress translates packets for a service VIP:port to a backend (DNAT) and
+ * records the flow; egress translates the backends' replies back (reverse
+ * NAT), so the client only ever sees the VIP. Anything else meets policy, or
+ * passes untouched when there is none.
+ */
+#ifndef PYEBPFLB_BPF_BALANCE_H
+#define PYEBPFLB_BPF_BALANCE_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "pyebpflb/lb.h"
+#include "lib/config.h"
+#include "lib/counters.h"
+#include "lib/ct.h"
+#include "lib/ctx.h"
+#include "lib/drops.h"
+#include "lib/events.h"
+#include "lib/icmp.h"
+#include "lib/nat.h"
+#include "lib/parse.h"
+#include "lib/policy.h"
+#include "lib/select.h"
+#include "lib/service.h"
+
+/* A step that did not decide the packet's fate: go on to the next. */
+#define NEXT_STEP (-100)
+
+/* What every ingress step knows about the packet. */
+struct ingress {
+	struct packet pkt;
+	struct pyebpflb_ct_key ct_key; /* the flow's SERVICE key */
+	struct pyebpflb_lb_config *cfg;
+	struct pyebpflb_policy_head *policy; /* NULL: no policy installed */
+	__u64 now;
+	int parsed; /* enum parse_result */
+};
+
+/* Not a service flow: policy decides, or it passes untouched. */
+static __always_inline int unrelated(struct ctx_buff *ctx, struct ingress *in, __u8 dir)
+{
+	if (!in->policy)
+		return CTX_PASS;
+	return policy_enforce(ctx, in->policy, dir, &in->pkt, in->parsed, in->cfg, in->now);
+}
+
+static __always_inline int dnat_to(struct ctx_buff *ctx, const struct packet *pkt,
+				   const union pyebpflb_addr *addr, __u16 port)
+{
+	if (dnat(ctx, pkt, addr, port))
+		return CTX_DROP;
+	return CTX_PASS;
+}
+
+/* Policy on a packet of a service flow: the rules naming the service, and the
+ * others on its real destination. The first packet of a flow it lets through
+ * makes a policy event. */
+static __always_inline int service_denied(struct ctx_buff *ctx, const struct ingress *in,
+					  __u32 service_id, __u16 port, int new_flow)
+{
+	struct pyebpflb_policy_verdict verdict;
+
+	if (!in->policy)
+		return 0;
+	if (policy_decide(ctx, in->policy, PYEBPFLB_POLICY_INGRESS, &in->pkt, service_id, port, 0,
+			  &verdict) == POLICY_DROP)
+		return 1;
+	if (new_flow && verdict.action != PYEBPFLB_POLICY_NONE)
+		policy_event(ctx, &in->pkt, PYEBPFLB_POLICY_INGRESS, &verdict, service_id);
+	return 0;
+}
+
+/* A new flow, translated: counted, and a trace event. */
+static __always_inline void note_new_flow(struct ctx_buff *ctx, const struct packet *pkt,
+					  const struct pyebpflb_backend *backend, __u32 service_id,
+					  __u32 backend_id)
+{
+	struct pyebpflb_flow_event *event;
+
+	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
+	explain(ctx, pkt, PYEBPFLB_EXPLAIN_BACKEND, backend_id);
+	if (pkt->dry)
+		return;
+	count_new_flow(&lb_svc_stats, service_id, ctx_len(ctx));
+	count_new_flow(&lb_be_stats, backend_id, ctx_len(ctx));
+	event = event_start(ctx, pkt, PYEBPFLB_EVENT_TRACE, PYEBPFLB_POLICY_INGRESS);
+	if (!event)
+		return;
+	event->nat_addr = backend->addr;
+	event->nat_port = backend->port;
+	event->service_id = service_id;
+	event->backend_id = backend_id;
+	bpf_ringbuf_submit(event, 0);
+}
+
+/* Policy allowing, record the new flow (and the client's choice, for `svc`
+ * under session affinity) and send it to its backend. */
+static __always_inline int admit(struct ctx_buff *ctx, struct ingress *in,
+				 const struct pyebpflb_backend *backend, __u32 backend_id,
+				 __u32 service_id, const struct pyebpflb_service *svc)
+{
+	if (ct_create(&in->ct_key, &in->pkt, backend, backend_id, service_id, in->now)) {
+		note_drop(ctx, &in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_CT_FULL, service_id,
+			  0);
+		return CTX_DROP;
+	}
+	if (svc && svc->affinity_timeout_s && !(svc->flags & PYEBPFLB_SERVICE_MAGLEV))
+		remember_affinity(svc, &in->pkt, backend_id, in->now);
+	note_new_flow(ctx, &in->pkt, backend, service_id, backend_id);
+	return dnat_to(ctx, &in->pkt, &backend->addr, backend->port);
+}
+
+/*
+ * A new connection on a reused client port goes to the backend the old one
+ * had, while that backend is in the service: its TCP stack knows the tuple
+ * (TIME_WAIT) and handles the reuse, as it would without a load balancer.
+ * Another backend would meet the old connection's stray segments and the
+ * client's resets for them.
+ */
+static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in,
+				       const struct pyebpflb_ct_entry *flow)
+{
+	__u32 backend_id = flow->backend_id, service_id = flow->service_id;
+	struct pyebpflb_backend *backend = backend_lookup(backend_id);
+
+	if (!backend) {
+		if (!in->pkt.dry)
+			bpf_map_delete_elem(&lb_ct, &in->ct_key);
+		return NEXT_STEP;
+	}
+	if (service_denied(ctx, in, service_id, backend->port, 1))
+		return CTX_DROP;
+	return admit(ctx, in, backend, backend_id, service_id, NULL);
+}
+
+/*
+ * A TCP connection whose backend left the service finishes where it is (the
+ * entry remembers the address), as with kube-proxy: only new connections
+ * avoid the backend. A UDP flow has no end to wait for, so it moves to a
+ * backend of the service, as kube-proxy makes it by clearing the conntrack
+ * entries of removed endpoints.
+ */
+static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *in,
+					 struct pyebpflb_ct_entry *flow)
+{
+	struct packet *pkt = &in->pkt;
+
+	if (pkt->proto != IPPROTO_TCP && !backend_lookup(flow->backend_id)) {
+		if (!pkt->dry)
+			bpf_map_delete_elem(&lb_ct, &in->ct_key);
+		return NEXT_STEP;
+	}
+	/* Policy holds for every packet: a new deny ends a flow at once. */
+	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
+	if (service_denied(ctx, in, flow->service_id, flow->nat_port, 0))
+		return CTX_DROP;
+	ct_touch(flow, pkt, in->now, 0);
+	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
+	explain(ctx, pkt, PYEBPFLB_EXPLAIN_BACKEND, flow->backend_id);
+	if (!pkt->dry) {
+		count_traffic(&lb_svc_stats, flow->service_id, ctx_len(ctx));
+		count_traffic(&lb_be_stats, flow->backend_id, ctx_len(ctx));
+	}
+	return dnat_to(ctx, pkt, &flow->nat_addr, flow->nat_port);
+}
+
+/* A packet of a known flow goes where the flow went. */
+static __always_inline int follow_flow(struct ctx_buff *ctx, struct ingress *in)
+{
+	struct pyebpflb_ct_entry *flow;
+
+	ct_key_of(&in->ct_key, &in->pkt, PYEBPFLB_CT_SERVICE);
+	flow = ct_lookup_service(&in->ct_key, &in->pkt, in->cfg, in->now);
+	if (!flow)
+		return NEXT_STEP;
+	if (ct_reopens(flow, &in->pkt))
+		return reopen_flow(ctx, in, flow);
+	return continue_flow(ctx, in, flow);
+}
+
+/* The service has no backend for the flow: counted, and refused (kube-proxy's REJECT). */
+static __always_inline int refuse(struct ctx_buff *ctx, struct ingress *in, __u32 service_id)
+{
+	explain(ctx, &in->pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
+	if (!in->pkt.dry)
+		count_new_flow(&lb_svc_stats, service_id, ctx_len(ctx));
+	note_drop(ctx, &in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_NO_BACKEND, service_id, 0);
+	return reject(ctx, &in->pkt);
+}
+
+/* A new flow to a service: a backend, policy, then the flow. */
+static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
+{
+	struct pyebpflb_backend *backend = NULL;
+	struct pyebpflb_service *svc;
+	__u32 backend_id;
+
+	svc = service_lookup(&in->pkt);
+	if (!svc)
+		return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
+	explain(ctx, &in->pkt, PYEBPFLB_EXPLAIN_SERVICE, svc->id);
+	backend_id = select_backend(svc, &in->pkt, in->cfg, in->now, &backend);
+	if (!backend_id && svc->count) {
+		/* An update removed the chosen backend between our reads; the
+		 * service entry has moved on to a complete new set: read it again. */
+		svc = service_lookup(&in->pkt);
+		if (!svc)
+			return CTX_PASS;
+		backend_id = svc->count ? slot_backend(svc, &backend) : 0;
+	}
+	/* Without a backend, the rules on the real destination see the VIP's port. */
+	if (service_denied(ctx, in, svc->id, backend ? backend->port : in->pkt.dport, 1))
+		return CTX_DROP;
+	if (!backend_id || !backend)
+		return refuse(ctx, in, svc->id);
+	return admit(ctx, in, backend, backend_id, svc->id, svc);
+}
+
+static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
+{
+	struct ingress in;
+	int verdict;
+
+	in.parsed = parse_packet(ctx, &in.pkt);
+	in.pkt.dry = ctx_probing(ctx);
+	in.cfg = config();
+	if (!in.cfg)
+		return CTX_PASS;
+	/* Jiffy resolution is plenty for timeouts of seconds, at a fraction of the cost. */
+	in.now = bpf_ktime_get_coarse_ns();
+	in.policy = policy_head(in.cfg);
+	if (in.parsed != PARSE_OK || (in.pkt.proto != IPPROTO_TCP && in.pkt.proto != IPPROTO_UDP))
+		return unrelated(ctx, &in, PYEBPFLB_POLICY_INGRESS);
+	verdict = follow_flow(ctx, &in);
+	if (verdict != NEXT_STEP)
+		return verdict;
+	return new_flow(ctx, &in);
+}
+
+/* A backend's answer in a translated flow: back to the VIP as its source. */
+static __always_inline int reverse_nat(struct ctx_buff *ctx, struct ingress *out)
+{
+	struct pyebpflb_ct_entry *reply, *flow;
+	struct pyebpflb_ct_key key;
+
+	ct_key_of(&key, &out->pkt, PYEBPFLB_CT_REPLY);
+	reply = bpf_map_lookup_elem(&lb_ct, &key);
+	if (!reply)
+		return unrelated(ctx, out, PYEBPFLB_POLICY_EGRESS);
+	/* The flow's life is kept on its SERVICE entry; replies refresh it too. */
+	flow = ct_lookup_service_of_reply(&out->pkt, reply);
+	if (flow)
+		ct_touch(flow, &out->pkt, bpf_ktime_get_coarse_ns(), PYEBPFLB_CT_SEEN_REPLY);
+	if (snat(ctx, &out->pkt, &reply->nat_addr, reply->nat_port))
+		return CTX_DROP;
+	return CTX_PASS;
+}
+
+/* An ICMP error about a balanced flow is part of it; anything else meets policy. */
+static __always_inline int icmp_egress(struct ctx_buff *ctx, struct ingress *out)
+{
+	int translated = icmp_error_rev_nat(ctx, &out->pkt);
+
+	if (translated < 0)
+		return CTX_DROP;
+	if (translated)
+		return CTX_PASS;
+	return unrelated(ctx, out, PYEBPFLB_POLICY_EGRESS);
+}
+
+static __always_inline int lb_egress_steps(struct ctx_buff *ctx)
+{
+	struct ingress out;
+
+	out.parsed = parse_packet(ctx, &out.pkt);
+	out.pkt.dry = ctx_probing(ctx);
+	out.cfg = config();
+	if (!out.cfg)
+		return CTX_PASS;
+	out.policy = policy_head(out.cfg);
+	/* Egress reads the clock only when policy needs it. */
+	out.now = out.policy ? bpf_ktime_get_coarse_ns() : 0;
+	if (out.parsed != PARSE_OK)
+		return unrelated(ctx, &out, PYEBPFLB_POLICY_EGRESS);
+	if (out.pkt.proto == IPPROTO_ICMP || out.pkt.proto == IPPROTO_ICMPV6)
+		return icmp_egress(ctx, &out);
+	return reverse_nat(ctx, &out);
+}
+
+#endif

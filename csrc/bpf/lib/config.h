@@ -1,0 +1,27 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* The datapath's settings (timeouts, event mask and rate, policy switch),
+ * written by user space, one entry. Sizes of every map in lib/ are
+ * placeholders: the Python Datapath sets max_entries before load. */
+#ifndef PYEBPFLB_BPF_CONFIG_H
+#define PYEBPFLB_BPF_CONFIG_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "pyebpflb/lb.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_lb_config);
+} lb_config SEC(".maps");
+
+static __always_inline struct pyebpflb_lb_config *config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&lb_config, &zero);
+}
+
+#endif

@@ -1,0 +1,107 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Services: VIP:port -> the service entry, its generation's slots, the
+ * backends, Maglev tables, names and counters. User space (plan.py) writes a
+ * generation's slots and backends before the service entry that points at
+ * them, so a packet that found the entry finds everything it names.
+ */
+#ifndef PYEBPFLB_BPF_SERVICE_H
+#define PYEBPFLB_BPF_SERVICE_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "pyebpflb/lb.h"
+#include "lib/counters.h"
+#include "lib/parse.h"
+
+/* Services, slots and backends are replaced whole by user space while
+ * packets read them. Without preallocation a replaced element is freed only
+ * after an RCU grace period, so a reader never sees a value half-rewritten. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pyebpflb_service_key);
+	__type(value, struct pyebpflb_service);
+} lb_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 524288);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pyebpflb_slot_key);
+	__type(value, struct pyebpflb_slot);
+} lb_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_backend);
+} lb_backends SEC(".maps");
+
+/*
+ * Maglev tables: service id -> an array of backend ids. User space builds a
+ * whole new table and swaps it in with one update of the outer map, so
+ * packets never read a table being edited. BPF_F_INNER_MAP lets the tables
+ * have the datapath's size rather than this template's.
+ */
+struct maglev_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 251);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__array(values, struct maglev_table);
+} lb_maglev SEC(".maps");
+
+/* Names of services, for reading the state back; never touched by packets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_service_name);
+} lb_svc_names SEC(".maps");
+
+/* Per-CPU counters, summed over CPUs on read. An entry is created by the first
+ * new flow of its service or backend (so programming a service writes no
+ * counter) and deleted by user space with the service or backend. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_counter_value);
+} lb_svc_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_counter_value);
+} lb_be_stats SEC(".maps");
+
+static __always_inline struct pyebpflb_service *service_lookup(const struct packet *pkt)
+{
+	struct pyebpflb_service_key key = {
+	    .vip = pkt->daddr, .port = pkt->dport, .proto = pkt->proto, .family = pkt->family};
+
+	return bpf_map_lookup_elem(&lb_services, &key);
+}
+
+static __always_inline struct pyebpflb_backend *backend_lookup(__u32 backend_id)
+{
+	return bpf_map_lookup_elem(&lb_backends, &backend_id);
+}
+
+#endif
