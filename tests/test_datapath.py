@@ -18,6 +18,7 @@ from scapy.layers.inet import IP
 import pyebpflb as lb
 from pyebpflb._bpf import Map, MapType, tc
 from pyebpflb._bpf.netns import entered
+from pyebpflb.datapath import apply
 
 pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
@@ -134,6 +135,61 @@ def test_overflowing_the_backends_map_keeps_the_previous_services() -> None:
             dp.sync([service(4, "tcp", count=3), service(4, "udp", count=3)])
         assert dp.services == [service(4, "tcp", count=3)]
         assert entry_counts(dp) == before
+
+
+def many(count: int, port: int = 80, backends: int = 3) -> list[lb.Service]:
+    return [
+        lb.Service(
+            vip=f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}",
+            port=port,
+            name=f"default/s{i}",
+            backends=[
+                lb.Backend(f"10.200.{i // 256 % 256}.{i % 256}", 8080 + b) for b in range(backends)
+            ],
+        )
+        for i in range(count)
+    ]
+
+
+def test_a_large_sync_written_in_chunks_replaces_the_installed_set() -> None:
+    # 30,000 services are planned and written in chunks (apply.CHUNK_SERVICES),
+    # the kernel writing one while the next is planned; removals and changes of
+    # installed services go with them.
+    assert apply.OVERLAP_FROM <= 30_000
+    installed = many(200, port=81) + many(100)
+    with datapath("chunks", max_services=40_000, max_backends=100_000) as dp:
+        dp.sync(installed)
+        wanted = many(30_000, backends=2)  # the 100 on port 80 lose a backend
+        dp.sync(wanted)
+        assert sorted(dp.services, key=lambda s: s.name) == sorted(wanted, key=lambda s: s.name)
+        counts = entry_counts(dp)
+        assert (counts["lb_services"], counts["lb_backends"], counts["lb_svc_names"]) == (
+            30_000,
+            60_000,
+            30_000,
+        )
+        for svc in (wanted[0], wanted[-1]):
+            _, out = run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", str(svc.vip), 1000, 80))
+            assert out[IP].dst == str(svc.backends[0].address)  # all of one address
+        removed = packet(4, "tcp", "10.1.0.5", str(installed[0].vip), 1000, 81)
+        assert bytes(run(dp, "lb_ingress", removed)[1]) == bytes(removed)
+
+
+def test_a_large_sync_failing_in_a_later_chunk_undoes_the_earlier_chunks() -> None:
+    installed = many(10, port=81)
+    with datapath("chunks-full", max_services=40_000, max_backends=40_000) as dp:
+        dp.sync(installed)
+        before = entry_counts(dp)
+        # The second chunk overflows lb_backends; the first was written already.
+        with pytest.raises(lb.MapFull, match="raise max_backends"):
+            dp.sync(installed + many(30_000))
+        assert dp.services == installed
+        assert entry_counts(dp) == before
+        first = many(1)[0]
+        sent = packet(4, "tcp", "10.1.0.5", str(first.vip), 1000, 80)
+        assert bytes(run(dp, "lb_ingress", sent)[1]) == bytes(sent)  # unpublished again
+        kept = packet(4, "tcp", "10.1.0.5", str(installed[3].vip), 1000, 81)
+        assert run(dp, "lb_ingress", kept)[1][IP].dst == str(installed[3].backends[0].address)
 
 
 def test_ten_thousand_services_with_three_backends_sync_and_serve() -> None:

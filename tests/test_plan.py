@@ -6,6 +6,7 @@ from typing import Any
 
 import pyebpflb as lb
 from pyebpflb import maps, plan
+from pyebpflb._bpf._libbpf import ffi
 from pyebpflb.snapshot import EMPTY, Snapshot
 
 BACKENDS = [lb.Backend(f"10.0.1.{i}", 8080) for i in (1, 2, 3)]
@@ -17,9 +18,9 @@ def steps(phase: list[plan.Step]) -> dict[str, tuple[str, int]]:
     found: dict[str, tuple[str, int]] = {}
     for step in phase:
         if isinstance(step, plan.Write):
-            found[step.map] = ("write", len(step.items))
+            found[step.map] = ("write", step.count)
         elif isinstance(step, plan.Delete):
-            found[step.map] = ("delete", len(step.keys))
+            found[step.map] = ("delete", step.count)
         else:
             found[type(step).__name__] = ("table", 1)
     return found
@@ -49,8 +50,10 @@ def test_a_new_service_is_prepared_then_published_and_undone_service_first() -> 
     assert installed is not None
     assert (installed.id, installed.backend_ids, installed.count) == (1, (1, 2, 3), 3)
     assert (change.next_service_id, change.next_backend_id) == (2, 4)
-    ((_, entry),) = next(s for s in change.publish if isinstance(s, plan.Write)).items
-    assert (int(entry.id), int(entry.count), int(entry.gen)) == (1, 3, 0)
+    written = next(s for s in change.publish if isinstance(s, plan.Write))
+    assert written.count == 1 and written.packed is not None
+    service = ffi.from_buffer("struct pyebpflb_service *", written.packed.values)
+    assert (service.id, service.count, service.gen) == (1, 3, 0)
 
 
 def test_the_installed_state_again_plans_nothing() -> None:

@@ -9,6 +9,7 @@ shares up to 2^-32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 ONE = 1 << 32
@@ -16,11 +17,14 @@ ONE = 1 << 32
 
 def alias_table(weights: Sequence[int]) -> list[tuple[int, int, int]]:
     """(own index, alias index, threshold) per slot, for positive ``weights``."""
-    count, total = len(weights), sum(weights)
+    count = len(weights)
     if count == 0:
         return []
+    if weights.count(weights[0]) == count and weights[0] > 0:
+        return list(_equal(count))
     if any(w <= 0 for w in weights):
         raise ValueError(f"alias weights must be positive, got {list(weights)}")
+    total = sum(weights)
     # Each slot holds `total` units of probability mass (out of count * total).
     mass = [w * count for w in weights]
     own = [total] * count
@@ -46,3 +50,9 @@ def shares(table: Sequence[tuple[int, int, int]], count: int) -> list[float]:
         result[own] += threshold / ONE / len(table)
         result[alias] += (ONE - threshold) / ONE / len(table)
     return result
+
+
+@functools.lru_cache(maxsize=256)
+def _equal(count: int) -> tuple[tuple[int, int, int], ...]:
+    """Equal weights (the common case): every slot is its own, always."""
+    return tuple((i, i, ONE - 1) for i in range(count))

@@ -2,14 +2,17 @@
 
 Every layout comes from ``csrc/include/pyebpflb/lb.h`` through cffi; this
 module only knows which model value goes into which field, and in which byte
-order. Pure: it builds and reads cdata, never a map (reading the kernel is
-``pyebpflb.datapath.state``'s job).
+order. Pure: it builds bytes and reads cdata, never a map (reading the kernel is
+``pyebpflb.datapath.state``'s job). What a sync writes by the hundred thousand
+(service keys and entries, slots, backends, names) is packed into ``bytes`` by
+:mod:`pyebpflb.packing`, with no cffi call per entry.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from pyebpflb import policy
@@ -27,9 +30,12 @@ from pyebpflb.model import (
     Scheduler,
     Service,
 )
+from pyebpflb.packing import Packer
+from pyebpflb.packing import u32 as u32
+from pyebpflb.packing import u32s as u32s
 
-# The maps of the lb object (csrc/bpf/lib/maps.h): a map's name in C, its pin file
-# and the name Python opens it by are this one word.
+# The maps of the lb object (each defined in csrc/bpf/lib/ beside its concern): a
+# map's name in C, its pin file and the name Python opens it by are this one word.
 CONFIG = "lb_config"
 SERVICES = "lb_services"
 SVC_NAMES = "lb_svc_names"
@@ -53,11 +59,6 @@ EVENTS = "lb_events"
 EVENT_STATS = "lb_event_stats"
 EVENT_READER = "lb_event_reader"
 MAGLEV_TABLE = "lb_maglev_table"  # the inner maps of lb_maglev
-
-
-def u32(value: int) -> Any:
-    """A ``__u32`` key or value: the ids of services and backends, slot indexes."""
-    return ffi.new("__u32 *", value)
 
 
 def addr_bytes(address: Address) -> bytes:
@@ -88,26 +89,48 @@ def port_from(value: int) -> int:
     return socket.ntohs(value)
 
 
-def service_key(service: Service) -> Any:
-    key = ffi.new("struct pyebpflb_service_key *")
-    ffi.memmove(key.vip.bytes, addr_bytes(service.vip), 16)
-    key.port = port_be(service.port)
-    key.proto = service.protocol.number
-    key.family = FAMILY_TAG[service.vip.version]
-    return key
+_SERVICE_KEY = Packer("struct pyebpflb_service_key", "vip", "port", "proto", "family")
+_SERVICE = Packer("struct pyebpflb_service", "id", "count", "gen", "flags", "affinity_timeout_s")
+_SLOT_KEY = Packer("struct pyebpflb_slot_key", "service_id", "slot")
+_SLOT = Packer("struct pyebpflb_slot", "backend_id", "alias_id", "threshold")
+_BACKEND = Packer(
+    "struct pyebpflb_backend",
+    "addr",
+    "port",
+    "family",
+    "state",
+    "service_id",
+    "weight",
+    "position",
+    "usable",
+)
+_NAME = Packer("struct pyebpflb_service_name", "name")
+_MAGLEV_FLAG = {Scheduler.MAGLEV: int(lib.PYEBPFLB_SERVICE_MAGLEV)}
+# (key size, value size) of the entries packed below, by map.
+PACKED_SIZES = {
+    SERVICES: (_SERVICE_KEY.size, _SERVICE.size),
+    SVC_NAMES: (4, _NAME.size),
+    BACKENDS: (4, _BACKEND.size),
+    SLOTS: (_SLOT_KEY.size, _SLOT.size),
+}
 
 
-def service_entry(service_id: int, count: int, gen: int, service: Service) -> Any:
-    maglev = service.scheduler is Scheduler.MAGLEV
-    return ffi.new(
-        "struct pyebpflb_service *",
-        {
-            "id": service_id,
-            "count": count,
-            "gen": gen,
-            "flags": lib.PYEBPFLB_SERVICE_MAGLEV if maglev else 0,
-            "affinity_timeout_s": service.affinity_timeout or 0,
-        },
+def service_key(service: Service) -> bytes:
+    return _SERVICE_KEY.pack(
+        service.vip.packed,
+        socket.htons(service.port),
+        service.protocol.number,
+        FAMILY_TAG[service.vip.version],
+    )
+
+
+def service_entry(service_id: int, count: int, gen: int, service: Service) -> bytes:
+    return _SERVICE.pack(
+        service_id,
+        count,
+        gen,
+        _MAGLEV_FLAG.get(service.scheduler, 0),
+        service.affinity_timeout or 0,
     )
 
 
@@ -116,11 +139,8 @@ def scheduler_from(entry: Any) -> Scheduler:
     return Scheduler.MAGLEV if int(entry.flags) & lib.PYEBPFLB_SERVICE_MAGLEV else Scheduler.RANDOM
 
 
-def slot_key(service_id: int, gen: int, slot: int) -> Any:
-    return ffi.new(
-        "struct pyebpflb_slot_key *",
-        {"service_id": service_id, "slot": (gen << SLOT_GEN_SHIFT) | slot},
-    )
+def slot_key(service_id: int, gen: int, slot: int) -> bytes:
+    return _SLOT_KEY.pack(service_id, (gen << SLOT_GEN_SHIFT) | slot)
 
 
 STATE_TAG = {
@@ -131,17 +151,55 @@ STATE_TAG = {
 STATE_OF = {tag: state for state, tag in STATE_TAG.items()}
 
 
-def backend_value(backend: Backend, service_id: int, position: int, usable: bool) -> Any:
-    value = ffi.new("struct pyebpflb_backend *")
-    ffi.memmove(value.addr.bytes, addr_bytes(backend.address), 16)
-    value.port = port_be(backend.port)
-    value.family = FAMILY_TAG[backend.family]
-    value.state = STATE_TAG[backend.state]
-    value.service_id = service_id
-    value.weight = backend.weight
-    value.position = position
-    value.usable = int(usable)
-    return value
+_ACTIVE = BackendState.ACTIVE
+_ACTIVE_TAG = STATE_TAG[_ACTIVE]
+
+
+def backend_value(backend: Backend, service_id: int, position: int, usable: bool) -> bytes:
+    state = backend.state
+    return _BACKEND.pack(
+        backend.address.packed,
+        socket.htons(backend.port),
+        FAMILY_TAG[backend.address.version],
+        # Most backends are active: an identity test spares the enum's slow hash.
+        _ACTIVE_TAG if state is _ACTIVE else STATE_TAG[state],
+        service_id,
+        backend.weight,
+        position,
+        usable,
+    )
+
+
+def backend_values(service: Service, service_id: int, usable_at: list[int]) -> bytes:
+    """The values of all of ``service``'s backends, packed end to end in their order
+    (the bulk path of a new service: one call instead of one per backend)."""
+    pack, active, in_use = _BACKEND.pack, _ACTIVE, set(usable_at)
+    family = FAMILY_TAG[service.vip.version]  # a service's addresses are of one family
+    return b"".join(
+        [
+            pack(
+                backend.address.packed,
+                socket.htons(backend.port),
+                family,
+                _ACTIVE_TAG if backend.state is active else STATE_TAG[backend.state],
+                service_id,
+                backend.weight,
+                position,
+                position in in_use,
+            )
+            for position, backend in enumerate(service.backends)
+        ]
+    )
+
+
+def slot_entries(
+    service_id: int, gen: int, table: Sequence[tuple[int, int, int]], ids: list[int]
+) -> tuple[bytes, bytes]:
+    """Keys and values of the slots of ``table`` (alias indexes into ``ids``), packed."""
+    key, value, base = _SLOT_KEY.pack, _SLOT.pack, gen << SLOT_GEN_SHIFT
+    keys = b"".join([key(service_id, base | index) for index in range(1, len(table) + 1)])
+    values = b"".join([value(ids[own], ids[alias], threshold) for own, alias, threshold in table])
+    return keys, values
 
 
 def backend_from(value: Any) -> Backend:
@@ -153,18 +211,12 @@ def backend_from(value: Any) -> Backend:
     )
 
 
-def slot_value(backend_id: int, alias_id: int, threshold: int) -> Any:
-    return ffi.new(
-        "struct pyebpflb_slot *",
-        {"backend_id": backend_id, "alias_id": alias_id, "threshold": threshold},
-    )
+def slot_value(backend_id: int, alias_id: int, threshold: int) -> bytes:
+    return _SLOT.pack(backend_id, alias_id, threshold)
 
 
-def name_value(name: str) -> Any:
-    value = ffi.new("struct pyebpflb_service_name *")
-    encoded = name.encode()
-    ffi.memmove(value.name, encoded, len(encoded))
-    return value
+def name_value(name: str) -> bytes:
+    return _NAME.pack(name.encode())
 
 
 # -- network policy ----------------------------------------------------------------------

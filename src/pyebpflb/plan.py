@@ -31,10 +31,31 @@ from pyebpflb.model import Address, Backend, Policy, Rule, Scheduler, Service
 from pyebpflb.snapshot import Installed, Key, PolicyState, Snapshot
 
 
+@attrs.define(eq=False)
+class Packed:
+    """Entries laid out as one batch system call takes them: keys end to end in
+    ``keys``, values end to end in ``values``. A bulk change (a sync from empty)
+    appends each entry's packed bytes here instead of making a pair of objects
+    per entry, and its undo deletes the same buffer of keys."""
+
+    key_size: int
+    value_size: int
+    keys: bytearray = attrs.Factory(bytearray)
+    values: bytearray = attrs.Factory(bytearray)
+
+    def __len__(self) -> int:
+        return len(self.keys) // self.key_size
+
+
 @attrs.define
 class Write:
     map: str
     items: list[tuple[Any, Any]] = attrs.Factory(list)
+    packed: Packed | None = None  # more entries, already packed
+
+    @property
+    def count(self) -> int:
+        return len(self.items) + (len(self.packed) if self.packed is not None else 0)
 
 
 @attrs.define
@@ -42,6 +63,11 @@ class Delete:
     map: str
     keys: list[Any] = attrs.Factory(list)
     missing_ok: bool = False  # keys that may be gone already are no failure
+    packed: Packed | None = None  # more keys, already packed (its values unused)
+
+    @property
+    def count(self) -> int:
+        return len(self.keys) + (len(self.packed) if self.packed is not None else 0)
 
 
 @attrs.define
@@ -92,19 +118,41 @@ class _Steps:
     def __init__(self) -> None:
         self._steps: dict[tuple[str, str], Step] = {}
 
-    def write(self, map_name: str, key: Any, value: Any) -> None:
+    def writes(self, map_name: str) -> list[tuple[Any, Any]]:
+        """The (key, value) list of the map's Write step, to append to."""
         step = self._steps.get(("w", map_name))
         if step is None:
             step = self._steps[("w", map_name)] = Write(map_name)
         assert isinstance(step, Write)
-        step.items.append((key, value))
+        return step.items
 
-    def delete(self, map_name: str, key: Any, *, missing_ok: bool = False) -> None:
+    def deletes(self, map_name: str, *, missing_ok: bool = False) -> list[Any]:
+        """The key list of the map's Delete step, to append to."""
         step = self._steps.get(("d", map_name))
         if step is None:
             step = self._steps[("d", map_name)] = Delete(map_name, missing_ok=missing_ok)
         assert isinstance(step, Delete)
-        step.keys.append(key)
+        return step.keys
+
+    def write(self, map_name: str, key: Any, value: Any) -> None:
+        self.writes(map_name).append((key, value))
+
+    def delete(self, map_name: str, key: Any, *, missing_ok: bool = False) -> None:
+        self.deletes(map_name, missing_ok=missing_ok).append(key)
+
+    def write_packed(self, map_name: str, packed: Packed) -> None:
+        """``packed`` becomes the map's packed entries (its Write step's)."""
+        self.writes(map_name)
+        step = self._steps[("w", map_name)]
+        assert isinstance(step, Write) and step.packed in (None, packed)
+        step.packed = packed
+
+    def delete_packed(self, map_name: str, packed: Packed) -> None:
+        """The keys of ``packed`` become the map's packed deletes."""
+        self.deletes(map_name)
+        step = self._steps[("d", map_name)]
+        assert isinstance(step, Delete) and step.packed in (None, packed)
+        step.packed = packed
 
     def add(self, step: Step) -> None:
         self._steps[(type(step).__name__, str(id(step)))] = step
@@ -144,12 +192,17 @@ class _Planner:
         # What this plan changes, over the snapshot (None: removed). Not a copy of
         # the snapshot: one upsert among 100,000 services stays O(1).
         self.changes: dict[Key, Installed | None] = {}
+        # The packed entries of services new to the datapath (see _add).
+        self._new: tuple[Packed, Packed, Packed, Packed] | None = None
         self.service_ids = itertools.count(snapshot.next_service_id)
         self.backend_ids = itertools.count(snapshot.next_backend_id)
         self.changed = 0
 
     def installed(self, key: Key) -> Installed | None:
-        return self.changes[key] if key in self.changes else self.snapshot.services.get(key)
+        if key in self.changes:
+            return self.changes[key]
+        services = self.snapshot.services
+        return services.get(key) if services else None
 
     def remove(self, key: Key) -> None:
         old = self.installed(key)
@@ -185,25 +238,22 @@ class _Planner:
             return
         service_key = maps.service_key(service)
         if old is None:
-            service_id, gen = next(self.service_ids), 0
+            self._add(service, service_key)
+            return
+        service_id, gen = old.id, 1 - old.gen
+        if old.service.name != service.name:
             id_key = maps.u32(service_id)
             self.prepare.write(maps.SVC_NAMES, id_key, maps.name_value(service.name))
-            self.undo.delete(maps.SVC_NAMES, id_key)
-            self.undo_first.delete(maps.SERVICES, service_key)
-        else:
-            service_id, gen = old.id, 1 - old.gen
-            if old.service.name != service.name:
-                id_key = maps.u32(service_id)
-                self.prepare.write(maps.SVC_NAMES, id_key, maps.name_value(service.name))
-                self.undo.write(maps.SVC_NAMES, id_key, maps.name_value(old.service.name))
-            self.undo.write(
-                maps.SERVICES,
-                service_key,
-                maps.service_entry(old.id, old.count, old.gen, old.service),
-            )
-        ids = self._backends(service, service_id, old)
-        count, slots = self._slots(service, service_id, gen, ids, old)
-        self._maglev(service, service_id, ids, old)
+            self.undo.write(maps.SVC_NAMES, id_key, maps.name_value(old.service.name))
+        self.undo.write(
+            maps.SERVICES,
+            service_key,
+            maps.service_entry(old.id, old.count, old.gen, old.service),
+        )
+        usable_at = service.usable_positions()
+        ids = self._backends(service, service_id, old, usable_at)
+        count, slots = self._slots(service, service_id, gen, ids, old, usable_at)
+        self._maglev(service, service_id, ids, old, usable_at)
         self.publish.write(
             maps.SERVICES, service_key, maps.service_entry(service_id, count, gen, service)
         )
@@ -211,7 +261,52 @@ class _Planner:
             service, service_id, gen, tuple(ids), count, frozenset(slots)
         )
 
-    def _backends(self, service: Service, service_id: int, old: Installed | None) -> list[int]:
+    def _start_new(self) -> tuple[Packed, Packed, Packed, Packed]:
+        """Packed buffers for new services' names, backends, slots and entries: the
+        first three written in prepare, the entries in publish; undo deletes the
+        same keys (entries first)."""
+        found = []
+        for map_name in (maps.SVC_NAMES, maps.BACKENDS, maps.SLOTS, maps.SERVICES):
+            packed = Packed(*maps.PACKED_SIZES[map_name])
+            if map_name == maps.SERVICES:
+                self.publish.write_packed(map_name, packed)
+                self.undo_first.delete_packed(map_name, packed)
+            else:
+                self.prepare.write_packed(map_name, packed)
+                self.undo.delete_packed(map_name, packed)
+            found.append(packed)
+        names, backends, slots, services = found
+        self._new = (names, backends, slots, services)
+        return self._new
+
+    def _add(self, service: Service, service_key: bytes) -> None:
+        """A service not installed before: everything about it is new, so nothing
+        is compared and each entry is packed straight into the bulk buffers. The
+        path of a sync from empty, 100,000 services at a time."""
+        names, backends, slots, services = self._new or self._start_new()
+        service_id = next(self.service_ids)
+        names.keys += maps.u32(service_id)
+        names.values += maps.name_value(service.name)
+        usable_at = service.usable_positions()
+        ids = [next(self.backend_ids) for _ in service.backends]
+        if ids:
+            backends.keys += maps.u32s(ids)
+            backends.values += maps.backend_values(service, service_id, usable_at)
+        table = alias_table([service.backends[i].weight for i in usable_at])
+        if table:
+            keys, values = maps.slot_entries(service_id, 0, table, [ids[i] for i in usable_at])
+            slots.keys += keys
+            slots.values += values
+        self._maglev(service, service_id, ids, None, usable_at)
+        services.keys += service_key
+        services.values += maps.service_entry(service_id, len(table), 0, service)
+        self.changes[service.key] = Installed(
+            service, service_id, 0, tuple(ids), len(table), frozenset(range(1, len(table) + 1))
+        )
+
+    def _backends(
+        self, service: Service, service_id: int, old: Installed, usable_at: list[int]
+    ) -> list[int]:
         """The backends' ids, writing those that are new or changed.
 
         Every backend is in lb_backends (its flows go on, whatever its state);
@@ -221,19 +316,14 @@ class _Planner:
         not addresses, index the new set: hashing an ipaddress object is slow,
         and a sync of 10,000 services would do it 200,000 times.
         """
-        known: dict[tuple[Address, int], tuple[int, Backend, int]] = {}
-        usable_before: set[tuple[Address, int]] = set()
-        if old is not None:
-            known = {
-                backend.endpoint: (backend_id, backend, position)
-                for position, (backend, backend_id) in enumerate(
-                    zip(old.service.backends, old.backend_ids, strict=True)
-                )
-            }
-            usable_before = {
-                old.service.backends[i].endpoint for i in old.service.usable_positions()
-            }
-        in_use_now = set(service.usable_positions())
+        known: dict[tuple[Address, int], tuple[int, Backend, int]] = {
+            backend.endpoint: (backend_id, backend, position)
+            for position, (backend, backend_id) in enumerate(
+                zip(old.service.backends, old.backend_ids, strict=True)
+            )
+        }
+        usable_before = {old.service.backends[i].endpoint for i in old.service.usable_positions()}
+        in_use_now = set(usable_at)
         ids: list[int] = []
         for position, backend in enumerate(service.backends):
             in_use = position in in_use_now
@@ -260,19 +350,26 @@ class _Planner:
         return ids
 
     def _slots(
-        self, service: Service, service_id: int, gen: int, ids: list[int], old: Installed | None
+        self,
+        service: Service,
+        service_id: int,
+        gen: int,
+        ids: list[int],
+        old: Installed | None,
+        usable_at: list[int],
     ) -> tuple[int, set[int]]:
         """The slots of generation ``gen`` (new flows choose among the usable backends,
         by weight): how many, and every slot present once the change is in."""
-        usable_at = service.usable_positions()
         table = alias_table([service.backends[i].weight for i in usable_at])
         before = old.slots if old is not None else frozenset()
         slots = set(before)
+        writes = self.prepare.writes(maps.SLOTS) if table else []
         for index, (own, alias, threshold) in enumerate(table, start=1):
             slot = (gen << SLOT_GEN_SHIFT) | index
             slot_key = maps.slot_key(service_id, gen, index)
-            value = maps.slot_value(ids[usable_at[own]], ids[usable_at[alias]], threshold)
-            self.prepare.write(maps.SLOTS, slot_key, value)
+            writes.append(
+                (slot_key, maps.slot_value(ids[usable_at[own]], ids[usable_at[alias]], threshold))
+            )
             if slot not in before:
                 self.undo.delete(maps.SLOTS, slot_key)
             slots.add(slot)
@@ -286,10 +383,14 @@ class _Planner:
         return len(table), slots
 
     def _maglev(
-        self, service: Service, service_id: int, ids: list[int], old: Installed | None
+        self,
+        service: Service,
+        service_id: int,
+        ids: list[int],
+        old: Installed | None,
+        usable_at: list[int],
     ) -> None:
         if service.scheduler is Scheduler.MAGLEV:
-            usable_at = service.usable_positions()
             usable = [service.backends[i] for i in usable_at]
             slots_of = (
                 maglev.build(usable, self.maglev_size, [b.weight for b in usable]) if usable else []
@@ -476,11 +577,11 @@ def with_policies(change: Plan, policies: PolicyPlan) -> Plan:
 def commit(snapshot: Snapshot, plan: Plan) -> Snapshot:
     """The snapshot after ``plan`` was applied. Updates ``snapshot``'s dict in place:
     it is the datapath's own, and copying 100,000 entries per upsert would cost ms."""
-    for key, entry in plan.changes.items():
-        if entry is None:
-            snapshot.services.pop(key, None)
-        else:
-            snapshot.services[key] = entry
+    removed = [key for key, entry in plan.changes.items() if entry is None]
+    # update() takes each key's hash from the plan's dict instead of hashing again.
+    snapshot.services.update(plan.changes)  # type: ignore[arg-type]
+    for key in removed:
+        del snapshot.services[key]
     return attrs.evolve(
         snapshot, next_service_id=plan.next_service_id, next_backend_id=plan.next_backend_id
     )

@@ -9,6 +9,7 @@ size, as a cffi cdata of the right type, or, for typed maps, as anything
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import os
@@ -278,6 +279,16 @@ class Map:
             raise KeyError(f"{len(keys) - count[0]} of the keys are not in map {self.name}")
         self._batch_call(ret, "delete")
 
+    def delete_batch_packed(self, keys: Any, count: int) -> None:
+        """Remove ``count`` keys packed end to end in ``keys``; all must exist."""
+        if ffi.sizeof(keys) < count * self.key_size:
+            raise ValueError(f"packed keys for {count} entries of map {self.name} are short")
+        done = ffi.new("__u32 *", count)
+        ret = lib.bpf_map_delete_batch(self.fd, keys, done, _batch_opts(0))
+        if ret == -errno.ENOENT:
+            raise KeyError(f"{count - done[0]} of the keys are not in map {self.name}")
+        self._batch_call(ret, "delete")
+
     def lookup_batch(self, chunk: int = 256) -> list[tuple[Any, Any]]:
         """Read all entries, ``chunk`` per system call."""
         result: list[tuple[Any, Any]] = []
@@ -357,6 +368,10 @@ class Map:
 
     def _pack(self, items: Iterable[Any], size: int, encode: Any) -> Any:
         items = list(items)
+        # Already packed (pyebpflb.packing): one join, no cffi call per item.
+        if items and type(items[0]) is bytes and all(len(i) == size for i in items):
+            with contextlib.suppress(TypeError):  # not all bytes after all
+                return ffi.from_buffer(b"".join(items))
         buf = ffi.new("char[]", size * len(items))
         # Batches are usually cdata pointers of one type, of exactly the element
         # size: checked once by type, they are copied without encoding each.

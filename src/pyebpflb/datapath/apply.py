@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import attrs
@@ -24,6 +26,28 @@ from pyebpflb.snapshot import Key
 
 logger = logging.getLogger("pyebpflb")
 
+# A prepare phase writing at least this many entries writes its maps in parallel.
+PARALLEL_ENTRIES = 20_000
+WRITERS = 4
+# A sync of at least OVERLAP_FROM services is planned CHUNK_SERVICES at a time, each
+# chunk written while the next is planned.
+OVERLAP_FROM = 20_000
+CHUNK_SERVICES = 8_192
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for one change. Planning 100,000 services
+    makes millions of objects that live on, and each collection of the young
+    generation would walk them all again: a third of a large sync's time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
 
 class Executor:
     """Applies plans to one loaded object."""
@@ -34,38 +58,108 @@ class Executor:
         # each replaced (for undo).
         self._inner: dict[int, Map] = {}
         self._previous: dict[int, int | None] = {}
+        self._step: plan.Step | None = None  # the step running, or the one that failed
 
     def apply(self, change: plan.Plan) -> None:
         """Apply ``change``; on any failure undo it and raise, leaving the old state in force."""
+        self.apply_all(iter((change,)), overlap=False)
+
+    def apply_all(self, changes: Iterator[plan.Plan], *, overlap: bool = True) -> list[plan.Plan]:
+        """Apply the plans ``changes`` yields as one change and return them. With
+        ``overlap``, a writer thread writes each plan while the next is planned (the
+        iterator plans lazily: the kernel's part of a batch runs without the GIL). On
+        any failure every plan applied so far is undone, newest first, and the error
+        raised: the old state stays in force."""
+        applied: list[plan.Plan] = []
+        self._step = None
         try:
-            self._forward(change)
-            for step in change.cleanup:
-                try:
-                    self.run(step, strict=False)
-                except BpfError:
-                    # The new state is in force; what is left over only takes room.
-                    logger.warning("pyebpflb: cleanup of %s failed", step, exc_info=True)
+            try:
+                if overlap:
+                    self._write_overlapped(changes, applied)
+                else:
+                    for change in changes:
+                        applied.append(change)
+                        self._forward(change, parallel=True)
+            except BaseException as exc:
+                for change in reversed(applied):
+                    self._undo(change)
+                explained = self._explained(exc)
+                if explained is exc:
+                    raise
+                raise explained from exc
+            for change in applied:
+                self._cleanup(change)
         finally:
             # The outer map holds the tables it points at; our fds can go.
             for inner in self._inner.values():
                 inner.close()
             self._inner.clear()
             self._previous.clear()
+        return applied
 
-    def _forward(self, change: plan.Plan) -> None:
-        step: plan.Step | None = None
-        try:
-            for step in change.prepare + change.publish:
+    def _write_overlapped(self, changes: Iterator[plan.Plan], applied: list[plan.Plan]) -> None:
+        pending: Future[None] | None = None
+        # Leaving the block waits for the write under way, also on failure, so that
+        # undo never meets a write still running.
+        with ThreadPoolExecutor(1, thread_name_prefix="pyebpflb-write") as writer:
+            for change in changes:  # plans the next one while the writer writes
+                if pending is not None:
+                    pending.result()
+                applied.append(change)
+                pending = writer.submit(self._forward, change, parallel=False)
+            if pending is not None:
+                pending.result()
+
+    def _forward(self, change: plan.Plan, *, parallel: bool) -> None:
+        if parallel:
+            self._prepare(change.prepare)
+        else:
+            for step in change.prepare:
+                self._step = step
                 self.run(step, strict=True)
-        except BaseException as exc:
-            for undo in change.undo:
-                try:
-                    self.run(undo, strict=False)
-                except BpfError:  # pragma: no cover - the kernel refusing an undo
-                    logger.exception("pyebpflb: undoing a failed update also failed")
-            if isinstance(exc, MapFull) and isinstance(step, (plan.Write, plan.Delete)):
-                raise self._full(exc, step.map) from exc
-            raise
+        for step in change.publish:
+            self._step = step
+            self.run(step, strict=True)
+
+    def _undo(self, change: plan.Plan) -> None:
+        for undo in change.undo:
+            try:
+                self.run(undo, strict=False)
+            except BpfError:  # pragma: no cover - the kernel refusing an undo
+                logger.exception("pyebpflb: undoing a failed update also failed")
+
+    def _cleanup(self, change: plan.Plan) -> None:
+        for step in change.cleanup:
+            try:
+                self.run(step, strict=False)
+            except BpfError:
+                # The new state is in force; what is left over only takes room.
+                logger.warning("pyebpflb: cleanup of %s failed", step, exc_info=True)
+
+    def _explained(self, exc: BaseException) -> BaseException:
+        """A full map's error names the constructor argument that sizes it."""
+        step = self._step
+        if isinstance(exc, MapFull) and isinstance(step, (plan.Write, plan.Delete)):
+            return self._full(exc, step.map)
+        return exc
+
+    def _prepare(self, steps: list[plan.Step]) -> None:
+        """Run the prepare steps: in order, or, for a large change, several maps at
+        once (no packet reads them yet, so their order does not matter; the kernel
+        work of a batch runs without the GIL). Raises the first failure once every
+        step has finished, so that undo meets no write still running."""
+        entries = sum(s.count for s in steps if isinstance(s, plan.Write))
+        if entries < PARALLEL_ENTRIES or len(steps) < 2:
+            for step in steps:
+                self._step = step
+                self.run(step, strict=True)
+            return
+        with ThreadPoolExecutor(min(WRITERS, len(steps))) as pool:
+            futures = [(step, pool.submit(self.run, step, strict=True)) for step in steps]
+        for step, future in futures:
+            if future.exception() is not None:
+                self._step = step
+                future.result()
 
     def run(self, step: plan.Step, *, strict: bool) -> None:
         if isinstance(step, plan.Table):
@@ -75,11 +169,21 @@ class Executor:
         elif isinstance(step, plan.RestoreTable):
             self._restore_table(step.table)
         elif isinstance(step, plan.Write):
+            bpf_map = self._obj.map(step.map)
             if step.items:
                 keys, values = zip(*step.items, strict=True)
-                self._obj.map(step.map).update_batch(list(keys), list(values))
+                bpf_map.update_batch(list(keys), list(values))
+            if step.packed is not None and len(step.packed):
+                _check_sizes(bpf_map, step.packed)
+                bpf_map.update_batch_packed(
+                    ffi.from_buffer(step.packed.keys),
+                    ffi.from_buffer(step.packed.values),
+                    len(step.packed),
+                )
         else:
             self.delete(step.map, step.keys, strict=strict and not step.missing_ok)
+            if step.packed is not None and len(step.packed):
+                self._delete_packed(step.map, step.packed, strict=strict and not step.missing_ok)
 
     def delete(self, map_name: str, keys: list[object], *, strict: bool) -> None:
         """Delete ``keys``; with ``strict``, all must be there."""
@@ -95,6 +199,19 @@ class Executor:
             for key in keys:
                 with contextlib.suppress(KeyError):
                     bpf_map.delete(key)
+
+    def _delete_packed(self, map_name: str, packed: plan.Packed, *, strict: bool) -> None:
+        bpf_map = self._obj.map(map_name)
+        _check_sizes(bpf_map, packed)
+        try:
+            bpf_map.delete_batch_packed(ffi.from_buffer(packed.keys), len(packed))
+        except KeyError:
+            if strict:
+                raise
+            size = packed.key_size
+            for at in range(0, len(packed.keys), size):
+                with contextlib.suppress(KeyError):
+                    bpf_map.delete(bytes(packed.keys[at : at + size]))
 
     def _build_table(self, table: plan.Table) -> None:
         size = len(table.backend_ids)
@@ -143,6 +260,16 @@ class Executor:
         )
 
 
+def _check_sizes(bpf_map: Map, packed: plan.Packed) -> None:
+    if packed.key_size != bpf_map.key_size or (
+        packed.values and packed.value_size != bpf_map.value_size
+    ):
+        raise ValueError(
+            f"entries packed as {packed.key_size}-byte keys and {packed.value_size}-byte values "
+            f"do not fit map {bpf_map.name} ({bpf_map.key_size} and {bpf_map.value_size})"
+        )
+
+
 class Programmer:
     """Services and policies in, ordered map writes out: plans against the state's
     copy, applies, and keeps the copy in step."""
@@ -165,19 +292,57 @@ class Programmer:
         return service
 
     def sync(self, services: Iterable[Service], policies: list[Policy] | None) -> None:
+        with gc_paused():
+            self._sync(services, policies)
+
+    def _sync(self, services: Iterable[Service], policies: list[Policy] | None) -> None:
         self._state.fresh()
         wanted = list(services)
         seen: dict[Key, Service] = {}
         for service in wanted:
             self.check(service)
-            if service.key in seen:
+            # One hash of the key per service (an ipaddress hashes slowly).
+            first = seen.setdefault(service.key, service)
+            if first is not service:
                 raise ValueError(
-                    f"services {seen[service.key].label} and {service.label} have the same "
+                    f"services {first.label} and {service.label} have the same "
                     "vip, port and protocol"
                 )
-            seen[service.key] = service
         removals = [key for key in self._state.snapshot.services if key not in seen]
-        self.apply(self._diff(wanted, removals), policies)
+        if len(wanted) >= OVERLAP_FROM and self._no_policy_plan(policies):
+            self._apply_in_chunks(wanted, removals)
+        else:
+            self.apply(self._diff(wanted, removals), policies)
+
+    def _no_policy_plan(self, policies: list[Policy] | None) -> bool:
+        """No policy changes and none names a service (whose ids a change would move):
+        the services can be applied in chunks, each before the next is planned."""
+        installed = self._state.policy.policies.values()
+        return policies is None and not any(
+            rule.service is not None for _, p in installed for rule in p.rules
+        )
+
+    def _apply_in_chunks(self, wanted: list[Service], removals: list[Key]) -> None:
+        """A large sync as one change planned and written chunk by chunk, the kernel
+        writing one chunk while Python plans the next (removals go with the first).
+        Each chunk's ids are reserved before its writes."""
+        state = self._state
+        config = state.config()
+
+        def chunks() -> Iterator[plan.Plan]:
+            for start in range(0, len(wanted), CHUNK_SERVICES):
+                change = plan.diff(
+                    state.snapshot,
+                    wanted[start : start + CHUNK_SERVICES],
+                    removals if start == 0 else [],
+                    self._maglev_size,
+                )
+                if not change.empty:
+                    self._reserve_ids(change, None, config)
+                    yield change
+
+        for change in self._executor.apply_all(chunks()):
+            state.snapshot = plan.commit(state.snapshot, change)
 
     def upsert(self, service: Service) -> None:
         self.check(service)
