@@ -14,7 +14,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PURE = ["test_alias.py", "test_k8s.py", "test_layout.py", "test_maglev.py", "test_model.py",
-        "test_plan.py", "test_policy_model.py"]  # fmt: skip
+        "test_packing.py", "test_plan.py", "test_policy_model.py"]  # fmt: skip
 
 
 def test_a_datapath_imports_neither_click_nor_yaml_nor_prometheus() -> None:
