@@ -1,0 +1,5 @@
+import sys
+
+from pyebpflb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,288 @@
+"""Commands that read a datapath's state: status, services, backends, conntrack, maps."""
+
+from __future__ import annotations
+
+import platform
+
+import click
+
+from pyebpflb.cli.base import (
+    OUTPUT,
+    Context,
+    emit,
+    main_group,
+    pass_context,
+    service_dict,
+    table,
+)
+
+
+@main_group.command()
+@OUTPUT
+@pass_context
+def status(ctx: Context, output: str) -> None:
+    """Programs attached, map fill levels, kernel and libbpf versions, features."""
+    from pyebpflb._bpf import MapType, ProgramType, features
+    from pyebpflb._bpf._libbpf import lib
+
+    with ctx.datapath() as dp:
+        hooks = dp.hooks()
+        maps = dp.maps()
+        probes = {
+            "tc programs": features.has_program_type(ProgramType.SCHED_CLS),
+            "xdp programs": features.has_program_type(ProgramType.XDP),
+            "ring buffer": features.has_map_type(MapType.RINGBUF),
+            "lpm trie": features.has_map_type(MapType.LPM_TRIE),
+            "map in map": features.has_map_type(MapType.HASH_OF_MAPS),
+        }
+        data = {
+            "datapath": dp.name,
+            "netns": dp.netns,
+            "kernel": platform.release(),
+            "libbpf": f"{lib.libbpf_major_version()}.{lib.libbpf_minor_version()}",
+            "services": len(dp.services),
+            "policies": len(dp.policies),
+            "attached": [
+                {"interface": h.interface, "hook": h.hook, "program": h.program, "id": h.program_id}
+                for h in hooks
+            ],
+            "maps": [
+                {"name": m.name, "entries": m.entries, "max_entries": m.max_entries} for m in maps
+            ],
+            "features": probes,
+        }
+    if output == "json":
+        emit(output, data, lambda: ([], []))
+        return
+    click.echo(f"datapath   {data['datapath']}" + (f" (netns {dp.netns})" if dp.netns else ""))
+    click.echo(f"kernel     {data['kernel']}")
+    click.echo(f"libbpf     {data['libbpf']}")
+    click.echo(f"services   {data['services']}")
+    click.echo(f"policies   {data['policies']}")
+    click.echo("features   " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in probes.items()))
+    click.echo("\nattached:")
+    click.echo(
+        table(
+            [(h.interface, h.hook, h.program, h.program_id) for h in hooks],
+            ["interface", "hook", "program", "id"],
+        )
+        if hooks
+        else "  (nowhere)"
+    )
+    click.echo("\nmaps:")
+    click.echo(
+        table(
+            [(m.name, _fill(m.entries, m.max_entries), m.max_entries) for m in maps],
+            ["map", "used", "max"],
+        )
+    )
+
+
+def _fill(entries: int | None, most: int) -> str:
+    if entries is None:
+        return "-"
+    return f"{entries} ({100 * entries / most:.1f}%)" if most else str(entries)
+
+
+# -- services ------
+
+
+@main_group.group()
+def service() -> None:
+    """Services the datapath balances."""
+
+
+@service.command("list")
+@OUTPUT
+@pass_context
+def service_list(ctx: Context, output: str) -> None:
+    """Every service: VIP, port, protocol, backends."""
+    with ctx.datapath() as dp:
+        services = dp.services
+    emit(
+        output,
+        [service_dict(s) for s in services],
+        lambda: (
+            [
+                (
+                    s.name or "-",
+                    f"{s.label.rsplit(' (', 1)[-1].rstrip(')')}",
+                    s.scheduler.value,
+                    len(s.backends),
+                    ", ".join(str(b) for b in s.backends) or "(none)",
+                )
+                for s in services
+            ],
+            ["name", "frontend", "scheduler", "backends", "endpoints"],
+        ),
+    )
+
+
+@service.command("get")
+@click.argument("name")
+@OUTPUT
+@pass_context
+def service_get(ctx: Context, name: str, output: str) -> None:
+    """The services named NAME (one per port), with backends and counters."""
+    with ctx.datapath() as dp:
+        chosen = [s for s in dp.services if s.name == name]
+        if not chosen:
+            known = ", ".join(sorted({s.name for s in dp.services if s.name})) or "none"
+            raise click.ClickException(f"no service named {name!r} (services: {known})")
+        stats = [dp.stats(s) for s in chosen]
+    data = []
+    for svc, st in zip(chosen, stats, strict=True):
+        entry = service_dict(svc)
+        entry["packets"], entry["bytes"] = st.packets, st.bytes
+        for b, info in zip(svc.backends, entry["backends"], strict=True):
+            info["packets"], info["bytes"] = st.backends[b].packets, st.backends[b].bytes
+        data.append(entry)
+    if output == "json":
+        emit(output, data, lambda: ([], []))
+        return
+    for svc, st in zip(chosen, stats, strict=True):
+        click.echo(
+            f"{svc.label}  scheduler {svc.scheduler.value}  affinity {svc.affinity_timeout or '-'}"
+        )
+        click.echo(f"  {st.packets} packets, {st.bytes} bytes")
+        rows = [
+            (str(b), b.weight, b.state.value, st.backends[b].packets, st.backends[b].bytes)
+            for b in svc.backends
+        ]
+        click.echo(
+            table(rows, ["backend", "weight", "state", "packets", "bytes"])
+            if rows
+            else "  (no backends)"
+        )
+
+
+@main_group.group()
+def backend() -> None:
+    """Backends of every service."""
+
+
+@backend.command("list")
+@OUTPUT
+@pass_context
+def backend_list(ctx: Context, output: str) -> None:
+    """Every backend with its service, weight, state and counters."""
+    with ctx.datapath() as dp:
+        rows = []
+        for svc in dp.services:
+            st = dp.stats(svc)
+            for b in svc.backends:
+                rows.append((svc, b, st.backends[b]))
+    emit(
+        output,
+        [
+            {
+                "service": svc.name,
+                "frontend": f"{svc.vip}:{svc.port}/{svc.protocol.value}",
+                "address": str(b.address),
+                "port": b.port,
+                "weight": b.weight,
+                "state": b.state.value,
+                "packets": t.packets,
+                "bytes": t.bytes,
+            }
+            for svc, b, t in rows
+        ],
+        lambda: (
+            [
+                (str(b), svc.name or svc.label, b.weight, b.state.value, t.packets)
+                for svc, b, t in rows
+            ],
+            ["backend", "service", "weight", "state", "packets"],
+        ),
+    )
+
+
+# -- conntrack ------
+
+
+@main_group.group()
+def ct() -> None:
+    """Connection tracking entries."""
+
+
+@ct.command("list")
+@OUTPUT
+@pass_context
+def ct_list(ctx: Context, output: str) -> None:
+    """Tracked flows: kind, flow, backend, age, expiry."""
+    with ctx.datapath() as dp:
+        flows = sorted(dp.flows(), key=lambda f: (f.kind, f.age))
+    emit(
+        output,
+        [f.to_dict() for f in flows],
+        lambda: (
+            [
+                (
+                    f.kind,
+                    f.protocol,
+                    f"{f.source} -> {f.destination}",
+                    f.backend,
+                    f.service,
+                    f"{f.age:.1f}s",
+                    f"{f.expires_in:.1f}s" if f.expires_in is not None else None,
+                )
+                for f in flows
+            ],
+            ["kind", "proto", "flow", "backend", "service", "age", "expires in"],
+        ),
+    )
+
+
+@ct.command("flush")
+@OUTPUT
+@pass_context
+def ct_flush(ctx: Context, output: str) -> None:
+    """Forget every tracked flow."""
+    with ctx.datapath() as dp:
+        count = dp.flush_conntrack()
+    if output == "json":
+        emit(output, {"flushed": count}, lambda: ([], []))
+    else:
+        click.echo(f"flushed {count} conntrack entries")
+
+
+# -- bpf map list ------
+
+
+@main_group.group()
+def bpf() -> None:
+    """The datapath's BPF objects."""
+
+
+@bpf.group("map")
+def bpf_map() -> None:
+    """BPF maps."""
+
+
+@bpf_map.command("list")
+@OUTPUT
+@pass_context
+def bpf_map_list(ctx: Context, output: str) -> None:
+    """Every map: type, entries used / max, pin path."""
+    with ctx.datapath() as dp:
+        maps = dp.maps()
+    emit(
+        output,
+        [
+            {
+                "name": m.name,
+                "type": m.type,
+                "entries": m.entries,
+                "max_entries": m.max_entries,
+                "pin": m.pin,
+            }
+            for m in maps
+        ],
+        lambda: (
+            [(m.name, m.type, _fill(m.entries, m.max_entries), m.max_entries, m.pin) for m in maps],
+            ["name", "type", "used", "max", "pin"],
+        ),
+    )
+
+
+# -- monitor ------
