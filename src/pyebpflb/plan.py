@@ -1,4 +1,5 @@
-"""Turning a wanted set of services and policies into ordered map writes.
+"""Turning a wanted set of services into ordered map writes (policies:
+:mod:`pyebpflb.policy_plan`, with the same steps).
 
 Pure: a plan says what to write and in which order, never how; the datapath's
 executor (``pyebpflb.datapath.apply``) carries it out. A change is planned
@@ -20,15 +21,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from pyebpflb import maglev, maps, policy
+from pyebpflb import maglev, maps
 from pyebpflb.alias import alias_table
-from pyebpflb.layout import POLICY_GEN_SHIFT, SLOT_GEN_SHIFT
-from pyebpflb.model import Address, Backend, Policy, Rule, Scheduler, Service
-from pyebpflb.snapshot import Installed, Key, PolicyState, Snapshot
+from pyebpflb.layout import SLOT_GEN_SHIFT
+from pyebpflb.model import Address, Backend, Scheduler, Service
+from pyebpflb.snapshot import Installed, Key, Snapshot
+
+if TYPE_CHECKING:
+    from pyebpflb.policy_plan import PolicyPlan
 
 
 @attrs.define(eq=False)
@@ -112,7 +116,7 @@ class Plan:
         return self.changed == 0
 
 
-class _Steps:
+class Steps:
     """Writes and deletes grouped by map, in first-use order of the maps."""
 
     def __init__(self) -> None:
@@ -182,12 +186,12 @@ class _Planner:
     def __init__(self, snapshot: Snapshot, maglev_size: int) -> None:
         self.snapshot = snapshot
         self.maglev_size = maglev_size
-        self.prepare, self.publish_removals, self.publish_tables = _Steps(), _Steps(), _Steps()
+        self.prepare, self.publish_removals, self.publish_tables = Steps(), Steps(), Steps()
         self.publish, self.undo_first, self.undo, self.cleanup = (
-            _Steps(),
-            _Steps(),
-            _Steps(),
-            _Steps(),
+            Steps(),
+            Steps(),
+            Steps(),
+            Steps(),
         )
         # What this plan changes, over the snapshot (None: removed). Not a copy of
         # the snapshot: one upsert among 100,000 services stays O(1).
@@ -430,150 +434,6 @@ def _only_renamed(old: Service, new: Service) -> bool:
     )
 
 
-@attrs.define
-class PolicyPlan:
-    """Replacing the installed policies: a whole new generation of lookup
-    entries is written (prepare), lb_policy flips to it (publish), and the old
-    generation goes (cleanup). Undo flips back and removes the new one."""
-
-    prepare: list[Step]
-    publish: list[Step]
-    undo: list[Step]
-    cleanup: list[Step]
-    state: PolicyState
-    next_rule_id: int
-    next_policy_id: int
-
-
-def diff_policies(
-    state: PolicyState,
-    wanted: list[Policy],
-    service_ids: dict[str, list[int]],
-    next_rule_id: int,
-    next_policy_id: int,
-) -> PolicyPlan:
-    """The plan that makes ``wanted`` the installed policies (already checked).
-
-    A rule keeps its id (and its counter) while its policy keeps it, wherever
-    it moves in the list; a policy keeps its id while its name stays.
-    """
-    prepare, publish, undo_head, undo, cleanup = _Steps(), _Steps(), _Steps(), _Steps(), _Steps()
-    rule_ids = itertools.count(next_rule_id)
-    policy_ids = itertools.count(next_policy_id)
-
-    old_ids: dict[tuple[str, Rule, int], policy.RuleRef] = {}
-    seen: dict[tuple[str, Rule], int] = {}
-    for ref in state.refs:
-        nth = seen[(ref.policy, ref.rule)] = seen.get((ref.policy, ref.rule), -1) + 1
-        old_ids[(ref.policy, ref.rule, nth)] = ref
-    installed: dict[str, tuple[int, Policy]] = {}
-    refs: list[policy.RuleRef] = []
-    seen.clear()
-    for item in wanted:
-        old = state.policies.get(item.name)
-        policy_id = old[0] if old is not None else next(policy_ids)
-        installed[item.name] = (policy_id, item)
-        info_key = maps.u32(policy_id)
-        if old is None:
-            prepare.write(maps.POL_NAMES, info_key, maps.policy_info(item))
-            undo.delete(maps.POL_NAMES, info_key)
-        elif old[1] != item:
-            prepare.write(maps.POL_NAMES, info_key, maps.policy_info(item))
-            undo.write(maps.POL_NAMES, info_key, maps.policy_info(old[1]))
-        for index, rule in enumerate(item.rules):
-            nth = seen[(item.name, rule)] = seen.get((item.name, rule), -1) + 1
-            kept = old_ids.pop((item.name, rule, nth), None)
-            ref = policy.RuleRef(kept.id if kept else next(rule_ids), item.name, index, rule)
-            refs.append(ref)
-            rule_key = maps.u32(ref.id)
-            if kept is None:
-                prepare.write(maps.POL_RULES, rule_key, maps.policy_rule(ref, policy_id))
-                undo.delete(maps.POL_RULES, rule_key)
-            elif kept.index != index:
-                prepare.write(maps.POL_RULES, rule_key, maps.policy_rule(ref, policy_id))
-                undo.write(maps.POL_RULES, rule_key, maps.policy_rule(kept, policy_id))
-    for name, (policy_id, _) in state.policies.items():
-        if name not in installed:
-            cleanup.delete(maps.POL_NAMES, maps.u32(policy_id))
-    for gone in old_ids.values():
-        cleanup.delete(maps.POL_RULES, maps.u32(gone.id))
-        cleanup.delete(maps.RULE_STATS, maps.u32(gone.id))
-
-    # The generation packets do not read: first clear what a crashed change
-    # may have left there, then write it whole.
-    gen = 1 - state.gen if state.active else 0
-    stale_cidrs, stale_ports = state.keys.get(gen, ([], []))
-    for key in stale_cidrs:
-        prepare.delete(maps.POL_CIDRS, key, missing_ok=True)
-    for key in stale_ports:
-        prepare.delete(maps.POL_PORTS, key, missing_ok=True)
-    compiled = policy.compile_policies(wanted, refs, service_ids, gen << POLICY_GEN_SHIFT)
-    cidr_keys, port_keys = [], []
-    for entry in compiled.cidrs:
-        key = maps.policy_cidr_key(entry, gen)
-        cidr_keys.append(key)
-        prepare.write(maps.POL_CIDRS, key, maps.policy_class(entry))
-    for port_entry in compiled.ports:
-        key = maps.policy_port_key(port_entry)
-        port_keys.append(key)
-        prepare.write(maps.POL_PORTS, key, maps.policy_verdict(port_entry))
-    for key in cidr_keys:
-        undo.delete(maps.POL_CIDRS, key)
-    for key in port_keys:
-        undo.delete(maps.POL_PORTS, key)
-
-    # Undo flips the head back before it removes what the new head pointed at.
-    head_key = maps.u32(0)
-    if wanted:
-        publish.write(maps.POLICY, head_key, maps.policy_head(gen, compiled))
-    elif state.active:
-        publish.delete(maps.POLICY, head_key)
-    if state.active:
-        old_head = maps.policy_head(state.gen, _flags_of(state))
-        undo_head.write(maps.POLICY, head_key, old_head)
-        old_cidrs, old_ports = state.keys.get(state.gen, ([], []))
-        for key in old_cidrs:
-            cleanup.delete(maps.POL_CIDRS, key)
-        for key in old_ports:
-            cleanup.delete(maps.POL_PORTS, key)
-    elif wanted:
-        undo_head.delete(maps.POLICY, head_key)
-
-    keys: dict[int, tuple[list[Any], list[Any]]] = {gen: (cidr_keys, port_keys), 1 - gen: ([], [])}
-    return PolicyPlan(
-        prepare=prepare.list(),
-        publish=publish.list(),
-        undo=undo_head.list() + undo.list(),
-        cleanup=cleanup.list(),
-        state=PolicyState(
-            gen=gen, active=bool(wanted), policies=installed, refs=tuple(refs), keys=keys
-        ),
-        next_rule_id=next(rule_ids),
-        next_policy_id=next(policy_ids),
-    )
-
-
-def _flags_of(state: PolicyState) -> policy.Compiled:
-    """The head flags of the installed policies (no entries needed)."""
-    return policy.compile_policies([p for _, p in state.policies.values()], [], {})
-
-
-def with_policies(change: Plan, policies: PolicyPlan) -> Plan:
-    """``change`` and ``policies`` as one all-or-nothing plan. The policy head flips
-    after service removals and before new services are published: a new service is
-    never reachable before the rules naming it are in force, nor a removed one after."""
-    at, back = change.removal_steps, change.unpublish_steps
-    return attrs.evolve(
-        change,
-        prepare=change.prepare + policies.prepare,
-        publish=change.publish[:at] + policies.publish + change.publish[at:],
-        undo=change.undo[:back] + policies.undo + change.undo[back:],
-        cleanup=change.cleanup + policies.cleanup,
-        changed=change.changed + 1,
-        policy=policies,
-    )
-
-
 def commit(snapshot: Snapshot, plan: Plan) -> Snapshot:
     """The snapshot after ``plan`` was applied. Updates ``snapshot``'s dict in place:
     it is the datapath's own, and copying 100,000 entries per upsert would cost ms."""
@@ -592,4 +452,4 @@ def _split(slot: int) -> tuple[int, int]:
     return slot >> SLOT_GEN_SHIFT, slot & ((1 << SLOT_GEN_SHIFT) - 1)
 
 
-__all__ = ["Delete", "Plan", "PolicyPlan", "Step", "Table", "Write", "diff", "diff_policies"]
+__all__ = ["Delete", "Packed", "Plan", "Step", "Table", "Write", "commit", "diff"]

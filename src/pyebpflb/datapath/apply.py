@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from pyebpflb import maps, plan
+from pyebpflb import maps, plan, policy_plan
 from pyebpflb import policy as policy_mod
 from pyebpflb._bpf import LoadedObject, Map, MapType, ffi
 from pyebpflb._bpf._libbpf import lib
@@ -367,7 +367,7 @@ class Programmer:
         config = self._state.config()
         policies_plan = self._policies_plan(change, policies, config)
         if policies_plan is not None:
-            change = plan.with_policies(change, policies_plan)
+            change = policy_plan.with_policies(change, policies_plan)
         if change.empty:
             return
         self._reserve_ids(change, policies_plan, config)
@@ -381,7 +381,7 @@ class Programmer:
 
     def _policies_plan(
         self, change: plan.Plan, policies: list[Policy] | None, config: Any
-    ) -> plan.PolicyPlan | None:
+    ) -> policy_plan.PolicyPlan | None:
         state = self._state
         installed = [p for _, p in state.policy.policies.values()]
         # Rules naming services are compiled with the services' ids: a change that
@@ -404,7 +404,7 @@ class Programmer:
             )
         if wanted == installed and not retarget:
             return None
-        return plan.diff_policies(
+        return policy_plan.diff_policies(
             state.policy,
             wanted,
             service_ids,
@@ -413,7 +413,7 @@ class Programmer:
         )
 
     def _reserve_ids(
-        self, change: plan.Plan, policies_plan: plan.PolicyPlan | None, config: Any
+        self, change: plan.Plan, policies_plan: policy_plan.PolicyPlan | None, config: Any
     ) -> None:
         """Ids are reserved before use and never handed out twice, even when the change
         fails: conntrack entries may still name old ids. The change count moves too
