@@ -9,16 +9,16 @@ size, as a cffi cdata of the right type, or, for typed maps, as anything
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pyebpflb._bpf import fs
 from pyebpflb._bpf._call import c_string, check, object_info
 from pyebpflb._bpf._libbpf import ffi, lib
+from pyebpflb._bpf.codec import Codec
 from pyebpflb.errors import DatapathClosed, NotSupported
 
 
@@ -75,13 +75,15 @@ class Map:
         self.value_size = value_size
         self.max_entries = max_entries
         self.flags = flags
-        self.key_type = _checked_type(key_type, key_size, name, "key")
-        self.value_type = _checked_type(value_type, value_size, name, "value")
         self._owns_fd = owns_fd
         self.percpu = map_type in _PERCPU
-        self._cpus = possible_cpus() if self.percpu else 1
-        # Per-CPU values are laid out with an 8-byte stride per CPU.
-        self._stride = (value_size + 7) & ~7 if self.percpu else value_size
+        codec = Codec(
+            name, key_size, value_size, key_type, value_type, possible_cpus() if self.percpu else 0
+        )
+        self.key_type, self.value_type = codec.key_type, codec.value_type
+        self._cpus, self._stride = codec.cpus, codec.stride
+        self._key, self._value, self._pack = codec.key, codec.value, codec.pack
+        self._decode, self._decode_value = codec.decode, codec.decode_value
 
     # -- construction -------------------------------------------------
     @classmethod
@@ -322,82 +324,6 @@ class Map:
             )
         check(ret, f"batch {what} map {self.name}")
 
-    # -- encoding ----------------------------------------------------------
-    def _key(self, key: Any) -> Any:
-        return self._encode(key, self.key_size, self.key_type, "key")
-
-    def _value(self, value: Any) -> Any:
-        if not self.percpu:
-            return self._encode(value, self.value_size, self.value_type, "value")
-        # A per-CPU update writes every CPU's slot: a list gives one value per
-        # CPU, a single value is copied to all of them.
-        per_cpu = value if isinstance(value, list) else [value] * self._cpus
-        if len(per_cpu) != self._cpus:
-            raise ValueError(
-                f"per-CPU map {self.name} needs {self._cpus} values (one per possible CPU), "
-                f"got {len(per_cpu)}"
-            )
-        buf = ffi.new("char[]", self._stride * self._cpus)
-        for cpu, item in enumerate(per_cpu):
-            encoded = self._encode(item, self.value_size, self.value_type, "value")
-            ffi.memmove(buf + cpu * self._stride, encoded, self.value_size)
-        return buf
-
-    def _encode(self, obj: Any, size: int, ctype: str | None, what: str) -> Any:
-        if isinstance(obj, (bytes, bytearray)):
-            if len(obj) != size:
-                raise ValueError(f"{what} for map {self.name} must be {size} bytes, got {len(obj)}")
-            return ffi.from_buffer(obj)
-        if isinstance(obj, ffi.CData):
-            ctype_of = ffi.typeof(obj)
-            pointer = ctype_of.kind == "pointer"
-            actual = ffi.sizeof(ctype_of.item) if pointer else ffi.sizeof(obj)
-            if actual != size:
-                raise ValueError(
-                    f"{what} for map {self.name} must be {size} bytes, got a {actual}-byte "
-                    f"{ctype_of.cname}"
-                )
-            return obj if pointer else ffi.addressof(obj)
-        if ctype is not None:
-            return ffi.new(f"{ctype} *", obj)
-        if isinstance(obj, int):
-            return ffi.from_buffer(obj.to_bytes(size, "little" if _LITTLE else "big"))
-        raise TypeError(
-            f"{what} for untyped map {self.name} must be bytes or int, got {type(obj).__name__}"
-        )
-
-    def _pack(self, items: Iterable[Any], size: int, encode: Any) -> Any:
-        items = list(items)
-        # Already packed (pyebpflb.packing): one join, no cffi call per item.
-        if items and type(items[0]) is bytes and all(len(i) == size for i in items):
-            with contextlib.suppress(TypeError):  # not all bytes after all
-                return ffi.from_buffer(b"".join(items))
-        buf = ffi.new("char[]", size * len(items))
-        # Batches are usually cdata pointers of one type, of exactly the element
-        # size: checked once by type, they are copied without encoding each.
-        fast = _pointer_of_size(items[0], size) if items else None
-        for i, item in enumerate(items):
-            if fast is None or ffi.typeof(item) is not fast:
-                item = encode(item)
-            ffi.memmove(buf + i * size, item, size)
-        return buf
-
-    def _decode(self, buf: Any, offset: int, size: int, ctype: str | None) -> Any:
-        if ctype is None:
-            return bytes(ffi.buffer(buf + offset, size))
-        out = ffi.new(f"{ctype} *")
-        ffi.memmove(out, buf + offset, size)
-        kind = ffi.typeof(out).item.kind
-        return out[0] if kind == "primitive" else out
-
-    def _decode_value(self, buf: Any, offset: int) -> Any:
-        if not self.percpu:
-            return self._decode(buf, offset, self.value_size, self.value_type)
-        return [
-            self._decode(buf, offset + cpu * self._stride, self.value_size, self.value_type)
-            for cpu in range(self._cpus)
-        ]
-
     # -- lifetime ------------------------------------------------------------
     def close(self) -> None:
         if self._fd >= 0 and self._owns_fd:
@@ -418,7 +344,6 @@ class Map:
 
 # The kernel's ENOTSUPP (524), which user space's errno module does not name.
 _KERNEL_ENOTSUPP = 524
-_LITTLE = ffi.cast("__u16 *", ffi.new("char[]", b"\x01\x00"))[0] == 1
 
 
 def _type_name(map_type: int) -> str:
@@ -426,30 +351,6 @@ def _type_name(map_type: int) -> str:
         return MapType(map_type).name
     except ValueError:
         return f"type {map_type}"
-
-
-def _checked_type(ctype: str | None, size: int, name: str, what: str) -> str | None:
-    if ctype is None:
-        return None
-    try:
-        actual = ffi.sizeof(ctype)
-    except ffi.error as exc:
-        raise ValueError(f"unknown C type {ctype!r} for the {what} of map {name}") from exc
-    if actual != size:
-        raise ValueError(
-            f"C type {ctype!r} is {actual} bytes but the {what} of map {name} is {size} bytes"
-        )
-    return ctype
-
-
-def _pointer_of_size(item: Any, size: int) -> Any:
-    """The cdata pointer type of ``item`` if it points at exactly ``size`` bytes."""
-    if not isinstance(item, ffi.CData):
-        return None
-    kind = ffi.typeof(item)
-    if kind.kind != "pointer" or kind.item.kind not in ("struct", "primitive"):
-        return None
-    return kind if ffi.sizeof(kind.item) == size else None
 
 
 def _batch_opts(elem_flags: int) -> Any:
