@@ -102,47 +102,13 @@ def _translate(
     kind = _get(svc, "spec.type", "ClusterIP")
     if kind not in ("ClusterIP", "NodePort", "LoadBalancer"):
         raise ManifestError(f"{where}: spec.type {kind!r} is not translated (ClusterIP is)")
-    ips = _get(svc, "spec.clusterIPs", None) or [_get(svc, "spec.clusterIP")]
-    vips = []
-    for ip in ips:
-        if ip in (None, "None", ""):
-            raise ManifestError(
-                f"{where}: spec.clusterIP {ip!r}: a headless service has no VIP to balance"
-            )
-        try:
-            vips.append(ipaddress.ip_address(str(ip)))
-        except ValueError:
-            raise ManifestError(f"{where}: spec.clusterIP {ip!r} is not an IP address") from None
-    affinity = None
-    mode = _get(svc, "spec.sessionAffinity", "None")
-    if mode == "ClientIP":
-        affinity = _get(
-            svc, "spec.sessionAffinityConfig.clientIP.timeoutSeconds", DEFAULT_AFFINITY_SECONDS
-        )
-    elif mode != "None":
-        raise ManifestError(f"{where}: spec.sessionAffinity {mode!r} (None or ClientIP)")
+    vips = _vips(svc, where)
+    affinity = _affinity(svc, where)
     ports = _get(svc, "spec.ports")
     if not isinstance(ports, list) or not ports:
         raise ManifestError(f"{where}: spec.ports must be a non-empty list")
-    selector = _get(svc, "spec.selector", None)
-    own_slices = [
-        s
-        for s in slices
-        if _namespace(s) == _namespace(svc)
-        and (_get(s, "metadata.labels", {}) or {}).get("kubernetes.io/service-name")
-        == _get(svc, "metadata.name")
-    ]
-    matched = (
-        [
-            p
-            for p in pods
-            if _namespace(p) == _namespace(svc)
-            and selector
-            and all((_get(p, "metadata.labels", {}) or {}).get(k) == v for k, v in selector.items())
-        ]
-        if not own_slices
-        else []
-    )
+    own_slices = _own_slices(svc, slices)
+    matched = [] if own_slices else _selected_pods(svc, pods)
     result = []
     for index, port in enumerate(ports):
         field = f"spec.ports[{index}]"
@@ -171,6 +137,56 @@ def _translate(
             except ValueError as exc:
                 raise ManifestError(f"{where}: {field}: {exc}") from None
     return result
+
+
+def _vips(svc: dict[str, Any], where: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    ips = _get(svc, "spec.clusterIPs", None) or [_get(svc, "spec.clusterIP")]
+    vips = []
+    for ip in ips:
+        if ip in (None, "None", ""):
+            raise ManifestError(
+                f"{where}: spec.clusterIP {ip!r}: a headless service has no VIP to balance"
+            )
+        try:
+            vips.append(ipaddress.ip_address(str(ip)))
+        except ValueError:
+            raise ManifestError(f"{where}: spec.clusterIP {ip!r} is not an IP address") from None
+    return vips
+
+
+def _affinity(svc: dict[str, Any], where: str) -> int | None:
+    mode = _get(svc, "spec.sessionAffinity", "None")
+    if mode == "ClientIP":
+        timeout: int = _get(
+            svc, "spec.sessionAffinityConfig.clientIP.timeoutSeconds", DEFAULT_AFFINITY_SECONDS
+        )
+        return timeout
+    if mode != "None":
+        raise ManifestError(f"{where}: spec.sessionAffinity {mode!r} (None or ClientIP)")
+    return None
+
+
+def _own_slices(svc: dict[str, Any], slices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The EndpointSlices of ``svc``: its namespace, labelled with its name."""
+    return [
+        s
+        for s in slices
+        if _namespace(s) == _namespace(svc)
+        and (_get(s, "metadata.labels", {}) or {}).get("kubernetes.io/service-name")
+        == _get(svc, "metadata.name")
+    ]
+
+
+def _selected_pods(svc: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    selector = _get(svc, "spec.selector", None)
+    if not selector:
+        return []
+    return [
+        p
+        for p in pods
+        if _namespace(p) == _namespace(svc)
+        and all((_get(p, "metadata.labels", {}) or {}).get(k) == v for k, v in selector.items())
+    ]
 
 
 def _state(ready: bool, terminating: bool) -> BackendState:

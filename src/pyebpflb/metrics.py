@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from pyebpflb.datapath import Datapath
+    from pyebpflb.datapath import Datapath, DatapathStats
 
 
 class DatapathCollector(Collector):
@@ -33,8 +33,14 @@ class DatapathCollector(Collector):
         self.datapath = datapath
 
     def collect(self) -> Iterator[Metric]:
-        dp = self.datapath
-        stats = dp.stats()
+        stats = self.datapath.stats()
+        yield from self._services(stats)
+        yield from self._rules(stats)
+        yield from self._drops(stats)
+        yield self._events(stats)
+        yield from self._maps()
+
+    def _services(self, stats: DatapathStats) -> Iterator[Metric]:
         labels = ["datapath", "service", "vip", "port", "protocol"]
         packets = CounterMetricFamily(
             "pyebpflb_service_packets", "Packets sent to a service", labels=labels
@@ -51,14 +57,15 @@ class DatapathCollector(Collector):
         )
         for service_stats in stats.services:
             svc = service_stats.service
-            values = [dp.name, svc.name, str(svc.vip), str(svc.port), svc.protocol.value]
+            values = [self.datapath.name, svc.name, str(svc.vip), str(svc.port), svc.protocol.value]
             packets.add_metric(values, service_stats.packets)
             sent.add_metric(values, service_stats.bytes)
             for backend, traffic in service_stats.backends.items():
                 be_packets.add_metric([*values, str(backend)], traffic.packets)
                 be_bytes.add_metric([*values, str(backend)], traffic.bytes)
-        yield from (packets, sent, be_packets, be_bytes)
+        return iter((packets, sent, be_packets, be_bytes))
 
+    def _rules(self, stats: DatapathStats) -> Iterator[Metric]:
         rule_labels = ["datapath", "policy", "rule"]
         rule_packets = CounterMetricFamily(
             "pyebpflb_policy_rule_packets", "Packets a policy rule matched", labels=rule_labels
@@ -68,10 +75,11 @@ class DatapathCollector(Collector):
         )
         for name, rules in stats.policies.items():
             for index, traffic in enumerate(rules):
-                rule_packets.add_metric([dp.name, name, str(index)], traffic.packets)
-                rule_bytes.add_metric([dp.name, name, str(index)], traffic.bytes)
-        yield from (rule_packets, rule_bytes)
+                rule_packets.add_metric([self.datapath.name, name, str(index)], traffic.packets)
+                rule_bytes.add_metric([self.datapath.name, name, str(index)], traffic.bytes)
+        return iter((rule_packets, rule_bytes))
 
+    def _drops(self, stats: DatapathStats) -> Iterator[Metric]:
         drops = CounterMetricFamily(
             "pyebpflb_drops", "Packets dropped or refused", labels=["datapath", "reason"]
         )
@@ -79,30 +87,32 @@ class DatapathCollector(Collector):
             "pyebpflb_drop_bytes", "Bytes dropped or refused", labels=["datapath", "reason"]
         )
         for reason, traffic in stats.drops.items():
-            drops.add_metric([dp.name, reason], traffic.packets)
-            drop_bytes.add_metric([dp.name, reason], traffic.bytes)
-        yield from (drops, drop_bytes)
+            drops.add_metric([self.datapath.name, reason], traffic.packets)
+            drop_bytes.add_metric([self.datapath.name, reason], traffic.bytes)
+        return iter((drops, drop_bytes))
 
+    def _events(self, stats: DatapathStats) -> Metric:
         events = CounterMetricFamily(
             "pyebpflb_events",
             "Flow events: sent, lost (ring buffer full), rate_limited",
             labels=["datapath", "outcome"],
         )
         for outcome in ("sent", "lost", "rate_limited"):
-            events.add_metric([dp.name, outcome], getattr(stats.events, outcome))
-        yield events
+            events.add_metric([self.datapath.name, outcome], getattr(stats.events, outcome))
+        return events
 
+    def _maps(self) -> Iterator[Metric]:
         used = GaugeMetricFamily(
             "pyebpflb_map_entries", "Entries in a map", labels=["datapath", "map"]
         )
         size = GaugeMetricFamily(
             "pyebpflb_map_max_entries", "Entries a map can hold", labels=["datapath", "map"]
         )
-        for info in dp.maps():
+        for info in self.datapath.maps():
             if info.entries is not None:
-                used.add_metric([dp.name, info.name], info.entries)
-            size.add_metric([dp.name, info.name], info.max_entries)
-        yield from (used, size)
+                used.add_metric([self.datapath.name, info.name], info.entries)
+            size.add_metric([self.datapath.name, info.name], info.max_entries)
+        return iter((used, size))
 
 
 __all__ = ["DatapathCollector"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -334,19 +334,10 @@ def compile_policies(
     ``service_ids`` maps a service name to the ids of the installed services of
     that name; ``class_base`` is or-ed into every class id (the generation).
     """
-    by_policy = {p.name: p for p in policies}
-    groups: dict[tuple[Direction, int, int], list[RuleRef]] = {}
-    for ref in refs:
-        direction = by_policy[ref.policy].direction
-        scopes = service_ids[ref.rule.service] if ref.rule.service is not None else [0]
-        families = (ref.rule.cidr.version,) if ref.rule.cidr is not None else (4, 6)
-        for scope in scopes:
-            for family in families:
-                groups.setdefault((direction, scope, family), []).append(ref)
-
     cidrs: list[CidrEntry] = []
     ports: list[PortEntry] = []
     next_class = 1
+    groups = _groups(policies, refs, service_ids)
     for (direction, scope, family), members in sorted(
         groups.items(), key=lambda g: (g[0][0].value, g[0][1], g[0][2])
     ):
@@ -364,38 +355,10 @@ def compile_policies(
                 applying.extend(by_cidr.get((length, network & mask), ()))
             class_id = class_base | next_class
             next_class += 1
-            pieces: list[Piece] = []
-            for code in PROTO_CODES:
-                relevant = [
-                    (
-                        (-r.rule.prefixlen, 0, r.policy, r.index),
-                        r.rule.action,
-                        r.id,
-                        r.rule.port_range if code in (TCP, UDP) else (0, 65535),
-                        r.rule.prefixlen,
-                    )
-                    for r in applying
-                    if _protocol_matches(r.rule, code)
-                ]
-                for low, high, action, rule_id, cidr_len in _resolve(relevant):
-                    if code not in (TCP, UDP):
-                        low, high = 0, 65535
-                    pieces.append(Piece(code, low, high, action, rule_id, cidr_len))
+            pieces = _pieces(applying)
             spilled = len(pieces) > INLINE
             if spilled:
-                for piece in pieces:
-                    for port, length in port_prefixes(piece.low, piece.high):
-                        ports.append(
-                            PortEntry(
-                                class_id,
-                                piece.proto,
-                                port,
-                                length,
-                                piece.action,
-                                piece.rule_id,
-                                piece.cidr_prefixlen,
-                            )
-                        )
+                ports.extend(_port_entries(class_id, pieces))
             net_type = ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network
             cidrs.append(
                 CidrEntry(
@@ -408,6 +371,67 @@ def compile_policies(
                     spilled,
                 )
             )
+    return _compiled(policies, cidrs, ports)
+
+
+def _groups(
+    policies: Sequence[Policy], refs: Sequence[RuleRef], service_ids: dict[str, list[int]]
+) -> dict[tuple[Direction, int, int], list[RuleRef]]:
+    """The rules by (direction, scope, family): a rule naming a service is in the
+    scope of each installed service of that name, the others in scope 0."""
+    by_policy = {p.name: p for p in policies}
+    groups: dict[tuple[Direction, int, int], list[RuleRef]] = {}
+    for ref in refs:
+        direction = by_policy[ref.policy].direction
+        scopes = service_ids[ref.rule.service] if ref.rule.service is not None else [0]
+        families = (ref.rule.cidr.version,) if ref.rule.cidr is not None else (4, 6)
+        for scope in scopes:
+            for family in families:
+                groups.setdefault((direction, scope, family), []).append(ref)
+    return groups
+
+
+def _pieces(applying: list[RuleRef]) -> list[Piece]:
+    """The port ranges of one class (the rules whose CIDRs contain it), per
+    protocol code, each with the rule that decides it."""
+    pieces: list[Piece] = []
+    for code in PROTO_CODES:
+        relevant = [
+            (
+                (-r.rule.prefixlen, 0, r.policy, r.index),
+                r.rule.action,
+                r.id,
+                r.rule.port_range if code in (TCP, UDP) else (0, 65535),
+                r.rule.prefixlen,
+            )
+            for r in applying
+            if _protocol_matches(r.rule, code)
+        ]
+        for low, high, action, rule_id, cidr_len in _resolve(relevant):
+            if code not in (TCP, UDP):
+                low, high = 0, 65535
+            pieces.append(Piece(code, low, high, action, rule_id, cidr_len))
+    return pieces
+
+
+def _port_entries(class_id: int, pieces: list[Piece]) -> Iterator[PortEntry]:
+    """A spilled class's pieces as port-trie entries (prefixes covering each range)."""
+    for piece in pieces:
+        for port, length in port_prefixes(piece.low, piece.high):
+            yield PortEntry(
+                class_id,
+                piece.proto,
+                port,
+                length,
+                piece.action,
+                piece.rule_id,
+                piece.cidr_prefixlen,
+            )
+
+
+def _compiled(
+    policies: Sequence[Policy], cidrs: list[CidrEntry], ports: list[PortEntry]
+) -> Compiled:
     return Compiled(
         cidrs=cidrs,
         ports=ports,

@@ -77,10 +77,7 @@ class Datapath:
         event_rate: int = 10_000,
         create: bool = True,
     ) -> None:
-        if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > NAME_MAX:
-            raise ValueError(
-                f"datapath name must be 1 to {NAME_MAX} bytes without '/', got {name!r}"
-            )
+        _check_name(name)
         self.limits = Limits(
             max_services=max_services,
             max_backends=max_backends,
@@ -95,28 +92,32 @@ class Datapath:
         wanted = adopt.settings(ct_timeouts, events, event_rate, maglev_table_size)
         self.name, self.persist, self.netns, self.create = name, persist, netns, create
         self.pin_root = os.fspath(pin_root)
-        with entered(netns):
-            self.pin_dir = adopt.pin_dir_for(self.pin_root, name)
-            existing = adopt.find_existing(name, self.pin_dir)
-            if not existing and not create:
-                raise adopt.missing(name, netns, self.pin_dir)
-            self.adopted = bool(existing)
-            self._object: LoadedObject = adopt.load(name, self.limits.sizes(), existing)
-        try:
-            adopt.pin_maps(self._object, self.pin_dir)
-            self.settings = adopt.write_config(
-                self._object, name, wanted, adopted=self.adopted, keep=not create
-            )
-            self._state = State(self._object)
-        except BaseException:
-            self._object.close()
-            raise
+        self._open(wanted)
         programs = {d: self._object.program(f"lb_{d.value}") for d in Direction}
         self._hooks = Hooks(netns, programs, self._object.map(maps.CT))
         self._programmer = Programmer(
             self._object, self._state, self.limits, self.settings.maglev_table_size
         )
         self._inspector = Inspector(self._object, self._state, name, self.pin_dir)
+
+    def _open(self, wanted: adopt.Settings) -> None:
+        """Adopt the datapath of this name, or load a new one; pin and configure it."""
+        with entered(self.netns):
+            self.pin_dir = adopt.pin_dir_for(self.pin_root, self.name)
+            existing = adopt.find_existing(self.name, self.pin_dir)
+            if not existing and not self.create:
+                raise adopt.missing(self.name, self.netns, self.pin_dir)
+            self.adopted = bool(existing)
+            self._object: LoadedObject = adopt.load(self.name, self.limits.sizes(), existing)
+        try:
+            adopt.pin_maps(self._object, self.pin_dir)
+            self.settings = adopt.write_config(
+                self._object, self.name, wanted, adopted=self.adopted, keep=not self.create
+            )
+            self._state = State(self._object)
+        except BaseException:
+            self._object.close()
+            raise
 
     # The settings in force (an adopted datapath's own under create=False).
     ct_timeouts = property(lambda self: self.settings.ct_timeouts)
@@ -395,3 +396,8 @@ class Datapath:
         state = "closed" if closed else f"{len(self._state.snapshot.services)} services"
         where = f" netns={self.netns!r}" if self.netns else ""
         return f"<Datapath {self.name!r}{where} {state}>"
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > NAME_MAX:
+        raise ValueError(f"datapath name must be 1 to {NAME_MAX} bytes without '/', got {name!r}")

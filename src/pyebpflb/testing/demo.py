@@ -96,16 +96,7 @@ def run(out: Callable[[str], None] = print) -> int:
     names = ["my-app-1", "my-app-2", "my-app-3"]
     with Sandbox(backends=3, prefix="pyebpflb-demo", names=names) as sandbox:
         pods = {host.name: host for host in sandbox.backends}
-        out("sandbox (network namespaces joined by veth pairs):")
-        out(
-            f"  client {sandbox.client.ipv4} -> node {sandbox.lb.ipv4} (datapath on tc of "
-            f"{sandbox.lb.iface}) -> pods:"
-        )
-        for pod, host in pods.items():
-            out(
-                f"    pod {pod:<9} app=my-app  {host.ipv4}:{BACKEND_PORT}  "
-                f"[{host.ipv6}]:{BACKEND_PORT}"
-            )
+        _show_sandbox(sandbox, out)
 
         def my_app(family: int, members: list[str]) -> Service:
             return Service(
@@ -116,102 +107,117 @@ def run(out: Callable[[str], None] = print) -> int:
                 backends=[Backend(pods[p].address(family), BACKEND_PORT) for p in members],
             )
 
-        everyone = list(pods)
         with Datapath(f"demo-{os.getpid()}", netns=sandbox.lb.netns) as dp:
             dp.attach(sandbox.lb.iface)
-            dp.sync([my_app(4, everyone), my_app(6, everyone)])
+            dp.sync([my_app(4, list(pods)), my_app(6, list(pods))])
             out(
                 "\nservice default/my-app-service: port 80 -> targetPort 8080 of the pods "
                 f"selected by app=my-app\n  VIPs {VIP4} and {VIP6}, programmed with one "
                 "Datapath.sync()"
             )
-
             for vip in (VIP4, VIP6):
-                spread = _spread(sandbox, vip, REQUESTS)
                 out(f"\n{REQUESTS} HTTP requests to {vip}:80, a new TCP connection each:")
-                _table(
-                    [
-                        ("pod", "answered"),
-                        *((pod, str(spread[pod])) for pod in pods),
-                    ],
-                    out,
-                )
-
-            out(
-                "\npod my-app-2 goes away: its endpoint leaves the service, live, while a client"
-                " keeps sending"
+                _show_spread(sandbox, vip, REQUESTS, out)
+            remaining = ["my-app-1", "my-app-3"]
+            failures = _remove_a_pod_live(
+                sandbox, dp, [my_app(4, remaining), my_app(6, remaining)], out
             )
-            failures: list[str] = []
-            answered: collections.Counter[str] = collections.Counter()
-            stop = threading.Event()
-
-            def keep_asking() -> None:
-                while not stop.is_set():
-                    try:
-                        answered[sandbox.http_get(VIP4, 80)] += 1
-                    except OSError as exc:
-                        failures.append(repr(exc))
-
-            asker = threading.Thread(target=keep_asking)
-            asker.start()
-            time.sleep(0.2)
-            started = time.monotonic()
-            dp.sync([my_app(4, ["my-app-1", "my-app-3"]), my_app(6, ["my-app-1", "my-app-3"])])
-            took = time.monotonic() - started
-            time.sleep(0.2)
-            stop.set()
-            asker.join()
-            out(
-                f"  update applied in {took * 1000:.1f} ms; {sum(answered.values())} requests "
-                f"during the change, {len(failures)} failed"
-            )
-            after = _spread(sandbox, VIP4, 100)
-            out("  100 new requests after the change:")
-            _table(
-                [
-                    ("pod", "answered"),
-                    *((pod, str(after[pod])) for pod in pods),
-                ],
-                out,
-            )
-
-            out("\nservices read back from the kernel maps:")
-            rows: list[tuple[str, ...]] = [("name", "vip", "port", "proto", "backends")]
-            for svc in dp.services:
-                rows.append(
-                    (
-                        svc.name,
-                        str(svc.vip),
-                        str(svc.port),
-                        svc.protocol.value,
-                        ", ".join(str(b) for b in svc.backends),
-                    )
-                )
-            _table(rows, out)
-
-            out("\ncounters (per-CPU in the kernel, summed):")
-            rows = [("service / backend", "packets", "bytes")]
-            for svc in dp.services:
-                stats = dp.stats(svc)
-                rows.append((f"{svc.name} {svc.vip}", str(stats.packets), str(stats.bytes)))
-                for backend, traffic in stats.backends.items():
-                    rows.append((f"  -> {backend}", str(traffic.packets), str(traffic.bytes)))
-            _table(rows, out)
-
-            dp.upsert(Service(vip="10.96.0.20", port=80, name="default/no-pods-yet"))
-            started = time.monotonic()
-            try:
-                sandbox.http_get("10.96.0.20", 80, timeout=5)
-                refused = "answered?!"
-            except ConnectionRefusedError:
-                refused = f"refused in {(time.monotonic() - started) * 1000:.1f} ms"
-            out(
-                f"\na service with no endpoints (default/no-pods-yet, 10.96.0.20:80): {refused}"
-                f" (a TCP reset from the datapath; drops: {dp.drops()['no backend'].packets})"
-            )
-            _policy(sandbox, dp, my_app(4, ["my-app-1", "my-app-3"]), out)
+            _show_services(dp, out)
+            _show_counters(dp, out)
+            _show_refusal(sandbox, dp, out)
+            _policy(sandbox, dp, my_app(4, remaining), out)
         out("\ndatapath detached, maps unpinned, namespaces removed")
     if failures:
         out(f"FAILED: {failures[:3]}")
         return 1
     return 0
+
+
+def _show_sandbox(sandbox: Sandbox, out: Callable[[str], None]) -> None:
+    out("sandbox (network namespaces joined by veth pairs):")
+    out(
+        f"  client {sandbox.client.ipv4} -> node {sandbox.lb.ipv4} (datapath on tc of "
+        f"{sandbox.lb.iface}) -> pods:"
+    )
+    for host in sandbox.backends:
+        out(
+            f"    pod {host.name:<9} app=my-app  {host.ipv4}:{BACKEND_PORT}  "
+            f"[{host.ipv6}]:{BACKEND_PORT}"
+        )
+
+
+def _show_spread(sandbox: Sandbox, vip: str, requests: int, out: Callable[[str], None]) -> None:
+    spread = _spread(sandbox, vip, requests)
+    pods = [host.name for host in sandbox.backends]
+    _table([("pod", "answered"), *((pod, str(spread[pod])) for pod in pods)], out)
+
+
+def _remove_a_pod_live(
+    sandbox: Sandbox, dp: Datapath, services: list[Service], out: Callable[[str], None]
+) -> list[str]:
+    """Sync ``services`` (one pod fewer) while a client keeps asking: the failures."""
+    out(
+        "\npod my-app-2 goes away: its endpoint leaves the service, live, while a client"
+        " keeps sending"
+    )
+    failures: list[str] = []
+    answered: collections.Counter[str] = collections.Counter()
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            try:
+                answered[sandbox.http_get(VIP4, 80)] += 1
+            except OSError as exc:
+                failures.append(repr(exc))
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    dp.sync(services)
+    took = time.monotonic() - started
+    time.sleep(0.2)
+    stop.set()
+    asker.join()
+    out(
+        f"  update applied in {took * 1000:.1f} ms; {sum(answered.values())} requests "
+        f"during the change, {len(failures)} failed"
+    )
+    out("  100 new requests after the change:")
+    _show_spread(sandbox, VIP4, 100, out)
+    return failures
+
+
+def _show_services(dp: Datapath, out: Callable[[str], None]) -> None:
+    out("\nservices read back from the kernel maps:")
+    rows: list[tuple[str, ...]] = [("name", "vip", "port", "proto", "backends")]
+    for svc in dp.services:
+        backends = ", ".join(str(b) for b in svc.backends)
+        rows.append((svc.name, str(svc.vip), str(svc.port), svc.protocol.value, backends))
+    _table(rows, out)
+
+
+def _show_counters(dp: Datapath, out: Callable[[str], None]) -> None:
+    out("\ncounters (per-CPU in the kernel, summed):")
+    rows = [("service / backend", "packets", "bytes")]
+    for svc in dp.services:
+        stats = dp.stats(svc)
+        rows.append((f"{svc.name} {svc.vip}", str(stats.packets), str(stats.bytes)))
+        for backend, traffic in stats.backends.items():
+            rows.append((f"  -> {backend}", str(traffic.packets), str(traffic.bytes)))
+    _table(rows, out)
+
+
+def _show_refusal(sandbox: Sandbox, dp: Datapath, out: Callable[[str], None]) -> None:
+    dp.upsert(Service(vip="10.96.0.20", port=80, name="default/no-pods-yet"))
+    started = time.monotonic()
+    try:
+        sandbox.http_get("10.96.0.20", 80, timeout=5)
+        refused = "answered?!"
+    except ConnectionRefusedError:
+        refused = f"refused in {(time.monotonic() - started) * 1000:.1f} ms"
+    out(
+        f"\na service with no endpoints (default/no-pods-yet, 10.96.0.20:80): {refused}"
+        f" (a TCP reset from the datapath; drops: {dp.drops()['no backend'].packets})"
+    )
