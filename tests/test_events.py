@@ -50,6 +50,8 @@ def test_trace_drop_and_policy_events() -> None:
             "tcp",
         )
         assert (trace.interface, trace.direction) == ("lo", "ingress")
+        assert trace.direction is lb.Direction.INGRESS and trace.verdict is lb.Verdict.FORWARDED
+        assert trace.to_dict()["verdict"] == "forwarded" and type(trace.to_dict()["verdict"]) is str
         refused = got[3]
         assert (refused.drop_reason, refused.service) == ("no backend", "default/empty")
         assert refused.drop_reason_code == 1

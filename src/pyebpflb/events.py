@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import enum
 import ipaddress
 import json
 import socket
@@ -28,7 +29,7 @@ from pyebpflb._bpf import RingBuffer, ffi
 from pyebpflb._bpf._libbpf import lib
 from pyebpflb._bpf.netns import entered
 from pyebpflb.layout import DROP_REASONS, DropReason, EventType
-from pyebpflb.model import Address, Verdict, endpoint_text, protocol_name
+from pyebpflb.model import Address, Direction, Verdict, endpoint_text, protocol_name
 
 TYPES = {int(t): t.label for t in EventType}
 TYPE_BITS = {name: 1 << code for code, name in TYPES.items()}
@@ -62,8 +63,11 @@ def to_types(types: Iterable[str] | str | None) -> frozenset[str]:
 class FlowEvent:
     """One decision of the datapath, with Hubble's fields.
 
-    ``verdict``: "forwarded" (trace), "dropped" or "refused" (drop: refused is
-    a reset or ICMP unreachable sent back), "allowed" or "denied" (policy).
+    ``verdict`` (a :class:`~pyebpflb.Verdict`, equal to its string): FORWARDED
+    (trace), DROPPED or REFUSED (drop: refused is a reset or ICMP unreachable
+    sent back), ALLOWED or DENIED (policy). ``direction`` is a
+    :class:`~pyebpflb.Direction` (None if the kernel sent one this version
+    does not know).
     ``drop_reason`` is readable, ``drop_reason_code`` the kernel's number.
     ``service`` and ``backend`` name what the flow was translated to (trace),
     ``policy`` and ``rule`` the rule that decided (``rule`` None: the
@@ -72,14 +76,14 @@ class FlowEvent:
 
     time: datetime.datetime
     type: str
-    verdict: str
+    verdict: Verdict
     source: Address
     source_port: int
     destination: Address
     destination_port: int
     protocol: str
     interface: str
-    direction: str
+    direction: Direction | None
     length: int
     service: str | None = None
     backend: str | None = None
@@ -97,6 +101,8 @@ class FlowEvent:
                 if isinstance(value, datetime.datetime)
                 else str(value)
                 if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address))
+                else value.value
+                if isinstance(value, enum.Enum)
                 else value
             )
             for field in attrs.fields(FlowEvent)
@@ -113,7 +119,8 @@ class FlowEvent:
         line = (
             f"{self.time.strftime('%H:%M:%S.%f')} {self.type.upper():<6} {self.verdict:<9} "
             f"{self.protocol} {at(self.source, self.source_port)} -> "
-            f"{at(self.destination, self.destination_port)} {self.interface} {self.direction}"
+            f"{at(self.destination, self.destination_port)} {self.interface} "
+            f"{self.direction or '?'}"
         )
         if self.service:
             line += f" service {self.service}"
@@ -222,14 +229,14 @@ def decode(raw: Any, names: Names, offset: float) -> FlowEvent:
     return FlowEvent(
         time=datetime.datetime.fromtimestamp(int(raw.time_ns) / 1e9 + offset, tz=datetime.UTC),
         type=kind,
-        verdict=verdict.value,
+        verdict=verdict,
         source=maps.addr_from(raw.saddr, family),
         source_port=maps.port_from(int(raw.sport)) if with_ports else 0,
         destination=maps.addr_from(raw.daddr, family),
         destination_port=maps.port_from(int(raw.dport)) if with_ports else 0,
         protocol=protocol_name(proto),
         interface=names.interface(int(raw.ifindex)),
-        direction=direction.value if (direction := maps.POLICY_DIR_OF.get(int(raw.dir))) else "?",
+        direction=maps.POLICY_DIR_OF.get(int(raw.dir)),
         length=int(raw.len),
         service=names.service(int(raw.service_id)),
         backend=backend,

@@ -306,7 +306,7 @@ class Action(enum.Enum):
     DENY = "deny"
 
 
-class Direction(enum.Enum):
+class Direction(enum.StrEnum):
     """``INGRESS``: packets entering through an attached interface (the peer is
     their source). ``EGRESS``: packets leaving through it (the peer is their
     destination)."""
@@ -315,7 +315,7 @@ class Direction(enum.Enum):
     EGRESS = "egress"
 
 
-class Verdict(enum.Enum):
+class Verdict(enum.StrEnum):
     """What the datapath did with a packet: ``FORWARDED`` (translated to a backend),
     ``PASSED`` (not for a service, let through), ``REFUSED`` (a service without
     backends: a reset or ICMP unreachable went back), ``DROPPED``; and what policy
