@@ -10,6 +10,7 @@ order. Pure: it builds bytes and reads cdata, never a map (reading the kernel is
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from pyebpflb.model import (
     Scheduler,
     Service,
 )
-from pyebpflb.packing import Packer
+from pyebpflb.packing import LayoutMismatch, Packer
 from pyebpflb.packing import u32 as u32
 from pyebpflb.packing import u32s as u32s
 
@@ -92,6 +93,8 @@ def port_from(value: int) -> int:
 _SERVICE_KEY = Packer("struct pyebpflb_service_key", "vip", "port", "proto", "family")
 _SERVICE = Packer("struct pyebpflb_service", "id", "count", "gen", "flags", "affinity_timeout_s")
 _SLOT_KEY = Packer("struct pyebpflb_slot_key", "service_id", "slot")
+if _SLOT_KEY.pack(1, 2) != u32(1) + u32(2):  # slot_entries joins the two halves
+    raise LayoutMismatch("struct pyebpflb_slot_key is no longer two adjacent __u32")
 _SLOT = Packer("struct pyebpflb_slot", "backend_id", "alias_id", "threshold")
 _BACKEND = Packer(
     "struct pyebpflb_backend",
@@ -196,10 +199,17 @@ def slot_entries(
     service_id: int, gen: int, table: Sequence[tuple[int, int, int]], ids: list[int]
 ) -> tuple[bytes, bytes]:
     """Keys and values of the slots of ``table`` (alias indexes into ``ids``), packed."""
-    key, value, base = _SLOT_KEY.pack, _SLOT.pack, gen << SLOT_GEN_SHIFT
-    keys = b"".join([key(service_id, base | index) for index in range(1, len(table) + 1)])
+    service = u32(service_id)  # a slot key: the service id, then the slot number
+    keys = b"".join([service + slot for slot in _slot_numbers(gen, len(table))])
+    value = _SLOT.pack
     values = b"".join([value(ids[own], ids[alias], threshold) for own, alias, threshold in table])
     return keys, values
+
+
+@functools.lru_cache(maxsize=512)
+def _slot_numbers(gen: int, count: int) -> tuple[bytes, ...]:
+    """The packed slot numbers 1..count of generation ``gen``."""
+    return tuple(u32((gen << SLOT_GEN_SHIFT) | index) for index in range(1, count + 1))
 
 
 def backend_from(value: Any) -> Backend:

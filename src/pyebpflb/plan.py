@@ -170,13 +170,22 @@ def diff(
     upserts: Iterable[Service],
     removals: Iterable[Key],
     maglev_size: int = maglev.DEFAULT_TABLE_SIZE,
+    *,
+    distinct: bool = False,
 ) -> Plan:
-    """The plan that makes ``upserts`` installed and ``removals`` gone."""
+    """The plan that makes ``upserts`` installed and ``removals`` gone. ``distinct``:
+    no two upserts share a key and none is removed (a sync checked it), so the
+    planner looks for each only in the snapshot, not among its own changes."""
     planner = _Planner(snapshot, maglev_size)
     for key in removals:
         planner.remove(key)
-    for service in upserts:
-        planner.upsert(service)
+    if distinct:
+        installed = snapshot.services
+        for service in upserts:
+            planner.upsert(service, installed.get(service.key) if installed else None)
+    else:
+        for service in upserts:
+            planner.upsert(service, planner.installed(service.key))
     return planner.plan()
 
 
@@ -229,8 +238,8 @@ class _Planner:
         if old.service.scheduler is Scheduler.MAGLEV:
             self.cleanup.delete(maps.MAGLEV, maps.u32(old.id))
 
-    def upsert(self, service: Service) -> None:
-        old = self.installed(service.key)
+    def upsert(self, service: Service, old: Installed | None) -> None:
+        """Plan ``service`` in place of ``old``, what its key holds now."""
         if old is not None and old.service == service:
             return
         self.changed += 1

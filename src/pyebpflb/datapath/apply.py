@@ -312,7 +312,7 @@ class Programmer:
         if len(wanted) >= OVERLAP_FROM and self._no_policy_plan(policies):
             self._apply_in_chunks(wanted, removals)
         else:
-            self.apply(self._diff(wanted, removals), policies)
+            self.apply(self._diff(wanted, removals, distinct=True), policies)
 
     def _no_policy_plan(self, policies: list[Policy] | None) -> bool:
         """No policy changes and none names a service (whose ids a change would move):
@@ -336,6 +336,7 @@ class Programmer:
                     wanted[start : start + CHUNK_SERVICES],
                     removals if start == 0 else [],
                     self._maglev_size,
+                    distinct=True,
                 )
                 if not change.empty:
                     self._reserve_ids(change, None, config)
@@ -358,8 +359,12 @@ class Programmer:
     def set_policies(self, policies: list[Policy]) -> None:
         self.apply(self._diff([], []), policies)
 
-    def _diff(self, upserts: list[Service], removals: list[Key]) -> plan.Plan:
-        return plan.diff(self._state.snapshot, upserts, removals, self._maglev_size)
+    def _diff(
+        self, upserts: list[Service], removals: list[Key], *, distinct: bool = False
+    ) -> plan.Plan:
+        return plan.diff(
+            self._state.snapshot, upserts, removals, self._maglev_size, distinct=distinct
+        )
 
     def apply(self, change: plan.Plan, policies: list[Policy] | None = None) -> None:
         """Apply ``change`` and, with ``policies``, make them the installed policies. The
