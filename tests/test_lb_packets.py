@@ -403,19 +403,42 @@ def test_idle_udp_flow_expires_and_starts_over() -> None:
         assert flow_created(dp) > first
 
 
-def test_tcp_flow_closed_by_fin_gets_the_short_timeout() -> None:
+def test_tcp_flow_closed_by_fins_from_both_sides_gets_the_short_timeout() -> None:
     timeouts = lb.ConntrackTimeouts(tcp_established=3600, tcp_syn=3600, tcp_closing=0.2)
     with datapath("fin", ct_timeouts=timeouts) as dp:
         dp.upsert(service(4, "tcp"))
-        flow = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 45000, 80, flags="S")
-        run(dp, "lb_ingress", flow)
+        client = ("10.1.0.5", "10.96.0.10", 45000, 80)
+        run(dp, "lb_ingress", packet(4, "tcp", *client, flags="S"))
         first = flow_created(dp)
+        (flow,) = [f for f in dp.conntrack() if f.kind == "service"]
+        assert flow.backend is not None
+        address, port = flow.backend.rsplit(":", 1)
         time.sleep(0.3)
-        run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 45000, 80, flags="A"))
+        run(dp, "lb_ingress", packet(4, "tcp", *client, flags="A"))
         assert flow_created(dp) == first  # no FIN yet: the long timeout holds
-        run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 45000, 80, flags="FA"))
+        # The client half-closes: the backend may still send for as long as it likes.
+        run(dp, "lb_ingress", packet(4, "tcp", *client, flags="FA"))
         time.sleep(0.3)
-        run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 45000, 80, flags="A"))
+        run(dp, "lb_ingress", packet(4, "tcp", *client, flags="A"))
+        assert flow_created(dp) == first
+        # The backend's FIN closes it: now the short timeout.
+        answer = packet(4, "tcp", address, "10.1.0.5", int(port), 45000, flags="FA")
+        assert run(dp, "lb_egress", answer)[1][IP].src == "10.96.0.10"
+        time.sleep(0.3)
+        run(dp, "lb_ingress", packet(4, "tcp", *client, flags="A"))
+        assert flow_created(dp) > first
+
+
+def test_tcp_flow_reset_gets_the_short_timeout() -> None:
+    timeouts = lb.ConntrackTimeouts(tcp_established=3600, tcp_syn=3600, tcp_closing=0.2)
+    with datapath("rst", ct_timeouts=timeouts) as dp:
+        dp.upsert(service(4, "tcp"))
+        client = ("10.1.0.5", "10.96.0.10", 45000, 80)
+        run(dp, "lb_ingress", packet(4, "tcp", *client, flags="S"))
+        first = flow_created(dp)
+        run(dp, "lb_ingress", packet(4, "tcp", *client, flags="R"))
+        time.sleep(0.3)
+        run(dp, "lb_ingress", packet(4, "tcp", *client, flags="A"))
         assert flow_created(dp) > first
 
 
@@ -426,17 +449,17 @@ def test_new_connection_on_a_reused_port_goes_to_the_same_backend(dp: lb.Datapat
         pkt = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 48000, 80, flags=flags)
         return str(run(dp, "lb_ingress", pkt)[1][IP].dst)
 
-    def flags() -> tuple[bool, bool]:
+    def flags() -> tuple[bool, bool, bool]:
         (flow,) = [f for f in dp.conntrack() if f.kind == "service"]
-        return flow.closing, flow.answered
+        return flow.closing, flow.half_closed, flow.answered
 
     first = send("S")
     assert send("FA") == first
-    assert flags() == (True, False)
+    assert flags() == (False, True, False)
     # The client reuses its port for a new connection: its SYN goes where the old
     # connection's TIME_WAIT is, and the flow starts afresh.
     assert {send("S") for _ in range(10)} == {first}
-    assert flags() == (False, False)
+    assert flags() == (False, False, False)
 
 
 def test_reply_refreshes_the_flow(dp: lb.Datapath) -> None:

@@ -52,6 +52,7 @@ class DropReason(enum.IntEnum):
     POLICY_DENIED = lib.PYEBPFLB_DROP_POLICY_DENIED
     MALFORMED = lib.PYEBPFLB_DROP_MALFORMED
     UNSUPPORTED = lib.PYEBPFLB_DROP_UNSUPPORTED
+    TUPLE_IN_USE = lib.PYEBPFLB_DROP_TUPLE_IN_USE
 
     @property
     def label(self) -> str:
@@ -66,6 +67,7 @@ _DROP_LABELS = {
     DropReason.POLICY_DENIED: "policy denied",
     DropReason.MALFORMED: "malformed packet",
     DropReason.UNSUPPORTED: "unsupported packet",
+    DropReason.TUPLE_IN_USE: "tuple in use",
 }
 # Drop reason code -> its label, in code order.
 DROP_REASONS = {int(reason): reason.label for reason in DropReason}

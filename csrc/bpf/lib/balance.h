@@ -100,12 +100,18 @@ static __always_inline void note_new_flow(struct ctx_buff *ctx, const struct pac
 }
 
 /* Policy allowing, record the new flow (and the client's choice, for `svc`
- * under session affinity) and send it to its backend. */
+ * under session affinity) and send it to its backend. NEXT_STEP when a live
+ * flow holds that backend's side of the tuple. */
 static __always_inline int admit(struct ctx_buff *ctx, struct ingress *in,
 				 const struct pyebpflb_backend *backend, __u32 backend_id,
 				 __u32 service_id, const struct pyebpflb_service *svc)
 {
-	if (ct_create(&in->ct_key, &in->pkt, backend, backend_id, service_id, in->now)) {
+	int err =
+	    ct_create(&in->ct_key, &in->pkt, backend, backend_id, service_id, in->cfg, in->now);
+
+	if (err == CT_TUPLE_IN_USE)
+		return NEXT_STEP; /* the caller tries another backend */
+	if (err) {
 		note_drop(ctx, &in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_CT_FULL, service_id,
 			  0);
 		return CTX_DROP;
@@ -130,8 +136,7 @@ static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in,
 	struct pyebpflb_backend *backend = backend_lookup(backend_id);
 
 	if (!backend) {
-		if (!in->pkt.dry)
-			bpf_map_delete_elem(&lb_ct, &in->ct_key);
+		ct_delete_flow(&in->ct_key, flow, &in->pkt);
 		return NEXT_STEP;
 	}
 	if (service_denied(ctx, in, service_id, backend->port, 1))
@@ -152,8 +157,7 @@ static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *i
 	struct packet *pkt = &in->pkt;
 
 	if (pkt->proto != IPPROTO_TCP && !backend_lookup(flow->backend_id)) {
-		if (!pkt->dry)
-			bpf_map_delete_elem(&lb_ct, &in->ct_key);
+		ct_delete_flow(&in->ct_key, flow, pkt);
 		return NEXT_STEP;
 	}
 	/* Policy holds for every packet: a new deny ends a flow at once. */
@@ -200,10 +204,13 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 	struct pyebpflb_backend *backend = NULL;
 	struct pyebpflb_service *svc;
 	__u32 backend_id;
+	int verdict;
 
 	svc = service_lookup(&in->pkt);
-	if (!svc)
+	if (!svc) {
+		ct_direct_syn(&in->pkt, in->cfg, in->now);
 		return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
+	}
 	explain(ctx, &in->pkt, PYEBPFLB_EXPLAIN_SERVICE, svc->id);
 	backend_id = select_backend(svc, &in->pkt, in->cfg, in->now, &backend);
 	if (!backend_id && svc->count) {
@@ -219,7 +226,19 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 		return CTX_DROP;
 	if (!backend_id || !backend)
 		return refuse(ctx, in, svc->id);
-	return admit(ctx, in, backend, backend_id, svc->id, svc);
+	verdict = admit(ctx, in, backend, backend_id, svc->id, svc);
+	if (verdict != NEXT_STEP)
+		return verdict;
+	/* A live flow from this client address and port holds the chosen backend's
+	 * side of the tuple (through another service): one more draw. */
+	backend_id = slot_backend(svc, &backend);
+	if (backend_id && backend) {
+		verdict = admit(ctx, in, backend, backend_id, svc->id, svc);
+		if (verdict != NEXT_STEP)
+			return verdict;
+	}
+	note_drop(ctx, &in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_TUPLE_IN_USE, svc->id, 0);
+	return CTX_DROP;
 }
 
 static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
@@ -243,20 +262,19 @@ static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
 	return new_flow(ctx, &in);
 }
 
-/* A backend's answer in a translated flow: back to the VIP as its source. */
+/* A backend's answer in a live translated flow: back to the VIP as its source.
+ * An answer matching a stale REPLY entry is unrelated traffic (policy). */
 static __always_inline int reverse_nat(struct ctx_buff *ctx, struct ingress *out)
 {
 	struct pyebpflb_ct_entry *reply, *flow;
 	struct pyebpflb_ct_key key;
 
 	ct_key_of(&key, &out->pkt, PYEBPFLB_CT_REPLY);
-	reply = bpf_map_lookup_elem(&lb_ct, &key);
+	reply = ct_lookup_reply(&key, &out->pkt, out->cfg, out->now, &flow);
 	if (!reply)
 		return unrelated(ctx, out, PYEBPFLB_POLICY_EGRESS);
 	/* The flow's life is kept on its SERVICE entry; replies refresh it too. */
-	flow = ct_lookup_service_of_reply(&out->pkt, reply);
-	if (flow)
-		ct_touch(flow, &out->pkt, bpf_ktime_get_coarse_ns(), PYEBPFLB_CT_SEEN_REPLY);
+	ct_touch(flow, &out->pkt, out->now, 1);
 	if (snat(ctx, &out->pkt, &reply->nat_addr, reply->nat_port))
 		return CTX_DROP;
 	return CTX_PASS;
@@ -265,7 +283,7 @@ static __always_inline int reverse_nat(struct ctx_buff *ctx, struct ingress *out
 /* An ICMP error about a balanced flow is part of it; anything else meets policy. */
 static __always_inline int icmp_egress(struct ctx_buff *ctx, struct ingress *out)
 {
-	int translated = icmp_error_rev_nat(ctx, &out->pkt);
+	int translated = icmp_error_rev_nat(ctx, &out->pkt, out->cfg, out->now);
 
 	if (translated < 0)
 		return CTX_DROP;
@@ -284,8 +302,7 @@ static __always_inline int lb_egress_steps(struct ctx_buff *ctx)
 	if (!out.cfg)
 		return CTX_PASS;
 	out.policy = policy_head(out.cfg);
-	/* Egress reads the clock only when policy needs it. */
-	out.now = out.policy ? bpf_ktime_get_coarse_ns() : 0;
+	out.now = bpf_ktime_get_coarse_ns();
 	if (out.parsed != PARSE_OK)
 		return unrelated(ctx, &out, PYEBPFLB_POLICY_EGRESS);
 	if (out.pkt.proto == IPPROTO_ICMP || out.pkt.proto == IPPROTO_ICMPV6)

@@ -2,9 +2,19 @@
 /*
  * Connection tracking for translated flows. A flow has two entries: SERVICE,
  * keyed by the client's packet as it arrives (client -> VIP), and REPLY,
- * keyed by the backend's answer (backend -> client). The SERVICE entry holds
- * the flow's life: both directions refresh it, and only it expires. A REPLY
- * entry lives until its flow is replaced or the LRU evicts it.
+ * keyed by the backend's answer (backend -> client). The two have one life:
+ * the SERVICE entry holds it (both directions refresh it, and it alone
+ * expires), and a REPLY entry counts only while the SERVICE entry it points
+ * back to is alive and sends the flow to that very backend. Whoever deletes
+ * a flow deletes both entries (ct_delete_flow); a REPLY entry left by a flow
+ * that is gone (the LRU evicted its SERVICE half) is found stale and removed
+ * by the next packet that meets it, which then counts as unrelated traffic.
+ *
+ * One REPLY key can serve one flow: two flows from one client address and
+ * port to one backend address and port would be one connection to the
+ * backend. A new flow takes the key over from a flow that is closing or gone
+ * (a client reusing its port), never from a live one (ct_create says
+ * CT_TUPLE_IN_USE, and the caller picks another backend).
  */
 #ifndef PYEBPFLB_BPF_CT_H
 #define PYEBPFLB_BPF_CT_H
@@ -54,23 +64,105 @@ static __always_inline __u64 ct_lifetime(const struct pyebpflb_lb_config *config
 	return config->ct_tcp_established_ns;
 }
 
-/* Note a packet of the flow: refresh it, and remember a FIN or RST. */
+/*
+ * Note a packet of the flow: refresh it, and remember a FIN or RST. As in
+ * Cilium and nf_conntrack, only a RST or a FIN from each side closes a flow
+ * (the short timeout): a half-closed connection may still carry data the
+ * other way for as long as it likes.
+ */
 static __always_inline void ct_touch(struct pyebpflb_ct_entry *entry, const struct packet *pkt,
-				     __u64 now, __u8 extra_flags)
+				     __u64 now, int from_backend)
 {
-	__u8 flags = entry->flags | extra_flags;
+	__u8 flags = entry->flags;
 
 	if (pkt->dry)
 		return;
-	if (pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
-		flags |= PYEBPFLB_CT_CLOSING;
+	if (from_backend)
+		flags |= PYEBPFLB_CT_SEEN_REPLY;
+	if (pkt->proto == IPPROTO_TCP) {
+		if (pkt->tcp_flags & TCP_FLAG_RST)
+			flags |= PYEBPFLB_CT_CLOSING;
+		if (pkt->tcp_flags & TCP_FLAG_FIN)
+			flags |= from_backend ? PYEBPFLB_CT_FIN_BACKEND : PYEBPFLB_CT_FIN_CLIENT;
+		if ((flags & (PYEBPFLB_CT_FIN_CLIENT | PYEBPFLB_CT_FIN_BACKEND)) ==
+		    (PYEBPFLB_CT_FIN_CLIENT | PYEBPFLB_CT_FIN_BACKEND))
+			flags |= PYEBPFLB_CT_CLOSING;
+	}
 	if (flags != entry->flags)
 		entry->flags = flags;
 	entry->last_seen_ns = now;
 }
 
+static __always_inline int ct_expired(const struct pyebpflb_ct_entry *entry, __u8 proto,
+				      const struct pyebpflb_lb_config *config, __u64 now)
+{
+	return now - entry->last_seen_ns > ct_lifetime(config, entry, proto);
+}
+
+/* The REPLY key of the flow whose SERVICE entry is `entry` under `key`. */
+static __always_inline void ct_reply_key_of(struct pyebpflb_ct_key *reply,
+					    const struct pyebpflb_ct_key *key,
+					    const struct pyebpflb_ct_entry *entry)
+{
+	__builtin_memset(reply, 0, sizeof(*reply));
+	reply->saddr = entry->nat_addr;
+	reply->daddr = key->saddr;
+	reply->sport = entry->nat_port;
+	reply->dport = key->sport;
+	reply->proto = key->proto;
+	reply->family = key->family;
+	reply->dir = PYEBPFLB_CT_REPLY;
+}
+
+/* The SERVICE key a REPLY entry under `reply_key` points back to. */
+static __always_inline void ct_service_key_of(struct pyebpflb_ct_key *key,
+					      const struct pyebpflb_ct_key *reply_key,
+					      const struct pyebpflb_ct_entry *reply)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	key->saddr = reply_key->daddr;
+	key->daddr = reply->nat_addr;
+	key->sport = reply_key->dport;
+	key->dport = reply->nat_port;
+	key->proto = reply_key->proto;
+	key->family = reply_key->family;
+	key->dir = PYEBPFLB_CT_SERVICE;
+}
+
+/* Does the SERVICE entry `flow` send its flow to the backend of `reply_key`,
+ * under the service of `reply`? Then the two are halves of one flow. */
+static __always_inline int ct_halves(const struct pyebpflb_ct_entry *flow,
+				     const struct pyebpflb_ct_key *reply_key,
+				     const struct pyebpflb_ct_entry *reply)
+{
+	return flow->service_id == reply->service_id && flow->nat_port == reply_key->sport &&
+	       addr_equal(&flow->nat_addr, &reply_key->saddr);
+}
+
+/* Delete a flow: its SERVICE entry, and its REPLY entry when that is still its
+ * own (another flow may have taken the key over). */
+static __always_inline void ct_delete_flow(const struct pyebpflb_ct_key *key,
+					   const struct pyebpflb_ct_entry *entry,
+					   const struct packet *pkt)
+{
+	struct pyebpflb_ct_key reply_key, back;
+	struct pyebpflb_ct_entry *reply;
+
+	if (pkt->dry)
+		return;
+	ct_reply_key_of(&reply_key, key, entry);
+	reply = bpf_map_lookup_elem(&lb_ct, &reply_key);
+	if (reply) {
+		ct_service_key_of(&back, &reply_key, reply);
+		if (reply->service_id == entry->service_id &&
+		    addr_equal(&back.daddr, &key->daddr) && back.dport == key->dport)
+			bpf_map_delete_elem(&lb_ct, &reply_key);
+	}
+	bpf_map_delete_elem(&lb_ct, key);
+}
+
 /* The SERVICE entry of a packet arriving for a VIP, or NULL when there is none
- * or it expired (then it is deleted, and the flow starts over). */
+ * or it expired (then the flow is deleted, and starts over). */
 static __always_inline struct pyebpflb_ct_entry *
 ct_lookup_service(const struct pyebpflb_ct_key *key, const struct packet *pkt,
 		  const struct pyebpflb_lb_config *config, __u64 now)
@@ -79,28 +171,60 @@ ct_lookup_service(const struct pyebpflb_ct_key *key, const struct packet *pkt,
 
 	if (!entry)
 		return NULL;
-	if (now - entry->last_seen_ns > ct_lifetime(config, entry, pkt->proto)) {
-		if (!pkt->dry)
-			bpf_map_delete_elem(&lb_ct, key);
+	if (ct_expired(entry, pkt->proto, config, now)) {
+		ct_delete_flow(key, entry, pkt);
 		return NULL;
 	}
 	return entry;
 }
 
-/* A SYN without ACK on the tuple of a connection that saw FIN or RST: a new
+/* A SYN without ACK on the tuple of a connection that saw a FIN or RST: a new
  * connection reusing the client's port. */
 static __always_inline int ct_reopens(const struct pyebpflb_ct_entry *entry,
 				      const struct packet *pkt)
 {
-	return pkt->proto == IPPROTO_TCP && (entry->flags & PYEBPFLB_CT_CLOSING) &&
+	__u8 ended = PYEBPFLB_CT_CLOSING | PYEBPFLB_CT_FIN_CLIENT | PYEBPFLB_CT_FIN_BACKEND;
+
+	return pkt->proto == IPPROTO_TCP && (entry->flags & ended) &&
 	       (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
-/* Record a new flow: both entries, or neither. */
+#define CT_TUPLE_IN_USE 1
+#define CT_FULL		2
+
+/*
+ * May a new flow take the REPLY key `reply_key` (already there as `held`)?
+ * Yes when it is its own, or its flow is gone, expired or closing (that flow
+ * is deleted); no when a live flow holds it.
+ */
+static __always_inline int ct_take_over(const struct pyebpflb_ct_key *reply_key,
+					const struct pyebpflb_ct_entry *held,
+					const struct pyebpflb_ct_key *service_key,
+					const struct packet *pkt,
+					const struct pyebpflb_lb_config *config, __u64 now)
+{
+	struct pyebpflb_ct_entry *owner;
+	struct pyebpflb_ct_key key;
+
+	ct_service_key_of(&key, reply_key, held);
+	if (addr_equal(&key.daddr, &service_key->daddr) && key.dport == service_key->dport)
+		return 0; /* the same client and VIP:port: this flow's own key */
+	owner = bpf_map_lookup_elem(&lb_ct, &key);
+	if (owner && ct_halves(owner, reply_key, held) && !(owner->flags & PYEBPFLB_CT_CLOSING) &&
+	    !ct_expired(owner, pkt->proto, config, now))
+		return CT_TUPLE_IN_USE;
+	if (owner && ct_halves(owner, reply_key, held) && !pkt->dry)
+		bpf_map_delete_elem(&lb_ct, &key);
+	return 0;
+}
+
+/* Record a new flow: both entries, or neither. 0, CT_TUPLE_IN_USE (a live flow
+ * holds the backend's side: choose another backend) or CT_FULL. */
 static __always_inline int ct_create(const struct pyebpflb_ct_key *service_key,
 				     const struct packet *pkt,
 				     const struct pyebpflb_backend *backend, __u32 backend_id,
-				     __u32 service_id, __u64 now)
+				     __u32 service_id, const struct pyebpflb_lb_config *config,
+				     __u64 now)
 {
 	struct pyebpflb_ct_entry entry = {
 	    .nat_addr = backend->addr,
@@ -110,45 +234,85 @@ static __always_inline int ct_create(const struct pyebpflb_ct_key *service_key,
 	    .created_ns = now,
 	    .last_seen_ns = now,
 	};
-	struct pyebpflb_ct_key reply_key = {
-	    .saddr = backend->addr,
-	    .daddr = pkt->saddr,
-	    .sport = backend->port,
-	    .dport = pkt->sport,
-	    .proto = pkt->proto,
-	    .family = pkt->family,
-	    .dir = PYEBPFLB_CT_REPLY,
-	};
-	struct pyebpflb_ct_entry reply = entry;
+	struct pyebpflb_ct_key reply_key;
+	struct pyebpflb_ct_entry reply = entry, *held;
 
+	ct_reply_key_of(&reply_key, service_key, &entry);
+	held = bpf_map_lookup_elem(&lb_ct, &reply_key);
+	if (held && ct_take_over(&reply_key, held, service_key, pkt, config, now))
+		return CT_TUPLE_IN_USE;
 	if (pkt->dry)
 		return 0;
 	reply.nat_addr = pkt->daddr;
 	reply.nat_port = pkt->dport;
 	if (bpf_map_update_elem(&lb_ct, &reply_key, &reply, BPF_ANY))
-		return -1;
+		return CT_FULL;
 	if (bpf_map_update_elem(&lb_ct, service_key, &entry, BPF_ANY)) {
 		bpf_map_delete_elem(&lb_ct, &reply_key);
-		return -1;
+		return CT_FULL;
 	}
 	return 0;
 }
 
-/* The SERVICE entry that a REPLY entry belongs to, keyed from the reply packet. */
+/*
+ * The live flow a backend's answer belongs to: its REPLY entry (under `key`)
+ * and the SERVICE entry that points back to it, alive and sending the flow
+ * to this backend. A REPLY entry without such a flow is stale: it is deleted
+ * and NULL returned, and the packet is unrelated traffic.
+ */
 static __always_inline struct pyebpflb_ct_entry *
-ct_lookup_service_of_reply(const struct packet *pkt, const struct pyebpflb_ct_entry *reply)
+ct_lookup_reply(const struct pyebpflb_ct_key *key, const struct packet *pkt,
+		const struct pyebpflb_lb_config *config, __u64 now, struct pyebpflb_ct_entry **flow)
 {
-	struct pyebpflb_ct_key key = {
+	struct pyebpflb_ct_entry *reply = bpf_map_lookup_elem(&lb_ct, key);
+	struct pyebpflb_ct_key service_key;
+
+	if (!reply)
+		return NULL;
+	ct_service_key_of(&service_key, key, reply);
+	*flow = bpf_map_lookup_elem(&lb_ct, &service_key);
+	if (*flow && ct_halves(*flow, key, reply) && !ct_expired(*flow, key->proto, config, now))
+		return reply;
+	if (!pkt->dry) {
+		if (*flow && ct_halves(*flow, key, reply))
+			bpf_map_delete_elem(&lb_ct, &service_key); /* expired */
+		bpf_map_delete_elem(&lb_ct, key);
+	}
+	*flow = NULL;
+	return NULL;
+}
+
+/*
+ * A TCP SYN not for a VIP whose answers would carry the REPLY key of a
+ * translated flow (the client connects straight to a backend from the port of
+ * an earlier VIP connection): when that flow is closing or gone, this new
+ * connection replaces it, so the backend's SYN-ACK is not rewritten to the
+ * VIP. A live flow keeps its key (two connections on one tuple cannot both
+ * work).
+ */
+static __always_inline void ct_direct_syn(const struct packet *pkt,
+					  const struct pyebpflb_lb_config *config, __u64 now)
+{
+	struct pyebpflb_ct_key reply_key = {
 	    .saddr = pkt->daddr,
-	    .daddr = reply->nat_addr,
+	    .daddr = pkt->saddr,
 	    .sport = pkt->dport,
-	    .dport = reply->nat_port,
+	    .dport = pkt->sport,
 	    .proto = pkt->proto,
 	    .family = pkt->family,
-	    .dir = PYEBPFLB_CT_SERVICE,
+	    .dir = PYEBPFLB_CT_REPLY,
 	};
+	struct pyebpflb_ct_key none = {};
+	struct pyebpflb_ct_entry *held;
 
-	return bpf_map_lookup_elem(&lb_ct, &key);
+	if (pkt->proto != IPPROTO_TCP ||
+	    (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+		return;
+	held = bpf_map_lookup_elem(&lb_ct, &reply_key);
+	if (!held || ct_take_over(&reply_key, held, &none, pkt, config, now))
+		return;
+	if (!pkt->dry)
+		bpf_map_delete_elem(&lb_ct, &reply_key);
 }
 
 #endif

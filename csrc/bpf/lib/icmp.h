@@ -311,17 +311,18 @@ static __always_inline int icmp_quoted_key(struct ctx_buff *ctx, const struct pa
  * 1 when the error was about a translated flow (and is translated now), 0
  * when not, -1 when rewriting failed.
  */
-static __always_inline int icmp_error_rev_nat(struct ctx_buff *ctx, const struct packet *pkt)
+static __always_inline int icmp_error_rev_nat(struct ctx_buff *ctx, const struct packet *pkt,
+					      const struct pyebpflb_lb_config *cfg, __u64 now)
 {
+	struct pyebpflb_ct_entry *entry, *flow;
 	struct pyebpflb_ct_key key;
-	struct pyebpflb_ct_entry *entry;
 	struct icmp_quote quote;
 	__u32 csum_off = pkt->csum_off;
 
 	if (icmp_quoted_key(ctx, pkt, &key, &quote))
 		return 0;
 	key.dir = PYEBPFLB_CT_REPLY;
-	entry = bpf_map_lookup_elem(&lb_ct, &key);
+	entry = ct_lookup_reply(&key, pkt, cfg, now, &flow);
 	if (!entry)
 		return 0;
 

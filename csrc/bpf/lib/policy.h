@@ -332,7 +332,7 @@ static __always_inline int policy_ct_answer(struct ctx_buff *ctx, const struct p
 			bpf_map_delete_elem(&lb_pol_ct, &key);
 		return 0;
 	}
-	ct_touch(entry, pkt, now, PYEBPFLB_CT_SEEN_REPLY);
+	ct_touch(entry, pkt, now, 1);
 	return 1;
 }
 

@@ -132,7 +132,9 @@ struct pyebpflb_ct_key {
 
 enum pyebpflb_ct_flags {
 	PYEBPFLB_CT_SEEN_REPLY = 1, /* the backend has answered */
-	PYEBPFLB_CT_CLOSING = 2,    /* FIN or RST seen: short timeout */
+	PYEBPFLB_CT_CLOSING = 2,    /* RST, or FIN from both sides: short timeout */
+	PYEBPFLB_CT_FIN_CLIENT = 4, /* the client sent FIN (half-closed) */
+	PYEBPFLB_CT_FIN_BACKEND = 8 /* the backend sent FIN */
 };
 
 /*
@@ -160,6 +162,7 @@ enum pyebpflb_drop_reason {
 	PYEBPFLB_DROP_POLICY_DENIED = 4, /* a deny rule, or no allow under default deny */
 	PYEBPFLB_DROP_MALFORMED = 5,	 /* under policy: headers that do not add up */
 	PYEBPFLB_DROP_UNSUPPORTED = 6,	 /* under policy: no transport header found */
+	PYEBPFLB_DROP_TUPLE_IN_USE = 7,	 /* a live flow holds the backend's side of the tuple */
 	PYEBPFLB_DROP_MAX = 16,
 };
 

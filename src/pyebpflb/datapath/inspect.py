@@ -29,6 +29,9 @@ def _not_installed(what: str, datapath: str) -> NotFound:
     return NotFound(errno.ENOENT, f"{what} is not installed in datapath {datapath!r}")
 
 
+_FIN_EITHER = lib.PYEBPFLB_CT_FIN_CLIENT | lib.PYEBPFLB_CT_FIN_BACKEND
+
+
 class Inspector:
     def __init__(self, obj: LoadedObject, state: State, name: str, pin_dir: str) -> None:
         self._obj = obj
@@ -153,4 +156,5 @@ def _flow(key: Any, entry: Any, config: Any, names: dict[int, str], now: int) ->
         closing=closing,
         answered=answered,
         created_ns=int(entry.created_ns),
+        half_closed=not closing and bool(flags & _FIN_EITHER),
     )

@@ -163,11 +163,12 @@ class Flow:
     service: str | None
     age: float
     expires_in: float | None
-    closing: bool
+    closing: bool  # in the short timeout: a RST, or a FIN from each side
     answered: bool
     created_ns: int = (
         0  # CLOCK_MONOTONIC at the flow's first packet: tells a flow from its successor
     )
+    half_closed: bool = False  # one side sent FIN: the other may still send
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

@@ -1,0 +1,129 @@
+"""A flow's two conntrack entries have one life (BPF_PROG_TEST_RUN, exact bytes out):
+a reply entry is used only while its flow lives, a closing flow gives its tuple up to
+the next connection, and a live flow's tuple is never taken over."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from lbtest import TC_ACT_OK, TC_ACT_SHOT, datapath, packet, run
+from scapy.layers.inet import IP, TCP
+
+import pyebpflb as lb
+from pyebpflb import maps
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
+CLIENT, VIP, OTHER_VIP, BACKEND = "10.1.0.5", "10.96.0.10", "10.96.0.11", "10.0.1.1"
+
+
+def web(vip: str = VIP, name: str = "default/web", protocol: str = "tcp") -> lb.Service:
+    return lb.Service(vip, 80, protocol=protocol, name=name, backends=[lb.Backend(BACKEND, 8080)])
+
+
+@pytest.fixture
+def dp(request: pytest.FixtureRequest) -> Iterator[lb.Datapath]:
+    with datapath(request.node.name[:40]) as created:
+        yield created
+
+
+def to_vip(flags: str, vip: str = VIP, port: int = 40000) -> object:
+    return packet(4, "tcp", CLIENT, vip, port, 80, payload=b"", flags=flags)
+
+
+def from_backend(flags: str, port: int = 40000) -> object:
+    return packet(4, "tcp", BACKEND, CLIENT, 8080, port, payload=b"", flags=flags)
+
+
+def test_a_reply_after_its_flow_expired_is_not_rewritten() -> None:
+    with datapath("expired", ct_timeouts=lb.ConntrackTimeouts(udp=0.2)) as dp:
+        dp.upsert(web(protocol="udp"))
+        run(dp, "lb_ingress", packet(4, "udp", CLIENT, VIP, 5353, 80))
+        answer = packet(4, "udp", BACKEND, CLIENT, 8080, 5353, payload=b"late")
+        assert run(dp, "lb_egress", answer)[1][IP].src == VIP  # alive: translated
+        time.sleep(0.3)  # past the UDP timeout
+        verdict, out = run(dp, "lb_egress", answer)
+        assert verdict == TC_ACT_OK and bytes(out) == bytes(answer)  # untouched
+        assert dp.conntrack() == []  # both halves went
+
+
+def test_a_reply_whose_flow_was_evicted_meets_policy_as_unrelated_traffic(
+    dp: lb.Datapath,
+) -> None:
+    dp.sync([web()], [lb.Policy("out", default="deny", direction="egress")])
+    run(dp, "lb_ingress", to_vip("S"))
+    # The LRU evicts the flow's SERVICE half; its REPLY half is left.
+    ct = dp._object.map(maps.CT)
+    (service_key,) = [k for k in ct if int(k.dir) == 0]
+    ct.delete(service_key)
+    verdict, _ = run(dp, "lb_egress", from_backend("SA"))
+    assert verdict == TC_ACT_SHOT  # not translated, and egress policy denies it
+    assert dp.drops()["policy denied"].packets == 1
+    assert [f for f in dp.conntrack() if f.kind == "reply"] == []
+
+
+def test_a_direct_connection_from_the_port_of_a_reset_vip_flow_is_answered_by_the_backend(
+    dp: lb.Datapath,
+) -> None:
+    dp.upsert(web())
+    run(dp, "lb_ingress", to_vip("S"))
+    run(dp, "lb_egress", from_backend("SA"))
+    run(dp, "lb_ingress", to_vip("R"))  # the client resets the VIP connection
+    # ... and connects from the same port straight to the backend.
+    direct = packet(4, "tcp", CLIENT, BACKEND, 40000, 8080, payload=b"", flags="S")
+    assert bytes(run(dp, "lb_ingress", direct)[1]) == bytes(direct)
+    answer = from_backend("SA")
+    assert bytes(run(dp, "lb_egress", answer)[1]) == bytes(answer)  # from the backend
+    assert dp.conntrack() == []  # the reset flow is gone, both halves
+
+
+def test_a_direct_syn_never_takes_the_tuple_of_a_live_vip_flow(dp: lb.Datapath) -> None:
+    dp.upsert(web())
+    run(dp, "lb_ingress", to_vip("S"))
+    run(dp, "lb_egress", from_backend("SA"))
+    direct = packet(4, "tcp", CLIENT, BACKEND, 40000, 8080, payload=b"", flags="S")
+    run(dp, "lb_ingress", direct)
+    # The VIP connection lives on: the backend's segments are still its own.
+    assert run(dp, "lb_egress", from_backend("A"))[1][IP].src == VIP
+    assert {f.kind for f in dp.conntrack()} == {"service", "reply"}
+
+
+def test_a_half_closed_flow_keeps_its_tuple_until_both_sides_finish(dp: lb.Datapath) -> None:
+    dp.upsert(web())
+    run(dp, "lb_ingress", to_vip("S"))
+    run(dp, "lb_egress", from_backend("SA"))
+    run(dp, "lb_ingress", to_vip("FA"))  # the client half-closes
+    direct = packet(4, "tcp", CLIENT, BACKEND, 40000, 8080, payload=b"", flags="S")
+    run(dp, "lb_ingress", direct)
+    assert run(dp, "lb_egress", from_backend("PA"))[1][IP].src == VIP  # still its data
+
+
+def test_two_services_sharing_a_backend_never_overwrite_a_live_reply_entry(
+    dp: lb.Datapath,
+) -> None:
+    dp.sync([web(), web(OTHER_VIP, "default/other")])
+    run(dp, "lb_ingress", to_vip("S"))
+    run(dp, "lb_egress", from_backend("SA"))
+    # The same client port to the other service, whose only backend is the same:
+    # the backend would see one tuple for two connections.
+    verdict, _ = run(dp, "lb_ingress", to_vip("S", OTHER_VIP))
+    assert verdict == TC_ACT_SHOT
+    assert dp.drops()["tuple in use"].packets == 1
+    assert run(dp, "lb_egress", from_backend("A"))[1][IP].src == VIP  # the first keeps it
+
+
+def test_a_new_flow_takes_over_the_tuple_of_a_closing_flow_of_another_service(
+    dp: lb.Datapath,
+) -> None:
+    dp.sync([web(), web(OTHER_VIP, "default/other")])
+    run(dp, "lb_ingress", to_vip("S"))
+    run(dp, "lb_egress", from_backend("SA"))
+    run(dp, "lb_ingress", to_vip("R"))
+    _, out = run(dp, "lb_ingress", to_vip("S", OTHER_VIP))
+    assert (out[IP].dst, out[TCP].dport) == (BACKEND, 8080)
+    assert run(dp, "lb_egress", from_backend("SA"))[1][IP].src == OTHER_VIP
+    assert sorted(f.kind for f in dp.conntrack()) == ["reply", "service"]  # the old went
+    (flow,) = [f for f in dp.conntrack() if f.kind == "service"]
+    assert flow.destination == f"{OTHER_VIP}:80"

@@ -1,0 +1,81 @@
+"""Conntrack under real traffic: a client that reuses a few source ports for VIP and
+direct connections alike, closing with RST, as kube-proxy's iptables mode serves it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+from conftest import PIN_ROOT
+
+import pyebpflb as lb
+from pyebpflb.testing.sandbox import BACKEND_PORT, HttpConnection, Sandbox
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
+VIPS = ["10.96.0.10", "10.96.0.11"]
+RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(backends=2, prefix="pyebpflb-ct") as built:
+        yield built
+
+
+def ask(sandbox: Sandbox, address: str, port: int, source_port: int) -> str:
+    """GET / from ``source_port`` on a new connection, closed with RST."""
+    sock = sandbox.client.socket(4)
+    try:
+        sock.settimeout(2.0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("", source_port))
+        sock.connect((address, port))
+        answer = HttpConnection(sock).get()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+        return answer
+    finally:
+        sock.close()
+
+
+def test_vip_and_direct_connections_reusing_40_ports_with_rst_never_fail(
+    sandbox: Sandbox,
+) -> None:
+    first, second = sandbox.backends
+    with lb.Datapath(f"t{os.getpid()}-ct-mix", netns=sandbox.lb.netns, pin_root=PIN_ROOT) as dp:
+        dp.attach(sandbox.lb.iface)
+        dp.sync(
+            [
+                lb.Service(
+                    vip,
+                    80,
+                    name=f"default/mix-{index}",
+                    backends=[lb.Backend(b.ipv4, BACKEND_PORT) for b in (first, second)],
+                )
+                for index, vip in enumerate(VIPS)
+            ]
+        )
+        targets = [
+            (VIPS[0], 80, None),
+            (str(first.ipv4), BACKEND_PORT, first.name),
+            (VIPS[1], 80, None),
+            (str(second.ipv4), BACKEND_PORT, second.name),
+        ]
+        failures: list[str] = []
+        answers = 0
+        for round_ in range(250):
+            port = 42000 + round_ % 40
+            for address, target_port, expected in targets:
+                try:
+                    name = ask(sandbox, address, target_port, port)
+                except OSError as exc:
+                    failures.append(f"round {round_} port {port} -> {address}: {exc!r}")
+                    continue
+                if expected is not None and name != expected:
+                    failures.append(f"round {round_} {address} answered by {name}")
+                answers += 1
+        assert failures == [], f"{len(failures)} of 1000 failed: {failures[:5]}"
+        assert answers == 1000
