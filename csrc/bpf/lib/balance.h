@@ -164,6 +164,7 @@ static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *i
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
 	if (service_denied(ctx, in, flow->service_id, flow->nat_port, 0))
 		return CTX_DROP;
+	ct_heal_reply(&in->ct_key, flow, pkt, in->now);
 	ct_touch(flow, pkt, in->now, 0);
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_BACKEND, flow->backend_id);
@@ -219,7 +220,7 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 		svc = service_lookup(&in->pkt);
 		if (!svc)
 			return CTX_PASS;
-		backend_id = svc->count ? slot_backend(svc, &backend) : 0;
+		backend_id = svc->count ? slot_backend(svc, &in->pkt, 0, &backend) : 0;
 	}
 	/* Without a backend, the rules on the real destination see the VIP's port. */
 	if (service_denied(ctx, in, svc->id, backend ? backend->port : in->pkt.dport, 1))
@@ -231,7 +232,7 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 		return verdict;
 	/* A live flow from this client address and port holds the chosen backend's
 	 * side of the tuple (through another service): one more draw. */
-	backend_id = slot_backend(svc, &backend);
+	backend_id = slot_backend(svc, &in->pkt, 1, &backend);
 	if (backend_id && backend) {
 		verdict = admit(ctx, in, backend, backend_id, svc->id, svc);
 		if (verdict != NEXT_STEP)

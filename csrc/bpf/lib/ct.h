@@ -283,6 +283,29 @@ ct_lookup_reply(const struct pyebpflb_ct_key *key, const struct packet *pkt,
 }
 
 /*
+ * Restore a flow's REPLY half if it is missing (the LRU evicted it alone), so
+ * the backend's answers are translated again. Checked when the flow's clock
+ * passes into a new second (2^30 ns), not on every packet: a lost half heals
+ * within about a second of the client's next packet.
+ */
+static __always_inline void ct_heal_reply(const struct pyebpflb_ct_key *key,
+					  const struct pyebpflb_ct_entry *entry,
+					  const struct packet *pkt, __u64 now)
+{
+	struct pyebpflb_ct_entry reply = *entry;
+	struct pyebpflb_ct_key reply_key;
+
+	if (pkt->dry || !((now ^ entry->last_seen_ns) >> 30))
+		return;
+	ct_reply_key_of(&reply_key, key, entry);
+	if (bpf_map_lookup_elem(&lb_ct, &reply_key))
+		return;
+	reply.nat_addr = key->daddr;
+	reply.nat_port = key->dport;
+	bpf_map_update_elem(&lb_ct, &reply_key, &reply, BPF_NOEXIST);
+}
+
+/*
  * A TCP SYN not for a VIP whose answers would carry the REPLY key of a
  * translated flow (the client connects straight to a backend from the port of
  * an earlier VIP connection): when that flow is closing or gone, this new

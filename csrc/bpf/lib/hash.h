@@ -27,8 +27,10 @@ static __always_inline __u32 hash_final(__u32 hash)
 	return hash ^ (hash >> 16);
 }
 
-/* The flow's hash, or only its source address's under session affinity. */
-static __always_inline __u32 flow_hash(const struct packet *pkt, int source_only)
+/* The flow's hash, or only its source address's under session affinity. A
+ * function of its own (a BPF-to-BPF call): inlined at each of its callers it
+ * would take the ingress program past the 512-byte stack. */
+static __noinline __u32 flow_hash(const struct packet *pkt, int source_only)
 {
 	__u32 hash = 0x5eed;
 

@@ -17,24 +17,29 @@
 #include "lib/service.h"
 
 /*
- * A backend of the service's current generation, drawn by weight: a uniform
- * slot, then the alias draw. The generation's slots were complete before the
- * service entry pointing at them was written, so every slot up to `count`
- * exists.
+ * A backend of the service's current generation, drawn by weight: a slot,
+ * then the alias draw, both from a hash of the flow (not a random number), so
+ * that a flow whose conntrack entries were lost (evicted, or the LRU took one
+ * half) lands on the same backend again while the set is unchanged; over many
+ * flows the hash is as even as a random draw. `salt` gives a second, other
+ * choice. The generation's slots were complete before the service entry
+ * pointing at them was written, so every slot up to `count` exists.
  */
 static __always_inline __u32 slot_backend(const struct pyebpflb_service *svc,
+					  const struct packet *pkt, __u32 salt,
 					  struct pyebpflb_backend **backend)
 {
 	struct pyebpflb_slot_key key = {.service_id = svc->id};
+	__u32 hash = hash_final(hash_word(flow_hash(pkt, 0), salt));
 	struct pyebpflb_slot *slot;
-	__u32 backend_id;
+	__u32 backend_id, draw;
 
-	key.slot =
-	    ((__u32)svc->gen << PYEBPFLB_SLOT_GEN_SHIFT) | (bpf_get_prandom_u32() % svc->count + 1);
+	key.slot = ((__u32)svc->gen << PYEBPFLB_SLOT_GEN_SHIFT) | (hash % svc->count + 1);
 	slot = bpf_map_lookup_elem(&lb_slots, &key);
 	if (!slot)
 		return 0;
-	backend_id = bpf_get_prandom_u32() < slot->threshold ? slot->backend_id : slot->alias_id;
+	draw = hash_final(hash_word(hash, 0x2545f491));
+	backend_id = draw < slot->threshold ? slot->backend_id : slot->alias_id;
 	*backend = backend_lookup(backend_id);
 	return *backend ? backend_id : 0;
 }
@@ -75,7 +80,7 @@ static __always_inline __u32 select_backend(const struct pyebpflb_service *svc,
 	if (svc->affinity_timeout_s)
 		backend_id = affinity_backend(svc, pkt, now, backend);
 	if (!backend_id)
-		backend_id = slot_backend(svc, backend);
+		backend_id = slot_backend(svc, pkt, 0, backend);
 	return backend_id;
 }
 
