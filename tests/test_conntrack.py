@@ -170,3 +170,15 @@ def test_a_lost_reply_half_is_restored_by_the_clients_next_packet(dp: lb.Datapat
     time.sleep(1.1)
     run(dp, "lb_ingress", to_vip("A"))
     assert run(dp, "lb_egress", answer)[1][IP].src == VIP
+
+
+def test_conntrack_lists_live_flows_only_unless_asked_for_the_dead() -> None:
+    with datapath("listing", ct_timeouts=lb.ConntrackTimeouts(udp=0.2)) as dp:
+        dp.upsert(web(protocol="udp"))
+        run(dp, "lb_ingress", packet(4, "udp", CLIENT, VIP, 5353, 80))
+        assert sorted(f.kind for f in dp.conntrack()) == ["reply", "service"]
+        time.sleep(0.3)  # expired; no packet has met the entries since
+        assert dp.conntrack() == []
+        dead = dp.conntrack(include_dead=True)
+        assert sorted(f.kind for f in dead) == ["reply", "service"]
+        assert [f.expires_in for f in dead if f.kind == "service"] == [0.0]

@@ -259,9 +259,11 @@ class Datapath:
         policy lets answers through for."""
         return self._inspector.flows(self._fresh())
 
-    def conntrack(self) -> list[Flow]:
-        """The balanced flows' entries (service and reply), decoded."""
-        return self._inspector.flows(self._fresh(), (maps.CT,))
+    def conntrack(self, *, include_dead: bool = False) -> list[Flow]:
+        """The live balanced flows' entries (service and reply), decoded. Entries
+        that expired, or reply entries whose flow is gone, are still in the map
+        until a packet meets them; ``include_dead`` lists those too."""
+        return self._inspector.flows(self._fresh(), (maps.CT,), live_only=not include_dead)
 
     def flush_conntrack(self) -> int:
         """Forget every tracked flow (and the ports of fragmented datagrams): the next

@@ -9,7 +9,7 @@ from typing import Any
 
 from pyebpflb import maps
 from pyebpflb._bpf import LoadedObject, MapType
-from pyebpflb._bpf._libbpf import lib
+from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb.datapath.apply import Executor
 from pyebpflb.datapath.results import (
     DatapathStats,
@@ -102,11 +102,38 @@ class Inspector:
             )
         return result
 
-    def flows(self, config: Any, tables: tuple[str, ...] = (maps.CT, maps.POL_CT)) -> list[Flow]:
+    def flows(
+        self,
+        config: Any,
+        tables: tuple[str, ...] = (maps.CT, maps.POL_CT),
+        *,
+        live_only: bool = True,
+    ) -> list[Flow]:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         names = self._state.snapshot.names()
         entries = [item for table in tables for item in self._obj.map(table).lookup_batch()]
-        return [_flow(key, entry, config, names, now) for key, entry in entries]
+        flows = [(key, entry, _flow(key, entry, config, names, now)) for key, entry in entries]
+        if not live_only:
+            return [flow for _, _, flow in flows]
+        # A reply entry is live while the service entry it points back to is, and
+        # sends the flow to the reply's backend (the datapath's own rule, lib/ct.h).
+        live_services = {
+            _tuple(key.saddr, key.daddr, key.sport, key.dport, key): _end(
+                entry.nat_addr, entry.nat_port
+            )
+            for key, entry, flow in flows
+            if flow.kind == CtKind.SERVICE.label and flow.expires_in
+        }
+        result = []
+        for key, entry, flow in flows:
+            if flow.kind == CtKind.REPLY.label:
+                owner = _tuple(key.daddr, entry.nat_addr, key.dport, entry.nat_port, key)
+                if live_services.get(owner) != _end(key.saddr, key.sport):
+                    continue
+            elif not flow.expires_in:
+                continue
+            result.append(flow)
+        return result
 
     def flush_conntrack(self) -> int:
         executor = Executor(self._obj)
@@ -116,6 +143,14 @@ class Inspector:
             executor.delete(name, keys, strict=False)
             gone += len(keys) if name != maps.FRAGS else 0
         return gone
+
+
+def _end(addr: Any, port: Any) -> tuple[bytes, int]:
+    return bytes(ffi.buffer(addr.bytes, 16)), int(port)
+
+
+def _tuple(saddr: Any, daddr: Any, sport: Any, dport: Any, key: Any) -> tuple[object, ...]:
+    return (*_end(saddr, sport), *_end(daddr, dport), int(key.proto), int(key.family))
 
 
 def _flow(key: Any, entry: Any, config: Any, names: dict[int, str], now: int) -> Flow:
