@@ -20,8 +20,16 @@ static __always_inline void count_or_create(void *map, const void *key, __u32 le
 	} else {
 		struct pyebpflb_counter_value first = {.packets = 1, .bytes = len};
 
-		/* BPF_NOEXIST: a CPU that raced us created it; its count is its own. */
-		bpf_map_update_elem(map, key, &first, BPF_NOEXIST);
+		/* BPF_NOEXIST fails when a CPU that raced us created it first: then
+		 * this CPU's slot of the new entry exists, and the packet goes there
+		 * (a per-CPU hash allocates every CPU's value with the element). */
+		if (bpf_map_update_elem(map, key, &first, BPF_NOEXIST)) {
+			value = bpf_map_lookup_elem(map, key);
+			if (value) {
+				value->packets += 1;
+				value->bytes += len;
+			}
+		}
 	}
 }
 
