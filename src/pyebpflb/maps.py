@@ -174,22 +174,11 @@ def backend_value(backend: Backend, service_id: int, position: int, usable: bool
 
 
 def backend_values(service: Service, service_id: int, usable_at: list[int]) -> bytes:
-    """The values of all of ``service``'s backends, packed end to end in their order
-    (the bulk path of a new service: one call instead of one per backend)."""
-    pack, active, in_use = _BACKEND.pack, _ACTIVE, set(usable_at)
-    family = FAMILY_TAG[service.vip.version]  # a service's addresses are of one family
+    """The values of all of ``service``'s backends, packed end to end in their order."""
+    in_use = set(usable_at)
     return b"".join(
         [
-            pack(
-                backend.address.packed,
-                socket.htons(backend.port),
-                family,
-                _ACTIVE_TAG if backend.state is active else STATE_TAG[backend.state],
-                service_id,
-                backend.weight,
-                position,
-                position in in_use,
-            )
+            backend_value(backend, service_id, position, position in in_use)
             for position, backend in enumerate(service.backends)
         ]
     )

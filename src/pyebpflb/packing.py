@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Any
 
 from pyebpflb._bpf._libbpf import ffi
 
@@ -61,10 +60,6 @@ class Packer:
             raise LayoutMismatch(f"{ctype}: format {fmt} packs {self._struct.size} of {total}")
         self.pack = self._struct.pack
         self.size = total
-
-    def unpack(self, data: bytes) -> dict[str, Any]:
-        """The fields of packed ``data`` by name (for tests and debugging)."""
-        return dict(zip(self.fields, self._struct.unpack(data), strict=True))
 
     def __repr__(self) -> str:
         return f"<Packer {self.ctype} {self._struct.format!r}>"

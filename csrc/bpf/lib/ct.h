@@ -139,25 +139,30 @@ static __always_inline int ct_halves(const struct pyebpflb_ct_entry *flow,
 	       addr_equal(&flow->nat_addr, &reply_key->saddr);
 }
 
+/* Does the REPLY entry `reply` (under `reply_key`, built from `key`'s flow)
+ * point back to the SERVICE key `key`, i.e. to its client's VIP:port? The
+ * client's side of the two keys matches by construction. */
+static __always_inline int ct_points_back(const struct pyebpflb_ct_entry *reply,
+					  const struct pyebpflb_ct_key *key)
+{
+	return reply->nat_port == key->dport && addr_equal(&reply->nat_addr, &key->daddr);
+}
+
 /* Delete a flow: its SERVICE entry, and its REPLY entry when that is still its
  * own (another flow may have taken the key over). */
 static __always_inline void ct_delete_flow(const struct pyebpflb_ct_key *key,
 					   const struct pyebpflb_ct_entry *entry,
 					   const struct packet *pkt)
 {
-	struct pyebpflb_ct_key reply_key, back;
+	struct pyebpflb_ct_key reply_key;
 	struct pyebpflb_ct_entry *reply;
 
 	if (pkt->dry)
 		return;
 	ct_reply_key_of(&reply_key, key, entry);
 	reply = bpf_map_lookup_elem(&lb_ct, &reply_key);
-	if (reply) {
-		ct_service_key_of(&back, &reply_key, reply);
-		if (reply->service_id == entry->service_id &&
-		    addr_equal(&back.daddr, &key->daddr) && back.dport == key->dport)
-			bpf_map_delete_elem(&lb_ct, &reply_key);
-	}
+	if (reply && reply->service_id == entry->service_id && ct_points_back(reply, key))
+		bpf_map_delete_elem(&lb_ct, &reply_key);
 	bpf_map_delete_elem(&lb_ct, key);
 }
 
@@ -193,13 +198,12 @@ static __always_inline int ct_reopens(const struct pyebpflb_ct_entry *entry,
 #define CT_FULL		2
 
 /*
- * May a new flow take the REPLY key `reply_key` (already there as `held`)?
- * Yes when it is its own, or its flow is gone, expired or closing (that flow
- * is deleted); no when a live flow holds it.
+ * May a new flow take the REPLY key `reply_key`, held now by `held` of another
+ * flow? Yes when that flow is gone, expired or closing (it is deleted); no
+ * when it is live.
  */
 static __always_inline int ct_take_over(const struct pyebpflb_ct_key *reply_key,
 					const struct pyebpflb_ct_entry *held,
-					const struct pyebpflb_ct_key *service_key,
 					const struct packet *pkt,
 					const struct pyebpflb_lb_config *config, __u64 now)
 {
@@ -207,13 +211,12 @@ static __always_inline int ct_take_over(const struct pyebpflb_ct_key *reply_key,
 	struct pyebpflb_ct_key key;
 
 	ct_service_key_of(&key, reply_key, held);
-	if (addr_equal(&key.daddr, &service_key->daddr) && key.dport == service_key->dport)
-		return 0; /* the same client and VIP:port: this flow's own key */
 	owner = bpf_map_lookup_elem(&lb_ct, &key);
-	if (owner && ct_halves(owner, reply_key, held) && !(owner->flags & PYEBPFLB_CT_CLOSING) &&
-	    !ct_expired(owner, pkt->proto, config, now))
+	if (!owner || !ct_halves(owner, reply_key, held))
+		return 0; /* the flow it was part of is gone */
+	if (!(owner->flags & PYEBPFLB_CT_CLOSING) && !ct_expired(owner, pkt->proto, config, now))
 		return CT_TUPLE_IN_USE;
-	if (owner && ct_halves(owner, reply_key, held) && !pkt->dry)
+	if (!pkt->dry)
 		bpf_map_delete_elem(&lb_ct, &key);
 	return 0;
 }
@@ -239,7 +242,9 @@ static __always_inline int ct_create(const struct pyebpflb_ct_key *service_key,
 
 	ct_reply_key_of(&reply_key, service_key, &entry);
 	held = bpf_map_lookup_elem(&lb_ct, &reply_key);
-	if (held && ct_take_over(&reply_key, held, service_key, pkt, config, now))
+	/* Held by this very flow (same client and VIP:port: a reopen) is no conflict. */
+	if (held && !ct_points_back(held, service_key) &&
+	    ct_take_over(&reply_key, held, pkt, config, now))
 		return CT_TUPLE_IN_USE;
 	if (pkt->dry)
 		return 0;
@@ -271,10 +276,12 @@ ct_lookup_reply(const struct pyebpflb_ct_key *key, const struct packet *pkt,
 		return NULL;
 	ct_service_key_of(&service_key, key, reply);
 	*flow = bpf_map_lookup_elem(&lb_ct, &service_key);
-	if (*flow && ct_halves(*flow, key, reply) && !ct_expired(*flow, key->proto, config, now))
+	if (*flow && !ct_halves(*flow, key, reply))
+		*flow = NULL; /* that key holds another flow now */
+	if (*flow && !ct_expired(*flow, key->proto, config, now))
 		return reply;
 	if (!pkt->dry) {
-		if (*flow && ct_halves(*flow, key, reply))
+		if (*flow)
 			bpf_map_delete_elem(&lb_ct, &service_key); /* expired */
 		bpf_map_delete_elem(&lb_ct, key);
 	}
@@ -325,14 +332,13 @@ static __always_inline void ct_direct_syn(const struct packet *pkt,
 	    .family = pkt->family,
 	    .dir = PYEBPFLB_CT_REPLY,
 	};
-	struct pyebpflb_ct_key none = {};
 	struct pyebpflb_ct_entry *held;
 
 	if (pkt->proto != IPPROTO_TCP ||
 	    (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
 		return;
 	held = bpf_map_lookup_elem(&lb_ct, &reply_key);
-	if (!held || ct_take_over(&reply_key, held, &none, pkt, config, now))
+	if (!held || ct_take_over(&reply_key, held, pkt, config, now))
 		return;
 	if (!pkt->dry)
 		bpf_map_delete_elem(&lb_ct, &reply_key);

@@ -33,15 +33,13 @@
 #include "lib/csum.h"
 
 #ifdef PYEBPFLB_CTX_XDP
-#define ctx_buff   xdp_md
-#define CTX_PASS   XDP_PASS
-#define CTX_DROP   XDP_DROP
-#define CTX_IS_XDP 1
+#define ctx_buff xdp_md
+#define CTX_PASS XDP_PASS
+#define CTX_DROP XDP_DROP
 #else
-#define ctx_buff   __sk_buff
-#define CTX_PASS   TC_ACT_OK
-#define CTX_DROP   TC_ACT_SHOT
-#define CTX_IS_XDP 0
+#define ctx_buff __sk_buff
+#define CTX_PASS TC_ACT_OK
+#define CTX_DROP TC_ACT_SHOT
 #endif
 
 static __always_inline void *ctx_data(const struct ctx_buff *ctx)

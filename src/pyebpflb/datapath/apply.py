@@ -195,10 +195,7 @@ class Executor:
         except KeyError:
             if strict:
                 raise
-            # Some were gone already: delete the rest one by one.
-            for key in keys:
-                with contextlib.suppress(KeyError):
-                    bpf_map.delete(key)
+            _delete_each(bpf_map, keys)
 
     def _delete_packed(self, map_name: str, packed: plan.Packed, *, strict: bool) -> None:
         bpf_map = self._obj.map(map_name)
@@ -209,9 +206,9 @@ class Executor:
             if strict:
                 raise
             size = packed.key_size
-            for at in range(0, len(packed.keys), size):
-                with contextlib.suppress(KeyError):
-                    bpf_map.delete(bytes(packed.keys[at : at + size]))
+            _delete_each(
+                bpf_map, [packed.keys[at : at + size] for at in range(0, len(packed.keys), size)]
+            )
 
     def _build_table(self, table: plan.Table) -> None:
         size = len(table.backend_ids)
@@ -258,6 +255,13 @@ class Executor:
             f"{exc.operation} (map {map_name} holds at most {size} entries; raise "
             f"{argument}); nothing was changed",
         )
+
+
+def _delete_each(bpf_map: Map, keys: list[Any]) -> None:
+    """Some keys were gone already: delete the rest one by one."""
+    for key in keys:
+        with contextlib.suppress(KeyError):
+            bpf_map.delete(key)
 
 
 def _check_sizes(bpf_map: Map, packed: plan.Packed) -> None:
