@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -79,3 +81,38 @@ def test_vip_and_direct_connections_reusing_40_ports_with_rst_never_fail(
                 answers += 1
         assert failures == [], f"{len(failures)} of 1000 failed: {failures[:5]}"
         assert answers == 1000
+
+
+def test_a_client_of_a_backend_that_vanished_is_reset_and_reconnects_to_another() -> None:
+    source_port = 43210
+    with (
+        Sandbox(backends=2, prefix="pyebpflb-gone") as sandbox,
+        lb.Datapath(f"t{os.getpid()}-ct-gone", netns=sandbox.lb.netns, pin_root=PIN_ROOT) as dp,
+    ):
+        dp.attach(sandbox.lb.iface)
+        web = lb.Service(
+            VIPS[0],
+            80,
+            name="default/gone",
+            backends=[lb.Backend(b.ipv4, BACKEND_PORT) for b in sandbox.backends],
+        )
+        dp.sync([web])
+        sock = sandbox.client.socket(4)
+        sock.settimeout(2.0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("", source_port))
+        sock.connect((VIPS[0], 80))
+        with HttpConnection(sock) as connection:
+            gone = connection.get()
+            (vanished,) = [b for b in sandbox.backends if b.name == gone]
+            # The pod's node dies: no FIN, no RST, nothing answers at its address.
+            subprocess.run(["ip", "-n", vanished.netns, "link", "set", "eth0", "down"], check=True)
+            started = time.monotonic()
+            dp.sync([web.with_backends([b for b in web.backends if b.address != vanished.ipv4])])
+            with pytest.raises(ConnectionResetError):
+                connection.get()  # the datapath resets the dead flow at once
+        answer = ask(sandbox, VIPS[0], 80, source_port)
+        took = time.monotonic() - started
+        assert answer != gone and answer in {b.name for b in sandbox.backends}
+        assert took < 3.0, f"reconnected after {took:.1f} s"
+        assert dp.drops()["backend gone"].packets >= 1

@@ -352,18 +352,60 @@ def test_icmp_error_from_a_router_keeps_its_source(dp: lb.Datapath) -> None:
     assert bad_checksums(out) == []
 
 
-def test_tcp_connection_of_a_removed_backend_finishes_there(dp: lb.Datapath) -> None:
+def test_tcp_connection_of_a_terminating_backend_finishes_there(dp: lb.Datapath) -> None:
     svc = service(4, "tcp")
     dp.upsert(svc)
-    flow = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 43000, 80)
+    flow = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 43000, 80, flags="A")
     first = run(dp, "lb_ingress", flow)[1][IP].dst
-    dp.upsert(svc.with_backends([b for b in svc.backends if str(b.address) != first]))
+    dp.upsert(
+        svc.with_backends(
+            [
+                lb.Backend(
+                    b.address, b.port, state="terminating" if str(b.address) == first else "active"
+                )
+                for b in svc.backends
+            ]
+        )
+    )
     assert {run(dp, "lb_ingress", flow)[1][IP].dst for _ in range(10)} == {first}
     new_flows = {
         run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", p, 80))[1][IP].dst
         for p in range(47000, 47040)
     }
     assert first not in new_flows and len(new_flows) == 2
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_tcp_segment_of_a_removed_backends_flow_gets_a_reset(dp: lb.Datapath, family: int) -> None:
+    client, vip, _ = addresses(family)
+    svc = service(family, "tcp")
+    dp.upsert(svc)
+    opening = packet(family, "tcp", client, vip, 43000, 80, flags="S")
+    first = run(dp, "lb_ingress", opening)[1][IPv6 if family == 6 else IP].dst
+    dp.upsert(svc.with_backends([b for b in svc.backends if str(b.address) != first]))
+    data = packet(family, "tcp", client, vip, 43000, 80, flags="PA", seq=1000, ack=2000)
+    verdict, out = run(dp, "lb_ingress", data)
+    assert verdict == TC_ACT_REDIRECT  # back to the client at once
+    l3 = out[IPv6 if family == 6 else IP]
+    assert (l3.src, l3.dst, out[TCP].sport, out[TCP].dport) == (vip, client, 80, 43000)
+    assert out[TCP].flags == "R" and out[TCP].seq == 2000
+    assert bad_checksums(out) == []
+    assert dp.drops()["backend gone"].packets == 1
+    assert dp.conntrack() == []  # the dead flow is gone, both halves
+
+
+def test_syn_on_the_tuple_of_a_removed_backends_flow_picks_a_live_backend(
+    dp: lb.Datapath,
+) -> None:
+    svc = service(4, "tcp")
+    dp.upsert(svc)
+    syn = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 43000, 80, flags="S")
+    first = run(dp, "lb_ingress", syn)[1][IP].dst
+    dp.upsert(svc.with_backends([b for b in svc.backends if str(b.address) != first]))
+    verdict, out = run(dp, "lb_ingress", syn)  # the client gave up and reconnects
+    assert verdict == TC_ACT_OK and out[IP].dst != first
+    assert out[IP].dst in {str(b.address) for b in svc.backends}
+    assert dp.drops()["backend gone"].packets == 0
 
 
 def test_udp_flow_of_a_removed_backend_moves_to_a_remaining_one(dp: lb.Datapath) -> None:

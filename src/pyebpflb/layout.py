@@ -53,6 +53,7 @@ class DropReason(enum.IntEnum):
     MALFORMED = lib.PYEBPFLB_DROP_MALFORMED
     UNSUPPORTED = lib.PYEBPFLB_DROP_UNSUPPORTED
     TUPLE_IN_USE = lib.PYEBPFLB_DROP_TUPLE_IN_USE
+    BACKEND_GONE = lib.PYEBPFLB_DROP_BACKEND_GONE
 
     @property
     def label(self) -> str:
@@ -68,6 +69,7 @@ _DROP_LABELS = {
     DropReason.MALFORMED: "malformed packet",
     DropReason.UNSUPPORTED: "unsupported packet",
     DropReason.TUPLE_IN_USE: "tuple in use",
+    DropReason.BACKEND_GONE: "backend gone",
 }
 # Drop reason code -> its label, in code order.
 DROP_REASONS = {int(reason): reason.label for reason in DropReason}

@@ -145,21 +145,36 @@ static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in,
 }
 
 /*
- * A TCP connection whose backend left the service finishes where it is (the
- * entry remembers the address), as with kube-proxy: only new connections
- * avoid the backend. A UDP flow has no end to wait for, so it moves to a
- * backend of the service, as kube-proxy makes it by clearing the conntrack
- * entries of removed endpoints.
+ * A flow whose backend left the service (or no longer exists), as Cilium
+ * handles it: a TCP SYN on the tuple and any UDP packet start a new flow to a
+ * live backend; any other TCP packet gets a reset, so the client learns at
+ * once that its connection is gone instead of retransmitting into a dead
+ * address until it times out. A backend on its way out stays in lb_backends
+ * as terminating until its endpoint is removed, and its flows go on.
  */
+static __always_inline int backend_gone(struct ctx_buff *ctx, struct ingress *in,
+					const struct pyebpflb_ct_entry *flow)
+{
+	__u32 service_id = flow->service_id;
+
+	ct_delete_flow(&in->ct_key, flow, &in->pkt);
+	if (in->pkt.proto != IPPROTO_TCP || tcp_opens(&in->pkt))
+		return NEXT_STEP;
+	explain(ctx, &in->pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
+	note_drop(ctx, &in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_BACKEND_GONE, service_id,
+		  0);
+	if (in->pkt.tcp_flags & TCP_FLAG_RST)
+		return CTX_DROP; /* a reset is never answered with one */
+	return reject(ctx, &in->pkt);
+}
+
 static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *in,
 					 struct pyebpflb_ct_entry *flow)
 {
 	struct packet *pkt = &in->pkt;
 
-	if (pkt->proto != IPPROTO_TCP && !backend_lookup(flow->backend_id)) {
-		ct_delete_flow(&in->ct_key, flow, pkt);
-		return NEXT_STEP;
-	}
+	if (!backend_lookup(flow->backend_id))
+		return backend_gone(ctx, in, flow);
 	/* Policy holds for every packet: a new deny ends a flow at once. */
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
 	if (service_denied(ctx, in, flow->service_id, flow->nat_port, 0))

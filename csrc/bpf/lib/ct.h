@@ -183,15 +183,21 @@ ct_lookup_service(const struct pyebpflb_ct_key *key, const struct packet *pkt,
 	return entry;
 }
 
-/* A SYN without ACK on the tuple of a connection that saw a FIN or RST: a new
- * connection reusing the client's port. */
+/* A TCP SYN without ACK: the first packet of a new connection. */
+static __always_inline int tcp_opens(const struct packet *pkt)
+{
+	return pkt->proto == IPPROTO_TCP &&
+	       (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
+/* A SYN on the tuple of a connection that saw a FIN or RST: a new connection
+ * reusing the client's port. */
 static __always_inline int ct_reopens(const struct pyebpflb_ct_entry *entry,
 				      const struct packet *pkt)
 {
 	__u8 ended = PYEBPFLB_CT_CLOSING | PYEBPFLB_CT_FIN_CLIENT | PYEBPFLB_CT_FIN_BACKEND;
 
-	return pkt->proto == IPPROTO_TCP && (entry->flags & ended) &&
-	       (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	return (entry->flags & ended) && tcp_opens(pkt);
 }
 
 #define CT_TUPLE_IN_USE 1
@@ -334,8 +340,7 @@ static __always_inline void ct_direct_syn(const struct packet *pkt,
 	};
 	struct pyebpflb_ct_entry *held;
 
-	if (pkt->proto != IPPROTO_TCP ||
-	    (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+	if (!tcp_opens(pkt))
 		return;
 	held = bpf_map_lookup_elem(&lb_ct, &reply_key);
 	if (!held || ct_take_over(&reply_key, held, pkt, config, now))

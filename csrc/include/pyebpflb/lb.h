@@ -163,6 +163,7 @@ enum pyebpflb_drop_reason {
 	PYEBPFLB_DROP_MALFORMED = 5,	 /* under policy: headers that do not add up */
 	PYEBPFLB_DROP_UNSUPPORTED = 6,	 /* under policy: no transport header found */
 	PYEBPFLB_DROP_TUPLE_IN_USE = 7,	 /* a live flow holds the backend's side of the tuple */
+	PYEBPFLB_DROP_BACKEND_GONE = 8,	 /* TCP of a flow whose backend left: reset */
 	PYEBPFLB_DROP_MAX = 16,
 };
 

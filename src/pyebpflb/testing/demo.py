@@ -98,13 +98,20 @@ def run(out: Callable[[str], None] = print) -> int:
         pods = {host.name: host for host in sandbox.backends}
         _show_sandbox(sandbox, out)
 
-        def my_app(family: int, members: list[str]) -> Service:
+        def my_app(family: int, members: list[str], terminating: str = "") -> Service:
             return Service(
                 vip=VIP4 if family == 4 else VIP6,
                 port=80,
                 protocol="tcp",
                 name="default/my-app-service",
-                backends=[Backend(pods[p].address(family), BACKEND_PORT) for p in members],
+                backends=[
+                    Backend(
+                        pods[p].address(family),
+                        BACKEND_PORT,
+                        state="terminating" if p == terminating else "active",
+                    )
+                    for p in members
+                ],
             )
 
         with Datapath(f"demo-{os.getpid()}", netns=sandbox.lb.netns) as dp:
@@ -119,8 +126,9 @@ def run(out: Callable[[str], None] = print) -> int:
                 out(f"\n{REQUESTS} HTTP requests to {vip}:80, a new TCP connection each:")
                 _show_spread(sandbox, vip, REQUESTS, out)
             remaining = ["my-app-1", "my-app-3"]
+            draining = [my_app(f, list(pods), terminating="my-app-2") for f in (4, 6)]
             failures = _remove_a_pod_live(
-                sandbox, dp, [my_app(4, remaining), my_app(6, remaining)], out
+                sandbox, dp, draining, [my_app(4, remaining), my_app(6, remaining)], out
             )
             _show_services(dp, out)
             _show_counters(dp, out)
@@ -153,12 +161,18 @@ def _show_spread(sandbox: Sandbox, vip: str, requests: int, out: Callable[[str],
 
 
 def _remove_a_pod_live(
-    sandbox: Sandbox, dp: Datapath, services: list[Service], out: Callable[[str], None]
+    sandbox: Sandbox,
+    dp: Datapath,
+    draining: list[Service],
+    services: list[Service],
+    out: Callable[[str], None],
 ) -> list[str]:
-    """Sync ``services`` (one pod fewer) while a client keeps asking: the failures."""
+    """As Kubernetes deletes a pod while a client keeps asking: its endpoint turns
+    terminating (``draining``: no new flows, live ones finish), then leaves
+    (``services``). The failures."""
     out(
-        "\npod my-app-2 goes away: its endpoint leaves the service, live, while a client"
-        " keeps sending"
+        "\npod my-app-2 goes away, live, while a client keeps sending: its endpoint turns"
+        " terminating (no new flows; live ones finish), then leaves the service"
     )
     failures: list[str] = []
     answered: collections.Counter[str] = collections.Counter()
@@ -175,13 +189,17 @@ def _remove_a_pod_live(
     asker.start()
     time.sleep(0.2)
     started = time.monotonic()
-    dp.sync(services)
+    dp.sync(draining)
     took = time.monotonic() - started
+    time.sleep(0.2)  # its last connections end (a pod's grace period)
+    started = time.monotonic()
+    dp.sync(services)
+    took += time.monotonic() - started
     time.sleep(0.2)
     stop.set()
     asker.join()
     out(
-        f"  update applied in {took * 1000:.1f} ms; {sum(answered.values())} requests "
+        f"  two updates applied in {took * 1000:.1f} ms; {sum(answered.values())} requests "
         f"during the change, {len(failures)} failed"
     )
     out("  100 new requests after the change:")
