@@ -66,8 +66,8 @@ def packet(
     return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip / layer / payload
 
 
-def run(dp: lb.Datapath, program: str, pkt: Any) -> tuple[int, Any]:
-    result: TestRun = dp._object.program(program).test_run(bytes(pkt))
+def run(dp: lb.Datapath, program: str, pkt: Any, *, flags: int = 0) -> tuple[int, Any]:
+    result: TestRun = dp._object.program(program).test_run(bytes(pkt), flags=flags)
     return result.retval, Ether(result.data)
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import collections
+import errno
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from lbtest import (
+    CLIENT4,
     TC_ACT_OK,
     TC_ACT_REDIRECT,
+    VIP4,
     addresses,
     bad_checksums,
     datapath,
@@ -34,6 +37,7 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import ARP, Ether
 
 import pyebpflb as lb
+from pyebpflb._bpf.program import TEST_SKB_CHECKSUM_COMPLETE as CSUM_COMPLETE
 
 pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
@@ -88,6 +92,37 @@ def test_reply_is_reverse_translated_to_the_vip(
     assert (out[l3(family)].dst, out[l4(protocol)].dport) == (client, 40000)
     assert bytes(out[l4(protocol)].payload) == b"answer"
     assert bad_checksums(out) == []
+
+
+def checksum_complete_supported() -> bool:
+    """Can BPF_PROG_TEST_RUN hand a program a CHECKSUM_COMPLETE packet (Linux 6.17)?"""
+    with datapath("csum-probe") as probe:
+        try:
+            run(probe, "lb_ingress", packet(4, "udp", CLIENT4, VIP4, 1, 2), flags=CSUM_COMPLETE)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return False
+            raise
+    return True
+
+
+@pytest.mark.parametrize(("family", "protocol"), FLAVOURS, ids=IDS)
+def test_nat_keeps_the_skb_csum_of_checksum_complete_packets(
+    dp: lb.Datapath, family: int, protocol: str
+) -> None:
+    """A NIC's CHECKSUM_COMPLETE packet: after DNAT and reverse NAT, skb->csum still
+    sums the packet's bytes (the kernel checks, and fails the run with EBADMSG)."""
+    if not checksum_complete_supported():
+        pytest.skip("this kernel's BPF_PROG_TEST_RUN has no BPF_F_TEST_SKB_CHECKSUM_COMPLETE")
+    dp.upsert(service(family, protocol))
+    client, vip, _ = addresses(family)
+    sent = packet(family, protocol, client, vip, 40000, 80, payload=b"x" * 33)
+    verdict, forward = run(dp, "lb_ingress", sent, flags=CSUM_COMPLETE)
+    assert verdict == TC_ACT_OK and bad_checksums(forward) == []
+    backend = forward[l3(family)].dst
+    reply = packet(family, protocol, backend, client, 8080, 40000, payload=b"answer")
+    verdict, out = run(dp, "lb_egress", reply, flags=CSUM_COMPLETE)
+    assert verdict == TC_ACT_OK and out[l3(family)].src == vip
 
 
 def test_ipv4_udp_without_checksum_keeps_none(dp: lb.Datapath) -> None:

@@ -85,6 +85,13 @@ static __always_inline int ctx_store_bytes(struct xdp_md *ctx, __u32 off, const 
 	return bpf_xdp_store_bytes(ctx, off, (void *)from, len);
 }
 
+/* XDP frames carry no skb->csum to keep. */
+static __always_inline int ctx_store_bytes_rcsum(struct xdp_md *ctx, __u32 off, const void *from,
+						 __u32 len)
+{
+	return ctx_store_bytes(ctx, off, from, len);
+}
+
 /* The checksum at `off` with `from` replaced by `to`, as the tc helpers take
  * them: `size` 2 or 4 for a field, 0 for a bpf_csum_diff result in `to`. */
 static __always_inline __u16 ctx_csum_replaced(__u16 check, __u64 from, __u64 to, __u64 size)
@@ -188,6 +195,14 @@ static __always_inline int ctx_store_bytes(struct __sk_buff *ctx, __u32 off, con
 					   __u32 len)
 {
 	return bpf_skb_store_bytes(ctx, off, from, len, 0);
+}
+
+/* Store, and keep a CHECKSUM_COMPLETE packet's skb->csum (the sum of its
+ * bytes) in step with the change. */
+static __always_inline int ctx_store_bytes_rcsum(struct __sk_buff *ctx, __u32 off,
+						 const void *from, __u32 len)
+{
+	return bpf_skb_store_bytes(ctx, off, from, len, BPF_F_RECOMPUTE_CSUM);
 }
 
 static __always_inline int ctx_l3_csum_replace(struct __sk_buff *ctx, __u32 off, __u64 from,

@@ -39,12 +39,19 @@ static __always_inline int rewrite_addr(struct ctx_buff *ctx, const struct packe
 			return -1;
 		return ctx_store_bytes(ctx, off, &to->v4, sizeof(__u32));
 	}
-	/* IPv6 has no header checksum; the L4 one covers both addresses. */
+	/*
+	 * IPv6 has no header checksum; the L4 one covers both addresses. With a
+	 * pseudo-header change the helper also moves a CHECKSUM_COMPLETE
+	 * packet's skb->csum by the L4 field's change, which is right for IPv4
+	 * (the header checksum moves the other way) but leaves IPv6 short by
+	 * the address change: the store accounts for it (BPF_F_RECOMPUTE_CSUM).
+	 * Linux 6.16 has BPF_F_IPV6 for this; the store works on every kernel.
+	 */
 	__s64 diff = bpf_csum_diff((__u32 *)from->v6, 16, (__u32 *)to->v6, 16, 0);
 
 	if (ctx_l4_csum_replace(ctx, pkt->csum_off, 0, diff, flags))
 		return -1;
-	return ctx_store_bytes(ctx, off, to->bytes, 16);
+	return ctx_store_bytes_rcsum(ctx, off, to->bytes, 16);
 }
 
 static __always_inline int rewrite_port(struct ctx_buff *ctx, const struct packet *pkt, __u32 off,

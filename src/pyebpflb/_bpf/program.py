@@ -18,6 +18,10 @@ class ProgramType(enum.IntEnum):
 
 
 _CTX_OUT_MAX = 1024
+# BPF_F_TEST_SKB_CHECKSUM_COMPLETE (Linux 6.17): the packet comes in as a NIC's
+# CHECKSUM_COMPLETE, and the run fails with EBADMSG when skb->csum no longer
+# matches its bytes afterwards.
+TEST_SKB_CHECKSUM_COMPLETE = 1 << 2
 
 
 class TestRun(NamedTuple):
@@ -90,14 +94,21 @@ class Program:
         return fs.object_id(self.fd)
 
     def test_run(
-        self, data: bytes, *, repeat: int = 1, ctx: bytes | None = None, headroom: int = 512
+        self,
+        data: bytes,
+        *,
+        repeat: int = 1,
+        ctx: bytes | None = None,
+        headroom: int = 512,
+        flags: int = 0,
     ) -> TestRun:
         """Run the program on ``data`` in the kernel without any interface.
 
         ``repeat`` runs it that many times (the duration is the mean).
         ``headroom`` is how many bytes the program may grow the packet by.
         ``ctx`` is the program's context (for tc, a ``struct __sk_buff``'s first
-        bytes); the result carries it back as the program left it.
+        bytes); the result carries it back as the program left it. ``flags``
+        are BPF_F_TEST_* bits (e.g. :data:`TEST_SKB_CHECKSUM_COMPLETE`).
         """
         if repeat < 1:
             raise ValueError(f"repeat must be at least 1, got {repeat}")
@@ -112,6 +123,7 @@ class Program:
         opts.data_out = data_out
         opts.data_size_out = len(data) + headroom
         opts.repeat = repeat
+        opts.flags = flags
         ctx_in: Any = None
         ctx_out: Any = None
         if ctx is not None:
