@@ -199,8 +199,8 @@ static __always_inline int ctx_store_bytes(struct __sk_buff *ctx, __u32 off, con
 
 /* Store, and keep a CHECKSUM_COMPLETE packet's skb->csum (the sum of its
  * bytes) in step with the change. */
-static __always_inline int ctx_store_bytes_rcsum(struct __sk_buff *ctx, __u32 off,
-						 const void *from, __u32 len)
+static __always_inline int ctx_store_bytes_rcsum(struct __sk_buff *ctx, __u32 off, const void *from,
+						 __u32 len)
 {
 	return bpf_skb_store_bytes(ctx, off, from, len, BPF_F_RECOMPUTE_CSUM);
 }
