@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import PIN_ROOT
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
-from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 
 import pyebpflb as lb
@@ -80,6 +80,7 @@ def bad_checksums(pkt: Any) -> list[str]:
         (UDP, "chksum"),
         (ICMP, "chksum"),
         (ICMPv6DestUnreach, "cksum"),
+        (ICMPv6PacketTooBig, "cksum"),
         (IPerror, "chksum"),
     ):
         if layer not in pkt:

@@ -116,3 +116,33 @@ def test_a_client_of_a_backend_that_vanished_is_reset_and_reconnects_to_another(
         assert answer != gone and answer in {b.name for b in sandbox.backends}
         assert took < 3.0, f"reconnected after {took:.1f} s"
         assert dp.drops()["backend gone"].packets >= 1
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_1_mb_answer_through_the_vip_finds_the_path_mtu_of_a_1280_byte_link(
+    family: int,
+) -> None:
+    """A router on the client's side with a 1280-byte MTU towards it: the backend's
+    1500-byte segments (from the VIP) meet 'fragmentation needed' / 'packet too big'
+    sent to the VIP, which the datapath passes on to the backend."""
+    vip = VIPS[0] if family == 4 else "fd00:96::10"
+    with (
+        Sandbox(backends=1, prefix="pyebpflb-pmtu", router_mtu=1280) as sandbox,
+        lb.Datapath(
+            f"t{os.getpid()}-pmtu{family}", netns=sandbox.lb.netns, pin_root=PIN_ROOT
+        ) as dp,
+    ):
+        dp.attach(sandbox.lb.iface)
+        (backend,) = sandbox.backends
+        dp.sync(
+            [
+                lb.Service(
+                    vip,
+                    80,
+                    name="default/big",
+                    backends=[lb.Backend(backend.address(family), 8080)],
+                )
+            ]
+        )
+        body = sandbox.http_get(vip, 80, path="/bytes/1000000", timeout=10.0)
+        assert len(body) == 1_000_000 and set(body) == {"x"}

@@ -25,6 +25,7 @@ from namespaces import VethPair
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
+    ICMPv6PacketTooBig,
     IPerror6,
     IPv6,
     IPv6ExtHdrDestOpt,
@@ -385,6 +386,42 @@ def test_icmp_error_from_a_router_keeps_its_source(dp: lb.Datapath) -> None:
     _, out = run(dp, "lb_egress", Ether(bytes(error)))
     assert out[IP].src == "10.0.9.9" and out[IPerror].dst == "10.96.0.10"
     assert bad_checksums(out) == []
+
+
+@pytest.mark.parametrize(("family", "protocol"), FLAVOURS, ids=IDS)
+def test_icmp_error_for_a_vip_goes_on_to_the_flows_backend(
+    dp: lb.Datapath, family: int, protocol: str
+) -> None:
+    """Path MTU discovery through the VIP: a router on the client's side could not
+    forward the backend's (reverse-translated) packet and tells its source, the VIP."""
+    dp.upsert(service(family, protocol))
+    client, vip, _ = addresses(family)
+    _, forward = run(dp, "lb_ingress", packet(family, protocol, client, vip, 5000, 80))
+    backend = forward[l3(family)].dst
+    big = packet(family, protocol, backend, client, 8080, 5000, payload=b"x" * 1400)
+    _, left = run(dp, "lb_egress", big)  # as it left the load balancer: VIP -> client
+    router = "10.1.9.9" if family == 4 else "fd00:1:9::9"
+    if family == 4:
+        error = IP(src=router, dst=vip) / ICMP(type=3, code=4, nexthopmtu=1280)
+        error = error / bytes(left[IP])[:48]
+    else:
+        error = IPv6(src=router, dst=vip) / ICMPv6PacketTooBig(mtu=1280) / bytes(left[IPv6])[:1232]
+    verdict, out = run(dp, "lb_ingress", Ether() / error)
+    assert verdict == TC_ACT_OK
+    assert (out[l3(family)].src, out[l3(family)].dst) == (router, backend)
+    quoted = out[IPerror] if family == 4 else out[IPerror6]
+    assert (quoted.src, quoted.dst) == (backend, client)
+    quoted_l4 = bytes(quoted.payload)
+    assert quoted_l4[:4] == (8080).to_bytes(2, "big") + (5000).to_bytes(2, "big")
+    assert bad_checksums(out) == []
+
+
+def test_icmp_error_for_a_vip_about_no_flow_is_left_alone(dp: lb.Datapath) -> None:
+    dp.upsert(service(4, "udp"))
+    stray = IP(src="10.0.9.9", dst="10.1.0.5") / UDP(sport=80, dport=5999)
+    error = Ether() / IP(src="10.1.9.9", dst="10.96.0.10") / ICMP(type=3, code=4) / bytes(stray)
+    verdict, out = run(dp, "lb_ingress", Ether(bytes(error)))
+    assert verdict == TC_ACT_OK and bytes(out) == bytes(error)
 
 
 def test_tcp_connection_of_a_terminating_backend_finishes_there(dp: lb.Datapath) -> None:

@@ -257,6 +257,20 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 	return CTX_DROP;
 }
 
+/* An ICMP error about a balanced flow, sent to its VIP (path MTU discovery
+ * through the load balancer), goes on to the backend; anything else meets
+ * policy. */
+static __always_inline int icmp_ingress(struct ctx_buff *ctx, struct ingress *in)
+{
+	int translated = icmp_error_dnat(ctx, &in->pkt, in->cfg, in->now);
+
+	if (translated < 0)
+		return CTX_DROP;
+	if (translated)
+		return CTX_PASS;
+	return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
+}
+
 static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
 {
 	struct ingress in;
@@ -270,6 +284,9 @@ static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
 	/* Jiffy resolution is plenty for timeouts of seconds, at a fraction of the cost. */
 	in.now = bpf_ktime_get_coarse_ns();
 	in.policy = policy_head(in.cfg);
+	if (in.parsed == PARSE_OK &&
+	    (in.pkt.proto == IPPROTO_ICMP || in.pkt.proto == IPPROTO_ICMPV6))
+		return icmp_ingress(ctx, &in);
 	if (in.parsed != PARSE_OK || (in.pkt.proto != IPPROTO_TCP && in.pkt.proto != IPPROTO_UDP))
 		return unrelated(ctx, &in, PYEBPFLB_POLICY_INGRESS);
 	verdict = follow_flow(ctx, &in);

@@ -257,8 +257,8 @@ static __always_inline int icmp_is_error(const struct packet *pkt)
  * 0 when the quote is of a TCP or UDP packet, -1 otherwise.
  */
 struct icmp_quote {
-	__u32 daddr_off; /* the quoted destination address */
-	__u32 l4_off;	 /* the quoted transport header */
+	__u32 ip_off; /* the quoted IP header */
+	__u32 l4_off; /* the quoted transport header */
 };
 
 static __always_inline int icmp_quoted_key(struct ctx_buff *ctx, const struct packet *pkt,
@@ -272,6 +272,7 @@ static __always_inline int icmp_quoted_key(struct ctx_buff *ctx, const struct pa
 	key->family = pkt->family;
 	if (!icmp_is_error(pkt))
 		return -1;
+	quote->ip_off = inner_off;
 	if (pkt->family == PYEBPFLB_IPV4) {
 		struct iphdr inner;
 
@@ -280,7 +281,6 @@ static __always_inline int icmp_quoted_key(struct ctx_buff *ctx, const struct pa
 		proto = inner.protocol;
 		key->saddr.v4 = inner.daddr;
 		key->daddr.v4 = inner.saddr;
-		quote->daddr_off = inner_off + offsetof(struct iphdr, daddr);
 		quote->l4_off = inner_off + inner.ihl * 4;
 	} else {
 		struct ipv6hdr inner;
@@ -290,7 +290,6 @@ static __always_inline int icmp_quoted_key(struct ctx_buff *ctx, const struct pa
 		proto = inner.nexthdr;
 		__builtin_memcpy(key->saddr.bytes, &inner.daddr, 16);
 		__builtin_memcpy(key->daddr.bytes, &inner.saddr, 16);
-		quote->daddr_off = inner_off + offsetof(struct ipv6hdr, daddr);
 		quote->l4_off = inner_off + sizeof(inner);
 	}
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
@@ -300,6 +299,49 @@ static __always_inline int icmp_quoted_key(struct ctx_buff *ctx, const struct pa
 	key->proto = proto;
 	key->sport = ports[1];
 	key->dport = ports[0];
+	return 0;
+}
+
+/*
+ * Rewrite one end of the quoted packet, `from` -> `to` (the address), and its
+ * port, keeping the quoted IP header checksum and the ICMP checksum right.
+ * `dst` picks the quote's destination or source. The quoted L4 checksum is
+ * left as it is: nobody checks it, and only its first 8 bytes are quoted for
+ * sure.
+ */
+static __always_inline int icmp_rewrite_quote(struct ctx_buff *ctx, const struct packet *pkt,
+					      const struct icmp_quote *quote, int dst,
+					      const union pyebpflb_addr *from,
+					      const union pyebpflb_addr *to, __u16 from_port,
+					      __u16 to_port)
+{
+	__u32 csum_off = pkt->csum_off;
+
+	if (pkt->family == PYEBPFLB_IPV4) {
+		__u32 addr_off = quote->ip_off + (dst ? offsetof(struct iphdr, daddr)
+						      : offsetof(struct iphdr, saddr));
+		__u32 inner_csum_off = quote->ip_off + offsetof(struct iphdr, check);
+		__u16 old_csum, new_csum;
+
+		if (ctx_load_bytes(ctx, inner_csum_off, &old_csum, sizeof(old_csum)) ||
+		    ctx_l3_csum_replace(ctx, inner_csum_off, from->v4, to->v4, sizeof(__u32)) ||
+		    ctx_load_bytes(ctx, inner_csum_off, &new_csum, sizeof(new_csum)) ||
+		    ctx_l4_csum_replace(ctx, csum_off, old_csum, new_csum, sizeof(__u16)) ||
+		    ctx_l4_csum_replace(ctx, csum_off, from->v4, to->v4, sizeof(__u32)) ||
+		    ctx_store_bytes(ctx, addr_off, &to->v4, sizeof(__u32)))
+			return -1;
+	} else {
+		__u32 addr_off = quote->ip_off + (dst ? offsetof(struct ipv6hdr, daddr)
+						      : offsetof(struct ipv6hdr, saddr));
+		__s64 diff = bpf_csum_diff((__u32 *)from->v6, 16, (__u32 *)to->v6, 16, 0);
+
+		if (ctx_l4_csum_replace(ctx, csum_off, 0, diff, 0) ||
+		    ctx_store_bytes(ctx, addr_off, to->bytes, 16))
+			return -1;
+	}
+	if (ctx_l4_csum_replace(ctx, csum_off, from_port, to_port, sizeof(__u16)) ||
+	    ctx_store_bytes(ctx, quote->l4_off + (dst ? 2 : 0), &to_port, sizeof(__u16)))
+		return -1;
 	return 0;
 }
 
@@ -317,7 +359,8 @@ static __always_inline int icmp_error_rev_nat(struct ctx_buff *ctx, const struct
 	struct pyebpflb_ct_entry *entry, *flow;
 	struct pyebpflb_ct_key key;
 	struct icmp_quote quote;
-	__u32 csum_off = pkt->csum_off;
+	union pyebpflb_addr vip;
+	__u16 vip_port;
 
 	if (icmp_quoted_key(ctx, pkt, &key, &quote))
 		return 0;
@@ -325,36 +368,48 @@ static __always_inline int icmp_error_rev_nat(struct ctx_buff *ctx, const struct
 	entry = ct_lookup_reply(&key, pkt, cfg, now, &flow);
 	if (!entry)
 		return 0;
-
-	/* The quoted destination: backend -> VIP, in the ICMP checksum. */
-	if (pkt->family == PYEBPFLB_IPV4) {
-		__u32 inner_csum_off =
-		    quote.daddr_off - offsetof(struct iphdr, daddr) + offsetof(struct iphdr, check);
-		__u16 old_csum, new_csum;
-
-		if (ctx_load_bytes(ctx, inner_csum_off, &old_csum, sizeof(old_csum)) ||
-		    ctx_l3_csum_replace(ctx, inner_csum_off, key.saddr.v4, entry->nat_addr.v4,
-					sizeof(__u32)) ||
-		    ctx_load_bytes(ctx, inner_csum_off, &new_csum, sizeof(new_csum)) ||
-		    ctx_l4_csum_replace(ctx, csum_off, old_csum, new_csum, sizeof(__u16)) ||
-		    ctx_l4_csum_replace(ctx, csum_off, key.saddr.v4, entry->nat_addr.v4,
-					sizeof(__u32)) ||
-		    ctx_store_bytes(ctx, quote.daddr_off, &entry->nat_addr.v4, sizeof(__u32)))
-			return -1;
-	} else {
-		__s64 diff = bpf_csum_diff(key.saddr.v6, 16, entry->nat_addr.v6, 16, 0);
-
-		if (ctx_l4_csum_replace(ctx, csum_off, 0, diff, 0) ||
-		    ctx_store_bytes(ctx, quote.daddr_off, entry->nat_addr.bytes, 16))
-			return -1;
-	}
-	/* The quoted destination port. */
-	if (ctx_l4_csum_replace(ctx, csum_off, key.sport, entry->nat_port, sizeof(__u16)) ||
-	    ctx_store_bytes(ctx, quote.l4_off + 2, &entry->nat_port, sizeof(__u16)))
+	vip = entry->nat_addr; /* copied: the entry may be reused under us */
+	vip_port = entry->nat_port;
+	if (icmp_rewrite_quote(ctx, pkt, &quote, 1, &key.saddr, &vip, key.sport, vip_port))
 		return -1;
 	/* The error's own source, if the backend sent it (a router on the way keeps its own). */
 	if (addr_equal(&pkt->saddr, &key.saddr) &&
-	    rewrite_addr(ctx, pkt, saddr_off(pkt), &pkt->saddr, &entry->nat_addr,
+	    rewrite_addr(ctx, pkt, saddr_off(pkt), &pkt->saddr, &vip, pkt->family == PYEBPFLB_IPV6))
+		return -1;
+	return 1;
+}
+
+/*
+ * An ICMP error arriving for a VIP: a router between the client and the load
+ * balancer could not deliver a packet the backend sent through the VIP
+ * (fragmentation needed, packet too big, unreachable, time exceeded). It
+ * quotes that packet as it left the load balancer (VIP:port -> client), so
+ * it is about the flow whose SERVICE key is the quote reversed. Sent on to
+ * the backend: the error's destination and the quote's source become the
+ * backend's, so its TCP stack finds the connection and learns the path MTU.
+ * 1 when translated, 0 when the error is about no translated flow, -1 when
+ * rewriting failed.
+ */
+static __always_inline int icmp_error_dnat(struct ctx_buff *ctx, const struct packet *pkt,
+					   const struct pyebpflb_lb_config *cfg, __u64 now)
+{
+	struct pyebpflb_ct_entry *entry;
+	struct pyebpflb_ct_key key;
+	struct icmp_quote quote;
+	union pyebpflb_addr backend;
+	__u16 backend_port;
+
+	if (icmp_quoted_key(ctx, pkt, &key, &quote) || !addr_equal(&pkt->daddr, &key.daddr))
+		return 0;
+	key.dir = PYEBPFLB_CT_SERVICE;
+	entry = ct_lookup_service(&key, pkt, cfg, now);
+	if (!entry)
+		return 0;
+	backend = entry->nat_addr; /* copied: the entry may be reused under us */
+	backend_port = entry->nat_port;
+	if (icmp_rewrite_quote(ctx, pkt, &quote, 0, &key.daddr, &backend, key.dport, backend_port))
+		return -1;
+	if (rewrite_addr(ctx, pkt, daddr_off(pkt), &pkt->daddr, &backend,
 			 pkt->family == PYEBPFLB_IPV6))
 		return -1;
 	return 1;

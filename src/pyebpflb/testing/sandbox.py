@@ -15,6 +15,14 @@ Tests, the demo, benchmarks and notebooks use it. Needs root and iproute2.
 The client's default route points at the load balancer, so a VIP from any
 range not otherwise routed (10.96.0.0/12, fd00:96::/64, ...) reaches
 ``lb0`` ingress, where the datapath is attached.
+
+``Sandbox(router_mtu=1280)`` puts a router between the client and the load
+balancer, whose link towards the client has that MTU (the client's side keeps
+1500, so it announces the usual MSS): what the backends send through the VIP
+must then find the path MTU through the load balancer::
+
+    client 10.89.0.2 -- rt0 10.89.0.1 [router] eth0 10.90.0.2 -- lb0 10.90.0.1 ...
+           fd00:89::2       fd00:89::1             fd00:90::2       fd00:90::1
 """
 
 from __future__ import annotations
@@ -81,22 +89,48 @@ class Sandbox:
     """Client, load balancer and ``backends`` backends in network namespaces."""
 
     def __init__(
-        self, backends: int = 3, *, prefix: str = "pyebpflb", names: Sequence[str] | None = None
+        self,
+        backends: int = 3,
+        *,
+        prefix: str = "pyebpflb",
+        names: Sequence[str] | None = None,
+        router_mtu: int | None = None,
     ) -> None:
         if isinstance(backends, bool) or not isinstance(backends, int) or not 1 <= backends <= 200:
             raise ValueError(f"backends must be an integer from 1 to 200, got {backends!r}")
+        if router_mtu is not None and (
+            isinstance(router_mtu, bool)
+            or not isinstance(router_mtu, int)
+            or not 1280 <= router_mtu <= 1500
+        ):
+            raise ValueError(
+                f"router_mtu must be None or an integer from 1280 to 1500, got {router_mtu!r}"
+            )
+        self.router_mtu = router_mtu
         if names is not None and len(names) != backends:
             raise ValueError(f"names must give one name per backend ({backends}), got {names!r}")
         labels = (
             list(names) if names is not None else [f"backend-{i}" for i in range(1, backends + 1)]
         )
         tag = f"{prefix}-{os.getpid()}"
+        behind = router_mtu is not None
         self.client = Host(
             "client",
             f"{tag}-client",
             "eth0",
-            ipaddress.IPv4Address("10.90.0.2"),
-            ipaddress.IPv6Address("fd00:90::2"),
+            ipaddress.IPv4Address("10.89.0.2" if behind else "10.90.0.2"),
+            ipaddress.IPv6Address("fd00:89::2" if behind else "fd00:90::2"),
+        )
+        self.router = (
+            Host(
+                "router",
+                f"{tag}-rt",
+                "eth0",
+                ipaddress.IPv4Address("10.90.0.2"),
+                ipaddress.IPv6Address("fd00:90::2"),
+            )
+            if behind
+            else None
         )
         self.lb = Host(
             "lb",
@@ -120,7 +154,8 @@ class Sandbox:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.client.netns, self.lb.netns, *(b.netns for b in self.backends)]
+        router = [self.router.netns] if self.router else []
+        return [self.client.netns, *router, self.lb.netns, *(b.netns for b in self.backends)]
 
     # -- building -------------------------------------------------------------------
     def __enter__(self) -> Sandbox:
@@ -167,11 +202,12 @@ class Sandbox:
         _sysctl(self.lb.netns, "net.ipv4.ip_forward", "1")
         _sysctl(self.lb.netns, "net.ipv6.conf.all.forwarding", "1")
 
-        self._link(self.lb, LB_IFACE, self.client, "eth0")
-        self._address(self.lb, LB_IFACE, "10.90.0.1/24", "fd00:90::1/64")
-        self._address(self.client, "eth0", "10.90.0.2/24", "fd00:90::2/64")
-        _ip("-n", self.client.netns, "route", "add", "default", "via", "10.90.0.1")
-        _ip("-n", self.client.netns, "-6", "route", "add", "default", "via", "fd00:90::1")
+        self._address_link(self.lb, LB_IFACE, self.router or self.client, "eth0", "90")
+        if self.router is not None:
+            self._route_through(self.router)
+        gateway4, gateway6 = self.client.ipv4 - 1, self.client.ipv6 - 1  # .1 of its link
+        _ip("-n", self.client.netns, "route", "add", "default", "via", str(gateway4))
+        _ip("-n", self.client.netns, "-6", "route", "add", "default", "via", str(gateway6))
 
         for i, backend in enumerate(self.backends, start=1):
             self._link(self.lb, f"be{i}", backend, "eth0")
@@ -181,6 +217,25 @@ class Sandbox:
             _ip("-n", backend.netns, "-6", "route", "add", "default", "via", f"fd00:91:{i}::1")
         for backend in self.backends:
             self._start_server(backend)
+
+    def _address_link(
+        self, near: Host, near_iface: str, far: Host, far_iface: str, net: str
+    ) -> None:
+        """A veth near <-> far on 10.<net>.0.0/24 and fd00:<net>::/64 (near .1, far .2)."""
+        self._link(near, near_iface, far, far_iface)
+        self._address(near, near_iface, f"10.{net}.0.1/24", f"fd00:{net}::1/64")
+        self._address(far, far_iface, f"10.{net}.0.2/24", f"fd00:{net}::2/64")
+
+    def _route_through(self, router: Host) -> None:
+        """The router between client and load balancer, its client side at ``router_mtu``."""
+        _sysctl(router.netns, "net.ipv4.ip_forward", "1")
+        _sysctl(router.netns, "net.ipv6.conf.all.forwarding", "1")
+        self._address_link(router, "rt0", self.client, "eth0", "89")
+        _ip("-n", router.netns, "link", "set", "rt0", "mtu", str(self.router_mtu))
+        _ip("-n", router.netns, "route", "add", "default", "via", "10.90.0.1")
+        _ip("-n", router.netns, "-6", "route", "add", "default", "via", "fd00:90::1")
+        _ip("-n", self.lb.netns, "route", "add", "10.89.0.0/24", "via", "10.90.0.2")
+        _ip("-n", self.lb.netns, "-6", "route", "add", "fd00:89::/64", "via", "fd00:90::2")
 
     def _start_server(self, backend: Host) -> None:
         server = subprocess.Popen(
@@ -215,8 +270,10 @@ class Sandbox:
         timeout: float = 2.0,
         source_port: int | None = None,
         source: Address | str | None = None,
+        path: str = "/",
     ) -> str:
-        """GET / from the client on a new connection; the answering backend's name.
+        """GET ``path`` from the client on a new connection; the answer's body (for
+        "/", the answering backend's name; "/bytes/N" gives N bytes).
 
         ``source_port`` fixes the client's port, so the flow's 5-tuple is known;
         ``source`` its address (one of the client's, see :meth:`add_client_address`).
@@ -228,7 +285,8 @@ class Sandbox:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((str(source or ""), source_port or 0))
             sock.connect((str(target), port))
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n")
+            request = f"GET {path} HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n"
+            sock.sendall(request.encode())
             return _http_body(sock)
 
     def connection(

@@ -1,4 +1,5 @@
-"""A tiny backend for the sandbox: answers HTTP and UDP with its own name.
+"""A tiny backend for the sandbox: answers HTTP and UDP with its own name
+(``GET /bytes/N``: N bytes instead, for transfers bigger than a packet).
 
 Run as ``python -m pyebpflb.testing.servers --name backend-1 --port 8080`` inside a
 network namespace. It listens on every IPv4 and IPv6 address, prints
@@ -31,11 +32,18 @@ def serve(name: str, port: int) -> None:
         protocol_version = "HTTP/1.1"  # keep-alive: one connection, many requests
 
         def do_GET(self) -> None:
+            answer = body
+            if self.path.startswith("/bytes/"):  # /bytes/N: N bytes of "x", at most 64 MiB
+                size = self.path.removeprefix("/bytes/")
+                if not size.isdigit() or int(size) > 1 << 26:
+                    self.send_error(400, f"/bytes/N takes N from 0 to {1 << 26}, got {size!r}")
+                    return
+                answer = b"x" * int(size)
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(answer)
 
         def log_message(self, format: str, *args: object) -> None:
             pass
