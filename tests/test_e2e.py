@@ -111,24 +111,28 @@ def test_icmp_error_from_a_backend_reaches_the_client_socket(
         sandbox.udp_request(VIP[4], 53, timeout=5)
 
 
-def test_removing_a_backend_sends_new_connections_elsewhere(
+def test_a_draining_backend_finishes_its_connections_and_a_removed_one_resets_them(
     sandbox: Sandbox, dp: lb.Datapath
 ) -> None:
     svc = web(sandbox, 4)
     dp.sync([svc])
     with sandbox.connection(VIP[4], 80) as kept:
         first = kept.get()
-        remaining = [
-            b
+        gone = lb.model.to_address(sandbox.backends[int(first[-1]) - 1].ipv4)
+        draining = [
+            lb.Backend(b.address, b.port, state="terminating" if b.address == gone else "active")
             for b in svc.backends
-            if b.address != lb.model.to_address(sandbox.backends[int(first[-1]) - 1].ipv4)
         ]
-        dp.upsert(svc.with_backends(remaining))
+        dp.upsert(svc.with_backends(draining))
         answers = {sandbox.http_get(VIP[4], 80) for _ in range(30)}
         assert first not in answers and len(answers) == 2
-        # The open connection finishes on the backend it had (which is still
-        # running, only out of the service), as with kube-proxy.
+        # The open connection finishes on the backend it had, which takes no new ones.
         assert {kept.get() for _ in range(5)} == {first}
+        # Removed (the pod is gone): its connections end at once, as in Cilium.
+        dp.upsert(svc.with_backends([b for b in svc.backends if b.address != gone]))
+        with pytest.raises(ConnectionResetError):
+            kept.get()
+        assert {sandbox.http_get(VIP[4], 80) for _ in range(30)} == answers
 
 
 SECOND_PROCESS = textwrap.dedent(
