@@ -27,7 +27,12 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 def random_backends(rng: random.Random, sandbox: Sandbox) -> list[lb.Backend]:
-    """A random backend set in which at least one backend takes new flows."""
+    """Random weights and states for every backend, at least one taking new flows.
+
+    Every backend stays in the service: one that leaves it is gone, and its
+    connections are reset by design (``test_e2e.py``); one that only stops
+    taking new flows (weight 0, terminating, maintenance) keeps them.
+    """
     while True:
         chosen = [
             lb.Backend(
@@ -37,7 +42,6 @@ def random_backends(rng: random.Random, sandbox: Sandbox) -> list[lb.Backend]:
                 state=rng.choice(["active", "active", "active", "terminating", "maintenance"]),
             )
             for host in sandbox.backends
-            if rng.random() < 0.8
         ]
         svc = lb.Service(vip=VIP, port=80, backends=chosen)
         if svc.usable_backends():
