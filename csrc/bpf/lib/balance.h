@@ -31,23 +31,68 @@
 
 /* A step that did not decide the packet's fate: go on to the next. */
 #define NEXT_STEP (-100)
+/* A step that refuses the packet: the caller sends the refusal (reject()),
+ * from one place, so the refusal's buffers are on the stack once. */
+#define REFUSE_STEP (-101)
 
-/* What every ingress step knows about the packet. */
-struct ingress {
+/*
+ * The packet and its flow's key live in a per-CPU slot, not on the stack: a
+ * BPF program has 512 bytes of stack for all its frames, and the steps' own
+ * locals (keys, entries, a refusal's quote) need them. One slot per hook:
+ * the two never run nested on one CPU (softirq context), but a slot each
+ * costs nothing. (Pointers stay on the stack: the verifier forgets what a
+ * pointer stored in a map value pointed to.)
+ */
+struct scratch {
 	struct packet pkt;
-	struct pyebpflb_ct_key ct_key; /* the flow's SERVICE key */
+	struct pyebpflb_ct_key ct_key;
+};
+
+enum { SCRATCH_INGRESS = 0, SCRATCH_EGRESS = 1 };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} lb_scratch SEC(".maps");
+
+/* What every step knows about the packet. */
+struct ingress {
+	struct packet *pkt;		/* in this CPU's scratch slot */
+	struct pyebpflb_ct_key *ct_key; /* the flow's SERVICE key, in the slot too */
 	struct pyebpflb_lb_config *cfg;
 	struct pyebpflb_policy_head *policy; /* NULL: no policy installed */
 	__u64 now;
 	int parsed; /* enum parse_result */
 };
 
+/* Parse the packet into this hook's slot; 0 when it goes on to the steps. */
+static __always_inline int start(struct ctx_buff *ctx, struct ingress *in, __u32 slot)
+{
+	struct scratch *scratch = bpf_map_lookup_elem(&lb_scratch, &slot);
+
+	if (!scratch)
+		return -1;
+	in->pkt = &scratch->pkt;
+	in->ct_key = &scratch->ct_key;
+	in->parsed = parse_packet(ctx, in->pkt);
+	in->pkt->dry = ctx_probing(ctx);
+	in->cfg = config();
+	if (!in->cfg)
+		return -1;
+	/* Jiffy resolution is plenty for timeouts of seconds, at a fraction of the cost. */
+	in->now = bpf_ktime_get_coarse_ns();
+	in->policy = policy_head(in->cfg);
+	return 0;
+}
+
 /* Not a service flow: policy decides, or it passes untouched. */
 static __always_inline int unrelated(struct ctx_buff *ctx, struct ingress *in, __u8 dir)
 {
 	if (!in->policy)
 		return CTX_PASS;
-	return policy_enforce(ctx, in->policy, dir, &in->pkt, in->parsed, in->cfg, in->now);
+	return policy_enforce(ctx, in->policy, dir, in->pkt, in->parsed, in->cfg, in->now);
 }
 
 static __always_inline int dnat_to(struct ctx_buff *ctx, const struct packet *pkt,
@@ -68,11 +113,11 @@ static __always_inline int service_denied(struct ctx_buff *ctx, const struct ing
 
 	if (!in->policy)
 		return 0;
-	if (policy_decide(ctx, in->policy, PYEBPFLB_POLICY_INGRESS, &in->pkt, service_id, port, 0,
+	if (policy_decide(ctx, in->policy, PYEBPFLB_POLICY_INGRESS, in->pkt, service_id, port, 0,
 			  &verdict) == POLICY_DROP)
 		return 1;
 	if (new_flow && verdict.action != PYEBPFLB_POLICY_NONE)
-		policy_event(ctx, &in->pkt, PYEBPFLB_POLICY_INGRESS, &verdict, service_id);
+		policy_event(ctx, in->pkt, PYEBPFLB_POLICY_INGRESS, &verdict, service_id);
 	return 0;
 }
 
@@ -106,20 +151,19 @@ static __always_inline int admit(struct ctx_buff *ctx, struct ingress *in,
 				 const struct pyebpflb_backend *backend, __u32 backend_id,
 				 __u32 service_id, const struct pyebpflb_service *svc)
 {
-	int err =
-	    ct_create(&in->ct_key, &in->pkt, backend, backend_id, service_id, in->cfg, in->now);
+	int err = ct_create(in->ct_key, in->pkt, backend, backend_id, service_id, in->cfg, in->now);
 
 	if (err == CT_TUPLE_IN_USE)
 		return NEXT_STEP; /* the caller tries another backend */
 	if (err) {
-		note_drop(ctx, &in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_CT_FULL, service_id,
+		note_drop(ctx, in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_CT_FULL, service_id,
 			  0);
 		return CTX_DROP;
 	}
 	if (svc && svc->affinity_timeout_s && !(svc->flags & PYEBPFLB_SERVICE_MAGLEV))
-		remember_affinity(svc, &in->pkt, backend_id, in->now);
-	note_new_flow(ctx, &in->pkt, backend, service_id, backend_id);
-	return dnat_to(ctx, &in->pkt, &backend->addr, backend->port);
+		remember_affinity(svc, in->pkt, backend_id, in->now);
+	note_new_flow(ctx, in->pkt, backend, service_id, backend_id);
+	return dnat_to(ctx, in->pkt, &backend->addr, backend->port);
 }
 
 /*
@@ -136,7 +180,7 @@ static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in,
 	struct pyebpflb_backend *backend = backend_lookup(backend_id);
 
 	if (!backend) {
-		ct_delete_flow(&in->ct_key, flow, &in->pkt);
+		ct_delete_flow(in->ct_key, flow, in->pkt);
 		return NEXT_STEP;
 	}
 	if (service_denied(ctx, in, service_id, backend->port, 1))
@@ -157,21 +201,20 @@ static __always_inline int backend_gone(struct ctx_buff *ctx, struct ingress *in
 {
 	__u32 service_id = flow->service_id;
 
-	ct_delete_flow(&in->ct_key, flow, &in->pkt);
-	if (in->pkt.proto != IPPROTO_TCP || tcp_opens(&in->pkt))
+	ct_delete_flow(in->ct_key, flow, in->pkt);
+	if (in->pkt->proto != IPPROTO_TCP || tcp_opens(in->pkt))
 		return NEXT_STEP;
-	explain(ctx, &in->pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
-	note_drop(ctx, &in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_BACKEND_GONE, service_id,
-		  0);
-	if (in->pkt.tcp_flags & TCP_FLAG_RST)
+	explain(ctx, in->pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
+	note_drop(ctx, in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_BACKEND_GONE, service_id, 0);
+	if (in->pkt->tcp_flags & TCP_FLAG_RST)
 		return CTX_DROP; /* a reset is never answered with one */
-	return reject(ctx, &in->pkt);
+	return REFUSE_STEP;
 }
 
 static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *in,
 					 struct pyebpflb_ct_entry *flow)
 {
-	struct packet *pkt = &in->pkt;
+	struct packet *pkt = in->pkt;
 
 	if (!backend_lookup(flow->backend_id))
 		return backend_gone(ctx, in, flow);
@@ -179,7 +222,7 @@ static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *i
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
 	if (service_denied(ctx, in, flow->service_id, flow->nat_port, 0))
 		return CTX_DROP;
-	ct_heal_reply(&in->ct_key, flow, pkt, in->now);
+	ct_heal_reply(in->ct_key, flow, pkt, in->now);
 	ct_touch(flow, pkt, in->now, 0);
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_BACKEND, flow->backend_id);
@@ -195,23 +238,24 @@ static __always_inline int follow_flow(struct ctx_buff *ctx, struct ingress *in)
 {
 	struct pyebpflb_ct_entry *flow;
 
-	ct_key_of(&in->ct_key, &in->pkt, PYEBPFLB_CT_SERVICE);
-	flow = ct_lookup_service(&in->ct_key, &in->pkt, in->cfg, in->now);
+	ct_key_of(in->ct_key, in->pkt, PYEBPFLB_CT_SERVICE);
+	flow = ct_lookup_service(in->ct_key, in->pkt, in->cfg, in->now);
 	if (!flow)
 		return NEXT_STEP;
-	if (ct_reopens(flow, &in->pkt))
+	if (ct_reopens(flow, in->pkt))
 		return reopen_flow(ctx, in, flow);
 	return continue_flow(ctx, in, flow);
 }
 
-/* The service has no backend for the flow: counted, and refused (kube-proxy's REJECT). */
+/* The service has no backend for the flow: counted, and refused (kube-proxy's
+ * REJECT; the caller sends the refusal). */
 static __always_inline int refuse(struct ctx_buff *ctx, struct ingress *in, __u32 service_id)
 {
-	explain(ctx, &in->pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
-	if (!in->pkt.dry)
+	explain(ctx, in->pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
+	if (!in->pkt->dry)
 		count_new_flow(&lb_svc_stats, service_id, ctx_len(ctx));
-	note_drop(ctx, &in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_NO_BACKEND, service_id, 0);
-	return reject(ctx, &in->pkt);
+	note_drop(ctx, in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_NO_BACKEND, service_id, 0);
+	return REFUSE_STEP;
 }
 
 /* A new flow to a service: a backend, policy, then the flow. */
@@ -222,23 +266,23 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 	__u32 backend_id;
 	int verdict;
 
-	svc = service_lookup(&in->pkt);
+	svc = service_lookup(in->pkt);
 	if (!svc) {
-		ct_direct_syn(&in->pkt, in->cfg, in->now);
+		ct_direct_syn(in->pkt, in->cfg, in->now);
 		return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
 	}
-	explain(ctx, &in->pkt, PYEBPFLB_EXPLAIN_SERVICE, svc->id);
-	backend_id = select_backend(svc, &in->pkt, in->cfg, in->now, &backend);
+	explain(ctx, in->pkt, PYEBPFLB_EXPLAIN_SERVICE, svc->id);
+	backend_id = select_backend(svc, in->pkt, in->cfg, in->now, &backend);
 	if (!backend_id && svc->count) {
 		/* An update removed the chosen backend between our reads; the
 		 * service entry has moved on to a complete new set: read it again. */
-		svc = service_lookup(&in->pkt);
+		svc = service_lookup(in->pkt);
 		if (!svc)
 			return CTX_PASS;
-		backend_id = svc->count ? slot_backend(svc, &in->pkt, 0, &backend) : 0;
+		backend_id = svc->count ? slot_backend(svc, in->pkt, 0, &backend) : 0;
 	}
 	/* Without a backend, the rules on the real destination see the VIP's port. */
-	if (service_denied(ctx, in, svc->id, backend ? backend->port : in->pkt.dport, 1))
+	if (service_denied(ctx, in, svc->id, backend ? backend->port : in->pkt->dport, 1))
 		return CTX_DROP;
 	if (!backend_id || !backend)
 		return refuse(ctx, in, svc->id);
@@ -247,13 +291,13 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 		return verdict;
 	/* A live flow from this client address and port holds the chosen backend's
 	 * side of the tuple (through another service): one more draw. */
-	backend_id = slot_backend(svc, &in->pkt, 1, &backend);
+	backend_id = slot_backend(svc, in->pkt, 1, &backend);
 	if (backend_id && backend) {
 		verdict = admit(ctx, in, backend, backend_id, svc->id, svc);
 		if (verdict != NEXT_STEP)
 			return verdict;
 	}
-	note_drop(ctx, &in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_TUPLE_IN_USE, svc->id, 0);
+	note_drop(ctx, in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_TUPLE_IN_USE, svc->id, 0);
 	return CTX_DROP;
 }
 
@@ -262,7 +306,7 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
  * policy. */
 static __always_inline int icmp_ingress(struct ctx_buff *ctx, struct ingress *in)
 {
-	int translated = icmp_error_dnat(ctx, &in->pkt, in->cfg, in->now);
+	int translated = icmp_error_dnat(ctx, in->pkt, in->cfg, in->now);
 
 	if (translated < 0)
 		return CTX_DROP;
@@ -276,23 +320,19 @@ static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
 	struct ingress in;
 	int verdict;
 
-	in.parsed = parse_packet(ctx, &in.pkt);
-	in.pkt.dry = ctx_probing(ctx);
-	in.cfg = config();
-	if (!in.cfg)
+	if (start(ctx, &in, SCRATCH_INGRESS))
 		return CTX_PASS;
-	/* Jiffy resolution is plenty for timeouts of seconds, at a fraction of the cost. */
-	in.now = bpf_ktime_get_coarse_ns();
-	in.policy = policy_head(in.cfg);
 	if (in.parsed == PARSE_OK &&
-	    (in.pkt.proto == IPPROTO_ICMP || in.pkt.proto == IPPROTO_ICMPV6))
+	    (in.pkt->proto == IPPROTO_ICMP || in.pkt->proto == IPPROTO_ICMPV6))
 		return icmp_ingress(ctx, &in);
-	if (in.parsed != PARSE_OK || (in.pkt.proto != IPPROTO_TCP && in.pkt.proto != IPPROTO_UDP))
+	if (in.parsed != PARSE_OK || (in.pkt->proto != IPPROTO_TCP && in.pkt->proto != IPPROTO_UDP))
 		return unrelated(ctx, &in, PYEBPFLB_POLICY_INGRESS);
 	verdict = follow_flow(ctx, &in);
-	if (verdict != NEXT_STEP)
-		return verdict;
-	return new_flow(ctx, &in);
+	if (verdict == NEXT_STEP)
+		verdict = new_flow(ctx, &in);
+	if (verdict == REFUSE_STEP)
+		return reject(ctx, in.pkt);
+	return verdict;
 }
 
 /* A backend's answer in a live translated flow: back to the VIP as its source.
@@ -302,13 +342,13 @@ static __always_inline int reverse_nat(struct ctx_buff *ctx, struct ingress *out
 	struct pyebpflb_ct_entry *reply, *flow;
 	struct pyebpflb_ct_key key;
 
-	ct_key_of(&key, &out->pkt, PYEBPFLB_CT_REPLY);
-	reply = ct_lookup_reply(&key, &out->pkt, out->cfg, out->now, &flow);
+	ct_key_of(&key, out->pkt, PYEBPFLB_CT_REPLY);
+	reply = ct_lookup_reply(&key, out->pkt, out->cfg, out->now, &flow);
 	if (!reply)
 		return unrelated(ctx, out, PYEBPFLB_POLICY_EGRESS);
 	/* The flow's life is kept on its SERVICE entry; replies refresh it too. */
-	ct_touch(flow, &out->pkt, out->now, 1);
-	if (snat(ctx, &out->pkt, &reply->nat_addr, reply->nat_port))
+	ct_touch(flow, out->pkt, out->now, 1);
+	if (snat(ctx, out->pkt, &reply->nat_addr, reply->nat_port))
 		return CTX_DROP;
 	return CTX_PASS;
 }
@@ -316,7 +356,7 @@ static __always_inline int reverse_nat(struct ctx_buff *ctx, struct ingress *out
 /* An ICMP error about a balanced flow is part of it; anything else meets policy. */
 static __always_inline int icmp_egress(struct ctx_buff *ctx, struct ingress *out)
 {
-	int translated = icmp_error_rev_nat(ctx, &out->pkt, out->cfg, out->now);
+	int translated = icmp_error_rev_nat(ctx, out->pkt, out->cfg, out->now);
 
 	if (translated < 0)
 		return CTX_DROP;
@@ -329,16 +369,11 @@ static __always_inline int lb_egress_steps(struct ctx_buff *ctx)
 {
 	struct ingress out;
 
-	out.parsed = parse_packet(ctx, &out.pkt);
-	out.pkt.dry = ctx_probing(ctx);
-	out.cfg = config();
-	if (!out.cfg)
+	if (start(ctx, &out, SCRATCH_EGRESS))
 		return CTX_PASS;
-	out.policy = policy_head(out.cfg);
-	out.now = bpf_ktime_get_coarse_ns();
 	if (out.parsed != PARSE_OK)
 		return unrelated(ctx, &out, PYEBPFLB_POLICY_EGRESS);
-	if (out.pkt.proto == IPPROTO_ICMP || out.pkt.proto == IPPROTO_ICMPV6)
+	if (out.pkt->proto == IPPROTO_ICMP || out.pkt->proto == IPPROTO_ICMPV6)
 		return icmp_egress(ctx, &out);
 	return reverse_nat(ctx, &out);
 }
