@@ -8,8 +8,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from lbtest import TC_ACT_OK, TC_ACT_SHOT, datapath, packet, run
+from lbtest import TC_ACT_OK, TC_ACT_SHOT, bad_checksums, datapath, packet, run
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 
 import pyebpflb as lb
 from pyebpflb import maps
@@ -182,3 +183,45 @@ def test_conntrack_lists_live_flows_only_unless_asked_for_the_dead() -> None:
         dead = dp.conntrack(include_dead=True)
         assert sorted(f.kind for f in dead) == ["reply", "service"]
         assert [f.expires_in for f in dead if f.kind == "service"] == [0.0]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_backend_calling_its_own_service_is_answered_through_the_hairpin_address(
+    dp: lb.Datapath, family: int
+) -> None:
+    backend, vip = ("10.0.1.1", VIP) if family == 4 else ("fd00:2::1", "fd00:96::10")
+    hairpin = str(dp.hairpin_addresses[0 if family == 4 else 1])
+    ip = IP if family == 4 else IPv6
+    dp.upsert(lb.Service(vip, 80, name="default/self", backends=[lb.Backend(backend, 8080)]))
+    call = packet(family, "tcp", backend, vip, 40000, 80, payload=b"", flags="S")
+    verdict, out = run(dp, "lb_ingress", call)
+    # To itself, from the hairpin address: its kernel would drop its own source.
+    assert verdict == TC_ACT_OK
+    assert (out[ip].src, out[ip].dst, out[TCP].dport) == (hairpin, backend, 8080)
+    assert bad_checksums(out) == []
+    answer = packet(family, "tcp", backend, hairpin, 8080, 40000, payload=b"", flags="SA")
+    verdict, back = run(dp, "lb_ingress", answer)  # it answers the hairpin address
+    assert verdict == TC_ACT_OK
+    assert (back[ip].src, back[TCP].sport, back[ip].dst, back[TCP].dport) == (
+        vip,
+        80,
+        backend,
+        40000,
+    )
+    assert bad_checksums(back) == []
+    (flow,) = [f for f in dp.conntrack() if f.kind == "service"]
+    assert flow.backend == (f"{backend}:8080" if family == 4 else f"[{backend}]:8080")
+
+
+def test_a_packet_to_the_hairpin_address_of_no_flow_is_left_alone(dp: lb.Datapath) -> None:
+    dp.upsert(web())
+    stray = packet(4, "tcp", BACKEND, "169.254.42.1", 8080, 40001, payload=b"", flags="SA")
+    verdict, out = run(dp, "lb_ingress", stray)
+    assert verdict == TC_ACT_OK and bytes(out) == bytes(stray)
+
+
+def test_hairpin_addresses_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"hairpin_addresses must be .*got \('10.0.0.1',\)"):
+        lb.Datapath("hairpin-bad", hairpin_addresses=("10.0.0.1",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fe80::1"):
+        lb.Datapath("hairpin-bad", hairpin_addresses=("169.254.42.1", "fe80::1"))

@@ -3,6 +3,7 @@ direct connections alike, closing with RST, as kube-proxy's iptables mode serves
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import struct
@@ -14,7 +15,7 @@ import pytest
 from conftest import PIN_ROOT
 
 import pyebpflb as lb
-from pyebpflb.testing.sandbox import BACKEND_PORT, HttpConnection, Sandbox
+from pyebpflb.testing.sandbox import BACKEND_PORT, Host, HttpConnection, Sandbox
 
 pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
@@ -146,3 +147,43 @@ def test_a_1_mb_answer_through_the_vip_finds_the_path_mtu_of_a_1280_byte_link(
         )
         body = sandbox.http_get(vip, 80, path="/bytes/1000000", timeout=10.0)
         assert len(body) == 1_000_000 and set(body) == {"x"}
+
+
+def call_from(host: Host, address: str) -> str:
+    """GET / from inside ``host`` (a backend) on a new connection."""
+    family = 6 if ":" in address else 4
+    with host.socket(family) as sock:
+        sock.settimeout(2.0)
+        sock.connect((address, 80))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n")
+        return HttpConnection(sock).read()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_each_backend_calling_its_own_service_30_times_gets_30_answers(
+    sandbox: Sandbox, family: int
+) -> None:
+    vip = VIPS[0] if family == 4 else "fd00:96::10"
+    with lb.Datapath(
+        f"t{os.getpid()}-hairpin{family}", netns=sandbox.lb.netns, pin_root=PIN_ROOT
+    ) as dp:
+        # Pods' traffic meets the datapath where it enters the node: every backend's link too.
+        for iface in [sandbox.lb.iface, *(f"be{i}" for i in range(1, len(sandbox.backends) + 1))]:
+            dp.attach(iface)
+        dp.sync(
+            [
+                lb.Service(
+                    vip,
+                    80,
+                    name="default/self",
+                    backends=[
+                        lb.Backend(b.address(family), BACKEND_PORT) for b in sandbox.backends
+                    ],
+                )
+            ]
+        )
+        for backend in sandbox.backends:
+            answers = collections.Counter(call_from(backend, vip) for _ in range(30))
+            assert sum(answers.values()) == 30
+            assert answers[backend.name] > 0, f"{backend.name} never reached itself: {answers}"
+        assert sandbox.http_get(vip, 80) in {b.name for b in sandbox.backends}  # and clients

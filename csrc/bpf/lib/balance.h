@@ -95,10 +95,22 @@ static __always_inline int unrelated(struct ctx_buff *ctx, struct ingress *in, _
 	return policy_enforce(ctx, in->policy, dir, in->pkt, in->parsed, in->cfg, in->now);
 }
 
-static __always_inline int dnat_to(struct ctx_buff *ctx, const struct packet *pkt,
-				   const union pyebpflb_addr *addr, __u16 port)
+/*
+ * Send the packet to its backend. A hairpin flow (the client is the backend
+ * itself: a pod calling its own service) also gets the datapath's hairpin
+ * address as its source, as Cilium's service loopback address does: the
+ * backend would drop a packet from its own address arriving from outside,
+ * and its answer must come back through the datapath to be translated.
+ */
+static __always_inline int dnat_to(struct ctx_buff *ctx, const struct ingress *in,
+				   const union pyebpflb_addr *addr, __u16 port, int hairpin)
 {
+	const struct packet *pkt = in->pkt;
+
 	if (dnat(ctx, pkt, addr, port))
+		return CTX_DROP;
+	if (hairpin && rewrite_addr(ctx, pkt, saddr_off(pkt), &pkt->saddr,
+				    hairpin_addr(in->cfg, pkt->family), 1))
 		return CTX_DROP;
 	return CTX_PASS;
 }
@@ -163,7 +175,8 @@ static __always_inline int admit(struct ctx_buff *ctx, struct ingress *in,
 	if (svc && svc->affinity_timeout_s && !(svc->flags & PYEBPFLB_SERVICE_MAGLEV))
 		remember_affinity(svc, in->pkt, backend_id, in->now);
 	note_new_flow(ctx, in->pkt, backend, service_id, backend_id);
-	return dnat_to(ctx, in->pkt, &backend->addr, backend->port);
+	return dnat_to(ctx, in, &backend->addr, backend->port,
+		       addr_equal(&backend->addr, &in->pkt->saddr));
 }
 
 /*
@@ -180,7 +193,7 @@ static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in,
 	struct pyebpflb_backend *backend = backend_lookup(backend_id);
 
 	if (!backend) {
-		ct_delete_flow(in->ct_key, flow, in->pkt);
+		ct_delete_flow(in->ct_key, flow, in->pkt, in->cfg);
 		return NEXT_STEP;
 	}
 	if (service_denied(ctx, in, service_id, backend->port, 1))
@@ -201,7 +214,7 @@ static __always_inline int backend_gone(struct ctx_buff *ctx, struct ingress *in
 {
 	__u32 service_id = flow->service_id;
 
-	ct_delete_flow(in->ct_key, flow, in->pkt);
+	ct_delete_flow(in->ct_key, flow, in->pkt, in->cfg);
 	if (in->pkt->proto != IPPROTO_TCP || tcp_opens(in->pkt))
 		return NEXT_STEP;
 	explain(ctx, in->pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
@@ -222,7 +235,7 @@ static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *i
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
 	if (service_denied(ctx, in, flow->service_id, flow->nat_port, 0))
 		return CTX_DROP;
-	ct_heal_reply(in->ct_key, flow, pkt, in->now);
+	ct_heal_reply(in->ct_key, flow, pkt, in->cfg, in->now);
 	ct_touch(flow, pkt, in->now, 0);
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_BACKEND, flow->backend_id);
@@ -230,7 +243,7 @@ static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *i
 		count_traffic(&lb_svc_stats, flow->service_id, ctx_len(ctx));
 		count_traffic(&lb_be_stats, flow->backend_id, ctx_len(ctx));
 	}
-	return dnat_to(ctx, pkt, &flow->nat_addr, flow->nat_port);
+	return dnat_to(ctx, in, &flow->nat_addr, flow->nat_port, flow->flags & PYEBPFLB_CT_HAIRPIN);
 }
 
 /* A packet of a known flow goes where the flow went. */
@@ -315,6 +328,31 @@ static __always_inline int icmp_ingress(struct ctx_buff *ctx, struct ingress *in
 	return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
 }
 
+/*
+ * A backend's answer to the hairpin address: the other half of a hairpin
+ * flow. Back to the backend as its own client, from the VIP:port it called.
+ */
+static __always_inline int hairpin_reply(struct ctx_buff *ctx, struct ingress *in)
+{
+	struct pyebpflb_ct_entry *reply, *flow;
+	struct pyebpflb_ct_key key;
+	union pyebpflb_addr client, vip;
+	__u16 vip_port;
+
+	ct_key_of(&key, in->pkt, PYEBPFLB_CT_REPLY);
+	reply = ct_lookup_reply(&key, in->pkt, in->cfg, in->now, &flow);
+	if (!reply || !(reply->flags & PYEBPFLB_CT_HAIRPIN))
+		return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
+	client = in->pkt->saddr;
+	vip = reply->nat_addr;
+	vip_port = reply->nat_port;
+	ct_touch(flow, in->pkt, in->now, 1);
+	if (snat(ctx, in->pkt, &vip, vip_port) ||
+	    rewrite_addr(ctx, in->pkt, daddr_off(in->pkt), &in->pkt->daddr, &client, 1))
+		return CTX_DROP;
+	return CTX_PASS;
+}
+
 static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
 {
 	struct ingress in;
@@ -327,6 +365,8 @@ static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
 		return icmp_ingress(ctx, &in);
 	if (in.parsed != PARSE_OK || (in.pkt->proto != IPPROTO_TCP && in.pkt->proto != IPPROTO_UDP))
 		return unrelated(ctx, &in, PYEBPFLB_POLICY_INGRESS);
+	if (addr_equal(&in.pkt->daddr, hairpin_addr(in.cfg, in.pkt->family)))
+		return hairpin_reply(ctx, &in);
 	verdict = follow_flow(ctx, &in);
 	if (verdict == NEXT_STEP)
 		verdict = new_flow(ctx, &in);

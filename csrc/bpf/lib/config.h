@@ -24,4 +24,11 @@ static __always_inline struct pyebpflb_lb_config *config(void)
 	return bpf_map_lookup_elem(&lb_config, &zero);
 }
 
+/* The hairpin address of a family (PYEBPFLB_IPV4 or PYEBPFLB_IPV6). */
+static __always_inline const union pyebpflb_addr *hairpin_addr(const struct pyebpflb_lb_config *cfg,
+							       __u8 family)
+{
+	return family == PYEBPFLB_IPV4 ? &cfg->hairpin_v4 : &cfg->hairpin_v6;
+}
+
 #endif

@@ -24,6 +24,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "pyebpflb/lb.h"
+#include "lib/config.h"
 #include "lib/parse.h"
 
 #define TCP_FLAG_FIN 0x01
@@ -99,14 +100,17 @@ static __always_inline int ct_expired(const struct pyebpflb_ct_entry *entry, __u
 	return now - entry->last_seen_ns > ct_lifetime(config, entry, proto);
 }
 
-/* The REPLY key of the flow whose SERVICE entry is `entry` under `key`. */
+/* The REPLY key of the flow whose SERVICE entry is `entry` under `key`. A
+ * hairpin flow's backend answers the hairpin address, not the client. */
 static __always_inline void ct_reply_key_of(struct pyebpflb_ct_key *reply,
 					    const struct pyebpflb_ct_key *key,
-					    const struct pyebpflb_ct_entry *entry)
+					    const struct pyebpflb_ct_entry *entry,
+					    const struct pyebpflb_lb_config *cfg)
 {
 	__builtin_memset(reply, 0, sizeof(*reply));
 	reply->saddr = entry->nat_addr;
-	reply->daddr = key->saddr;
+	reply->daddr =
+	    entry->flags & PYEBPFLB_CT_HAIRPIN ? *hairpin_addr(cfg, key->family) : key->saddr;
 	reply->sport = entry->nat_port;
 	reply->dport = key->sport;
 	reply->proto = key->proto;
@@ -114,13 +118,14 @@ static __always_inline void ct_reply_key_of(struct pyebpflb_ct_key *reply,
 	reply->dir = PYEBPFLB_CT_REPLY;
 }
 
-/* The SERVICE key a REPLY entry under `reply_key` points back to. */
+/* The SERVICE key a REPLY entry under `reply_key` points back to (a hairpin
+ * flow's client is its backend). */
 static __always_inline void ct_service_key_of(struct pyebpflb_ct_key *key,
 					      const struct pyebpflb_ct_key *reply_key,
 					      const struct pyebpflb_ct_entry *reply)
 {
 	__builtin_memset(key, 0, sizeof(*key));
-	key->saddr = reply_key->daddr;
+	key->saddr = reply->flags & PYEBPFLB_CT_HAIRPIN ? reply_key->saddr : reply_key->daddr;
 	key->daddr = reply->nat_addr;
 	key->sport = reply_key->dport;
 	key->dport = reply->nat_port;
@@ -152,14 +157,15 @@ static __always_inline int ct_points_back(const struct pyebpflb_ct_entry *reply,
  * own (another flow may have taken the key over). */
 static __always_inline void ct_delete_flow(const struct pyebpflb_ct_key *key,
 					   const struct pyebpflb_ct_entry *entry,
-					   const struct packet *pkt)
+					   const struct packet *pkt,
+					   const struct pyebpflb_lb_config *config)
 {
 	struct pyebpflb_ct_key reply_key;
 	struct pyebpflb_ct_entry *reply;
 
 	if (pkt->dry)
 		return;
-	ct_reply_key_of(&reply_key, key, entry);
+	ct_reply_key_of(&reply_key, key, entry, config);
 	reply = bpf_map_lookup_elem(&lb_ct, &reply_key);
 	if (reply && reply->service_id == entry->service_id && ct_points_back(reply, key))
 		bpf_map_delete_elem(&lb_ct, &reply_key);
@@ -177,7 +183,7 @@ ct_lookup_service(const struct pyebpflb_ct_key *key, const struct packet *pkt,
 	if (!entry)
 		return NULL;
 	if (ct_expired(entry, pkt->proto, config, now)) {
-		ct_delete_flow(key, entry, pkt);
+		ct_delete_flow(key, entry, pkt, config);
 		return NULL;
 	}
 	return entry;
@@ -238,6 +244,7 @@ static __always_inline int ct_create(const struct pyebpflb_ct_key *service_key,
 	struct pyebpflb_ct_entry entry = {
 	    .nat_addr = backend->addr,
 	    .nat_port = backend->port,
+	    .flags = addr_equal(&backend->addr, &pkt->saddr) ? PYEBPFLB_CT_HAIRPIN : 0,
 	    .backend_id = backend_id,
 	    .service_id = service_id,
 	    .created_ns = now,
@@ -246,7 +253,7 @@ static __always_inline int ct_create(const struct pyebpflb_ct_key *service_key,
 	struct pyebpflb_ct_key reply_key;
 	struct pyebpflb_ct_entry reply = entry, *held;
 
-	ct_reply_key_of(&reply_key, service_key, &entry);
+	ct_reply_key_of(&reply_key, service_key, &entry, config);
 	held = bpf_map_lookup_elem(&lb_ct, &reply_key);
 	/* Held by this very flow (same client and VIP:port: a reopen) is no conflict. */
 	if (held && !ct_points_back(held, service_key) &&
@@ -303,14 +310,15 @@ ct_lookup_reply(const struct pyebpflb_ct_key *key, const struct packet *pkt,
  */
 static __always_inline void ct_heal_reply(const struct pyebpflb_ct_key *key,
 					  const struct pyebpflb_ct_entry *entry,
-					  const struct packet *pkt, __u64 now)
+					  const struct packet *pkt,
+					  const struct pyebpflb_lb_config *config, __u64 now)
 {
 	struct pyebpflb_ct_entry reply = *entry;
 	struct pyebpflb_ct_key reply_key;
 
 	if (pkt->dry || !((now ^ entry->last_seen_ns) >> 30))
 		return;
-	ct_reply_key_of(&reply_key, key, entry);
+	ct_reply_key_of(&reply_key, key, entry, config);
 	if (bpf_map_lookup_elem(&lb_ct, &reply_key))
 		return;
 	reply.nat_addr = key->daddr;

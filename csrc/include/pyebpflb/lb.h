@@ -131,10 +131,12 @@ struct pyebpflb_ct_key {
 };
 
 enum pyebpflb_ct_flags {
-	PYEBPFLB_CT_SEEN_REPLY = 1, /* the backend has answered */
-	PYEBPFLB_CT_CLOSING = 2,    /* RST, or FIN from both sides: short timeout */
-	PYEBPFLB_CT_FIN_CLIENT = 4, /* the client sent FIN (half-closed) */
-	PYEBPFLB_CT_FIN_BACKEND = 8 /* the backend sent FIN */
+	PYEBPFLB_CT_SEEN_REPLY = 1,  /* the backend has answered */
+	PYEBPFLB_CT_CLOSING = 2,     /* RST, or FIN from both sides: short timeout */
+	PYEBPFLB_CT_FIN_CLIENT = 4,  /* the client sent FIN (half-closed) */
+	PYEBPFLB_CT_FIN_BACKEND = 8, /* the backend sent FIN */
+	PYEBPFLB_CT_HAIRPIN = 16     /* the client is its own backend: its source is
+					lb_config's hairpin address on the way in */
 };
 
 /*
@@ -258,6 +260,9 @@ struct pyebpflb_lb_config {
 	__u64 changes; /* bumped by every change: a writer whose copy is older reads again */
 	char name[PYEBPFLB_DATAPATH_NAME_MAX];
 	__u32 map_ids[PYEBPFLB_LB_MAPS_MAX];
+	/* The source a backend sees when it reached itself through a VIP. */
+	union pyebpflb_addr hairpin_v4;
+	union pyebpflb_addr hairpin_v6;
 };
 
 /* lb_svc_names: service id -> its name (user space only). */

@@ -12,6 +12,7 @@ of another layout is refused with every difference named, before anything loads.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ import attrs
 
 from pyebpflb import events, maglev, maps, objects
 from pyebpflb._bpf import LoadedObject, Map, OpenObject, ffi, fs
+from pyebpflb._bpf._libbpf import lib
 from pyebpflb._bpf.netns import current_id, is_initial
 from pyebpflb.datapath.hooks import close_all, filters, maps_by_id, maps_of_program
 from pyebpflb.datapath.results import ConntrackTimeouts
@@ -29,7 +31,9 @@ from pyebpflb.model import Direction
 
 logger = logging.getLogger("pyebpflb")
 
-LAYOUT_VERSION = 3  # 2: weights, states and session affinity; 3: network policy
+LAYOUT_VERSION = 4  # 2: weights, states, affinity; 3: network policy; 4: conntrack rework
+DEFAULT_HAIRPIN_IPV4 = ipaddress.IPv4Address("169.254.42.1")  # Cilium's service loopback address
+DEFAULT_HAIRPIN_IPV6 = ipaddress.IPv6Address("fd00:eb1b:42::1")
 _SECOND = 1_000_000_000
 
 
@@ -41,10 +45,41 @@ class Settings:
     events: frozenset[str]
     event_rate: int
     maglev_table_size: int
+    hairpin: tuple[ipaddress.IPv4Address, ipaddress.IPv6Address] = (
+        DEFAULT_HAIRPIN_IPV4,
+        DEFAULT_HAIRPIN_IPV6,
+    )
+
+
+def hairpin_addresses(value: object) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+    """``hairpin_addresses`` checked: an IPv4 and an IPv6 unicast address."""
+    right = (
+        "an IPv4 and an IPv6 unicast address (neither loopback, multicast nor IPv6 "
+        "link-local), e.g. ('169.254.42.1', 'fd00:eb1b:42::1')"
+    )
+    try:
+        v4, v6 = (ipaddress.ip_address(a) for a in value)  # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"hairpin_addresses must be {right}, got {value!r}") from exc
+    if not isinstance(v4, ipaddress.IPv4Address) or not isinstance(v6, ipaddress.IPv6Address):
+        raise ValueError(f"hairpin_addresses must be {right}, got {value!r}")
+    for address in (v4, v6):
+        if (
+            address.is_unspecified
+            or address.is_multicast
+            or address.is_loopback
+            or (address.version == 6 and address.is_link_local)
+        ):
+            raise ValueError(f"hairpin_addresses must be {right}, got {value!r}")
+    return v4, v6
 
 
 def settings(
-    ct_timeouts: object, events_wanted: Iterable[str] | None, event_rate: object, maglev_size: int
+    ct_timeouts: object,
+    events_wanted: Iterable[str] | None,
+    event_rate: object,
+    maglev_size: int,
+    hairpin: object = (DEFAULT_HAIRPIN_IPV4, DEFAULT_HAIRPIN_IPV6),
 ) -> Settings:
     """The constructor's settings, checked."""
     if (
@@ -60,6 +95,7 @@ def settings(
         events=events.to_types(events_wanted if events_wanted is not None else ()),
         event_rate=event_rate,
         maglev_table_size=maglev.check_table_size(maglev_size),
+        hairpin=hairpin_addresses(hairpin),
     )
 
 
@@ -201,6 +237,9 @@ def write_config(
     config.maglev_table_size = settings.maglev_table_size
     config.event_mask = sum(events.TYPE_BITS[t] for t in settings.events)
     config.event_rate = settings.event_rate
+    hairpin_v4, hairpin_v6 = settings.hairpin
+    ffi.memmove(config.hairpin_v4.bytes, maps.addr_bytes(hairpin_v4), 16)
+    ffi.memmove(config.hairpin_v6.bytes, maps.addr_bytes(hairpin_v6), 16)
     ids = [m.id for m in obj.maps.values()]
     config.map_ids[0 : len(ids)] = ids
     config_map[0] = config
@@ -221,4 +260,12 @@ def _settings_of(config: Any, wanted: Settings) -> Settings:
         ),
         event_rate=int(config.event_rate),
         maglev_table_size=int(config.maglev_table_size) or wanted.maglev_table_size,
+        hairpin=_hairpin_of(config) or wanted.hairpin,
     )
+
+
+def _hairpin_of(config: Any) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address] | None:
+    v4 = maps.addr_from(config.hairpin_v4, int(lib.PYEBPFLB_IPV4))
+    v6 = maps.addr_from(config.hairpin_v6, int(lib.PYEBPFLB_IPV6))
+    assert isinstance(v4, ipaddress.IPv4Address) and isinstance(v6, ipaddress.IPv6Address)
+    return None if v4.is_unspecified else (v4, v6)

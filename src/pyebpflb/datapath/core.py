@@ -53,6 +53,10 @@ class Datapath:
     "policy"), ``event_rate`` how many a second each CPU may send.
     ``max_policy_conntrack`` sizes the table of flows policy lets answers
     through for, apart from the balanced flows' (``max_conntrack``).
+    ``hairpin_addresses`` (IPv4, IPv6) are the sources a backend sees when it
+    called its own service and was chosen (hairpin): its answers to them come
+    back through the datapath. Routed towards the datapath, used by nothing
+    else (Cilium's service loopback address is 169.254.42.1).
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class Datapath:
         max_policy_conntrack: int = 65536,
         events: Iterable[str] | None = ("trace", "drop", "policy"),
         event_rate: int = 10_000,
+        hairpin_addresses: tuple[str, str] = ("169.254.42.1", "fd00:eb1b:42::1"),
         create: bool = True,
     ) -> None:
         _check_name(name)
@@ -89,7 +94,9 @@ class Datapath:
             max_policy_entries=max_policy_entries,
             max_policy_conntrack=max_policy_conntrack,
         )
-        wanted = adopt.settings(ct_timeouts, events, event_rate, maglev_table_size)
+        wanted = adopt.settings(
+            ct_timeouts, events, event_rate, maglev_table_size, hairpin_addresses
+        )
         self.name, self.persist, self.netns, self.create = name, persist, netns, create
         self.pin_root = os.fspath(pin_root)
         self._open(wanted)
@@ -124,6 +131,7 @@ class Datapath:
     events = property(lambda self: self.settings.events)
     event_rate = property(lambda self: self.settings.event_rate)
     maglev_table_size = property(lambda self: self.settings.maglev_table_size)
+    hairpin_addresses = property(lambda self: self.settings.hairpin)
 
     def _live(self) -> LoadedObject:
         if self._object.closed:

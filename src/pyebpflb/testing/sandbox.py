@@ -354,6 +354,10 @@ class HttpConnection:
         self.socket.sendall(b"GET / HTTP/1.1\r\nHost: sandbox\r\n\r\n")
         return _http_body(self.socket, keep_alive=True)
 
+    def read(self) -> str:
+        """The body of the answer to a request sent on the socket already."""
+        return _http_body(self.socket)
+
     def close(self) -> None:
         self.socket.close()
 
