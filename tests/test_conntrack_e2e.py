@@ -187,3 +187,21 @@ def test_each_backend_calling_its_own_service_30_times_gets_30_answers(
             assert sum(answers.values()) == 30
             assert answers[backend.name] > 0, f"{backend.name} never reached itself: {answers}"
         assert sandbox.http_get(vip, 80) in {b.name for b in sandbox.backends}  # and clients
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_4000_byte_datagrams_through_the_vip_both_ways(sandbox: Sandbox, family: int) -> None:
+    """A big query reaches a backend in fragments and is answered; a big answer
+    (a large DNS response, say) reaches the client in fragments, from the VIP."""
+    vip = VIPS[1] if family == 4 else "fd00:96::11"
+    with lb.Datapath(
+        f"t{os.getpid()}-frag{family}", netns=sandbox.lb.netns, pin_root=PIN_ROOT
+    ) as dp:
+        dp.attach(sandbox.lb.iface)
+        backends = [lb.Backend(b.address(family), BACKEND_PORT) for b in sandbox.backends]
+        dp.sync([lb.Service(vip, 53, protocol="udp", name="default/dns", backends=backends)])
+        names = {b.name for b in sandbox.backends}
+        name, source = sandbox.udp_request(vip, 53, payload=b"q" * 4000)
+        assert name in names and str(source) == vip
+        answer, source = sandbox.udp_request(vip, 53, payload=b"/bytes/4000")
+        assert answer == "x" * 4000 and str(source) == vip

@@ -29,7 +29,6 @@ from scapy.layers.inet6 import (
     IPerror6,
     IPv6,
     IPv6ExtHdrDestOpt,
-    IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
 )
 from scapy.layers.inet6 import (
@@ -221,27 +220,6 @@ def test_malformed_and_truncated_packets_are_never_rewritten(dp: lb.Datapath, ma
     assert verdict == TC_ACT_OK
     assert bytes(out)[: len(bytes(sent))] == bytes(sent)
     assert dp.conntrack() == []
-
-
-def test_ipv4_fragments_are_not_translated(dp: lb.Datapath) -> None:
-    dp.upsert(service(4, "udp"))
-    first = packet(4, "udp", "10.1.0.5", "10.96.0.10", 5000, 80)
-    first[IP].flags = "MF"
-    sent = Ether(bytes(first))
-    verdict, out = run(dp, "lb_ingress", sent)
-    assert verdict == TC_ACT_OK and bytes(out) == bytes(sent)
-
-
-def test_ipv6_fragments_are_not_translated(dp: lb.Datapath) -> None:
-    dp.upsert(service(6, "udp"))
-    sent = (
-        Ether()
-        / IPv6(src="fd00:1::5", dst="fd00:96::10")
-        / IPv6ExtHdrFragment(m=1)
-        / UDP(sport=5000, dport=80)
-    )
-    verdict, out = run(dp, "lb_ingress", sent)
-    assert verdict == TC_ACT_OK and bytes(out) == bytes(sent)
 
 
 def test_ipv4_options_are_skipped_to_find_the_ports(dp: lb.Datapath) -> None:

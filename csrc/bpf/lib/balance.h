@@ -107,11 +107,13 @@ static __always_inline int dnat_to(struct ctx_buff *ctx, const struct ingress *i
 {
 	const struct packet *pkt = in->pkt;
 
+	const union pyebpflb_addr *source = hairpin ? hairpin_addr(in->cfg, pkt->family) : NULL;
+
 	if (dnat(ctx, pkt, addr, port))
 		return CTX_DROP;
-	if (hairpin && rewrite_addr(ctx, pkt, saddr_off(pkt), &pkt->saddr,
-				    hairpin_addr(in->cfg, pkt->family), 1))
+	if (source && rewrite_addr(ctx, pkt, saddr_off(pkt), &pkt->saddr, source, 1))
 		return CTX_DROP;
+	frag_remember(pkt, source, addr);
 	return CTX_PASS;
 }
 
@@ -350,7 +352,30 @@ static __always_inline int hairpin_reply(struct ctx_buff *ctx, struct ingress *i
 	if (snat(ctx, in->pkt, &vip, vip_port) ||
 	    rewrite_addr(ctx, in->pkt, daddr_off(in->pkt), &in->pkt->daddr, &client, 1))
 		return CTX_DROP;
+	frag_remember(in->pkt, &vip, &client);
 	return CTX_PASS;
+}
+
+/* A later fragment of a datagram whose first was translated is translated
+ * the same way, without policy (the first fragment met it); any other meets
+ * policy. */
+static __always_inline int later_fragment(struct ctx_buff *ctx, struct ingress *in, __u8 dir)
+{
+	int translated = frag_follow(ctx, in->pkt);
+
+	if (translated < 0)
+		return CTX_DROP;
+	if (translated)
+		return CTX_PASS;
+	return unrelated(ctx, in, dir);
+}
+
+/* TCP or UDP with ports: a whole packet or a first fragment. */
+static __always_inline int has_ports(const struct ingress *in)
+{
+	return (in->parsed == PARSE_OK ||
+		(in->parsed == PARSE_FRAGMENT && in->pkt->frag == FRAG_FIRST)) &&
+	       (in->pkt->proto == IPPROTO_TCP || in->pkt->proto == IPPROTO_UDP);
 }
 
 static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
@@ -363,7 +388,9 @@ static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
 	if (in.parsed == PARSE_OK &&
 	    (in.pkt->proto == IPPROTO_ICMP || in.pkt->proto == IPPROTO_ICMPV6))
 		return icmp_ingress(ctx, &in);
-	if (in.parsed != PARSE_OK || (in.pkt->proto != IPPROTO_TCP && in.pkt->proto != IPPROTO_UDP))
+	if (in.parsed == PARSE_FRAGMENT && in.pkt->frag == FRAG_LATER)
+		return later_fragment(ctx, &in, PYEBPFLB_POLICY_INGRESS);
+	if (!has_ports(&in))
 		return unrelated(ctx, &in, PYEBPFLB_POLICY_INGRESS);
 	if (addr_equal(&in.pkt->daddr, hairpin_addr(in.cfg, in.pkt->family)))
 		return hairpin_reply(ctx, &in);
@@ -381,15 +408,20 @@ static __always_inline int reverse_nat(struct ctx_buff *ctx, struct ingress *out
 {
 	struct pyebpflb_ct_entry *reply, *flow;
 	struct pyebpflb_ct_key key;
+	union pyebpflb_addr vip;
+	__u16 vip_port;
 
 	ct_key_of(&key, out->pkt, PYEBPFLB_CT_REPLY);
 	reply = ct_lookup_reply(&key, out->pkt, out->cfg, out->now, &flow);
 	if (!reply)
 		return unrelated(ctx, out, PYEBPFLB_POLICY_EGRESS);
 	/* The flow's life is kept on its SERVICE entry; replies refresh it too. */
+	vip = reply->nat_addr; /* copied: the entry may be reused under us */
+	vip_port = reply->nat_port;
 	ct_touch(flow, out->pkt, out->now, 1);
-	if (snat(ctx, out->pkt, &reply->nat_addr, reply->nat_port))
+	if (snat(ctx, out->pkt, &vip, vip_port))
 		return CTX_DROP;
+	frag_remember(out->pkt, &vip, NULL);
 	return CTX_PASS;
 }
 
@@ -411,10 +443,13 @@ static __always_inline int lb_egress_steps(struct ctx_buff *ctx)
 
 	if (start(ctx, &out, SCRATCH_EGRESS))
 		return CTX_PASS;
-	if (out.parsed != PARSE_OK)
-		return unrelated(ctx, &out, PYEBPFLB_POLICY_EGRESS);
-	if (out.pkt->proto == IPPROTO_ICMP || out.pkt->proto == IPPROTO_ICMPV6)
+	if (out.parsed == PARSE_FRAGMENT && out.pkt->frag == FRAG_LATER)
+		return later_fragment(ctx, &out, PYEBPFLB_POLICY_EGRESS);
+	if (out.parsed == PARSE_OK &&
+	    (out.pkt->proto == IPPROTO_ICMP || out.pkt->proto == IPPROTO_ICMPV6))
 		return icmp_egress(ctx, &out);
+	if (!has_ports(&out))
+		return unrelated(ctx, &out, PYEBPFLB_POLICY_EGRESS);
 	return reverse_nat(ctx, &out);
 }
 

@@ -140,4 +140,89 @@ static __always_inline int snat(struct ctx_buff *ctx, const struct packet *pkt,
 	return rewrite_port(ctx, pkt, pkt->l4_off, pkt->sport, port);
 }
 
+/*
+ * Fragments. The first fragment of a datagram is translated as a whole
+ * packet would be (its L4 checksum covers the whole datagram, and is updated
+ * incrementally as always); it leaves what it became in lb_frag_nat, keyed by
+ * the datagram's addresses as they arrived and its id, and every later
+ * fragment, which carries no ports, gets the same addresses (no L4 checksum
+ * to update in it). A later fragment that arrives before its first is not
+ * translated (Cilium drops them; here they pass as unrelated traffic).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct pyebpflb_frag_key);
+	__type(value, struct pyebpflb_frag_nat);
+} lb_frag_nat SEC(".maps");
+
+static __always_inline void frag_key_of(struct pyebpflb_frag_key *key, const struct packet *pkt)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	key->saddr = pkt->saddr;
+	key->daddr = pkt->daddr;
+	key->id = pkt->frag_id;
+	key->proto = pkt->proto;
+	key->family = pkt->family;
+}
+
+/* A first fragment was translated: its source to `saddr` and/or its destination
+ * to `daddr` (NULL: kept). Remember it for the rest of the datagram. */
+static __always_inline void frag_remember(const struct packet *pkt,
+					  const union pyebpflb_addr *saddr,
+					  const union pyebpflb_addr *daddr)
+{
+	struct pyebpflb_frag_nat nat = {};
+	struct pyebpflb_frag_key key;
+
+	if (pkt->frag != FRAG_FIRST || pkt->dry)
+		return;
+	if (saddr) {
+		nat.saddr = *saddr;
+		nat.rewrite |= PYEBPFLB_FRAG_SADDR;
+	}
+	if (daddr) {
+		nat.daddr = *daddr;
+		nat.rewrite |= PYEBPFLB_FRAG_DADDR;
+	}
+	frag_key_of(&key, pkt);
+	bpf_map_update_elem(&lb_frag_nat, &key, &nat, BPF_ANY);
+}
+
+/* An address of a fragment without transport header: the IPv4 header checksum
+ * only (IPv6 has none; the store keeps a CHECKSUM_COMPLETE skb->csum). */
+static __always_inline int rewrite_l3_addr(struct ctx_buff *ctx, const struct packet *pkt,
+					   __u32 off, const union pyebpflb_addr *from,
+					   const union pyebpflb_addr *to)
+{
+	if (pkt->family == PYEBPFLB_IPV4) {
+		if (ctx_l3_csum_replace(ctx, pkt->l3_off + offsetof(struct iphdr, check), from->v4,
+					to->v4, sizeof(__u32)))
+			return -1;
+		return ctx_store_bytes(ctx, off, &to->v4, sizeof(__u32));
+	}
+	return ctx_store_bytes_rcsum(ctx, off, to->bytes, 16);
+}
+
+/* A later fragment: 1 when its datagram's first was translated (and it is now
+ * too), 0 when not, -1 when rewriting failed. */
+static __always_inline int frag_follow(struct ctx_buff *ctx, const struct packet *pkt)
+{
+	struct pyebpflb_frag_nat *known, nat;
+	struct pyebpflb_frag_key key;
+
+	frag_key_of(&key, pkt);
+	known = bpf_map_lookup_elem(&lb_frag_nat, &key);
+	if (!known)
+		return 0;
+	nat = *known; /* copied: another CPU may replace the entry under us */
+	if ((nat.rewrite & PYEBPFLB_FRAG_SADDR) &&
+	    rewrite_l3_addr(ctx, pkt, saddr_off(pkt), &pkt->saddr, &nat.saddr))
+		return -1;
+	if ((nat.rewrite & PYEBPFLB_FRAG_DADDR) &&
+	    rewrite_l3_addr(ctx, pkt, daddr_off(pkt), &pkt->daddr, &nat.daddr))
+		return -1;
+	return 1;
+}
+
 #endif

@@ -412,4 +412,21 @@ struct pyebpflb_frag_ports {
 	__u16 dport;
 };
 
+/*
+ * lb_frag_nat: (the datagram's addresses as it arrived, id, protocol) -> what
+ * its first fragment was translated to, for the later fragments, which carry
+ * no ports: the L3 rewrite of the first, on both directions.
+ */
+enum pyebpflb_frag_rewrite {
+	PYEBPFLB_FRAG_SADDR = 1,
+	PYEBPFLB_FRAG_DADDR = 2,
+};
+
+struct pyebpflb_frag_nat {
+	union pyebpflb_addr saddr;
+	union pyebpflb_addr daddr;
+	__u8 rewrite; /* enum pyebpflb_frag_rewrite */
+	__u8 _pad[3];
+};
+
 #endif

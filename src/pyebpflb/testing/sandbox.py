@@ -312,14 +312,14 @@ class Sandbox:
         The socket is connected, as a DNS client's is: it takes replies only
         from ``address``, and an ICMP port unreachable raises
         ``ConnectionRefusedError``. A ``payload`` over the link's MTU (1500)
-        leaves in IP fragments.
+        leaves in IP fragments; ``/bytes/N`` asks for an answer of N bytes.
         """
         target = ipaddress.ip_address(address)
         with self.client.socket(target.version, socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
             sock.connect((str(target), port))
             sock.send(payload)
-            data, source = sock.recvfrom(2048)
+            data, source = sock.recvfrom(65535)
         return data.decode().strip(), ipaddress.ip_address(source[0])
 
     def add_client_address(self, address: Address | str) -> Address:

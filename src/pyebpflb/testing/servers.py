@@ -1,5 +1,6 @@
 """A tiny backend for the sandbox: answers HTTP and UDP with its own name
-(``GET /bytes/N``: N bytes instead, for transfers bigger than a packet).
+(``GET /bytes/N``, or a datagram ``/bytes/N``: N bytes instead, for answers bigger
+than a packet).
 
 Run as ``python -m pyebpflb.testing.servers --name backend-1 --port 8080`` inside a
 network namespace. It listens on every IPv4 and IPv6 address, prints
@@ -61,8 +62,11 @@ def serve(name: str, port: int) -> None:
 
     def answer_udp() -> None:
         while True:
-            _, peer = udp.recvfrom(2048)
-            udp.sendto(body, peer)
+            asked, peer = udp.recvfrom(65535)
+            # b"/bytes/N": N bytes of "x" (a datagram bigger than a packet), at most 60,000.
+            size = asked.removeprefix(b"/bytes/") if asked.startswith(b"/bytes/") else b""
+            big = size.isdigit() and int(size) <= 60_000
+            udp.sendto(b"x" * int(size) if big else body, peer)
 
     threading.Thread(target=answer_udp, daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
