@@ -222,6 +222,24 @@ def test_malformed_and_truncated_packets_are_never_rewritten(dp: lb.Datapath, ma
     assert dp.conntrack() == []
 
 
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_zero_ip_length_below_64_kib_is_not_taken_for_big_tcp(
+    dp: lb.Datapath, family: int
+) -> None:
+    """BIG TCP aggregates (over 64 KiB) carry length 0; a small packet saying 0 is
+    not one of them and is left untranslated."""
+    dp.upsert(service(family, "tcp"))
+    client, vip, _ = addresses(family)
+    sent = packet(family, "tcp", client, vip, 40000, 80)
+    if family == 4:
+        sent[IP].len = 0
+    else:
+        sent[IPv6].plen = 0
+    sent = Ether(bytes(sent))
+    verdict, out = run(dp, "lb_ingress", sent)
+    assert verdict == TC_ACT_OK and bytes(out) == bytes(sent)
+
+
 def test_ipv4_options_are_skipped_to_find_the_ports(dp: lb.Datapath) -> None:
     dp.upsert(service(4, "tcp"))
     sent = (

@@ -171,6 +171,9 @@ static __always_inline int parse_ipv4(struct ctx_buff *ctx, struct packet *pkt)
 		return PARSE_MALFORMED;
 	hlen = ip.ihl * 4;
 	total = bpf_ntohs(ip.tot_len);
+	/* BIG TCP (Linux 6.3): a GSO packet over 64 KiB has no length of its own. */
+	if (total == 0 && ctx_len(ctx) - pkt->l3_off > 0xffff)
+		total = ctx_len(ctx) - pkt->l3_off;
 	if (total < hlen || pkt->l3_off + total > ctx_len(ctx))
 		return PARSE_MALFORMED;
 	/* Only the first fragment carries ports: fragments are not translated. */
@@ -205,9 +208,18 @@ static __always_inline int parse_ipv6(struct ctx_buff *ctx, struct packet *pkt)
 	if (ip.version != 6)
 		return PARSE_MALFORMED;
 	payload = bpf_ntohs(ip.payload_len);
-	/* A zero payload length means a jumbogram; those are not ours. */
-	if (payload == 0)
-		return PARSE_UNSUPPORTED;
+	/*
+	 * A zero payload length: a packet over 64 KiB, a BIG TCP GSO packet
+	 * (Linux 5.19, its hop-by-hop jumbo option already stripped) or a
+	 * jumbogram (RFC 2675, with the option, which is skipped as any
+	 * hop-by-hop header): it runs to the end of the frame. Below 64 KiB a
+	 * zero length is malformed.
+	 */
+	if (payload == 0) {
+		if (ctx_len(ctx) - pkt->l3_off - sizeof(ip) <= 0xffff)
+			return PARSE_UNSUPPORTED;
+		payload = ctx_len(ctx) - pkt->l3_off - sizeof(ip);
+	}
 	if (pkt->l3_off + sizeof(ip) + payload > ctx_len(ctx))
 		return PARSE_MALFORMED;
 	pkt->family = PYEBPFLB_IPV6;

@@ -1,6 +1,6 @@
 """A tiny backend for the sandbox: answers HTTP and UDP with its own name
 (``GET /bytes/N``, or a datagram ``/bytes/N``: N bytes instead, for answers bigger
-than a packet).
+than a packet; ``POST``: the number of bytes it got).
 
 Run as ``python -m pyebpflb.testing.servers --name backend-1 --port 8080`` inside a
 network namespace. It listens on every IPv4 and IPv6 address, prints
@@ -40,6 +40,21 @@ def serve(name: str, port: int) -> None:
                     self.send_error(400, f"/bytes/N takes N from 0 to {1 << 26}, got {size!r}")
                     return
                 answer = b"x" * int(size)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def do_POST(self) -> None:
+            # An upload: the answer is how many bytes arrived.
+            left, got = int(self.headers.get("Content-Length", "0")), 0
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                got, left = got + len(chunk), left - len(chunk)
+            answer = f"{got}\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(answer)))
