@@ -62,7 +62,7 @@ PAGES = {
     "status": "Programs attached, map fill levels, kernel and libbpf versions, features.",
     "service": "`service list` and `service get NAME`: what the datapath balances, with counters.",
     "backend": "`backend list`: every backend of every service, with its counters.",
-    "ct": "`ct list` and `ct flush`: the connection tracking table.",
+    "ct": "`ct list`, `ct stats`, `ct gc` and `ct flush`: the connection tracking tables.",
     "bpf-map": "`bpf map list`: the datapath's maps, their fill levels and pins.",
     "monitor": "`monitor`: flow events as they happen (trace, drop, policy).",
     "apply": "`apply -f` and `delete -f`: Kubernetes manifests in, services out.",
@@ -162,11 +162,14 @@ def main() -> None:
                 conn.get()
                 ct = run(sandbox, "ct", "list")
                 ct_json = run(sandbox, "ct", "list", "-o", "json")
+                ct_stats = run(sandbox, "ct", "stats")
             page(
                 "ct",
                 [
                     ("An open connection", ct),
                     ("As JSON", ct_json),
+                    ("The tables", ct_stats),
+                    ("Collect the dead entries now", run(sandbox, "ct", "gc")),
                     ("Flush", run(sandbox, "ct", "flush")),
                 ],
             )

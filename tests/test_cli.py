@@ -217,6 +217,22 @@ def test_ct_list_and_flush(sandbox: Sandbox, dp: lb.Datapath, applied: Path) -> 
     assert re.match(r"flushed \d+ conntrack entries", cli(sandbox, "ct", "flush"))
 
 
+def test_ct_stats_and_gc(sandbox: Sandbox, dp: lb.Datapath, applied: Path) -> None:
+    dp.flush_conntrack()
+    before = {t["table"]: t for t in json.loads(cli(sandbox, "ct", "stats", "-o", "json"))}
+    with sandbox.connection("10.96.0.10", 80) as conn:
+        conn.get()
+        tables = {t["table"]: t for t in json.loads(cli(sandbox, "ct", "stats", "-o", "json"))}
+        out = cli(sandbox, "ct", "stats")
+    assert set(tables) == {"tcp", "tcp_syn", "udp"}
+    assert tables["tcp_syn"]["created"] == before["tcp_syn"]["created"] + 1
+    assert tables["tcp_syn"]["confirmed"] == before["tcp_syn"]["confirmed"] + 1
+    assert tables["tcp"]["entries"] >= 2  # the answered connection, both halves
+    assert re.search(r"^tcp\s+\d+ \(\d+\.\d%\)\s+262144", out, re.M)
+    assert re.match(r"collected \d+ dead conntrack entries", cli(sandbox, "ct", "gc"))
+    assert "conntrack:" in cli(sandbox, "status")
+
+
 def test_bpf_map_list(sandbox: Sandbox, dp: lb.Datapath, applied: Path) -> None:
     out = cli(sandbox, "bpf", "map", "list")
     assert re.search(r"lb_services\s+hash\s+1 \(", out)
@@ -317,6 +333,8 @@ def test_metrics_report_the_counters(sandbox: Sandbox, dp: lb.Datapath, applied:
     assert 'pyebpflb_drops_total{datapath="' in text
     assert re.search(r'pyebpflb_map_entries\{datapath="[^"]+",map="lb_services"\} 1\.0', text)
     assert 'pyebpflb_events_total{datapath="' in text
+    assert re.search(r'pyebpflb_conntrack_max_entries\{datapath="[^"]+",table="tcp"\} 262144', text)
+    assert 'pyebpflb_conntrack_created_total{datapath="' in text
 
 
 def test_missing_datapath(sandbox: Sandbox) -> None:

@@ -56,7 +56,7 @@ def test_a_reply_whose_flow_was_evicted_meets_policy_as_unrelated_traffic(
     dp.sync([web()], [lb.Policy("out", default="deny", direction="egress")])
     run(dp, "lb_ingress", to_vip("S"))
     # The LRU evicts the flow's SERVICE half; its REPLY half is left.
-    ct = dp._object.map(maps.CT)
+    ct = dp._object.map(maps.CT_SYN)  # unanswered TCP flows
     (service_key,) = [k for k in ct if int(k.dir) == 0]
     ct.delete(service_key)
     verdict, _ = run(dp, "lb_egress", from_backend("SA"))
@@ -152,7 +152,7 @@ def test_a_flow_that_lost_its_service_half_returns_to_its_backend(dp: lb.Datapat
     dp.upsert(three())
     ports = range(41000, 41060)
     first = backends_of(dp, "S", ports)
-    ct = dp._object.map(maps.CT)
+    ct = dp._object.map(maps.CT_SYN)  # unanswered TCP flows
     for key in [k for k in ct if int(k.dir) == 0]:
         ct.delete(key)
     assert backends_of(dp, "A", ports) == first
@@ -162,7 +162,7 @@ def test_a_flow_that_lost_its_service_half_returns_to_its_backend(dp: lb.Datapat
 def test_a_lost_reply_half_is_restored_by_the_clients_next_packet(dp: lb.Datapath) -> None:
     dp.upsert(web())
     run(dp, "lb_ingress", to_vip("S"))
-    ct = dp._object.map(maps.CT)
+    ct = dp._object.map(maps.CT_SYN)  # unanswered TCP flows
     (reply_key,) = [k for k in ct if int(k.dir) == 1]
     ct.delete(reply_key)
     answer = from_backend("SA")
@@ -225,3 +225,91 @@ def test_hairpin_addresses_are_checked() -> None:
         lb.Datapath("hairpin-bad", hairpin_addresses=("10.0.0.1",))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="fe80::1"):
         lb.Datapath("hairpin-bad", hairpin_addresses=("169.254.42.1", "fe80::1"))
+
+
+def kinds_in(dp: lb.Datapath, table: str) -> list[int]:
+    return sorted(int(key.dir) for key in dp._object.map(table))
+
+
+def test_a_tcp_flow_moves_to_the_established_table_when_the_backend_answers(
+    dp: lb.Datapath,
+) -> None:
+    dp.sync([web(), web(OTHER_VIP, "default/dns", protocol="udp")])
+    run(dp, "lb_ingress", to_vip("S"))
+    assert kinds_in(dp, maps.CT_SYN) == [0, 1] and kinds_in(dp, maps.CT) == []
+    run(dp, "lb_egress", from_backend("SA"))
+    assert kinds_in(dp, maps.CT_SYN) == [] and kinds_in(dp, maps.CT) == [0, 1]
+    assert dp.conntrack_stats()[1].confirmed == 1
+    assert run(dp, "lb_ingress", to_vip("A"))[1][IP].dst == BACKEND  # found there
+    assert run(dp, "lb_egress", from_backend("A"))[1][IP].src == VIP
+    run(dp, "lb_ingress", packet(4, "udp", CLIENT, OTHER_VIP, 5353, 80))
+    assert kinds_in(dp, maps.CT_UDP) == [0, 1]
+
+
+def test_a_syn_flood_churns_only_the_table_of_unanswered_flows() -> None:
+    with datapath("synflood", max_conntrack_syn=64, max_conntrack=64) as dp:
+        dp.upsert(web())
+        run(dp, "lb_ingress", to_vip("S"))
+        run(dp, "lb_egress", from_backend("SA"))  # established
+        for port in range(20000, 20000 + 100 * 64):  # spoofed SYNs: never answered
+            run(
+                dp,
+                "lb_ingress",
+                packet(4, "tcp", "10.7.0.1", VIP, port, 80, payload=b"", flags="S"),
+            )
+        assert kinds_in(dp, maps.CT) == [0, 1]  # untouched
+        assert len(kinds_in(dp, maps.CT_SYN)) <= 64
+        # Moved off the flow's backend now, a lost entry would be balanced anew.
+        dp.upsert(
+            web().with_backends(
+                [lb.Backend(BACKEND, 8080, state="terminating"), lb.Backend("10.0.1.2", 8080)]
+            )
+        )
+        assert run(dp, "lb_ingress", to_vip("A"))[1][IP].dst == BACKEND
+
+
+def table(dp: lb.Datapath, name: str) -> lb.ConntrackTable:
+    (found,) = [t for t in dp.conntrack_stats() if t.table == name]
+    return found
+
+
+def test_the_collector_deletes_expired_flows_and_counts_them() -> None:
+    with datapath("gc", ct_timeouts=lb.ConntrackTimeouts(udp=0.2), ct_gc_interval=None) as dp:
+        dp.sync([web(), web(OTHER_VIP, "default/dns", protocol="udp")])
+        for port in (5001, 5002, 5003):
+            run(dp, "lb_ingress", packet(4, "udp", CLIENT, OTHER_VIP, port, 80))
+        run(dp, "lb_ingress", to_vip("S"))  # TCP, unanswered: 60 s to go
+        assert (table(dp, "udp").entries, table(dp, "udp").created) == (6, 3)
+        time.sleep(0.3)  # past the UDP timeout; no packet meets the entries
+        assert dp.collect_garbage() == 6
+        udp, syn = table(dp, "udp"), table(dp, "tcp_syn")
+        assert (udp.entries, udp.collected) == (0, 6)
+        assert (syn.entries, syn.created, syn.collected) == (2, 1, 0)
+        assert dp.collect_garbage() == 0
+
+
+def test_the_background_collector_runs_on_its_own() -> None:
+    timeouts = lb.ConntrackTimeouts(udp=0.2)
+    with datapath("gc-bg", ct_timeouts=timeouts, ct_gc_interval=0.2) as dp:
+        dp.upsert(web(OTHER_VIP, "default/dns", protocol="udp"))
+        run(dp, "lb_ingress", packet(4, "udp", CLIENT, OTHER_VIP, 5001, 80))
+        deadline = time.monotonic() + 10.0
+        while table(dp, "udp").collected < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert table(dp, "udp").collected == 2 and table(dp, "udp").entries == 0
+
+
+def test_evicted_halves_are_counted(dp: lb.Datapath) -> None:
+    dp.upsert(web())
+    run(dp, "lb_ingress", to_vip("S"))
+    ct = dp._object.map(maps.CT_SYN)
+    (service_key,) = [k for k in ct if int(k.dir) == 0]
+    ct.delete(service_key)  # as the LRU would
+    run(dp, "lb_egress", from_backend("SA"))
+    assert table(dp, "tcp_syn").orphaned == 1
+    assert table(dp, "tcp_syn").confirmed == 0  # an orphan confirms nothing
+
+
+def test_ct_gc_interval_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"ct_gc_interval must be None or seconds .* got 0"):
+        lb.Datapath("gc-bad", ct_gc_interval=0)

@@ -15,6 +15,8 @@ import pytest
 from conftest import PIN_ROOT
 
 import pyebpflb as lb
+from pyebpflb import maps
+from pyebpflb._bpf.netns import entered
 from pyebpflb.testing.sandbox import BACKEND_PORT, Host, HttpConnection, Sandbox
 
 pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
@@ -205,3 +207,47 @@ def test_4000_byte_datagrams_through_the_vip_both_ways(sandbox: Sandbox, family:
         assert name in names and str(source) == vip
         answer, source = sandbox.udp_request(vip, 53, payload=b"/bytes/4000")
         assert answer == "x" * 4000 and str(source) == vip
+
+
+def test_an_idle_connection_survives_a_flood_of_100_times_the_udp_tables_size() -> None:
+    udp_table = 256
+    with (
+        Sandbox(backends=2, prefix="pyebpflb-flood") as sandbox,
+        lb.Datapath(
+            f"t{os.getpid()}-flood",
+            netns=sandbox.lb.netns,
+            pin_root=PIN_ROOT,
+            max_conntrack_udp=udp_table,
+        ) as dp,
+    ):
+        dp.attach(sandbox.lb.iface)
+        backends = [lb.Backend(b.ipv4, BACKEND_PORT) for b in sandbox.backends]
+        web = lb.Service(VIPS[0], 80, name="default/web", backends=backends)
+        dns = lb.Service(VIPS[0], 53, protocol="udp", name="default/dns", backends=backends)
+        dp.sync([web, dns])
+        with sandbox.connection(VIPS[0], 80) as kept:
+            owner = kept.get()
+            with entered(sandbox.client.netns):  # new UDP flows, each from its own port
+                for port in range(20000, 20000 + 100 * udp_table):
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                        sock.bind(("", port))
+                        sock.sendto(b"query", (VIPS[0], 53))
+            assert dp.stats(dns).packets >= 100 * udp_table - 10  # they all arrived
+            assert len(list(dp._object.map(maps.CT_UDP))) <= udp_table
+            # The owner stops taking new flows: had the flood evicted the connection's
+            # entries, its next segment would be balanced to the other backend.
+            draining = [
+                lb.Backend(
+                    b.address,
+                    b.port,
+                    state="terminating" if b.address == owner_address(sandbox, owner) else "active",
+                )
+                for b in backends
+            ]
+            dp.sync([web.with_backends(draining), dns])
+            assert kept.get() == owner
+
+
+def owner_address(sandbox: Sandbox, name: str) -> object:
+    (host,) = [b for b in sandbox.backends if b.name == name]
+    return lb.model.to_address(host.ipv4)

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from pyebpflb.counter import Count, InterfaceCounter
     from pyebpflb.datapath import (
         Attachment,
+        ConntrackTable,
         ConntrackTimeouts,
         Datapath,
         DatapathStats,
@@ -67,6 +68,7 @@ _LAZY = {
     "Count": "pyebpflb.counter",
     "InterfaceCounter": "pyebpflb.counter",
     "Attachment": "pyebpflb.datapath",
+    "ConntrackTable": "pyebpflb.datapath",
     "ConntrackTimeouts": "pyebpflb.datapath",
     "Datapath": "pyebpflb.datapath",
     "DatapathStats": "pyebpflb.datapath",
@@ -92,6 +94,7 @@ __all__ = [
     "Backend",
     "BackendState",
     "BpfError",
+    "ConntrackTable",
     "ConntrackTimeouts",
     "Count",
     "Datapath",

@@ -38,6 +38,7 @@ class DatapathCollector(Collector):
         yield from self._rules(stats)
         yield from self._drops(stats)
         yield self._events(stats)
+        yield from self._conntrack(stats)
         yield from self._maps()
 
     def _services(self, stats: DatapathStats) -> Iterator[Metric]:
@@ -100,6 +101,32 @@ class DatapathCollector(Collector):
         for outcome in ("sent", "lost", "rate_limited"):
             events.add_metric([self.datapath.name, outcome], getattr(stats.events, outcome))
         return events
+
+    def _conntrack(self, stats: DatapathStats) -> Iterator[Metric]:
+        labels = ["datapath", "table"]
+        entries = GaugeMetricFamily(
+            "pyebpflb_conntrack_entries", "Entries in a conntrack table (two a flow)", labels=labels
+        )
+        most = GaugeMetricFamily(
+            "pyebpflb_conntrack_max_entries", "Entries a conntrack table can hold", labels=labels
+        )
+        counters = {
+            "created": "Flows made in the table",
+            "confirmed": "TCP flows moved on to the established table by the backend's answer",
+            "orphaned": "Reply halves met after the LRU evicted their flow half",
+            "healed": "Flow halves whose evicted reply half was restored",
+            "collected": "Dead entries deleted by the garbage collector",
+        }
+        families = {
+            name: CounterMetricFamily(f"pyebpflb_conntrack_{name}", text, labels=labels)
+            for name, text in counters.items()
+        }
+        for t in stats.conntrack:
+            entries.add_metric([self.datapath.name, t.table], t.entries)
+            most.add_metric([self.datapath.name, t.table], t.max_entries)
+            for name, family in families.items():
+                family.add_metric([self.datapath.name, t.table], getattr(t, name))
+        return iter((entries, most, *families.values()))
 
     def _maps(self) -> Iterator[Metric]:
         used = GaugeMetricFamily(

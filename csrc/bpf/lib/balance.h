@@ -63,6 +63,7 @@ struct ingress {
 	struct pyebpflb_ct_key *ct_key; /* the flow's SERVICE key, in the slot too */
 	struct pyebpflb_lb_config *cfg;
 	struct pyebpflb_policy_head *policy; /* NULL: no policy installed */
+	struct ct_place flow_at;	     /* where follow_flow found the flow */
 	__u64 now;
 	int parsed; /* enum parse_result */
 };
@@ -194,10 +195,10 @@ static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in,
 	__u32 backend_id = flow->backend_id, service_id = flow->service_id;
 	struct pyebpflb_backend *backend = backend_lookup(backend_id);
 
-	if (!backend) {
-		ct_delete_flow(in->ct_key, flow, in->pkt, in->cfg);
+	/* The old flow goes, both halves (it may sit in another map than new flows start in). */
+	ct_delete_flow(in->flow_at.map, in->ct_key, flow, in->pkt, in->cfg);
+	if (!backend)
 		return NEXT_STEP;
-	}
 	if (service_denied(ctx, in, service_id, backend->port, 1))
 		return CTX_DROP;
 	return admit(ctx, in, backend, backend_id, service_id, NULL);
@@ -216,7 +217,7 @@ static __always_inline int backend_gone(struct ctx_buff *ctx, struct ingress *in
 {
 	__u32 service_id = flow->service_id;
 
-	ct_delete_flow(in->ct_key, flow, in->pkt, in->cfg);
+	ct_delete_flow(in->flow_at.map, in->ct_key, flow, in->pkt, in->cfg);
 	if (in->pkt->proto != IPPROTO_TCP || tcp_opens(in->pkt))
 		return NEXT_STEP;
 	explain(ctx, in->pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
@@ -237,7 +238,7 @@ static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *i
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
 	if (service_denied(ctx, in, flow->service_id, flow->nat_port, 0))
 		return CTX_DROP;
-	ct_heal_reply(in->ct_key, flow, pkt, in->cfg, in->now);
+	ct_heal_reply(in->flow_at.map, in->ct_key, flow, pkt, in->cfg, in->now);
 	ct_touch(flow, pkt, in->now, 0);
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_BACKEND, flow->backend_id);
@@ -254,7 +255,7 @@ static __always_inline int follow_flow(struct ctx_buff *ctx, struct ingress *in)
 	struct pyebpflb_ct_entry *flow;
 
 	ct_key_of(in->ct_key, in->pkt, PYEBPFLB_CT_SERVICE);
-	flow = ct_lookup_service(in->ct_key, in->pkt, in->cfg, in->now);
+	flow = ct_lookup_service(in->ct_key, in->pkt, in->cfg, in->now, &in->flow_at);
 	if (!flow)
 		return NEXT_STEP;
 	if (ct_reopens(flow, in->pkt))
@@ -342,7 +343,9 @@ static __always_inline int hairpin_reply(struct ctx_buff *ctx, struct ingress *i
 	__u16 vip_port;
 
 	ct_key_of(&key, in->pkt, PYEBPFLB_CT_REPLY);
-	reply = ct_lookup_reply(&key, in->pkt, in->cfg, in->now, &flow);
+	/* (A hairpin TCP flow stays in lb_ct_syn: confirming it here would cost
+	 * the ingress stack the copies; it keeps its established timeout.) */
+	reply = ct_lookup_reply(&key, in->pkt, in->cfg, in->now, &flow, &in->flow_at);
 	if (!reply || !(reply->flags & PYEBPFLB_CT_HAIRPIN))
 		return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
 	client = in->pkt->saddr;
@@ -408,17 +411,20 @@ static __always_inline int reverse_nat(struct ctx_buff *ctx, struct ingress *out
 {
 	struct pyebpflb_ct_entry *reply, *flow;
 	struct pyebpflb_ct_key key;
+	struct ct_place place;
 	union pyebpflb_addr vip;
 	__u16 vip_port;
 
 	ct_key_of(&key, out->pkt, PYEBPFLB_CT_REPLY);
-	reply = ct_lookup_reply(&key, out->pkt, out->cfg, out->now, &flow);
+	reply = ct_lookup_reply(&key, out->pkt, out->cfg, out->now, &flow, &place);
 	if (!reply)
 		return unrelated(ctx, out, PYEBPFLB_POLICY_EGRESS);
 	/* The flow's life is kept on its SERVICE entry; replies refresh it too. */
 	vip = reply->nat_addr; /* copied: the entry may be reused under us */
 	vip_port = reply->nat_port;
 	ct_touch(flow, out->pkt, out->now, 1);
+	if (place.unconfirmed)
+		ct_confirm(&key, reply, flow, out->pkt);
 	if (snat(ctx, out->pkt, &vip, vip_port))
 		return CTX_DROP;
 	frag_remember(out->pkt, &vip, NULL);

@@ -32,13 +32,79 @@
 #define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
 
-/* Both entries of every translated flow. */
+/*
+ * Both entries of a flow live in one of three LRU maps, so that pressure on
+ * one kind cannot evict another (as Cilium's TCP and "any" maps, and
+ * nf_conntrack's early drop of unassured entries): lb_ct holds TCP flows
+ * the backend has answered, lb_ct_syn TCP flows it has not (yet) answered,
+ * where a SYN flood, spoofed or not, only evicts its own kind, and
+ * lb_ct_udp the rest. A TCP flow is created in lb_ct_syn and moves to
+ * lb_ct with the backend's first answer (ct_confirm). Sizes are set by
+ * user space (max_conntrack, max_conntrack_syn, max_conntrack_udp).
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct pyebpflb_ct_key);
 	__type(value, struct pyebpflb_ct_entry);
 } lb_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct pyebpflb_ct_key);
+	__type(value, struct pyebpflb_ct_entry);
+} lb_ct_syn SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct pyebpflb_ct_key);
+	__type(value, struct pyebpflb_ct_entry);
+} lb_ct_udp SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PYEBPFLB_CT_TABLES);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_ct_stats);
+} lb_ct_stats SEC(".maps");
+
+/* The counters of the table flows of `proto` live in (`unconfirmed`: lb_ct_syn). */
+static __always_inline struct pyebpflb_ct_stats *ct_stats(__u8 proto, int unconfirmed)
+{
+	__u32 table = proto != IPPROTO_TCP ? PYEBPFLB_CT_UDP
+		      : unconfirmed	   ? PYEBPFLB_CT_TCP_SYN
+					   : PYEBPFLB_CT_TCP;
+
+	return bpf_map_lookup_elem(&lb_ct_stats, &table);
+}
+
+/* Where an entry was found: its map, and whether that is lb_ct_syn. */
+struct ct_place {
+	void *map;
+	int unconfirmed;
+};
+
+/* The entry under `key` in whichever map holds its kind of flow. */
+static __always_inline struct pyebpflb_ct_entry *ct_find(const struct pyebpflb_ct_key *key,
+							 struct ct_place *place)
+{
+	struct pyebpflb_ct_entry *entry;
+
+	place->unconfirmed = 0;
+	if (key->proto != IPPROTO_TCP) {
+		place->map = &lb_ct_udp;
+		return bpf_map_lookup_elem(&lb_ct_udp, key);
+	}
+	place->map = &lb_ct;
+	entry = bpf_map_lookup_elem(&lb_ct, key);
+	if (entry)
+		return entry;
+	place->map = &lb_ct_syn;
+	place->unconfirmed = 1;
+	return bpf_map_lookup_elem(&lb_ct_syn, key);
+}
 
 static __always_inline void ct_key_of(struct pyebpflb_ct_key *key, const struct packet *pkt,
 				      __u8 dir)
@@ -155,7 +221,7 @@ static __always_inline int ct_points_back(const struct pyebpflb_ct_entry *reply,
 
 /* Delete a flow: its SERVICE entry, and its REPLY entry when that is still its
  * own (another flow may have taken the key over). */
-static __always_inline void ct_delete_flow(const struct pyebpflb_ct_key *key,
+static __always_inline void ct_delete_flow(void *map, const struct pyebpflb_ct_key *key,
 					   const struct pyebpflb_ct_entry *entry,
 					   const struct packet *pkt,
 					   const struct pyebpflb_lb_config *config)
@@ -166,24 +232,24 @@ static __always_inline void ct_delete_flow(const struct pyebpflb_ct_key *key,
 	if (pkt->dry)
 		return;
 	ct_reply_key_of(&reply_key, key, entry, config);
-	reply = bpf_map_lookup_elem(&lb_ct, &reply_key);
+	reply = bpf_map_lookup_elem(map, &reply_key);
 	if (reply && reply->service_id == entry->service_id && ct_points_back(reply, key))
-		bpf_map_delete_elem(&lb_ct, &reply_key);
-	bpf_map_delete_elem(&lb_ct, key);
+		bpf_map_delete_elem(map, &reply_key);
+	bpf_map_delete_elem(map, key);
 }
 
 /* The SERVICE entry of a packet arriving for a VIP, or NULL when there is none
  * or it expired (then the flow is deleted, and starts over). */
 static __always_inline struct pyebpflb_ct_entry *
 ct_lookup_service(const struct pyebpflb_ct_key *key, const struct packet *pkt,
-		  const struct pyebpflb_lb_config *config, __u64 now)
+		  const struct pyebpflb_lb_config *config, __u64 now, struct ct_place *place)
 {
-	struct pyebpflb_ct_entry *entry = bpf_map_lookup_elem(&lb_ct, key);
+	struct pyebpflb_ct_entry *entry = ct_find(key, place);
 
 	if (!entry)
 		return NULL;
 	if (ct_expired(entry, pkt->proto, config, now)) {
-		ct_delete_flow(key, entry, pkt, config);
+		ct_delete_flow(place->map, key, entry, pkt, config);
 		return NULL;
 	}
 	return entry;
@@ -214,7 +280,7 @@ static __always_inline int ct_reopens(const struct pyebpflb_ct_entry *entry,
  * flow? Yes when that flow is gone, expired or closing (it is deleted); no
  * when it is live.
  */
-static __always_inline int ct_take_over(const struct pyebpflb_ct_key *reply_key,
+static __always_inline int ct_take_over(void *map, const struct pyebpflb_ct_key *reply_key,
 					const struct pyebpflb_ct_entry *held,
 					const struct packet *pkt,
 					const struct pyebpflb_lb_config *config, __u64 now)
@@ -223,13 +289,13 @@ static __always_inline int ct_take_over(const struct pyebpflb_ct_key *reply_key,
 	struct pyebpflb_ct_key key;
 
 	ct_service_key_of(&key, reply_key, held);
-	owner = bpf_map_lookup_elem(&lb_ct, &key);
+	owner = bpf_map_lookup_elem(map, &key);
 	if (!owner || !ct_halves(owner, reply_key, held))
 		return 0; /* the flow it was part of is gone */
 	if (!(owner->flags & PYEBPFLB_CT_CLOSING) && !ct_expired(owner, pkt->proto, config, now))
 		return CT_TUPLE_IN_USE;
 	if (!pkt->dry)
-		bpf_map_delete_elem(&lb_ct, &key);
+		bpf_map_delete_elem(map, &key);
 	return 0;
 }
 
@@ -252,23 +318,32 @@ static __always_inline int ct_create(const struct pyebpflb_ct_key *service_key,
 	};
 	struct pyebpflb_ct_key reply_key;
 	struct pyebpflb_ct_entry reply = entry, *held;
+	void *map = pkt->proto == IPPROTO_TCP ? (void *)&lb_ct_syn : (void *)&lb_ct_udp;
+	struct pyebpflb_ct_stats *stats;
+	struct ct_place place;
 
 	ct_reply_key_of(&reply_key, service_key, &entry, config);
-	held = bpf_map_lookup_elem(&lb_ct, &reply_key);
-	/* Held by this very flow (same client and VIP:port: a reopen) is no conflict. */
+	held = ct_find(&reply_key, &place);
 	if (held && !ct_points_back(held, service_key) &&
-	    ct_take_over(&reply_key, held, pkt, config, now))
+	    ct_take_over(place.map, &reply_key, held, pkt, config, now))
 		return CT_TUPLE_IN_USE;
 	if (pkt->dry)
 		return 0;
+	/* Taken over, or held by this very flow (its SERVICE half was lost): the
+	 * entry goes from its map, and the new one is made where new flows start. */
+	if (held)
+		bpf_map_delete_elem(place.map, &reply_key);
 	reply.nat_addr = pkt->daddr;
 	reply.nat_port = pkt->dport;
-	if (bpf_map_update_elem(&lb_ct, &reply_key, &reply, BPF_ANY))
+	if (bpf_map_update_elem(map, &reply_key, &reply, BPF_ANY))
 		return CT_FULL;
-	if (bpf_map_update_elem(&lb_ct, service_key, &entry, BPF_ANY)) {
-		bpf_map_delete_elem(&lb_ct, &reply_key);
+	if (bpf_map_update_elem(map, service_key, &entry, BPF_ANY)) {
+		bpf_map_delete_elem(map, &reply_key);
 		return CT_FULL;
 	}
+	stats = ct_stats(pkt->proto, 1);
+	if (stats)
+		stats->created++;
 	return 0;
 }
 
@@ -280,23 +355,30 @@ static __always_inline int ct_create(const struct pyebpflb_ct_key *service_key,
  */
 static __always_inline struct pyebpflb_ct_entry *
 ct_lookup_reply(const struct pyebpflb_ct_key *key, const struct packet *pkt,
-		const struct pyebpflb_lb_config *config, __u64 now, struct pyebpflb_ct_entry **flow)
+		const struct pyebpflb_lb_config *config, __u64 now, struct pyebpflb_ct_entry **flow,
+		struct ct_place *place)
 {
-	struct pyebpflb_ct_entry *reply = bpf_map_lookup_elem(&lb_ct, key);
+	struct pyebpflb_ct_entry *reply = ct_find(key, place);
 	struct pyebpflb_ct_key service_key;
 
 	if (!reply)
 		return NULL;
 	ct_service_key_of(&service_key, key, reply);
-	*flow = bpf_map_lookup_elem(&lb_ct, &service_key);
+	*flow = bpf_map_lookup_elem(place->map, &service_key);
 	if (*flow && !ct_halves(*flow, key, reply))
 		*flow = NULL; /* that key holds another flow now */
 	if (*flow && !ct_expired(*flow, key->proto, config, now))
 		return reply;
 	if (!pkt->dry) {
-		if (*flow)
-			bpf_map_delete_elem(&lb_ct, &service_key); /* expired */
-		bpf_map_delete_elem(&lb_ct, key);
+		if (*flow) {
+			bpf_map_delete_elem(place->map, &service_key); /* expired */
+		} else {
+			struct pyebpflb_ct_stats *stats = ct_stats(key->proto, place->unconfirmed);
+
+			if (stats)
+				stats->orphaned++; /* its flow half was evicted, or taken over */
+		}
+		bpf_map_delete_elem(place->map, key);
 	}
 	*flow = NULL;
 	return NULL;
@@ -308,7 +390,7 @@ ct_lookup_reply(const struct pyebpflb_ct_key *key, const struct packet *pkt,
  * passes into a new second (2^30 ns), not on every packet: a lost half heals
  * within about a second of the client's next packet.
  */
-static __always_inline void ct_heal_reply(const struct pyebpflb_ct_key *key,
+static __always_inline void ct_heal_reply(void *map, const struct pyebpflb_ct_key *key,
 					  const struct pyebpflb_ct_entry *entry,
 					  const struct packet *pkt,
 					  const struct pyebpflb_lb_config *config, __u64 now)
@@ -319,11 +401,16 @@ static __always_inline void ct_heal_reply(const struct pyebpflb_ct_key *key,
 	if (pkt->dry || !((now ^ entry->last_seen_ns) >> 30))
 		return;
 	ct_reply_key_of(&reply_key, key, entry, config);
-	if (bpf_map_lookup_elem(&lb_ct, &reply_key))
+	if (bpf_map_lookup_elem(map, &reply_key))
 		return;
 	reply.nat_addr = key->daddr;
 	reply.nat_port = key->dport;
-	bpf_map_update_elem(&lb_ct, &reply_key, &reply, BPF_NOEXIST);
+	if (!bpf_map_update_elem(map, &reply_key, &reply, BPF_NOEXIST)) {
+		struct pyebpflb_ct_stats *stats = ct_stats(key->proto, 0);
+
+		if (stats)
+			stats->healed++;
+	}
 }
 
 /*
@@ -347,14 +434,48 @@ static __always_inline void ct_direct_syn(const struct packet *pkt,
 	    .dir = PYEBPFLB_CT_REPLY,
 	};
 	struct pyebpflb_ct_entry *held;
+	struct ct_place place;
 
 	if (!tcp_opens(pkt))
 		return;
-	held = bpf_map_lookup_elem(&lb_ct, &reply_key);
-	if (!held || ct_take_over(&reply_key, held, pkt, config, now))
+	held = ct_find(&reply_key, &place);
+	if (!held || ct_take_over(place.map, &reply_key, held, pkt, config, now))
 		return;
 	if (!pkt->dry)
-		bpf_map_delete_elem(&lb_ct, &reply_key);
+		bpf_map_delete_elem(place.map, &reply_key);
+}
+
+/*
+ * The backend answered a TCP flow still in lb_ct_syn: both entries move to
+ * lb_ct, where SYN floods do not reach them. The reply half under `key` is
+ * `reply`, the flow `flow` (the caller has just touched it). If lb_ct is
+ * full its LRU makes room; should the move fail, the flow stays where it is.
+ */
+static __always_inline void ct_confirm(const struct pyebpflb_ct_key *key,
+				       const struct pyebpflb_ct_entry *reply,
+				       const struct pyebpflb_ct_entry *flow,
+				       const struct packet *pkt)
+{
+	struct pyebpflb_ct_stats *stats;
+	struct pyebpflb_ct_entry copy;
+	struct pyebpflb_ct_key service_key;
+
+	if (pkt->dry)
+		return;
+	ct_service_key_of(&service_key, key, reply);
+	copy = *flow;
+	if (bpf_map_update_elem(&lb_ct, &service_key, &copy, BPF_ANY))
+		return;
+	copy = *reply;
+	if (bpf_map_update_elem(&lb_ct, key, &copy, BPF_ANY)) {
+		bpf_map_delete_elem(&lb_ct, &service_key);
+		return;
+	}
+	bpf_map_delete_elem(&lb_ct_syn, key);
+	bpf_map_delete_elem(&lb_ct_syn, &service_key);
+	stats = ct_stats(IPPROTO_TCP, 1);
+	if (stats)
+		stats->confirmed++;
 }
 
 #endif

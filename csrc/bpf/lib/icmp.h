@@ -359,13 +359,14 @@ static __always_inline int icmp_error_rev_nat(struct ctx_buff *ctx, const struct
 	struct pyebpflb_ct_entry *entry, *flow;
 	struct pyebpflb_ct_key key;
 	struct icmp_quote quote;
+	struct ct_place place;
 	union pyebpflb_addr vip;
 	__u16 vip_port;
 
 	if (icmp_quoted_key(ctx, pkt, &key, &quote))
 		return 0;
 	key.dir = PYEBPFLB_CT_REPLY;
-	entry = ct_lookup_reply(&key, pkt, cfg, now, &flow);
+	entry = ct_lookup_reply(&key, pkt, cfg, now, &flow, &place);
 	if (!entry)
 		return 0;
 	vip = entry->nat_addr; /* copied: the entry may be reused under us */
@@ -396,13 +397,14 @@ static __always_inline int icmp_error_dnat(struct ctx_buff *ctx, const struct pa
 	struct pyebpflb_ct_entry *entry;
 	struct pyebpflb_ct_key key;
 	struct icmp_quote quote;
+	struct ct_place place;
 	union pyebpflb_addr backend;
 	__u16 backend_port;
 
 	if (icmp_quoted_key(ctx, pkt, &key, &quote) || !addr_equal(&pkt->daddr, &key.daddr))
 		return 0;
 	key.dir = PYEBPFLB_CT_SERVICE;
-	entry = ct_lookup_service(&key, pkt, cfg, now);
+	entry = ct_lookup_service(&key, pkt, cfg, now, &place);
 	if (!entry)
 		return 0;
 	backend = entry->nat_addr; /* copied: the entry may be reused under us */

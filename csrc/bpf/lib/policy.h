@@ -311,6 +311,7 @@ static __always_inline int policy_ct_answer(struct ctx_buff *ctx, const struct p
 
 	if (pkt->proto == IPPROTO_ICMP || pkt->proto == IPPROTO_ICMPV6) {
 		struct icmp_quote quote;
+		struct ct_place place;
 
 		if (!pkt->frag && !icmp_quoted_key(ctx, pkt, &key, &quote)) {
 			/* About a flow we let through, or (ingress) one we balance. */
@@ -318,8 +319,7 @@ static __always_inline int policy_ct_answer(struct ctx_buff *ctx, const struct p
 			if (bpf_map_lookup_elem(&lb_pol_ct, &key))
 				return 1;
 			key.dir = PYEBPFLB_CT_SERVICE;
-			return answer_dir == PYEBPFLB_CT_POLICY_IN &&
-			       bpf_map_lookup_elem(&lb_ct, &key) != NULL;
+			return answer_dir == PYEBPFLB_CT_POLICY_IN && ct_find(&key, &place) != NULL;
 		}
 	}
 	if (!policy_ct_key(&key, pkt, answer_dir, 0))

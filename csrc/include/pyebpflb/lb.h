@@ -155,6 +155,23 @@ struct pyebpflb_ct_entry {
 	__u64 last_seen_ns;
 };
 
+/* The conntrack tables (lib/ct.h): the index of lb_ct_stats. */
+enum pyebpflb_ct_table {
+	PYEBPFLB_CT_TCP = 0,	 /* lb_ct: TCP flows the backend answered */
+	PYEBPFLB_CT_TCP_SYN = 1, /* lb_ct_syn: TCP flows it has not answered */
+	PYEBPFLB_CT_UDP = 2,	 /* lb_ct_udp */
+	PYEBPFLB_CT_TABLES = 3,
+};
+
+/* lb_ct_stats (per-CPU array, one per table): what happened to its flows. */
+struct pyebpflb_ct_stats {
+	__u64 created;	 /* flows made in this table */
+	__u64 confirmed; /* moved on to lb_ct by the backend's first answer */
+	__u64 orphaned;	 /* a reply half met whose flow half the LRU had evicted */
+	__u64 healed;	 /* a flow's lost reply half restored */
+	__u64 collected; /* entries the user-space collector deleted (CPU 0's slot) */
+};
+
 /* Why a packet was dropped: the index of lb_drops. */
 enum pyebpflb_drop_reason {
 	PYEBPFLB_DROP_NONE = 0,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -28,6 +30,7 @@ def status(ctx: Context, output: str) -> None:
     with ctx.datapath() as dp:
         hooks = dp.hooks()
         maps = dp.maps()
+        conntrack = dp.conntrack_stats()
         probes = {
             "tc programs": features.has_program_type(ProgramType.SCHED_CLS),
             "xdp programs": features.has_program_type(ProgramType.XDP),
@@ -50,6 +53,7 @@ def status(ctx: Context, output: str) -> None:
                 {"name": m.name, "entries": m.entries, "max_entries": m.max_entries} for m in maps
             ],
             "features": probes,
+            "conntrack": [t.to_dict() for t in conntrack],
         }
     if output == "json":
         emit(output, data, lambda: ([], []))
@@ -69,6 +73,8 @@ def status(ctx: Context, output: str) -> None:
         if hooks
         else "  (nowhere)"
     )
+    click.echo("\nconntrack:")
+    click.echo(table(_ct_rows(conntrack), _CT_HEADER))
     click.echo("\nmaps:")
     click.echo(
         table(
@@ -244,6 +250,48 @@ def ct_flush(ctx: Context, output: str) -> None:
         emit(output, {"flushed": count}, lambda: ([], []))
     else:
         click.echo(f"flushed {count} conntrack entries")
+
+
+@ct.command("gc")
+@OUTPUT
+@pass_context
+def ct_gc(ctx: Context, output: str) -> None:
+    """Delete the dead entries now (expired flows, reply halves without their flow)."""
+    with ctx.datapath() as dp:
+        count = dp.collect_garbage()
+    if output == "json":
+        emit(output, {"collected": count}, lambda: ([], []))
+    else:
+        click.echo(f"collected {count} dead conntrack entries")
+
+
+@ct.command("stats")
+@OUTPUT
+@pass_context
+def ct_stats(ctx: Context, output: str) -> None:
+    """Each conntrack table: fill level and what happened to its flows."""
+    with ctx.datapath() as dp:
+        tables = dp.conntrack_stats()
+    emit(output, [t.to_dict() for t in tables], lambda: (_ct_rows(tables), _CT_HEADER))
+
+
+_CT_HEADER = ["table", "used", "max", "created", "confirmed", "orphaned", "healed", "collected"]
+
+
+def _ct_rows(tables: list[Any]) -> list[Sequence[object]]:
+    return [
+        (
+            t.table,
+            _fill(t.entries, t.max_entries),
+            t.max_entries,
+            t.created,
+            t.confirmed,
+            t.orphaned,
+            t.healed,
+            t.collected,
+        )
+        for t in tables
+    ]
 
 
 # -- bpf map list ------

@@ -19,6 +19,7 @@ from pyebpflb.datapath.core import DEFAULT_PIN_ROOT, NAME_MAX, Datapath
 from pyebpflb.datapath.limits import Limits
 from pyebpflb.datapath.results import (
     Attachment,
+    ConntrackTable,
     ConntrackTimeouts,
     DatapathStats,
     Explanation,
@@ -34,6 +35,7 @@ __all__ = [
     "LAYOUT_VERSION",
     "NAME_MAX",
     "Attachment",
+    "ConntrackTable",
     "ConntrackTimeouts",
     "Datapath",
     "DatapathStats",

@@ -4,7 +4,9 @@ package's docstring). It checks arguments, keeps the lifetime, and delegates."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import threading
 import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, overload
@@ -20,6 +22,7 @@ from pyebpflb.datapath.inspect import Inspector
 from pyebpflb.datapath.limits import Limits
 from pyebpflb.datapath.results import (
     Attachment,
+    ConntrackTable,
     ConntrackTimeouts,
     DatapathStats,
     Explanation,
@@ -34,6 +37,8 @@ from pyebpflb.errors import DatapathClosed
 from pyebpflb.events import EventStats, FlowEvent
 from pyebpflb.layout import DATAPATH_NAME_MAX
 from pyebpflb.model import Address, Direction, Policy, Service
+
+logger = logging.getLogger("pyebpflb")
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/pyebpflb"
 NAME_MAX = DATAPATH_NAME_MAX
@@ -51,8 +56,16 @@ class Datapath:
     raises :class:`~pyebpflb.errors.NotFound`.
     ``events`` chooses the flow events the kernel sends ("trace", "drop",
     "policy"), ``event_rate`` how many a second each CPU may send.
+    Balanced flows are tracked in three tables (entries: two a flow), so that
+    pressure on one kind never evicts another: ``max_conntrack`` for TCP flows
+    the backend answered, ``max_conntrack_syn`` for TCP flows it has not
+    answered yet (a SYN flood churns only these), ``max_conntrack_udp`` for UDP.
     ``max_policy_conntrack`` sizes the table of flows policy lets answers
-    through for, apart from the balanced flows' (``max_conntrack``).
+    through for.
+    ``ct_gc_interval``: every so many seconds a thread of this object deletes
+    the conntrack entries that expired (:meth:`collect_garbage`); ``None``: only
+    when asked. The LRU tables never overflow, but without it the dead fill
+    them, and their fill level says nothing.
     ``hairpin_addresses`` (IPv4, IPv6) are the sources a backend sees when it
     called its own service and was chosen (hairpin): its answers to them come
     back through the datapath. Routed towards the datapath, used by nothing
@@ -69,6 +82,8 @@ class Datapath:
         max_services: int = 65536,
         max_backends: int = 262144,
         max_conntrack: int = 262144,
+        max_conntrack_syn: int = 65536,
+        max_conntrack_udp: int = 131072,
         max_backends_per_service: int = 1024,
         max_affinity: int = 65536,
         maglev_table_size: int = maglev.DEFAULT_TABLE_SIZE,
@@ -80,13 +95,24 @@ class Datapath:
         events: Iterable[str] | None = ("trace", "drop", "policy"),
         event_rate: int = 10_000,
         hairpin_addresses: tuple[str, str] = ("169.254.42.1", "fd00:eb1b:42::1"),
+        ct_gc_interval: float | None = 60.0,
         create: bool = True,
     ) -> None:
         _check_name(name)
+        if ct_gc_interval is not None and (
+            isinstance(ct_gc_interval, bool)
+            or not isinstance(ct_gc_interval, int | float)
+            or not 0.1 <= ct_gc_interval <= 86400
+        ):
+            raise ValueError(
+                f"ct_gc_interval must be None or seconds from 0.1 to 86400, got {ct_gc_interval!r}"
+            )
         self.limits = Limits(
             max_services=max_services,
             max_backends=max_backends,
             max_conntrack=max_conntrack,
+            max_conntrack_syn=max_conntrack_syn,
+            max_conntrack_udp=max_conntrack_udp,
             max_backends_per_service=max_backends_per_service,
             max_affinity=max_affinity,
             max_policies=max_policies,
@@ -106,6 +132,16 @@ class Datapath:
             self._object, self._state, self.limits, self.settings.maglev_table_size
         )
         self._inspector = Inspector(self._object, self._state, name, self.pin_dir)
+        self._gc_stop = threading.Event()
+        self._gc_thread: threading.Thread | None = None
+        if ct_gc_interval is not None:
+            self._gc_thread = threading.Thread(
+                target=self._collect_every,
+                args=(float(ct_gc_interval),),
+                name=f"pyebpflb-gc-{name}",
+                daemon=True,
+            )
+            self._gc_thread.start()
 
     def _open(self, wanted: adopt.Settings) -> None:
         """Adopt the datapath of this name, or load a new one; pin and configure it."""
@@ -271,7 +307,35 @@ class Datapath:
         """The live balanced flows' entries (service and reply), decoded. Entries
         that expired, or reply entries whose flow is gone, are still in the map
         until a packet meets them; ``include_dead`` lists those too."""
-        return self._inspector.flows(self._fresh(), (maps.CT,), live_only=not include_dead)
+        return self._inspector.flows(self._fresh(), maps.CT_TABLES, live_only=not include_dead)
+
+    def collect_garbage(self) -> int:
+        """Delete the conntrack entries that are dead: a flow past its timeout (both
+        halves), a reply half without its live flow. Returns how many went. The
+        datapath deletes such entries itself when a packet meets them; this keeps
+        the tables from filling with the dead in between (Cilium's CT GC)."""
+        self._live()
+        return self._inspector.collect_garbage(self._object.map(maps.CONFIG)[0])
+
+    def _collect_every(self, interval: float) -> None:
+        while not self._gc_stop.wait(interval):
+            try:
+                self.collect_garbage()
+            except DatapathClosed:
+                return
+            except Exception:  # keep collecting; say why once each time
+                logger.exception("pyebpflb: conntrack garbage collection of %s failed", self.name)
+
+    def _stop_gc(self) -> None:
+        self._gc_stop.set()
+        if self._gc_thread is not None and self._gc_thread is not threading.current_thread():
+            self._gc_thread.join()
+
+    def conntrack_stats(self) -> list[ConntrackTable]:
+        """Each conntrack table: entries in use and at most, flows made, moved on when
+        answered, halves found evicted or restored, entries collected."""
+        self._live()
+        return self._inspector.conntrack_stats()
 
     def flush_conntrack(self) -> int:
         """Forget every tracked flow (and the ports of fragmented datagrams): the next
@@ -347,6 +411,7 @@ class Datapath:
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
         """Release this object; without ``persist`` also detach and unpin (see :meth:`destroy`)."""
+        self._stop_gc()
         if self._object.closed:
             return
         if not self.persist:
@@ -356,6 +421,7 @@ class Datapath:
 
     def destroy(self) -> None:
         """Detach from every interface of the namespace and remove the pins and maps."""
+        self._stop_gc()
         if self._object.closed:
             return
         self._hooks.detach()

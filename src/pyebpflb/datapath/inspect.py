@@ -12,6 +12,7 @@ from pyebpflb._bpf import LoadedObject, MapType
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb.datapath.apply import Executor
 from pyebpflb.datapath.results import (
+    ConntrackTable,
     DatapathStats,
     Flow,
     MapInfo,
@@ -79,7 +80,69 @@ class Inspector:
             policies={name: self.policy_stats(name) for name in self._state.policy.policies},
             drops=self.drops(),
             events=self.event_stats(),
+            conntrack=self.conntrack_stats(),
         )
+
+    def conntrack_stats(self) -> list[ConntrackTable]:
+        result = []
+        counters = self._obj.map(maps.CT_STATS)
+        for index, (name, table) in enumerate(zip(_CT_TABLE_NAMES, maps.CT_TABLES, strict=True)):
+            per_cpu = counters.lookup(maps.u32(index)) or []
+            bpf_map = self._obj.map(table)
+
+            def total(field: str, per_cpu: list[Any] = per_cpu) -> int:
+                return sum(int(getattr(value, field)) for value in per_cpu)
+
+            result.append(
+                ConntrackTable(
+                    table=name,
+                    map=table,
+                    entries=len(all_keys(bpf_map)),
+                    max_entries=bpf_map.max_entries,
+                    created=total("created"),
+                    confirmed=total("confirmed"),
+                    orphaned=total("orphaned"),
+                    healed=total("healed"),
+                    collected=total("collected"),
+                )
+            )
+        return result
+
+    def collect_garbage(self, config: Any) -> int:
+        """Delete the dead entries of every conntrack table (the datapath's own rule:
+        an expired flow, both halves; a reply half without its live flow); how many."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        names: dict[int, str] = {}  # not the snapshot's: this may run on another thread
+        gone = 0
+        for index, table in enumerate(maps.CT_TABLES):
+            bpf_map = self._obj.map(table)
+            entries = [
+                (key, entry, _flow(key, entry, config, names, now))
+                for key, entry in bpf_map.lookup_batch()
+            ]
+            live = set(id(flow) for flow in _live(entries))
+            dead = [(key, entry) for key, entry, flow in entries if id(flow) not in live]
+            deleted = 0
+            for key, entry in dead:
+                # A packet may have revived (or replaced) it since it was read.
+                now_there = bpf_map.lookup(key)
+                if now_there is None or int(now_there.last_seen_ns) != int(entry.last_seen_ns):
+                    continue
+                try:
+                    bpf_map.delete(key)
+                    deleted += 1
+                except KeyError:
+                    pass
+            if deleted:
+                self._count_collected(index, deleted)
+            gone += deleted
+        return gone
+
+    def _count_collected(self, index: int, deleted: int) -> None:
+        counters = self._obj.map(maps.CT_STATS)
+        per_cpu = counters.lookup(maps.u32(index))
+        per_cpu[0].collected = int(per_cpu[0].collected) + deleted
+        counters.update(maps.u32(index), per_cpu)
 
     def map_infos(self) -> list[MapInfo]:
         result = []
@@ -105,7 +168,7 @@ class Inspector:
     def flows(
         self,
         config: Any,
-        tables: tuple[str, ...] = (maps.CT, maps.POL_CT),
+        tables: tuple[str, ...] = (*maps.CT_TABLES, maps.POL_CT),
         *,
         live_only: bool = True,
     ) -> list[Flow]:
@@ -115,34 +178,46 @@ class Inspector:
         flows = [(key, entry, _flow(key, entry, config, names, now)) for key, entry in entries]
         if not live_only:
             return [flow for _, _, flow in flows]
-        # A reply entry is live while the service entry it points back to is, and
-        # sends the flow to the reply's backend (the datapath's own rule, lib/ct.h).
-        live_services = {
-            _tuple(key.saddr, key.daddr, key.sport, key.dport, key): _end(
-                entry.nat_addr, entry.nat_port
-            )
-            for key, entry, flow in flows
-            if flow.kind == CtKind.SERVICE.label and flow.expires_in
-        }
-        result = []
-        for key, entry, flow in flows:
-            if flow.kind == CtKind.REPLY.label:
-                owner = _tuple(key.daddr, entry.nat_addr, key.dport, entry.nat_port, key)
-                if live_services.get(owner) != _end(key.saddr, key.sport):
-                    continue
-            elif not flow.expires_in:
-                continue
-            result.append(flow)
-        return result
+        return _live(flows)
 
     def flush_conntrack(self) -> int:
         executor = Executor(self._obj)
         gone = 0
-        for name in (maps.CT, maps.POL_CT, maps.FRAGS):
+        for name in (*maps.CT_TABLES, maps.POL_CT, maps.FRAGS, maps.FRAG_NAT):
             keys = all_keys(self._obj.map(name))
             executor.delete(name, keys, strict=False)
-            gone += len(keys) if name != maps.FRAGS else 0
+            gone += len(keys) if name not in (maps.FRAGS, maps.FRAG_NAT) else 0
         return gone
+
+
+_CT_TABLE_NAMES = ("tcp", "tcp_syn", "udp")  # in maps.CT_TABLES order
+
+
+def _live(flows: list[tuple[Any, Any, Flow]]) -> list[Flow]:
+    """The live entries: a flow half before it expires, a reply half while the flow
+    half it points back to is live and sends the flow to its backend (lib/ct.h)."""
+    live_services = {
+        _tuple(key.saddr, key.daddr, key.sport, key.dport, key): _end(
+            entry.nat_addr, entry.nat_port
+        )
+        for key, entry, flow in flows
+        if flow.kind == CtKind.SERVICE.label and flow.expires_in
+    }
+    result = []
+    for key, entry, flow in flows:
+        if flow.kind == CtKind.REPLY.label:
+            owner = _tuple(_client_of(key, entry), entry.nat_addr, key.dport, entry.nat_port, key)
+            if live_services.get(owner) != _end(key.saddr, key.sport):
+                continue
+        elif not flow.expires_in:
+            continue
+        result.append(flow)
+    return result
+
+
+def _client_of(key: Any, entry: Any) -> Any:
+    """A reply half's client: its destination, or for a hairpin flow its source."""
+    return key.saddr if int(entry.flags) & lib.PYEBPFLB_CT_HAIRPIN else key.daddr
 
 
 def _end(addr: Any, port: Any) -> tuple[bytes, int]:

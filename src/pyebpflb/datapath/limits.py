@@ -28,6 +28,8 @@ class Limits:
     max_services: int = attrs.field(default=65536, validator=_within(1, 1 << 24))
     max_backends: int = attrs.field(default=262144, validator=_within(1, 1 << 24))
     max_conntrack: int = attrs.field(default=262144, validator=_within(16, 1 << 26))
+    max_conntrack_syn: int = attrs.field(default=65536, validator=_within(16, 1 << 26))
+    max_conntrack_udp: int = attrs.field(default=131072, validator=_within(16, 1 << 26))
     max_backends_per_service: int = attrs.field(default=1024, validator=_within(1, 65535))
     max_affinity: int = attrs.field(default=65536, validator=_within(16, 1 << 26))
     max_policies: int = attrs.field(default=4096, validator=_within(1, 1 << 20))
@@ -52,6 +54,8 @@ SIZED = {
     maps.BE_STATS: ("max_backends", 1),
     maps.SLOTS: ("max_backends", 2),  # two generations
     maps.CT: ("max_conntrack", 1),
+    maps.CT_SYN: ("max_conntrack_syn", 1),
+    maps.CT_UDP: ("max_conntrack_udp", 1),
     maps.AFFINITY: ("max_affinity", 1),
     maps.POL_NAMES: ("max_policies", 1),
     maps.POL_RULES: ("max_policy_rules", 1),

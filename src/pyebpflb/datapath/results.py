@@ -52,6 +52,31 @@ class ServiceStats:
 
 
 @attrs.frozen
+class ConntrackTable:
+    """One conntrack table: how full it is and what happened to its flows.
+
+    ``table``: "tcp" (TCP flows the backend answered), "tcp_syn" (TCP flows it
+    has not answered yet) or "udp". ``entries`` are two a flow. ``orphaned``
+    counts reply halves met after the LRU evicted their flow half (or another
+    flow took the tuple), ``healed`` flow halves whose evicted reply half was
+    restored; ``collected`` entries the garbage collector deleted.
+    """
+
+    table: str
+    map: str
+    entries: int
+    max_entries: int
+    created: int
+    confirmed: int
+    orphaned: int
+    healed: int
+    collected: int
+
+    def to_dict(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
 class DatapathStats:
     """Every counter of a datapath, summed over CPUs."""
 
@@ -59,6 +84,7 @@ class DatapathStats:
     policies: dict[str, list[Traffic]]  # policy name -> per rule, in rule order
     drops: dict[str, Traffic]  # by reason
     events: EventStats
+    conntrack: list[ConntrackTable] = attrs.field(factory=list)
 
     def _repr_html_(self) -> str:
         rows: list[tuple[object, ...]] = []
