@@ -47,7 +47,10 @@ def compile_bpf(out_dir: pathlib.Path) -> None:
             "-c", str(source), "-o", str(target),
         ]
         print(" ".join(cmd))
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd, check=False).returncode != 0:
+            # SystemExit, not an Exception: setuptools' editable install swallows
+            # those from build_py, and `make build` would succeed without the object.
+            raise SystemExit(f"compiling {source.name} failed (the compiler's message is above)")
 
 
 class BuildPyWithBpf(build_py):

@@ -157,6 +157,25 @@ def test_stats_count_packets_per_service_and_backend(dp: lb.Datapath) -> None:
     stats = dp.stats(svc)
     assert (stats.packets, stats.bytes) == (7, 7 * len(sent))
     assert sorted(t.packets for t in stats.backends.values()) == [0, 0, 7]
+    assert stats.replies == lb.Traffic(0, 0)
+
+
+def test_replies_are_counted_per_service_and_backend(dp: lb.Datapath) -> None:
+    svc = service(4, "udp")
+    dp.upsert(svc)
+    _, forward = run(dp, "lb_ingress", packet(4, "udp", "10.1.0.5", "10.96.0.10", 5000, 80))
+    backend = forward[IP].dst
+    answer = packet(4, "udp", backend, "10.1.0.5", 8080, 5000, payload=b"x" * 100)
+    for _ in range(3):
+        run(dp, "lb_egress", answer)
+    stats = dp.stats(svc)
+    assert (stats.packets, stats.replies) == (1, lb.Traffic(3, 3 * len(answer)))
+    replied = {str(b.address): t for b, t in stats.backend_replies.items()}
+    assert replied[backend] == lb.Traffic(3, 3 * len(answer))
+    assert sum(t.packets for t in replied.values()) == 3
+    # A reply that belongs to no flow is not counted.
+    run(dp, "lb_egress", packet(4, "udp", backend, "10.1.0.6", 8080, 5000))
+    assert dp.stats(svc).replies.packets == 3
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,15 @@ EVENT_READER = "lb_event_reader"
 MAGLEV_TABLE = "lb_maglev_table"  # the inner maps of lb_maglev
 
 
+# lib/counters.h: a counter's replies are kept under its id with this bit set.
+COUNTER_REPLY = 1 << 31
+
+
+def counter_keys(counter_id: int) -> tuple[Any, Any]:
+    """The keys of a service's or backend's counters: forward, then replies."""
+    return u32(counter_id), u32(counter_id | COUNTER_REPLY)
+
+
 def addr_bytes(address: Address) -> bytes:
     """16 bytes as in ``union pyebpflb_addr``: IPv4 first, then zeros."""
     return address.packed.ljust(16, b"\x00")

@@ -56,15 +56,34 @@ class DatapathCollector(Collector):
         be_bytes = CounterMetricFamily(
             "pyebpflb_backend_bytes", "Bytes sent to a backend", labels=backend_labels
         )
+        replies = CounterMetricFamily(
+            "pyebpflb_service_reply_packets", "Replies from a service's backends", labels=labels
+        )
+        reply_bytes = CounterMetricFamily(
+            "pyebpflb_service_reply_bytes", "Reply bytes from a service's backends", labels=labels
+        )
+        be_replies = CounterMetricFamily(
+            "pyebpflb_backend_reply_packets", "Replies from a backend", labels=backend_labels
+        )
+        be_reply_bytes = CounterMetricFamily(
+            "pyebpflb_backend_reply_bytes", "Reply bytes from a backend", labels=backend_labels
+        )
         for service_stats in stats.services:
             svc = service_stats.service
             values = [self.datapath.name, svc.name, str(svc.vip), str(svc.port), svc.protocol.value]
             packets.add_metric(values, service_stats.packets)
             sent.add_metric(values, service_stats.bytes)
+            replies.add_metric(values, service_stats.replies.packets)
+            reply_bytes.add_metric(values, service_stats.replies.bytes)
             for backend, traffic in service_stats.backends.items():
                 be_packets.add_metric([*values, str(backend)], traffic.packets)
                 be_bytes.add_metric([*values, str(backend)], traffic.bytes)
-        return iter((packets, sent, be_packets, be_bytes))
+            for backend, traffic in service_stats.backend_replies.items():
+                be_replies.add_metric([*values, str(backend)], traffic.packets)
+                be_reply_bytes.add_metric([*values, str(backend)], traffic.bytes)
+        return iter(
+            (packets, sent, be_packets, be_bytes, replies, reply_bytes, be_replies, be_reply_bytes)
+        )
 
     def _rules(self, stats: DatapathStats) -> Iterator[Metric]:
         rule_labels = ["datapath", "policy", "rule"]

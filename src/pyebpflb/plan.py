@@ -232,8 +232,10 @@ class _Planner:
             self.cleanup.delete(maps.SLOTS, maps.slot_key(old.id, *_split(slot)))
         for backend_id in old.backend_ids:
             self.cleanup.delete(maps.BACKENDS, maps.u32(backend_id))
-            self.cleanup.delete(maps.BE_STATS, maps.u32(backend_id))
-        self.cleanup.delete(maps.SVC_STATS, maps.u32(old.id))
+            for key in maps.counter_keys(backend_id):
+                self.cleanup.delete(maps.BE_STATS, key)
+        for key in maps.counter_keys(old.id):
+            self.cleanup.delete(maps.SVC_STATS, key)
         self.cleanup.delete(maps.SVC_NAMES, maps.u32(old.id))
         if old.service.scheduler is Scheduler.MAGLEV:
             self.cleanup.delete(maps.MAGLEV, maps.u32(old.id))
@@ -359,7 +361,8 @@ class _Planner:
             ids.append(backend_id)
         for backend_id, _, _ in known.values():  # left the service
             self.cleanup.delete(maps.BACKENDS, maps.u32(backend_id))
-            self.cleanup.delete(maps.BE_STATS, maps.u32(backend_id))
+            for key in maps.counter_keys(backend_id):
+                self.cleanup.delete(maps.BE_STATS, key)
         return ids
 
     def _slots(

@@ -46,6 +46,19 @@
 struct scratch {
 	struct packet pkt;
 	struct pyebpflb_ct_key ct_key;
+	__u64 now;  /* bpf_ktime_get_coarse_ns() when the packet arrived */
+	int parsed; /* enum parse_result */
+	/*
+	 * Copies of the map entries a packet is decided by, taken right after
+	 * each lookup: a hash map's element can be freed and reused for another
+	 * key at once (bpf_mem_alloc has no grace period, an LRU reuses its own),
+	 * so every field of a decision is read from one copy, and a packet is
+	 * never balanced as one flow or service and counted or policed as
+	 * another.
+	 */
+	struct pyebpflb_ct_entry flow;
+	struct pyebpflb_service svc;
+	struct pyebpflb_backend backend;
 };
 
 enum { SCRATCH_INGRESS = 0, SCRATCH_EGRESS = 1 };
@@ -64,26 +77,31 @@ struct ingress {
 	struct pyebpflb_lb_config *cfg;
 	struct pyebpflb_policy_head *policy; /* NULL: no policy installed */
 	struct ct_place flow_at;	     /* where follow_flow found the flow */
-	__u64 now;
-	int parsed; /* enum parse_result */
 };
 
-/* Parse the packet into this hook's slot; 0 when it goes on to the steps. */
-static __always_inline int start(struct ctx_buff *ctx, struct ingress *in, __u32 slot)
+/* The scratch slot of a packet's steps (its packet is the slot's first member:
+ * one pointer on the stack reaches the copies too). */
+static __always_inline struct scratch *slot(const struct ingress *in)
 {
-	struct scratch *scratch = bpf_map_lookup_elem(&lb_scratch, &slot);
+	return (struct scratch *)in->pkt;
+}
+
+/* Parse the packet into this hook's slot; 0 when it goes on to the steps. */
+static __always_inline int start(struct ctx_buff *ctx, struct ingress *in, __u32 index)
+{
+	struct scratch *scratch = bpf_map_lookup_elem(&lb_scratch, &index);
 
 	if (!scratch)
 		return -1;
 	in->pkt = &scratch->pkt;
 	in->ct_key = &scratch->ct_key;
-	in->parsed = parse_packet(ctx, in->pkt);
+	slot(in)->parsed = parse_packet(ctx, in->pkt);
 	in->pkt->dry = ctx_probing(ctx);
 	in->cfg = config();
 	if (!in->cfg)
 		return -1;
 	/* Jiffy resolution is plenty for timeouts of seconds, at a fraction of the cost. */
-	in->now = bpf_ktime_get_coarse_ns();
+	slot(in)->now = bpf_ktime_get_coarse_ns();
 	in->policy = policy_head(in->cfg);
 	return 0;
 }
@@ -93,7 +111,38 @@ static __always_inline int unrelated(struct ctx_buff *ctx, struct ingress *in, _
 {
 	if (!in->policy)
 		return CTX_PASS;
-	return policy_enforce(ctx, in->policy, dir, in->pkt, in->parsed, in->cfg, in->now);
+	return policy_enforce(ctx, in->policy, dir, in->pkt, slot(in)->parsed, in->cfg,
+			      slot(in)->now);
+}
+
+/* The service of the packet's destination, copied into the scratch slot; 0: none. */
+static __always_inline int copy_service(struct ingress *in)
+{
+	struct pyebpflb_service *svc = service_lookup(in->pkt);
+
+	if (!svc)
+		return 0;
+	slot(in)->svc = *svc;
+	return 1;
+}
+
+/* A backend found in lb_backends, copied into the scratch slot. */
+static __always_inline struct pyebpflb_backend *keep_backend(struct ingress *in,
+							     const struct pyebpflb_backend *found)
+{
+	slot(in)->backend = *found;
+	return &slot(in)->backend;
+}
+
+/* Backend `id`, copied into the scratch slot; 0 when it is gone. */
+static __always_inline int copy_backend(struct ingress *in, __u32 id)
+{
+	struct pyebpflb_backend *found = backend_lookup(id);
+
+	if (!found)
+		return 0;
+	keep_backend(in, found);
+	return 1;
 }
 
 /*
@@ -166,7 +215,8 @@ static __always_inline int admit(struct ctx_buff *ctx, struct ingress *in,
 				 const struct pyebpflb_backend *backend, __u32 backend_id,
 				 __u32 service_id, const struct pyebpflb_service *svc)
 {
-	int err = ct_create(in->ct_key, in->pkt, backend, backend_id, service_id, in->cfg, in->now);
+	int err =
+	    ct_create(in->ct_key, in->pkt, backend, backend_id, service_id, in->cfg, slot(in)->now);
 
 	if (err == CT_TUPLE_IN_USE)
 		return NEXT_STEP; /* the caller tries another backend */
@@ -176,7 +226,7 @@ static __always_inline int admit(struct ctx_buff *ctx, struct ingress *in,
 		return CTX_DROP;
 	}
 	if (svc && svc->affinity_timeout_s && !(svc->flags & PYEBPFLB_SERVICE_MAGLEV))
-		remember_affinity(svc, in->pkt, backend_id, in->now);
+		remember_affinity(svc, in->pkt, backend_id, slot(in)->now);
 	note_new_flow(ctx, in->pkt, backend, service_id, backend_id);
 	return dnat_to(ctx, in, &backend->addr, backend->port,
 		       addr_equal(&backend->addr, &in->pkt->saddr));
@@ -189,19 +239,18 @@ static __always_inline int admit(struct ctx_buff *ctx, struct ingress *in,
  * Another backend would meet the old connection's stray segments and the
  * client's resets for them.
  */
-static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in,
-				       const struct pyebpflb_ct_entry *flow)
+static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in)
 {
+	const struct pyebpflb_ct_entry *flow = &slot(in)->flow;
 	__u32 backend_id = flow->backend_id, service_id = flow->service_id;
-	struct pyebpflb_backend *backend = backend_lookup(backend_id);
 
 	/* The old flow goes, both halves (it may sit in another map than new flows start in). */
 	ct_delete_flow(in->flow_at.map, in->ct_key, flow, in->pkt, in->cfg);
-	if (!backend)
+	if (!copy_backend(in, backend_id))
 		return NEXT_STEP;
-	if (service_denied(ctx, in, service_id, backend->port, 1))
+	if (service_denied(ctx, in, service_id, slot(in)->backend.port, 1))
 		return CTX_DROP;
-	return admit(ctx, in, backend, backend_id, service_id, NULL);
+	return admit(ctx, in, &slot(in)->backend, backend_id, service_id, NULL);
 }
 
 /*
@@ -228,19 +277,22 @@ static __always_inline int backend_gone(struct ctx_buff *ctx, struct ingress *in
 }
 
 static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *in,
-					 struct pyebpflb_ct_entry *flow)
+					 struct pyebpflb_ct_entry *live)
 {
+	const struct pyebpflb_ct_entry *flow = &slot(in)->flow;
 	struct packet *pkt = in->pkt;
 
-	if (!backend_lookup(flow->backend_id))
+	if (!copy_backend(in, flow->backend_id))
 		return backend_gone(ctx, in, flow);
+	/* The entry was reused for another flow while we read it: decide afresh. */
+	if (slot(in)->backend.service_id != flow->service_id)
+		return NEXT_STEP;
 	/* Policy holds for every packet: a new deny ends a flow at once. */
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
 	if (service_denied(ctx, in, flow->service_id, flow->nat_port, 0))
 		return CTX_DROP;
-	ct_heal_reply(in->flow_at.map, in->ct_key, flow, pkt, in->cfg, in->now);
-	ct_touch(flow, pkt, in->now, 0);
-	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
+	ct_heal_reply(in->flow_at.map, in->ct_key, flow, pkt, in->cfg, slot(in)->now);
+	ct_touch(live, pkt, slot(in)->now, 0);
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_BACKEND, flow->backend_id);
 	if (!pkt->dry) {
 		count_traffic(&lb_svc_stats, flow->service_id, ctx_len(ctx));
@@ -255,11 +307,12 @@ static __always_inline int follow_flow(struct ctx_buff *ctx, struct ingress *in)
 	struct pyebpflb_ct_entry *flow;
 
 	ct_key_of(in->ct_key, in->pkt, PYEBPFLB_CT_SERVICE);
-	flow = ct_lookup_service(in->ct_key, in->pkt, in->cfg, in->now, &in->flow_at);
+	flow = ct_lookup_service(in->ct_key, in->pkt, in->cfg, slot(in)->now, &in->flow_at);
 	if (!flow)
 		return NEXT_STEP;
-	if (ct_reopens(flow, in->pkt))
-		return reopen_flow(ctx, in, flow);
+	slot(in)->flow = *flow; /* one copy to decide by */
+	if (ct_reopens(&slot(in)->flow, in->pkt))
+		return reopen_flow(ctx, in);
 	return continue_flow(ctx, in, flow);
 }
 
@@ -278,25 +331,24 @@ static __always_inline int refuse(struct ctx_buff *ctx, struct ingress *in, __u3
 static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 {
 	struct pyebpflb_backend *backend = NULL;
-	struct pyebpflb_service *svc;
+	struct pyebpflb_service *svc = &slot(in)->svc;
 	__u32 backend_id;
 	int verdict;
 
-	svc = service_lookup(in->pkt);
-	if (!svc) {
-		ct_direct_syn(in->pkt, in->cfg, in->now);
+	if (!copy_service(in)) {
+		ct_direct_syn(in->pkt, in->cfg, slot(in)->now);
 		return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
 	}
 	explain(ctx, in->pkt, PYEBPFLB_EXPLAIN_SERVICE, svc->id);
-	backend_id = select_backend(svc, in->pkt, in->cfg, in->now, &backend);
+	backend_id = select_backend(svc, in->pkt, in->cfg, slot(in)->now, &backend);
 	if (!backend_id && svc->count) {
 		/* An update removed the chosen backend between our reads; the
 		 * service entry has moved on to a complete new set: read it again. */
-		svc = service_lookup(in->pkt);
-		if (!svc)
+		if (!copy_service(in))
 			return CTX_PASS;
 		backend_id = svc->count ? slot_backend(svc, in->pkt, 0, &backend) : 0;
 	}
+	backend = backend ? keep_backend(in, backend) : NULL;
 	/* Without a backend, the rules on the real destination see the VIP's port. */
 	if (service_denied(ctx, in, svc->id, backend ? backend->port : in->pkt->dport, 1))
 		return CTX_DROP;
@@ -308,6 +360,7 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 	/* A live flow from this client address and port holds the chosen backend's
 	 * side of the tuple (through another service): one more draw. */
 	backend_id = slot_backend(svc, in->pkt, 1, &backend);
+	backend = backend ? keep_backend(in, backend) : NULL;
 	if (backend_id && backend) {
 		verdict = admit(ctx, in, backend, backend_id, svc->id, svc);
 		if (verdict != NEXT_STEP)
@@ -322,7 +375,7 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
  * policy. */
 static __always_inline int icmp_ingress(struct ctx_buff *ctx, struct ingress *in)
 {
-	int translated = icmp_error_dnat(ctx, in->pkt, in->cfg, in->now);
+	int translated = icmp_error_dnat(ctx, in->pkt, in->cfg, slot(in)->now);
 
 	if (translated < 0)
 		return CTX_DROP;
@@ -345,13 +398,13 @@ static __always_inline int hairpin_reply(struct ctx_buff *ctx, struct ingress *i
 	ct_key_of(&key, in->pkt, PYEBPFLB_CT_REPLY);
 	/* (A hairpin TCP flow stays in lb_ct_syn: confirming it here would cost
 	 * the ingress stack the copies; it keeps its established timeout.) */
-	reply = ct_lookup_reply(&key, in->pkt, in->cfg, in->now, &flow, &in->flow_at);
+	reply = ct_lookup_reply(&key, in->pkt, in->cfg, slot(in)->now, &flow, &in->flow_at);
 	if (!reply || !(reply->flags & PYEBPFLB_CT_HAIRPIN))
 		return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
 	client = in->pkt->saddr;
 	vip = reply->nat_addr;
 	vip_port = reply->nat_port;
-	ct_touch(flow, in->pkt, in->now, 1);
+	ct_touch(flow, in->pkt, slot(in)->now, 1);
 	if (snat(ctx, in->pkt, &vip, vip_port) ||
 	    rewrite_addr(ctx, in->pkt, daddr_off(in->pkt), &in->pkt->daddr, &client, 1))
 		return CTX_DROP;
@@ -376,8 +429,8 @@ static __always_inline int later_fragment(struct ctx_buff *ctx, struct ingress *
 /* TCP or UDP with ports: a whole packet or a first fragment. */
 static __always_inline int has_ports(const struct ingress *in)
 {
-	return (in->parsed == PARSE_OK ||
-		(in->parsed == PARSE_FRAGMENT && in->pkt->frag == FRAG_FIRST)) &&
+	return (slot(in)->parsed == PARSE_OK ||
+		(slot(in)->parsed == PARSE_FRAGMENT && in->pkt->frag == FRAG_FIRST)) &&
 	       (in->pkt->proto == IPPROTO_TCP || in->pkt->proto == IPPROTO_UDP);
 }
 
@@ -388,10 +441,10 @@ static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
 
 	if (start(ctx, &in, SCRATCH_INGRESS))
 		return CTX_PASS;
-	if (in.parsed == PARSE_OK &&
+	if (slot(&in)->parsed == PARSE_OK &&
 	    (in.pkt->proto == IPPROTO_ICMP || in.pkt->proto == IPPROTO_ICMPV6))
 		return icmp_ingress(ctx, &in);
-	if (in.parsed == PARSE_FRAGMENT && in.pkt->frag == FRAG_LATER)
+	if (slot(&in)->parsed == PARSE_FRAGMENT && in.pkt->frag == FRAG_LATER)
 		return later_fragment(ctx, &in, PYEBPFLB_POLICY_INGRESS);
 	if (!has_ports(&in))
 		return unrelated(ctx, &in, PYEBPFLB_POLICY_INGRESS);
@@ -413,18 +466,25 @@ static __always_inline int reverse_nat(struct ctx_buff *ctx, struct ingress *out
 	struct pyebpflb_ct_key key;
 	struct ct_place place;
 	union pyebpflb_addr vip;
+	__u32 service_id, backend_id;
 	__u16 vip_port;
 
 	ct_key_of(&key, out->pkt, PYEBPFLB_CT_REPLY);
-	reply = ct_lookup_reply(&key, out->pkt, out->cfg, out->now, &flow, &place);
+	reply = ct_lookup_reply(&key, out->pkt, out->cfg, slot(out)->now, &flow, &place);
 	if (!reply)
 		return unrelated(ctx, out, PYEBPFLB_POLICY_EGRESS);
 	/* The flow's life is kept on its SERVICE entry; replies refresh it too. */
 	vip = reply->nat_addr; /* copied: the entry may be reused under us */
 	vip_port = reply->nat_port;
-	ct_touch(flow, out->pkt, out->now, 1);
+	service_id = flow->service_id;
+	backend_id = flow->backend_id;
+	ct_touch(flow, out->pkt, slot(out)->now, 1);
 	if (place.unconfirmed)
 		ct_confirm(&key, reply, flow, out->pkt);
+	if (!out->pkt->dry) {
+		count_reply(&lb_svc_stats, service_id, ctx_len(ctx));
+		count_reply(&lb_be_stats, backend_id, ctx_len(ctx));
+	}
 	if (snat(ctx, out->pkt, &vip, vip_port))
 		return CTX_DROP;
 	frag_remember(out->pkt, &vip, NULL);
@@ -434,7 +494,7 @@ static __always_inline int reverse_nat(struct ctx_buff *ctx, struct ingress *out
 /* An ICMP error about a balanced flow is part of it; anything else meets policy. */
 static __always_inline int icmp_egress(struct ctx_buff *ctx, struct ingress *out)
 {
-	int translated = icmp_error_rev_nat(ctx, out->pkt, out->cfg, out->now);
+	int translated = icmp_error_rev_nat(ctx, out->pkt, out->cfg, slot(out)->now);
 
 	if (translated < 0)
 		return CTX_DROP;
@@ -449,9 +509,9 @@ static __always_inline int lb_egress_steps(struct ctx_buff *ctx)
 
 	if (start(ctx, &out, SCRATCH_EGRESS))
 		return CTX_PASS;
-	if (out.parsed == PARSE_FRAGMENT && out.pkt->frag == FRAG_LATER)
+	if (slot(&out)->parsed == PARSE_FRAGMENT && out.pkt->frag == FRAG_LATER)
 		return later_fragment(ctx, &out, PYEBPFLB_POLICY_EGRESS);
-	if (out.parsed == PARSE_OK &&
+	if (slot(&out)->parsed == PARSE_OK &&
 	    (out.pkt->proto == IPPROTO_ICMP || out.pkt->proto == IPPROTO_ICMPV6))
 		return icmp_egress(ctx, &out);
 	if (!has_ports(&out))

@@ -43,6 +43,17 @@ static __always_inline void count_traffic(void *map, __u32 id, __u32 len)
 	}
 }
 
+/* Replies (backend -> client) are counted beside the forward direction, in
+ * the same map under the id with the top bit set. */
+#define COUNTER_REPLY (1u << 31)
+
+static __always_inline void count_reply(void *map, __u32 id, __u32 len)
+{
+	__u32 key = id | COUNTER_REPLY;
+
+	count_or_create(map, &key, len);
+}
+
 /* Count the first packet of a new flow, creating the counter if needed. */
 static __always_inline void count_new_flow(void *map, __u32 id, __u32 len)
 {

@@ -48,13 +48,19 @@ class Inspector:
         if installed is None:
             raise _not_installed(f"service {service.label}", self._name)
         total = self._traffic(maps.SVC_STATS, installed.id)
-        backends = {
-            backend: self._traffic(maps.BE_STATS, backend_id)
-            for backend, backend_id in zip(
-                installed.service.backends, installed.backend_ids, strict=True
-            )
+        members = list(zip(installed.service.backends, installed.backend_ids, strict=True))
+        backends = {backend: self._traffic(maps.BE_STATS, i) for backend, i in members}
+        replies = {
+            backend: self._traffic(maps.BE_STATS, i | maps.COUNTER_REPLY) for backend, i in members
         }
-        return ServiceStats(installed.service, total.packets, total.bytes, backends)
+        return ServiceStats(
+            installed.service,
+            total.packets,
+            total.bytes,
+            backends,
+            replies=self._traffic(maps.SVC_STATS, installed.id | maps.COUNTER_REPLY),
+            backend_replies=replies,
+        )
 
     def policy_stats(self, name: str) -> list[Traffic]:
         policy = self._state.policy

@@ -47,11 +47,11 @@ class Limits:
 # map -> (the argument that sizes it, entries per unit of it).
 SIZED = {
     maps.SERVICES: ("max_services", 1),
-    maps.SVC_STATS: ("max_services", 1),
+    maps.SVC_STATS: ("max_services", 2),  # both directions
     maps.SVC_NAMES: ("max_services", 1),
     maps.MAGLEV: ("max_services", 1),
     maps.BACKENDS: ("max_backends", 1),
-    maps.BE_STATS: ("max_backends", 1),
+    maps.BE_STATS: ("max_backends", 2),  # both directions
     maps.SLOTS: ("max_backends", 2),  # two generations
     maps.CT: ("max_conntrack", 1),
     maps.CT_SYN: ("max_conntrack_syn", 1),

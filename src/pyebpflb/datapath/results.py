@@ -38,12 +38,15 @@ class Traffic:
 
 @attrs.frozen
 class ServiceStats:
-    """Packets and bytes sent to a service, in total and per backend."""
+    """Packets and bytes sent to a service, in total and per backend; and the
+    replies that came back through it (backend -> client), the same two ways."""
 
     service: Service
     packets: int
     bytes: int
     backends: dict[Backend, Traffic]
+    replies: Traffic = Traffic(0, 0)
+    backend_replies: dict[Backend, Traffic] = attrs.field(factory=dict)
 
     def _repr_html_(self) -> str:
         rows = [(str(b), t.packets, t.bytes) for b, t in self.backends.items()]
