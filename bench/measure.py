@@ -34,6 +34,41 @@ def connect_latencies(sandbox: Sandbox, address: str, port: int, samples: int) -
     return result
 
 
+def port_reuse(
+    sandbox: Sandbox, targets: list[tuple[str, str | None]], port: int, rounds: int = 250
+) -> tuple[int, list[str]]:
+    """The port-reuse mix: a client with 40 source ports asks each of ``targets`` (address,
+    the backend name that must answer, or None for a VIP) in turn, ``rounds`` times, on
+    new connections closed with RST. (answers, failures)."""
+    answers, failures = 0, []
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    with entered(sandbox.client.netns):
+        for round_ in range(rounds):
+            source_port = 42000 + round_ % 40
+            for address, expected in targets:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(2.0)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(("", source_port))
+                    sock.connect((address, port))
+                    sock.sendall(request)
+                    answer = b""
+                    while chunk := sock.recv(4096):
+                        answer += chunk
+                    name = answer.rpartition(b"\r\n\r\n")[2].decode().strip()
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                    if expected is not None and name != expected:
+                        failures.append(f"{address} from port {source_port}: {name!r}")
+                    else:
+                        answers += 1
+                except OSError as exc:
+                    failures.append(f"{address} from port {source_port}: {exc!r}")
+                finally:
+                    sock.close()
+    return answers, failures
+
+
 def request_rate(
     sandbox: Sandbox, address: str, port: int, seconds: int, *, keep_alive: bool
 ) -> tuple[float, int]:
