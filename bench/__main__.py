@@ -237,6 +237,11 @@ def measure_costs(args: argparse.Namespace) -> dict[str, Any]:
             costs[("new flow (one run each)", n)] = measure.new_flow_cost(
                 ingress, lambda i, vip=vip: tcp(vip, 1024 + i % 60000), args.flows
             )
+            # What one run costs before any flow work: the same program on packets for
+            # no service, each run on its own (a cold start per BPF_PROG_TEST_RUN call).
+            costs[("non-service (one run each)", n)] = measure.new_flow_cost(
+                ingress, lambda i: tcp("10.200.0.1", 1024 + i % 60000), args.flows
+            )
     return costs
 
 

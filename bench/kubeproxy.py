@@ -156,7 +156,8 @@ def nft_update(index: int, old: lb.Service, new: lb.Service) -> str:
     chain, body = nft_service(index, new)
     _, old_body = nft_service(index, old)
     gone = [line.split()[1] for line in old_body[1:] if line not in body]
-    lines = [f"flush chain ip kube-proxy {chain}", "table ip kube-proxy {", body[0], "}"]
+    added = [line for line in body[1:] if line not in old_body]  # new endpoints' chains
+    lines = [f"flush chain ip kube-proxy {chain}", "table ip kube-proxy {", *added, body[0], "}"]
     lines += [f"delete chain ip kube-proxy {name}" for name in gone]
     return "\n".join(lines) + "\n"
 

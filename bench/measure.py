@@ -43,8 +43,9 @@ def port_reuse(
     answers, failures = 0, []
     request = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
     with entered(sandbox.client.netns):
+        ports = _free_ports(40)
         for round_ in range(rounds):
-            source_port = 42000 + round_ % 40
+            source_port = ports[round_ % 40]
             for address, expected in targets:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 try:
@@ -67,6 +68,23 @@ def port_reuse(
                 finally:
                     sock.close()
     return answers, failures
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports from 42000 up that a client socket can bind now: the rest of the bench leaves
+    wrk's TIME_WAIT sockets on some (they would refuse the bind, not the load balancer)."""
+    found: list[int] = []
+    port = 42000
+    while len(found) < count:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("", port))
+                found.append(port)
+            except OSError:
+                pass
+        port += 1
+    return found
 
 
 def request_rate(
