@@ -313,3 +313,36 @@ def test_evicted_halves_are_counted(dp: lb.Datapath) -> None:
 def test_ct_gc_interval_is_checked() -> None:
     with pytest.raises(ValueError, match=r"ct_gc_interval must be None or seconds .* got 0"):
         lb.Datapath("gc-bad", ct_gc_interval=0)
+
+
+def test_a_udp_datagram_straight_to_the_backend_takes_the_tuple_over(dp: lb.Datapath) -> None:
+    dp.upsert(web(protocol="udp"))
+    to_service = packet(4, "udp", CLIENT, VIP, 5353, 80)
+    answer = packet(4, "udp", BACKEND, CLIENT, 8080, 5353, payload=b"answer")
+    run(dp, "lb_ingress", to_service)
+    assert run(dp, "lb_egress", answer)[1][IP].src == VIP
+    direct = packet(4, "udp", CLIENT, BACKEND, 5353, 8080)
+    assert bytes(run(dp, "lb_ingress", direct)[1]) == bytes(direct)
+    assert bytes(run(dp, "lb_egress", answer)[1]) == bytes(answer)  # from whom it asked
+    assert dp.conntrack() == []  # the VIP flow gave its tuple up, both halves
+    run(dp, "lb_ingress", to_service)  # and the VIP again
+    assert run(dp, "lb_egress", answer)[1][IP].src == VIP
+
+
+def test_a_removed_backends_counters_stay_readable_until_its_last_flow_ends(
+    dp: lb.Datapath,
+) -> None:
+    svc = three()
+    dp.upsert(svc)
+    first = run(dp, "lb_ingress", to_vip("S"))[1][IP].dst
+    for _ in range(2):
+        run(dp, "lb_ingress", to_vip("A"))
+    gone = [b for b in svc.backends if str(b.address) == first]
+    dp.upsert(svc.with_backends([b for b in svc.backends if str(b.address) != first]))
+    assert {b: t.packets for b, t in dp.stats(svc).removed_backends.items()} == {gone[0]: 3}
+    assert dp.collect_garbage() == 0  # its flow lives: the counters stay
+    assert len(dp.stats(svc).removed_backends) == 1
+    run(dp, "lb_ingress", to_vip("A"))  # the flow's next segment: reset, the flow ends
+    dp.collect_garbage()
+    assert dp.stats(svc).removed_backends == {}
+    assert len(list(dp._object.map(maps.BE_GONE))) == 0

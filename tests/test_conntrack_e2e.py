@@ -251,3 +251,25 @@ def test_an_idle_connection_survives_a_flood_of_100_times_the_udp_tables_size() 
 def owner_address(sandbox: Sandbox, name: str) -> object:
     (host,) = [b for b in sandbox.backends if b.name == name]
     return lb.model.to_address(host.ipv4)
+
+
+def test_one_udp_socket_asking_a_vip_then_its_backend_gets_each_answer_from_whom_it_asked(
+    sandbox: Sandbox,
+) -> None:
+    vip = VIPS[1]
+    with lb.Datapath(f"t{os.getpid()}-udpmix", netns=sandbox.lb.netns, pin_root=PIN_ROOT) as dp:
+        dp.attach(sandbox.lb.iface)
+        backends = [lb.Backend(b.ipv4, BACKEND_PORT) for b in sandbox.backends]
+        dp.sync([lb.Service(vip, 53, protocol="udp", name="default/dns", backends=backends)])
+        with sandbox.client.socket(4, socket.SOCK_DGRAM) as sock:  # bound to one port, unconnected
+            sock.settimeout(2.0)
+            sock.bind(("", 5353))
+            for _ in range(5):
+                sock.sendto(b"query", (vip, 53))
+                name, source = sock.recvfrom(2048)
+                assert source == (vip, 53)
+                (backend,) = [b for b in sandbox.backends if b.name == name.decode().strip()]
+                sock.sendto(b"query", (str(backend.ipv4), BACKEND_PORT))
+                name, source = sock.recvfrom(2048)
+                assert source == (str(backend.ipv4), BACKEND_PORT)
+                assert name.decode().strip() == backend.name

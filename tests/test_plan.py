@@ -77,9 +77,10 @@ def test_a_backend_that_stays_keeps_its_id_and_the_generation_flips() -> None:
     installed = change.changes[WEB.key]
     assert installed is not None
     assert (installed.backend_ids, installed.gen, installed.count) == ((2, 3), 1, 2)
-    # The leaving backend and its counters (both directions) go once the change is in;
-    # gen 0's slots stay until a later change reuses the generation.
-    assert steps(change.cleanup) == {maps.BACKENDS: ("delete", 1), maps.BE_STATS: ("delete", 2)}
+    # The leaving backend goes once the change is in, and is remembered in lb_be_gone
+    # (its counters stay until its last flow ends); gen 0's slots stay until a later
+    # change reuses the generation.
+    assert steps(change.cleanup) == {maps.BACKENDS: ("delete", 1), maps.BE_GONE: ("write", 1)}
     assert steps(change.prepare) == {maps.BACKENDS: ("write", 2), maps.SLOTS: ("write", 2)}
     undo: dict[str, Any] = steps(change.undo)
     assert undo[maps.SERVICES] == ("write", 1)  # the old entry comes back whole
@@ -93,7 +94,7 @@ def test_a_removal_unpublishes_first_and_cleans_up_after() -> None:
     assert steps(change.cleanup) == {
         maps.SLOTS: ("delete", 3),
         maps.BACKENDS: ("delete", 3),
-        maps.BE_STATS: ("delete", 6),  # both directions
+        maps.BE_GONE: ("write", 3),  # counters kept until their flows end
         maps.SVC_STATS: ("delete", 2),
         maps.SVC_NAMES: ("delete", 1),
     }

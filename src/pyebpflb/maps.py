@@ -43,6 +43,7 @@ SVC_NAMES = "lb_svc_names"
 SVC_STATS = "lb_svc_stats"
 BACKENDS = "lb_backends"
 BE_STATS = "lb_be_stats"
+BE_GONE = "lb_be_gone"  # backends that left, until their last flow ends (user space)
 SLOTS = "lb_slots"
 MAGLEV = "lb_maglev"
 CT = "lb_ct"  # TCP flows the backend answered

@@ -230,10 +230,12 @@ class _Planner:
         )
         for slot in old.slots:
             self.cleanup.delete(maps.SLOTS, maps.slot_key(old.id, *_split(slot)))
-        for backend_id in old.backend_ids:
+        for position, (backend, backend_id) in enumerate(
+            zip(old.service.backends, old.backend_ids, strict=True)
+        ):
             self.cleanup.delete(maps.BACKENDS, maps.u32(backend_id))
-            for key in maps.counter_keys(backend_id):
-                self.cleanup.delete(maps.BE_STATS, key)
+            gone = maps.backend_value(backend, old.id, position, False)
+            self.cleanup.write(maps.BE_GONE, maps.u32(backend_id), gone)
         for key in maps.counter_keys(old.id):
             self.cleanup.delete(maps.SVC_STATS, key)
         self.cleanup.delete(maps.SVC_NAMES, maps.u32(old.id))
@@ -359,10 +361,11 @@ class _Planner:
                     before = maps.backend_value(was, service_id, was_at, was_in_use)
                     self.undo.write(maps.BACKENDS, backend_key, before)
             ids.append(backend_id)
-        for backend_id, _, _ in known.values():  # left the service
+        for backend_id, was, was_at in known.values():  # left the service
             self.cleanup.delete(maps.BACKENDS, maps.u32(backend_id))
-            for key in maps.counter_keys(backend_id):
-                self.cleanup.delete(maps.BE_STATS, key)
+            # Its counters stay readable until its last flow ends (the collector).
+            gone = maps.backend_value(was, service_id, was_at, False)
+            self.cleanup.write(maps.BE_GONE, maps.u32(backend_id), gone)
         return ids
 
     def _slots(

@@ -336,7 +336,7 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 	int verdict;
 
 	if (!copy_service(in)) {
-		ct_direct_syn(in->pkt, in->cfg, slot(in)->now);
+		ct_direct(in->pkt, in->cfg, slot(in)->now);
 		return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
 	}
 	explain(ctx, in->pkt, PYEBPFLB_EXPLAIN_SERVICE, svc->id);

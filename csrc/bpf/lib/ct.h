@@ -414,15 +414,19 @@ static __always_inline void ct_heal_reply(void *map, const struct pyebpflb_ct_ke
 }
 
 /*
- * A TCP SYN not for a VIP whose answers would carry the REPLY key of a
- * translated flow (the client connects straight to a backend from the port of
- * an earlier VIP connection): when that flow is closing or gone, this new
- * connection replaces it, so the backend's SYN-ACK is not rewritten to the
- * VIP. A live flow keeps its key (two connections on one tuple cannot both
- * work).
+ * A packet not for a VIP whose answers would carry the REPLY key of a
+ * translated flow: the client talks straight to a backend from the port of an
+ * earlier VIP flow. A TCP SYN (a new connection) replaces that flow when it is
+ * closing or gone, so the backend's SYN-ACK is not rewritten to the VIP; a
+ * live TCP flow keeps its key (two connections on one tuple cannot both
+ * work). A UDP datagram always takes the tuple over: UDP has no connection,
+ * the tuple belongs to its latest use (a DNS client that asks a VIP, then the
+ * backend itself, from one socket gets each answer from the address it
+ * asked). Answers to both, interleaved, would need the source port of one
+ * remapped, as nf_nat does; see docs/decisions.md 30.
  */
-static __always_inline void ct_direct_syn(const struct packet *pkt,
-					  const struct pyebpflb_lb_config *config, __u64 now)
+static __always_inline void ct_direct(const struct packet *pkt,
+				      const struct pyebpflb_lb_config *config, __u64 now)
 {
 	struct pyebpflb_ct_key reply_key = {
 	    .saddr = pkt->daddr,
@@ -436,11 +440,23 @@ static __always_inline void ct_direct_syn(const struct packet *pkt,
 	struct pyebpflb_ct_entry *held;
 	struct ct_place place;
 
-	if (!tcp_opens(pkt))
+	if (pkt->proto == IPPROTO_TCP ? !tcp_opens(pkt) : pkt->proto != IPPROTO_UDP)
 		return;
 	held = ct_find(&reply_key, &place);
-	if (!held || ct_take_over(place.map, &reply_key, held, pkt, config, now))
+	if (!held)
 		return;
+	if (pkt->proto == IPPROTO_TCP) {
+		if (ct_take_over(place.map, &reply_key, held, pkt, config, now))
+			return;
+	} else if (!pkt->dry) {
+		struct pyebpflb_ct_key key;
+		struct pyebpflb_ct_entry *owner;
+
+		ct_service_key_of(&key, &reply_key, held);
+		owner = bpf_map_lookup_elem(place.map, &key);
+		if (owner && ct_halves(owner, &reply_key, held))
+			bpf_map_delete_elem(place.map, &key);
+	}
 	if (!pkt->dry)
 		bpf_map_delete_elem(place.map, &reply_key);
 }

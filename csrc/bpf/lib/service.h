@@ -91,6 +91,17 @@ struct {
 	__type(value, struct pyebpflb_counter_value);
 } lb_be_stats SEC(".maps");
 
+/* lb_be_gone (user space only): backends that left their service while flows
+ * may still name them: id -> the backend as it was, so its counters stay
+ * readable until the garbage collector finds its last flow gone. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pyebpflb_backend);
+} lb_be_gone SEC(".maps");
+
 static __always_inline struct pyebpflb_service *service_lookup(const struct packet *pkt)
 {
 	struct pyebpflb_service_key key = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -53,6 +54,11 @@ class Inspector:
         replies = {
             backend: self._traffic(maps.BE_STATS, i | maps.COUNTER_REPLY) for backend, i in members
         }
+        removed = {}
+        for key, value in self._obj.map(maps.BE_GONE).lookup_batch():
+            if int(value.service_id) == installed.id:
+                backend_id = int(key)
+                removed[maps.backend_from(value)] = self._traffic(maps.BE_STATS, backend_id)
         return ServiceStats(
             installed.service,
             total.packets,
@@ -60,6 +66,7 @@ class Inspector:
             backends,
             replies=self._traffic(maps.SVC_STATS, installed.id | maps.COUNTER_REPLY),
             backend_replies=replies,
+            removed_backends=removed,
         )
 
     def policy_stats(self, name: str) -> list[Traffic]:
@@ -120,6 +127,7 @@ class Inspector:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         names: dict[int, str] = {}  # not the snapshot's: this may run on another thread
         gone = 0
+        referenced: set[int] = set()
         for index, table in enumerate(maps.CT_TABLES):
             bpf_map = self._obj.map(table)
             entries = [
@@ -134,15 +142,33 @@ class Inspector:
                 now_there = bpf_map.lookup(key)
                 if now_there is None or int(now_there.last_seen_ns) != int(entry.last_seen_ns):
                     continue
-                try:
+                with contextlib.suppress(KeyError):
                     bpf_map.delete(key)
                     deleted += 1
-                except KeyError:
-                    pass
             if deleted:
                 self._count_collected(index, deleted)
             gone += deleted
+            referenced.update(
+                int(entry.backend_id)
+                for key, entry, flow in entries
+                if id(flow) in live and int(key.dir) == lib.PYEBPFLB_CT_SERVICE
+            )
+        self._forget_gone_backends(referenced)
         return gone
+
+    def _forget_gone_backends(self, referenced: set[int]) -> None:
+        """Backends that left their service, once no live flow names them: their
+        record and counters go."""
+        gone_map, counters = self._obj.map(maps.BE_GONE), self._obj.map(maps.BE_STATS)
+        for key in all_keys(gone_map):
+            backend_id = int(key)
+            if backend_id in referenced:
+                continue
+            for counter_key in maps.counter_keys(backend_id):
+                with contextlib.suppress(KeyError):
+                    counters.delete(counter_key)
+            with contextlib.suppress(KeyError):
+                gone_map.delete(key)
 
     def _count_collected(self, index: int, deleted: int) -> None:
         counters = self._obj.map(maps.CT_STATS)

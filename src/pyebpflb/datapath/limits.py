@@ -52,6 +52,7 @@ SIZED = {
     maps.MAGLEV: ("max_services", 1),
     maps.BACKENDS: ("max_backends", 1),
     maps.BE_STATS: ("max_backends", 2),  # both directions
+    maps.BE_GONE: ("max_backends", 1),
     maps.SLOTS: ("max_backends", 2),  # two generations
     maps.CT: ("max_conntrack", 1),
     maps.CT_SYN: ("max_conntrack_syn", 1),

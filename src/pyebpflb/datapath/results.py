@@ -47,6 +47,9 @@ class ServiceStats:
     backends: dict[Backend, Traffic]
     replies: Traffic = Traffic(0, 0)
     backend_replies: dict[Backend, Traffic] = attrs.field(factory=dict)
+    # Backends that left the service while flows may still name them: readable
+    # until the garbage collector finds their last flow gone.
+    removed_backends: dict[Backend, Traffic] = attrs.field(factory=dict)
 
     def _repr_html_(self) -> str:
         rows = [(str(b), t.packets, t.bytes) for b, t in self.backends.items()]
