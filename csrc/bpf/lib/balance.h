@@ -41,7 +41,8 @@
  * locals (keys, entries, a refusal's quote) need them. One slot per hook:
  * the two never run nested on one CPU (softirq context), but a slot each
  * costs nothing. (Pointers stay on the stack: the verifier forgets what a
- * pointer stored in a map value pointed to.)
+ * pointer stored in a map value pointed to. Under PREEMPT_RT, where softirqs
+ * are threads, two packets could share a slot: not a kernel for this yet.)
  */
 struct scratch {
 	struct packet pkt;
@@ -61,11 +62,14 @@ struct scratch {
 	struct pyebpflb_backend backend;
 };
 
-enum { SCRATCH_INGRESS = 0, SCRATCH_EGRESS = 1 };
+/* Explain's dry runs (BPF_PROG_TEST_RUN from user space, preemption but not
+ * softirqs off) have their own slot: a packet's softirq that interrupts one
+ * on its CPU must not overwrite the other's state. */
+enum { SCRATCH_INGRESS = 0, SCRATCH_EGRESS = 1, SCRATCH_PROBE = 2 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, struct scratch);
 } lb_scratch SEC(".maps");
@@ -87,8 +91,9 @@ static __always_inline struct scratch *slot(const struct ingress *in)
 }
 
 /* Parse the packet into this hook's slot; 0 when it goes on to the steps. */
-static __always_inline int start(struct ctx_buff *ctx, struct ingress *in, __u32 index)
+static __always_inline int start(struct ctx_buff *ctx, struct ingress *in, __u32 hook)
 {
+	__u32 index = ctx_probing(ctx) ? SCRATCH_PROBE : hook;
 	struct scratch *scratch = bpf_map_lookup_elem(&lb_scratch, &index);
 
 	if (!scratch)
