@@ -191,6 +191,8 @@ def test_service_and_backend_lists(sandbox: Sandbox, dp: lb.Datapath, applied: P
     assert data[0]["vip"] == "10.96.0.10" and len(data[0]["backends"]) == 2
     got = json.loads(cli(sandbox, "service", "get", "default/my-app-service", "-o", "json"))
     assert got[0]["packets"] == dp.stats(dp.services[0]).packets > 0
+    assert got[0]["reply_packets"] == dp.stats(dp.services[0]).replies.packets > 0
+    assert sum(b["reply_packets"] for b in got[0]["backends"]) == got[0]["reply_packets"]
     assert "10.91.1.2:8080" in cli(sandbox, "service", "get", "default/my-app-service")
     assert "no service named 'nope'" in cli(sandbox, "service", "get", "nope", ok=False)
     out = cli(sandbox, "backend", "list")

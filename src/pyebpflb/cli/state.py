@@ -140,8 +140,16 @@ def service_get(ctx: Context, name: str, output: str) -> None:
     for svc, st in zip(chosen, stats, strict=True):
         entry = service_dict(svc)
         entry["packets"], entry["bytes"] = st.packets, st.bytes
+        entry["reply_packets"], entry["reply_bytes"] = st.replies.packets, st.replies.bytes
         for b, info in zip(svc.backends, entry["backends"], strict=True):
             info["packets"], info["bytes"] = st.backends[b].packets, st.backends[b].bytes
+            replies = st.backend_replies.get(b)
+            info["reply_packets"] = replies.packets if replies else 0
+            info["reply_bytes"] = replies.bytes if replies else 0
+        entry["removed_backends"] = [
+            {"address": str(b), "packets": t.packets, "bytes": t.bytes}
+            for b, t in st.removed_backends.items()
+        ]
         data.append(entry)
     if output == "json":
         emit(output, data, lambda: ([], []))
@@ -150,13 +158,27 @@ def service_get(ctx: Context, name: str, output: str) -> None:
         click.echo(
             f"{svc.label}  scheduler {svc.scheduler.value}  affinity {svc.affinity_timeout or '-'}"
         )
-        click.echo(f"  {st.packets} packets, {st.bytes} bytes")
-        rows = [
-            (str(b), b.weight, b.state.value, st.backends[b].packets, st.backends[b].bytes)
+        click.echo(
+            f"  {st.packets} packets, {st.bytes} bytes; replies {st.replies.packets} packets,"
+            f" {st.replies.bytes} bytes"
+        )
+        rows: list[tuple[object, ...]] = [
+            (
+                str(b),
+                b.weight,
+                b.state.value,
+                st.backends[b].packets,
+                st.backends[b].bytes,
+                st.backend_replies[b].packets if b in st.backend_replies else 0,
+            )
             for b in svc.backends
         ]
+        rows += [
+            (str(b), "-", "removed", t.packets, t.bytes, "-")
+            for b, t in st.removed_backends.items()
+        ]
         click.echo(
-            table(rows, ["backend", "weight", "state", "packets", "bytes"])
+            table(rows, ["backend", "weight", "state", "packets", "bytes", "replies"])
             if rows
             else "  (no backends)"
         )
