@@ -183,6 +183,7 @@ def test_conntrack_lists_live_flows_only_unless_asked_for_the_dead() -> None:
         dead = dp.conntrack(include_dead=True)
         assert sorted(f.kind for f in dead) == ["reply", "service"]
         assert [f.expires_in for f in dead if f.kind == "service"] == [0.0]
+        assert dp.flows() == [] and len(dp.flows(include_dead=True)) == 2
 
 
 @pytest.mark.parametrize("family", [4, 6])

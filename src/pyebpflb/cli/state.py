@@ -234,12 +234,15 @@ def ct() -> None:
 
 
 @ct.command("list")
+@click.option(
+    "--all", "include_dead", is_flag=True, help="Also the dead entries not yet collected."
+)
 @OUTPUT
 @pass_context
-def ct_list(ctx: Context, output: str) -> None:
-    """Tracked flows: kind, flow, backend, age, expiry."""
+def ct_list(ctx: Context, include_dead: bool, output: str) -> None:
+    """Live tracked flows: kind, flow, backend, age, expiry."""
     with ctx.datapath() as dp:
-        flows = sorted(dp.flows(), key=lambda f: (f.kind, f.age))
+        flows = sorted(dp.flows(include_dead=include_dead), key=lambda f: (f.kind, f.age))
     emit(
         output,
         [f.to_dict() for f in flows],

@@ -298,15 +298,17 @@ class Datapath:
         self._live()
         return self._inspector.map_infos()
 
-    def flows(self) -> list[Flow]:
-        """The conntrack entries, decoded: balanced flows, their replies, and the flows
-        policy lets answers through for."""
-        return self._inspector.flows(self._fresh())
+    def flows(self, *, include_dead: bool = False) -> list[Flow]:
+        """The live conntrack entries, decoded: balanced flows, their replies, and the
+        flows policy lets answers through for; ``include_dead`` adds the dead ones
+        still in the tables (see :meth:`conntrack`)."""
+        return self._inspector.flows(self._fresh(), live_only=not include_dead)
 
     def conntrack(self, *, include_dead: bool = False) -> list[Flow]:
         """The live balanced flows' entries (service and reply), decoded. Entries
-        that expired, or reply entries whose flow is gone, are still in the map
-        until a packet meets them; ``include_dead`` lists those too."""
+        that expired, or reply entries whose flow is gone, stay in the tables
+        until a packet meets them or the garbage collector runs; ``include_dead``
+        lists those too."""
         return self._inspector.flows(self._fresh(), maps.CT_TABLES, live_only=not include_dead)
 
     def collect_garbage(self) -> int:
