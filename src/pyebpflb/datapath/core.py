@@ -65,7 +65,8 @@ class Datapath:
     ``ct_gc_interval``: every so many seconds a thread of this object deletes
     the conntrack entries that expired (:meth:`collect_garbage`); ``None``: only
     when asked. The LRU tables never overflow, but without it the dead fill
-    them, and their fill level says nothing.
+    them, and their fill level says nothing; the counters of backends that
+    left their service are also freed only by it (once their last flow ends).
     ``hairpin_addresses`` (IPv4, IPv6) are the sources a backend sees when it
     called its own service and was chosen (hairpin): its answers to them come
     back through the datapath. Routed towards the datapath, used by nothing
