@@ -4,10 +4,14 @@ the next connection, and a live flow's tuple is never taken over."""
 
 from __future__ import annotations
 
+import gc
+import os
 import time
+import weakref
 from collections.abc import Iterator
 
 import pytest
+from conftest import PIN_ROOT
 from lbtest import TC_ACT_OK, TC_ACT_SHOT, bad_checksums, datapath, packet, run
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
@@ -347,3 +351,18 @@ def test_a_removed_backends_counters_stay_readable_until_its_last_flow_ends(
     dp.collect_garbage()
     assert dp.stats(svc).removed_backends == {}
     assert len(list(dp._object.map(maps.BE_GONE))) == 0
+
+
+def test_the_collector_thread_does_not_keep_a_forgotten_datapath_alive() -> None:
+    name = f"t{os.getpid()}-forgotten"
+    forgotten = lb.Datapath(name, pin_root=PIN_ROOT, ct_gc_interval=0.1)
+    ref, thread = weakref.ref(forgotten), forgotten._gc_thread
+    assert thread is not None and thread.is_alive()
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del forgotten
+        gc.collect()
+    assert ref() is None
+    thread.join(timeout=5.0)
+    assert not thread.is_alive()
+    with lb.Datapath(name, pin_root=PIN_ROOT, create=False):
+        pass  # adopted through its pins, and destroyed on close

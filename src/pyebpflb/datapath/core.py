@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, overload
 
@@ -136,9 +137,10 @@ class Datapath:
         self._gc_stop = threading.Event()
         self._gc_thread: threading.Thread | None = None
         if ct_gc_interval is not None:
+            # A weak reference: the thread must not keep a forgotten Datapath alive.
             self._gc_thread = threading.Thread(
-                target=self._collect_every,
-                args=(float(ct_gc_interval),),
+                target=_collect_every,
+                args=(weakref.ref(self), self._gc_stop, float(ct_gc_interval)),
                 name=f"pyebpflb-gc-{name}",
                 daemon=True,
             )
@@ -320,15 +322,6 @@ class Datapath:
         self._live()
         return self._inspector.collect_garbage(self._object.map(maps.CONFIG)[0])
 
-    def _collect_every(self, interval: float) -> None:
-        while not self._gc_stop.wait(interval):
-            try:
-                self.collect_garbage()
-            except DatapathClosed:
-                return
-            except Exception:  # keep collecting; say why once each time
-                logger.exception("pyebpflb: conntrack garbage collection of %s failed", self.name)
-
     def _stop_gc(self) -> None:
         self._gc_stop.set()
         if self._gc_thread is not None and self._gc_thread is not threading.current_thread():
@@ -449,7 +442,10 @@ class Datapath:
         self.close()
 
     def __del__(self) -> None:
-        obj = getattr(self, "_obj", None)
+        stop = getattr(self, "_gc_stop", None)
+        if stop is not None:
+            stop.set()
+        obj = getattr(self, "_object", None)
         if obj is not None and not obj.closed:
             warnings.warn(
                 f"unclosed {self!r}: call close() or use `with`", ResourceWarning, stacklevel=2
@@ -480,3 +476,18 @@ class Datapath:
 def _check_name(name: object) -> None:
     if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > NAME_MAX:
         raise ValueError(f"datapath name must be 1 to {NAME_MAX} bytes without '/', got {name!r}")
+
+
+def _collect_every(ref: weakref.ref[Datapath], stop: threading.Event, interval: float) -> None:
+    """The collector thread: every ``interval`` seconds, while the datapath lives."""
+    while not stop.wait(interval):
+        datapath = ref()
+        if datapath is None:
+            return
+        try:
+            datapath.collect_garbage()
+        except DatapathClosed:
+            return
+        except Exception:  # keep collecting; say why each time
+            logger.exception("pyebpflb: conntrack garbage collection of %s failed", datapath.name)
+        del datapath
