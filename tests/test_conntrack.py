@@ -216,6 +216,8 @@ def test_a_backend_calling_its_own_service_is_answered_through_the_hairpin_addre
     assert bad_checksums(back) == []
     (flow,) = [f for f in dp.conntrack() if f.kind == "service"]
     assert flow.backend == (f"{backend}:8080" if family == 4 else f"[{backend}]:8080")
+    assert kinds_in(dp, maps.CT) == [0, 1]  # answered: on to the established table
+    assert dp.stats(dp.services[0]).replies.packets == 1
 
 
 def test_a_packet_to_the_hairpin_address_of_no_flow_is_left_alone(dp: lb.Datapath) -> None:

@@ -398,18 +398,25 @@ static __always_inline int hairpin_reply(struct ctx_buff *ctx, struct ingress *i
 	struct pyebpflb_ct_entry *reply, *flow;
 	struct pyebpflb_ct_key key;
 	union pyebpflb_addr client, vip;
+	__u32 service_id, backend_id;
 	__u16 vip_port;
 
 	ct_key_of(&key, in->pkt, PYEBPFLB_CT_REPLY);
-	/* (A hairpin TCP flow stays in lb_ct_syn: confirming it here would cost
-	 * the ingress stack the copies; it keeps its established timeout.) */
 	reply = ct_lookup_reply(&key, in->pkt, in->cfg, slot(in)->now, &flow, &in->flow_at);
 	if (!reply || !(reply->flags & PYEBPFLB_CT_HAIRPIN))
 		return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
 	client = in->pkt->saddr;
 	vip = reply->nat_addr;
 	vip_port = reply->nat_port;
+	service_id = flow->service_id;
+	backend_id = flow->backend_id;
 	ct_touch(flow, in->pkt, slot(in)->now, 1);
+	if (in->flow_at.unconfirmed)
+		ct_confirm(&key, reply, flow, in->pkt);
+	if (!in->pkt->dry) {
+		count_reply(&lb_svc_stats, service_id, ctx_len(ctx));
+		count_reply(&lb_be_stats, backend_id, ctx_len(ctx));
+	}
 	if (snat(ctx, in->pkt, &vip, vip_port) ||
 	    rewrite_addr(ctx, in->pkt, daddr_off(in->pkt), &in->pkt->daddr, &client, 1))
 		return CTX_DROP;
