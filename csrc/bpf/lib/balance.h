@@ -23,6 +23,7 @@
 #include "lib/drops.h"
 #include "lib/events.h"
 #include "lib/icmp.h"
+#include "lib/keep.h"
 #include "lib/nat.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
@@ -105,6 +106,7 @@ static __always_inline int start(struct ctx_buff *ctx, struct ingress *in, __u32
 	in->cfg = config();
 	if (!in->cfg)
 		return -1;
+	keep_maps(in->cfg);
 	/* Jiffy resolution is plenty for timeouts of seconds, at a fraction of the cost. */
 	slot(in)->now = bpf_ktime_get_coarse_ns();
 	in->policy = policy_head(in->cfg);

@@ -107,7 +107,7 @@ def delete(ctx: Context, path: str, output: str) -> None:
     """Remove the Services of a manifest."""
     wanted = _translate(path)
     names = {s.name for s in wanted}
-    with ctx.datapath() as dp:
+    with ctx.datapath(writes=True) as dp:
         before = dp.services
         kept = [s for s in before if s.name not in names]
         dp.sync(kept)

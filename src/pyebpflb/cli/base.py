@@ -47,7 +47,9 @@ class Context:
         self.pin_root = pin_root
 
     @contextmanager
-    def datapath(self, *, create: bool = False) -> Iterator[Datapath]:
+    def datapath(self, *, create: bool = False, writes: bool = False) -> Iterator[Datapath]:
+        """The named datapath, kept running when the command ends. A command that only
+        reads (``writes`` False) makes no pins: a look leaves no trace."""
         from pyebpflb.datapath import DEFAULT_PIN_ROOT, Datapath
         from pyebpflb.errors import PyEbpfLbError
 
@@ -56,6 +58,7 @@ class Context:
                 self.name,
                 persist=True,
                 create=create,
+                pin=create or writes,
                 netns=self.netns,
                 pin_root=self.pin_root or DEFAULT_PIN_ROOT,
             )

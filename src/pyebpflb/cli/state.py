@@ -269,7 +269,7 @@ def ct_list(ctx: Context, include_dead: bool, output: str) -> None:
 @pass_context
 def ct_flush(ctx: Context, output: str) -> None:
     """Forget every tracked flow."""
-    with ctx.datapath() as dp:
+    with ctx.datapath(writes=True) as dp:
         count = dp.flush_conntrack()
     if output == "json":
         emit(output, {"flushed": count}, lambda: ([], []))
@@ -282,7 +282,7 @@ def ct_flush(ctx: Context, output: str) -> None:
 @pass_context
 def ct_gc(ctx: Context, output: str) -> None:
     """Delete the dead entries now (expired flows, reply halves without their flow)."""
-    with ctx.datapath() as dp:
+    with ctx.datapath(writes=True) as dp:
         count = dp.collect_garbage()
     if output == "json":
         emit(output, {"collected": count}, lambda: ([], []))

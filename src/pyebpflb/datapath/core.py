@@ -54,7 +54,9 @@ class Datapath:
     ``netns`` names a network namespace (``ip netns`` name or path) to work in
     from outside it. ``create=False`` only adopts, keeping the datapath's
     settings (timeouts, events): without an existing datapath of that name it
-    raises :class:`~pyebpflb.errors.NotFound`.
+    raises :class:`~pyebpflb.errors.NotFound`. ``pin=False`` makes no pins (an
+    adopted datapath is found again through its attached programs): a look at
+    a running datapath leaves no trace.
     ``events`` chooses the flow events the kernel sends ("trace", "drop",
     "policy"), ``event_rate`` how many a second each CPU may send.
     Balanced flows are tracked in three tables (entries: two a flow), so that
@@ -99,6 +101,7 @@ class Datapath:
         hairpin_addresses: tuple[str, str] = ("169.254.42.1", "fd00:eb1b:42::1"),
         ct_gc_interval: float | None = 60.0,
         create: bool = True,
+        pin: bool = True,
     ) -> None:
         _check_name(name)
         if ct_gc_interval is not None and (
@@ -126,6 +129,7 @@ class Datapath:
             ct_timeouts, events, event_rate, maglev_table_size, hairpin_addresses
         )
         self.name, self.persist, self.netns, self.create = name, persist, netns, create
+        self.pin = pin
         self.pin_root = os.fspath(pin_root)
         self._open(wanted)
         programs = {d: self._object.program(f"lb_{d.value}") for d in Direction}
@@ -156,7 +160,8 @@ class Datapath:
             self.adopted = bool(existing)
             self._object: LoadedObject = adopt.load(self.name, self.limits.sizes(), existing)
         try:
-            adopt.pin_maps(self._object, self.pin_dir)
+            if self.pin:
+                adopt.pin_maps(self._object, self.pin_dir)
             self.settings = adopt.write_config(
                 self._object, self.name, wanted, adopted=self.adopted, keep=not self.create
             )

@@ -1,0 +1,90 @@
+"""State that survives the process that made it (issue 13), tried the way people run
+tools in a namespace: separate `ip netns exec` invocations, each its own mount namespace
+with its own bpffs, so the pins of one are gone for the next."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+from conftest import PIN_ROOT
+from namespaces import VethPair, veth_pair
+
+pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
+
+PYEBPFLB = os.path.join(os.path.dirname(sys.executable), "pyebpflb")
+
+SETUP = textwrap.dedent(
+    """
+    import sys
+    import pyebpflb as lb
+    name, iface, pin_root = sys.argv[1:4]
+    dp = lb.Datapath(name, persist=True, pin_root=pin_root)
+    dp.attach(iface)
+    dp.sync([
+        lb.Service("10.96.0.10", 80, name="default/web", backends=[lb.Backend("10.0.1.1", 8080)]),
+        lb.Service("10.96.0.11", 53, protocol="udp", name="kube-system/dns",
+                   backends=[lb.Backend("10.0.1.2", 53)]),
+    ], [lb.Policy("only-clients", [lb.Rule("allow", "10.1.0.0/16")], default="allow")])
+    dp.close()
+    """
+)
+
+
+CHECK_AND_DESTROY = textwrap.dedent(
+    """
+    import sys
+    import pyebpflb as lb
+    name, pin_root = sys.argv[1:3]
+    dp = lb.Datapath(name, persist=True, pin_root=pin_root, create=False)
+    print(*[p.name for p in dp.policies], len(dp.services))
+    dp.destroy()
+    """
+)
+
+
+@pytest.fixture
+def pair() -> Iterator[VethPair]:
+    with veth_pair(subnet=77) as made:
+        yield made
+
+
+def in_netns(netns: str, *command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *command], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_datapath_made_under_ip_netns_exec_is_found_whole_by_the_next_one(
+    pair: VethPair,
+) -> None:
+    netns, name = pair.right.netns, f"t{os.getpid()}-survive"
+    made = in_netns(netns, sys.executable, "-c", SETUP, name, pair.right.iface, str(PIN_ROOT))
+    assert made.returncode == 0, made.stderr
+    # A second `ip netns exec`: a new mount namespace, a new empty bpffs, no pins.
+    cli = [PYEBPFLB, "--datapath", name, "--pin-root", str(PIN_ROOT)]
+    listed = in_netns(netns, *cli, "service", "list", "-o", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(s["name"] for s in json.loads(listed.stdout)) == [
+        "default/web",
+        "kube-system/dns",
+    ]
+    # From outside the namespace, through --netns (the host's bpffs, no pins there).
+    outside = subprocess.run(
+        [*cli, "--netns", netns, "service", "list", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert outside.returncode == 0, outside.stderr
+    assert len(json.loads(outside.stdout)) == 2
+    assert not (PIN_ROOT / name).exists()  # a read-only command pins nothing
+    # A third, in Python: the policy with its name, and then it is torn down.
+    peek = in_netns(netns, sys.executable, "-c", CHECK_AND_DESTROY, name, str(PIN_ROOT))
+    assert peek.returncode == 0, peek.stderr
+    assert peek.stdout.split() == ["only-clients", "2"]
