@@ -366,5 +366,4 @@ def test_the_collector_thread_does_not_keep_a_forgotten_datapath_alive() -> None
     assert ref() is None
     thread.join(timeout=5.0)
     assert not thread.is_alive()
-    with lb.Datapath(name, pin_root=PIN_ROOT, create=False):
-        pass  # adopted through its pins, and destroyed on close
+    lb.Datapath(name, pin_root=PIN_ROOT, create=False).destroy()  # adopted through its pins

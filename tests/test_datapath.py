@@ -341,6 +341,7 @@ def test_datapath_is_adopted_under_ip_netns_exec_without_a_shared_bpffs(veth: Ve
     assert out.split("\n")[0] == f"True ['first'] ['{host.iface}']"
     with lb.Datapath(name, pin_root=PIN_ROOT, netns=host.netns) as again:
         assert [s.name for s in again.services] == ["first", "added-by-the-second"]
+        again.destroy()  # adopted: closing alone would leave it running
     with entered(host.netns):
         assert tc.query(host.iface, "ingress", handle=0xEB1B) is None
 

@@ -15,6 +15,8 @@ import pytest
 from conftest import PIN_ROOT
 from namespaces import VethPair, veth_pair
 
+import pyebpflb as lb
+
 pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
 PYEBPFLB = os.path.join(os.path.dirname(sys.executable), "pyebpflb")
@@ -88,3 +90,17 @@ def test_a_datapath_made_under_ip_netns_exec_is_found_whole_by_the_next_one(
     peek = in_netns(netns, sys.executable, "-c", CHECK_AND_DESTROY, name, str(PIN_ROOT))
     assert peek.returncode == 0, peek.stderr
     assert peek.stdout.split() == ["only-clients", "2"]
+
+
+def test_a_peek_with_create_false_leaves_the_datapath_serving(pair: VethPair) -> None:
+    name = f"t{os.getpid()}-peek"
+    made = lb.Datapath(name, persist=True, pin_root=PIN_ROOT, netns=pair.right.netns)
+    made.attach(pair.right.iface)
+    made.upsert(lb.Service("10.96.0.10", 80, name="default/web"))
+    made.close()
+    # A notebook's look at the running load balancer (persist defaults to False).
+    with lb.Datapath(name, pin_root=PIN_ROOT, netns=pair.right.netns, create=False) as peek:
+        assert [s.name for s in peek.services] == ["default/web"]
+    with lb.Datapath(name, pin_root=PIN_ROOT, netns=pair.right.netns, create=False) as again:
+        assert again.interfaces == [pair.right.iface]  # still attached and serving
+        again.destroy()

@@ -48,9 +48,11 @@ NAME_MAX = DATAPATH_NAME_MAX
 class Datapath:
     """Service load balancing in the kernel, as one object.
 
-    ``persist=False`` (the default): closing detaches the programs and
-    removes the pins. ``persist=True``: closing leaves everything running, and
-    a later ``Datapath`` of the same name adopts it without a dropped packet.
+    ``persist=False`` (the default): closing a datapath this object made
+    detaches the programs and removes the pins. ``persist=True``: closing
+    leaves everything running, and a later ``Datapath`` of the same name adopts
+    it without a dropped packet. Closing a datapath that was adopted never
+    tears it down, whatever ``persist`` says: only :meth:`destroy` does.
     ``netns`` names a network namespace (``ip netns`` name or path) to work in
     from outside it. ``create=False`` only adopts, keeping the datapath's
     settings (timeouts, events): without an existing datapath of that name it
@@ -411,11 +413,14 @@ class Datapath:
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
-        """Release this object; without ``persist`` also detach and unpin (see :meth:`destroy`)."""
+        """Release this object. A datapath this object made, without ``persist``, is
+        also detached and unpinned (see :meth:`destroy`); one it adopted is never torn
+        down by closing (a look at a running load balancer must not stop it): only
+        :meth:`destroy` does that."""
         self._stop_gc()
         if self._object.closed:
             return
-        if not self.persist:
+        if not self.persist and not self.adopted:
             self.destroy()
             return
         self._object.close()
