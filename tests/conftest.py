@@ -49,8 +49,10 @@ def nothing_left_behind() -> Iterator[None]:
     demo_pins = sorted(
         str(p) for p in DEFAULT_PIN_ROOT.glob("*") if p.name.startswith(("demo-", "bench"))
     )
+    locks = sorted(str(p) for p in pathlib.Path("/run/pyebpflb").glob(f"t{pid}-*.lock"))
     assert not left, f"network namespaces left behind: {left}"
     assert not pins, f"pins left behind: {pins}"
+    assert not locks, f"writer lock files left behind: {locks}"
     assert not demo_pins, f"demo datapaths left behind: {demo_pins}"
 
 

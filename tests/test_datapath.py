@@ -17,8 +17,8 @@ from scapy.layers.inet import IP
 
 import pyebpflb as lb
 from pyebpflb._bpf import Map, MapType, tc
-from pyebpflb._bpf.netns import entered
-from pyebpflb.datapath import apply
+from pyebpflb._bpf.netns import current_id, entered
+from pyebpflb.datapath import apply, lock
 
 pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
@@ -270,6 +270,7 @@ def test_a_datapath_of_another_layout_is_refused_naming_each_difference(
     for pin in folder.iterdir():
         pin.unlink()
     folder.rmdir()
+    os.unlink(lock.path_for(name, current_id()))  # the first one's writer lock
 
 
 def test_attach_is_idempotent_and_close_detaches(veth: VethPair) -> None:

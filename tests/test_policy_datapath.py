@@ -3,6 +3,7 @@ bad input that changes nothing, adoption by another Datapath."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -156,7 +157,7 @@ def test_bad_arguments() -> None:
 
 
 def test_a_persisted_datapath_keeps_its_policies(pin_dir: Any) -> None:
-    name = "pol-persist"
+    name = f"t{os.getpid()}-pol-persist"
     first = lb.Datapath(name, pin_root=pin_dir, persist=True)
     try:
         first.sync([WEB], [SOURCE_RANGES])
@@ -172,3 +173,4 @@ def test_a_persisted_datapath_keeps_its_policies(pin_dir: Any) -> None:
         second.upsert_policy(Policy("web-sources", SOURCE_RANGES.rules))
         assert run(second, "lb_ingress", syn("10.2.0.1", "10.5.5.5"))[0] == TC_ACT_OK
         assert len(list(second._object.map("lb_pol_cidrs"))) == 2
+        second.destroy()  # adopted: closing alone would leave it

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -104,3 +105,51 @@ def test_a_peek_with_create_false_leaves_the_datapath_serving(pair: VethPair) ->
     with lb.Datapath(name, pin_root=PIN_ROOT, netns=pair.right.netns, create=False) as again:
         assert again.interfaces == [pair.right.iface]  # still attached and serving
         again.destroy()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    import pyebpflb as lb
+    name, pin_root, netns, first, start_at = sys.argv[1:6]
+    dp = lb.Datapath(name, persist=True, pin_root=pin_root, netns=netns, create=False)
+    while time.time() < float(start_at):
+        pass
+    base = int(first)
+    for i in range(200):
+        dp.upsert(lb.Service(f"10.97.{base + i // 200}.{i % 200 + 1}", 80, name=f"w{base}/{i}",
+                             backends=[lb.Backend(f"10.0.{base}.{i % 250 + 1}", 8080)]))
+    dp.close()
+    """
+)
+
+
+def test_two_processes_upserting_at_once_lose_no_update(pair: VethPair) -> None:
+    name = f"t{os.getpid()}-writers"
+    with lb.Datapath(name, persist=True, pin_root=PIN_ROOT, netns=pair.right.netns) as made:
+        made.attach(pair.right.iface)
+    start_at = str(time.time() + 1.0)  # both begin at the same instant
+    writers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WRITER,
+                name,
+                str(PIN_ROOT),
+                pair.right.netns,
+                str(first),
+                start_at,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for first in (1, 2)
+    ]
+    errors = [w.communicate(timeout=120)[1] for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], errors
+    with lb.Datapath(name, pin_root=PIN_ROOT, netns=pair.right.netns, create=False) as dp:
+        names = {s.name for s in dp.services}
+        backends = sum(len(s.backends) for s in dp.services)
+        dp.destroy()
+    assert len(names) == 400 and backends == 400

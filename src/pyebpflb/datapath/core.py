@@ -3,6 +3,7 @@ package's docstring). It checks arguments, keeps the lifetime, and delegates."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -15,8 +16,8 @@ from typing import Any, overload
 from pyebpflb import events as events_mod
 from pyebpflb import maglev, maps
 from pyebpflb._bpf import LoadedObject
-from pyebpflb._bpf.netns import entered
-from pyebpflb.datapath import adopt, explain, notebook
+from pyebpflb._bpf.netns import current_id, entered
+from pyebpflb.datapath import adopt, explain, lock, notebook
 from pyebpflb.datapath.apply import Programmer
 from pyebpflb.datapath.hooks import Hooks
 from pyebpflb.datapath.inspect import Inspector
@@ -156,6 +157,7 @@ class Datapath:
         """Adopt the datapath of this name, or load a new one; pin and configure it."""
         with entered(self.netns):
             self.pin_dir = adopt.pin_dir_for(self.pin_root, self.name)
+            self._lock_path = lock.path_for(self.name, current_id())
             existing = adopt.find_existing(self.name, self.pin_dir)
             if not existing and not self.create:
                 raise adopt.missing(self.name, self.netns, self.pin_dir)
@@ -218,29 +220,41 @@ class Datapath:
         ]
 
     # -- programming ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One change at a time across processes (lock.py); each reads the state again
+        once it holds the lock, so it plans against every earlier change."""
+        self._live()
+        with lock.held(self._lock_path):
+            yield
+
     def sync(self, services: Iterable[Service], policies: Iterable[Policy] | None = None) -> None:
         """Make the kernel hold exactly ``services`` (and ``policies``, unless None:
         then the installed policies stay); all or nothing."""
-        self._live()
-        self._programmer.sync(services, None if policies is None else list(policies))
+        with self._writing():
+            self._programmer.sync(services, None if policies is None else list(policies))
 
     def upsert(self, service: Service) -> None:
         """Install ``service`` or replace the one with its vip, port and protocol."""
-        self._live()
-        self._programmer.upsert(service)
+        with self._writing():
+            self._programmer.upsert(service)
 
     def remove(self, service: Service) -> bool:
         """Remove the service with ``service``'s vip, port and protocol; False if none."""
-        self._live()
         if not isinstance(service, Service):
             raise ValueError(f"remove takes a Service, got {service!r}")
-        return self._programmer.remove(service.key)
+        with self._writing():
+            return self._programmer.remove(service.key)
 
     def upsert_policy(self, policy: Policy) -> None:
         """Install ``policy`` or replace the one of its name."""
-        self._fresh()
         if not isinstance(policy, Policy):
             raise ValueError(f"expected a Policy, got {policy!r}")
+        with self._writing():
+            self._upsert_policy(policy)
+
+    def _upsert_policy(self, policy: Policy) -> None:
+        self._fresh()
         current = [p for _, p in self._state.policy.policies.values()]
         if policy in current:
             return
@@ -253,10 +267,14 @@ class Datapath:
 
     def remove_policy(self, policy: Policy | str) -> bool:
         """Remove the policy of ``policy``'s name (or the name given); False if none."""
-        self._fresh()
         name = policy.name if isinstance(policy, Policy) else policy
         if not isinstance(name, str):
             raise ValueError(f"remove_policy takes a Policy or a policy name, got {policy!r}")
+        with self._writing():
+            return self._remove_policy(name)
+
+    def _remove_policy(self, name: str) -> bool:
+        self._fresh()
         installed = self._state.policy.policies
         if name not in installed:
             return False
@@ -435,6 +453,8 @@ class Datapath:
             path = os.path.join(self.pin_dir, map_name)
             if os.path.exists(path):
                 bpf_map.unpin(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._lock_path)  # no writer is left for a destroyed datapath
         # Remove the now empty folders up to and including pin_root.
         folder = self.pin_dir
         while folder.startswith(self.pin_root):
