@@ -290,9 +290,16 @@ def test_attach_refuses_an_interface_that_runs_another_datapath(veth: VethPair) 
     host = veth.right
     with datapath("one", netns=host.netns) as one, datapath("two", netns=host.netns) as two:
         one.attach(host.iface)
-        with pytest.raises(lb.PyEbpfLbError, match="already runs another pyebpflb datapath"):
+        with pytest.raises(
+            lb.PyEbpfLbError, match=rf"already runs another pyebpflb datapath '{one.name}'"
+        ):
             two.attach(host.iface)
         assert one.interfaces == [host.iface] and two.interfaces == []
+        with pytest.raises(lb.NotFound, match=r"not attached there; it runs on no interface"):
+            two.detach(host.iface)
+        with pytest.raises(lb.NotFound, match=r"lo: .*not attached there; it runs on veth-r"):
+            one.detach("lo")
+        assert one.interfaces == [host.iface]  # nothing changed
 
 
 def test_same_name_in_two_namespaces_are_two_datapaths(veth: VethPair) -> None:

@@ -201,7 +201,9 @@ class Datapath:
         return Attachment(iface, links[Direction.INGRESS], links[Direction.EGRESS])
 
     def detach(self, iface: str) -> None:
-        """Stop balancing on ``iface`` (also when another process attached it)."""
+        """Stop balancing on ``iface`` (also when another process attached it);
+        :class:`~pyebpflb.errors.NotFound`, changing nothing, when this datapath is
+        not attached there."""
         self._live()
         self._hooks.detach(iface)
 

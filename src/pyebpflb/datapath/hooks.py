@@ -4,6 +4,7 @@ here? whose? which interfaces?) goes through one iterator, :func:`filters`."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Iterable, Iterator
@@ -12,8 +13,9 @@ import attrs
 
 from pyebpflb import maps
 from pyebpflb._bpf import Map, Program, TcLink, tc
+from pyebpflb._bpf._libbpf import ffi
 from pyebpflb._bpf.netns import entered
-from pyebpflb.errors import BpfError, PyEbpfLbError
+from pyebpflb.errors import BpfError, NotFound, PyEbpfLbError
 from pyebpflb.model import Direction
 
 logger = logging.getLogger("pyebpflb")
@@ -65,6 +67,26 @@ def maps_by_id(ids: Iterable[int]) -> dict[str, Map]:
     return found
 
 
+def datapath_of_program(prog_id: int) -> str | None:
+    """The name of the pyebpflb datapath program ``prog_id`` belongs to (its lb_config's)."""
+    found = maps_of_program(prog_id)
+    try:
+        config = found.get(maps.CONFIG)
+        if config is None:
+            return None
+        raw = config[0]
+        value = (
+            ffi.cast("struct pyebpflb_lb_config *", ffi.from_buffer(raw))
+            if isinstance(raw, bytes)
+            else raw
+        )
+        return bytes(ffi.string(value.name)).decode(errors="replace") or None
+    except BpfError:
+        return None
+    finally:
+        close_all(found)
+
+
 def close_all(found: dict[str, Map]) -> dict[str, Map]:
     for bpf_map in found.values():
         bpf_map.close()
@@ -98,9 +120,12 @@ class Hooks:
             current = {f.direction: f for f in filters(iface=iface)}
             for found in current.values():
                 if not self.owns(found.prog_id):
+                    other = datapath_of_program(found.prog_id)
+                    named = f" {other!r}" if other else ""
                     raise PyEbpfLbError(
-                        f"{iface} {found.direction.value} already runs another pyebpflb datapath "
-                        f"(program id {found.prog_id}); destroy that one or use another interface"
+                        f"{iface} {found.direction.value} already runs another pyebpflb "
+                        f"datapath{named} (program id {found.prog_id}); detach or destroy that "
+                        "one, or use another interface"
                     )
             links: dict[Direction, TcLink] = {}
             try:
@@ -117,11 +142,19 @@ class Hooks:
         return links
 
     def detach(self, iface: str | None = None) -> None:
-        """Remove our filters from ``iface`` (None: from every interface)."""
+        """Remove our filters from ``iface`` (None: from every interface). Naming an
+        interface this datapath is not attached to raises :class:`NotFound`."""
         with entered(self.netns):
-            for f in list(filters(iface=iface)):
-                if not self.owns(f.prog_id):
-                    continue
+            ours = [f for f in filters(iface=iface) if self.owns(f.prog_id)]
+            if iface is not None and not ours:
+                attached = sorted({f.iface for f in filters() if self.owns(f.prog_id)})
+                raise NotFound(
+                    errno.ENOENT,
+                    f"detach from {iface}",
+                    "this datapath is not attached there; it runs on "
+                    + (", ".join(attached) if attached else "no interface"),
+                )
+            for f in ours:
                 link = TcLink(
                     f.ifindex, f.direction, LB_HANDLE, LB_PRIORITY, f.prog_id, created_qdisc=True
                 )
