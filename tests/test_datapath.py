@@ -37,7 +37,7 @@ def test_sync_removes_what_is_not_listed_and_upsert_replaces() -> None:
         dp.sync([service(4, "udp", port=53)])
         assert dp.services == [service(4, "udp", port=53)]
         renamed = service(4, "udp", port=53, name="kube-system/dns", count=1)
-        dp.upsert(renamed)
+        dp.upsert(renamed, replace=True)  # another name: replacing is said
         assert dp.services == [renamed]
         assert dp.remove(renamed) is True
         assert dp.remove(renamed) is False

@@ -99,7 +99,7 @@ def test_service_rules_follow_the_service_name() -> None:
         dp.sync([WEB, other], [SOURCE_RANGES])
         assert run(dp, "lb_ingress", syn("10.2.0.1", "10.96.0.11"))[0] == TC_ACT_SHOT
         # "api" becomes "web" too: the rules naming web now cover it.
-        dp.upsert(lb.Service("10.96.0.11", 80, name="web", backends=other.backends))
+        dp.upsert(lb.Service("10.96.0.11", 80, name="web", backends=other.backends), replace=True)
         dp.flush_conntrack()
         assert run(dp, "lb_ingress", syn("10.1.2.3", "10.96.0.11"))[0] == TC_ACT_OK
 

@@ -153,3 +153,20 @@ def test_two_processes_upserting_at_once_lose_no_update(pair: VethPair) -> None:
         backends = sum(len(s.backends) for s in dp.services)
         dp.destroy()
     assert len(names) == 400 and backends == 400
+
+
+def test_upsert_of_a_frontend_another_service_holds_raises_unless_told_to_replace() -> None:
+    with lb.Datapath(f"t{os.getpid()}-takeover", pin_root=PIN_ROOT) as dp:
+        dp.upsert(lb.Service("10.96.0.10", 80, name="default/a"))
+        with pytest.raises(
+            ValueError,
+            match=r"10\.96\.0\.10:80/tcp is held by service 'default/a', not 'default/b': "
+            r"upsert\(\.\.\., replace=True\) takes it over",
+        ):
+            dp.upsert(lb.Service("10.96.0.10", 80, name="default/b"))
+        assert [s.name for s in dp.services] == ["default/a"]  # nothing changed
+        dp.upsert(
+            lb.Service("10.96.0.10", 80, name="default/a", backends=[lb.Backend("10.0.1.1", 80)])
+        )
+        dp.upsert(lb.Service("10.96.0.10", 80, name="default/b"), replace=True)
+        assert [s.name for s in dp.services] == ["default/b"]

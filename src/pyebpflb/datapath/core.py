@@ -38,7 +38,7 @@ from pyebpflb.datapath.state import State, event_names, read_policy_state, read_
 from pyebpflb.errors import DatapathClosed
 from pyebpflb.events import EventStats, FlowEvent
 from pyebpflb.layout import DATAPATH_NAME_MAX
-from pyebpflb.model import Address, Direction, Policy, Service
+from pyebpflb.model import Address, Direction, Policy, Service, endpoint_text
 
 logger = logging.getLogger("pyebpflb")
 
@@ -236,9 +236,22 @@ class Datapath:
         with self._writing():
             self._programmer.sync(services, None if policies is None else list(policies))
 
-    def upsert(self, service: Service) -> None:
-        """Install ``service`` or replace the one with its vip, port and protocol."""
+    def upsert(self, service: Service, *, replace: bool = False) -> None:
+        """Install ``service``, or update the one with its vip, port and protocol. When
+        that one has another name (another service holds the frontend), it raises
+        ``ValueError`` and changes nothing, unless ``replace`` says to take it over."""
         with self._writing():
+            if not replace and isinstance(service, Service):
+                self._fresh()
+                held = self._state.snapshot.services.get(service.key)
+                if held is not None and held.service.name and held.service.name != service.name:
+                    frontend = (
+                        f"{endpoint_text(service.vip, service.port)}/{service.protocol.value}"
+                    )
+                    raise ValueError(
+                        f"{frontend} is held by service {held.service.name!r}, not "
+                        f"{service.name!r}: upsert(..., replace=True) takes it over"
+                    )
             self._programmer.upsert(service)
 
     def remove(self, service: Service) -> bool:
