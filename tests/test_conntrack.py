@@ -358,6 +358,7 @@ def test_a_removed_backends_counters_stay_readable_until_its_last_flow_ends(
 def test_the_collector_thread_does_not_keep_a_forgotten_datapath_alive() -> None:
     name = f"t{os.getpid()}-forgotten"
     forgotten = lb.Datapath(name, pin_root=PIN_ROOT, ct_gc_interval=0.1)
+    forgotten.upsert(web())  # it holds something: pinned
     ref, thread = weakref.ref(forgotten), forgotten._gc_thread
     assert thread is not None and thread.is_alive()
     with pytest.warns(ResourceWarning, match="unclosed"):

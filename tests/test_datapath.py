@@ -215,8 +215,10 @@ def test_ten_thousand_services_with_three_backends_sync_and_serve() -> None:
         assert len(dp._object.map("lb_backends")) == 0
 
 
-def test_maps_are_pinned_under_pin_root_and_name() -> None:
+def test_maps_are_pinned_under_pin_root_and_name_once_it_holds_something() -> None:
     with datapath("pins") as dp:
+        assert not os.path.exists(dp.pin_dir)  # nothing to keep yet
+        dp.upsert(service(4, "tcp"))
         pins = sorted(os.listdir(dp.pin_dir))
         assert dp.pin_dir == str(PIN_ROOT / dp.name)
         assert pins == sorted(dp._object.maps)
@@ -294,6 +296,13 @@ def test_attach_refuses_an_interface_that_runs_another_datapath(veth: VethPair) 
             lb.PyEbpfLbError, match=rf"already runs another pyebpflb datapath '{one.name}'"
         ):
             two.attach(host.iface)
+        three = lb.Datapath(
+            f"t{os.getpid()}-three", persist=True, pin_root=PIN_ROOT, netns=host.netns
+        )
+        with pytest.raises(lb.PyEbpfLbError, match="already runs another"):
+            three.attach(host.iface)
+        three.close()
+        assert not (PIN_ROOT / three.name).exists()  # a failed start leaves no pins
         assert one.interfaces == [host.iface] and two.interfaces == []
         with pytest.raises(lb.NotFound, match=r"not attached there; it runs on no interface"):
             two.detach(host.iface)

@@ -163,9 +163,10 @@ class Datapath:
                 raise adopt.missing(self.name, self.netns, self.pin_dir)
             self.adopted = bool(existing)
             self._object: LoadedObject = adopt.load(self.name, self.limits.sizes(), existing)
+        self._pinned = False
         try:
-            if self.pin:
-                adopt.pin_maps(self._object, self.pin_dir)
+            if self.adopted:
+                self._ensure_pins()  # a new one is pinned once it is attached or changed
             self.settings = adopt.write_config(
                 self._object, self.name, wanted, adopted=self.adopted, keep=not self.create
             )
@@ -198,6 +199,7 @@ class Datapath:
         without dropping traffic."""
         self._live()
         links = self._hooks.attach(iface)
+        self._ensure_pins()
         return Attachment(iface, links[Direction.INGRESS], links[Direction.EGRESS])
 
     def detach(self, iface: str) -> None:
@@ -229,6 +231,14 @@ class Datapath:
         self._live()
         with lock.held(self._lock_path):
             yield
+        self._ensure_pins()
+
+    def _ensure_pins(self) -> None:
+        """Pin the maps (unless ``pin=False``): an adopted datapath at once, a new one
+        when it is first attached or changed, so a failed start leaves no pins."""
+        if self.pin and not self._pinned:
+            adopt.pin_maps(self._object, self.pin_dir)
+            self._pinned = True
 
     def sync(self, services: Iterable[Service], policies: Iterable[Policy] | None = None) -> None:
         """Make the kernel hold exactly ``services`` (and ``policies``, unless None:
