@@ -392,6 +392,28 @@ static __always_inline int icmp_ingress(struct ctx_buff *ctx, struct ingress *in
 }
 
 /*
+ * A backend's answer in a live flow (under REPLY key `key`): the flow's life is
+ * kept on its SERVICE entry, which answers refresh and mark answered; an
+ * unconfirmed TCP flow moves on to lb_ct; the answer is counted as a reply of
+ * the flow's service and backend (their ids read before the move frees `flow`).
+ */
+static __always_inline void answer_seen(struct ctx_buff *ctx, const struct ingress *in,
+					const struct pyebpflb_ct_key *key,
+					const struct pyebpflb_ct_entry *reply,
+					struct pyebpflb_ct_entry *flow, int unconfirmed)
+{
+	__u32 service_id = flow->service_id, backend_id = flow->backend_id;
+
+	ct_touch(flow, in->pkt, slot(in)->now, 1);
+	if (unconfirmed)
+		ct_confirm(key, reply, flow, in->pkt);
+	if (!in->pkt->dry) {
+		count_reply(&lb_svc_stats, service_id, ctx_len(ctx));
+		count_reply(&lb_be_stats, backend_id, ctx_len(ctx));
+	}
+}
+
+/*
  * A backend's answer to the hairpin address: the other half of a hairpin
  * flow. Back to the backend as its own client, from the VIP:port it called.
  */
@@ -400,7 +422,6 @@ static __always_inline int hairpin_reply(struct ctx_buff *ctx, struct ingress *i
 	struct pyebpflb_ct_entry *reply, *flow;
 	struct pyebpflb_ct_key key;
 	union pyebpflb_addr client, vip;
-	__u32 service_id, backend_id;
 	__u16 vip_port;
 
 	ct_key_of(&key, in->pkt, PYEBPFLB_CT_REPLY);
@@ -410,15 +431,7 @@ static __always_inline int hairpin_reply(struct ctx_buff *ctx, struct ingress *i
 	client = in->pkt->saddr;
 	vip = reply->nat_addr;
 	vip_port = reply->nat_port;
-	service_id = flow->service_id;
-	backend_id = flow->backend_id;
-	ct_touch(flow, in->pkt, slot(in)->now, 1);
-	if (in->flow_at.unconfirmed)
-		ct_confirm(&key, reply, flow, in->pkt);
-	if (!in->pkt->dry) {
-		count_reply(&lb_svc_stats, service_id, ctx_len(ctx));
-		count_reply(&lb_be_stats, backend_id, ctx_len(ctx));
-	}
+	answer_seen(ctx, in, &key, reply, flow, in->flow_at.unconfirmed);
 	if (snat(ctx, in->pkt, &vip, vip_port) ||
 	    rewrite_addr(ctx, in->pkt, daddr_off(in->pkt), &in->pkt->daddr, &client, 1))
 		return CTX_DROP;
@@ -480,25 +493,15 @@ static __always_inline int reverse_nat(struct ctx_buff *ctx, struct ingress *out
 	struct pyebpflb_ct_key key;
 	struct ct_place place;
 	union pyebpflb_addr vip;
-	__u32 service_id, backend_id;
 	__u16 vip_port;
 
 	ct_key_of(&key, out->pkt, PYEBPFLB_CT_REPLY);
 	reply = ct_lookup_reply(&key, out->pkt, out->cfg, slot(out)->now, &flow, &place);
 	if (!reply)
 		return unrelated(ctx, out, PYEBPFLB_POLICY_EGRESS);
-	/* The flow's life is kept on its SERVICE entry; replies refresh it too. */
 	vip = reply->nat_addr; /* copied: the entry may be reused under us */
 	vip_port = reply->nat_port;
-	service_id = flow->service_id;
-	backend_id = flow->backend_id;
-	ct_touch(flow, out->pkt, slot(out)->now, 1);
-	if (place.unconfirmed)
-		ct_confirm(&key, reply, flow, out->pkt);
-	if (!out->pkt->dry) {
-		count_reply(&lb_svc_stats, service_id, ctx_len(ctx));
-		count_reply(&lb_be_stats, backend_id, ctx_len(ctx));
-	}
+	answer_seen(ctx, out, &key, reply, flow, place.unconfirmed);
 	if (snat(ctx, out->pkt, &vip, vip_port))
 		return CTX_DROP;
 	frag_remember(out->pkt, &vip, NULL);

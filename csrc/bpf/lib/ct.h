@@ -277,13 +277,14 @@ static __always_inline int ct_reopens(const struct pyebpflb_ct_entry *entry,
 
 /*
  * May a new flow take the REPLY key `reply_key`, held now by `held` of another
- * flow? Yes when that flow is gone, expired or closing (it is deleted); no
- * when it is live.
+ * flow? Yes when that flow is gone, expired or closing (it is deleted), or
+ * `even_live` (UDP: the tuple is its latest use's); no when it is live.
  */
 static __always_inline int ct_take_over(void *map, const struct pyebpflb_ct_key *reply_key,
 					const struct pyebpflb_ct_entry *held,
 					const struct packet *pkt,
-					const struct pyebpflb_lb_config *config, __u64 now)
+					const struct pyebpflb_lb_config *config, __u64 now,
+					int even_live)
 {
 	struct pyebpflb_ct_entry *owner;
 	struct pyebpflb_ct_key key;
@@ -292,7 +293,8 @@ static __always_inline int ct_take_over(void *map, const struct pyebpflb_ct_key 
 	owner = bpf_map_lookup_elem(map, &key);
 	if (!owner || !ct_halves(owner, reply_key, held))
 		return 0; /* the flow it was part of is gone */
-	if (!(owner->flags & PYEBPFLB_CT_CLOSING) && !ct_expired(owner, pkt->proto, config, now))
+	if (!even_live && !(owner->flags & PYEBPFLB_CT_CLOSING) &&
+	    !ct_expired(owner, pkt->proto, config, now))
 		return CT_TUPLE_IN_USE;
 	if (!pkt->dry)
 		bpf_map_delete_elem(map, &key);
@@ -325,7 +327,7 @@ static __always_inline int ct_create(const struct pyebpflb_ct_key *service_key,
 	ct_reply_key_of(&reply_key, service_key, &entry, config);
 	held = ct_find(&reply_key, &place);
 	if (held && !ct_points_back(held, service_key) &&
-	    ct_take_over(place.map, &reply_key, held, pkt, config, now))
+	    ct_take_over(place.map, &reply_key, held, pkt, config, now, 0))
 		return CT_TUPLE_IN_USE;
 	if (pkt->dry)
 		return 0;
@@ -443,20 +445,9 @@ static __always_inline void ct_direct(const struct packet *pkt,
 	if (pkt->proto == IPPROTO_TCP ? !tcp_opens(pkt) : pkt->proto != IPPROTO_UDP)
 		return;
 	held = ct_find(&reply_key, &place);
-	if (!held)
+	if (!held ||
+	    ct_take_over(place.map, &reply_key, held, pkt, config, now, pkt->proto == IPPROTO_UDP))
 		return;
-	if (pkt->proto == IPPROTO_TCP) {
-		if (ct_take_over(place.map, &reply_key, held, pkt, config, now))
-			return;
-	} else if (!pkt->dry) {
-		struct pyebpflb_ct_key key;
-		struct pyebpflb_ct_entry *owner;
-
-		ct_service_key_of(&key, &reply_key, held);
-		owner = bpf_map_lookup_elem(place.map, &key);
-		if (owner && ct_halves(owner, &reply_key, held))
-			bpf_map_delete_elem(place.map, &key);
-	}
 	if (!pkt->dry)
 		bpf_map_delete_elem(place.map, &reply_key);
 }
