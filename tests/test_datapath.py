@@ -267,7 +267,7 @@ def test_a_datapath_of_another_layout_is_refused_naming_each_difference(
         "lb_future: not a map of this version",
         "lb_svc_names: value_size 64, this version needs 256",
     ]
-    assert "destroy it with that version first" in str(info.value)
+    assert "destroy it first (pyebpflb --datapath" in str(info.value)
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing was changed
     for pin in folder.iterdir():
         pin.unlink()

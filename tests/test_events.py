@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -71,6 +72,8 @@ def test_events_only_while_someone_reads() -> None:
         run(dp, "lb_ingress", refused)  # nobody reads: no event, nothing counted lost
         assert dp.event_stats() == lb.EventStats(sent=0, lost=0, rate_limited=0)
         first = dp.open_monitor()
+        with pytest.raises(lb.Busy, match=rf"'{dp.name}' already has a monitor: pid {os.getpid()}"):
+            dp.open_monitor()  # a second reader would take half of the first one's events
         run(dp, "lb_ingress", refused)
         first.close()  # without reading
         second = dp.open_monitor()

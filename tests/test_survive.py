@@ -77,7 +77,8 @@ def test_a_datapath_made_under_ip_netns_exec_is_found_whole_by_the_next_one(
         "default/web",
         "kube-system/dns",
     ]
-    # From outside the namespace, through --netns (the host's bpffs, no pins there).
+    # From outside the namespace, through --netns; a read-only command pins nothing.
+    pins = sorted(PIN_ROOT.rglob("*"))
     outside = subprocess.run(
         [*cli, "--netns", netns, "service", "list", "-o", "json"],
         capture_output=True,
@@ -86,11 +87,68 @@ def test_a_datapath_made_under_ip_netns_exec_is_found_whole_by_the_next_one(
     )
     assert outside.returncode == 0, outside.stderr
     assert len(json.loads(outside.stdout)) == 2
-    assert not (PIN_ROOT / name).exists()  # a read-only command pins nothing
+    assert sorted(PIN_ROOT.rglob("*")) == pins
     # A third, in Python: the policy with its name, and then it is torn down.
     peek = in_netns(netns, sys.executable, "-c", CHECK_AND_DESTROY, name, str(PIN_ROOT))
     assert peek.returncode == 0, peek.stderr
     assert peek.stdout.split() == ["only-clients", "2"]
+
+
+SYNC_ONLY = textwrap.dedent(
+    """
+    import sys
+    import pyebpflb as lb
+    name, pin_root = sys.argv[1:3]
+    with lb.Datapath(name, persist=True, pin_root=pin_root) as dp:  # attached nowhere
+        dp.sync([lb.Service("10.96.0.10", 80, name="default/web")])
+    """
+)
+
+
+def test_pins_made_under_ip_netns_exec_outlive_it_on_the_hosts_bpffs(pair: VethPair) -> None:
+    netns, name = pair.right.netns, f"t{os.getpid()}-pins"
+    # No program holds this datapath: only its pins do, so they must outlive the
+    # mount namespace (and the bpffs) that `ip netns exec` gave the first command.
+    made = in_netns(netns, sys.executable, "-c", SYNC_ONLY, name, str(PIN_ROOT))
+    assert made.returncode == 0, made.stderr
+    pin_dir = PIN_ROOT / name / f"netns-{os.stat(f'/run/netns/{netns}').st_ino}"
+    assert (pin_dir / "lb_svc_names").exists()  # on the host's bpffs
+    cli = [PYEBPFLB, "--datapath", name, "--pin-root", str(PIN_ROOT)]
+    listed = in_netns(netns, *cli, "service", "list", "-o", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert [s["name"] for s in json.loads(listed.stdout)] == ["default/web"]
+    gone = in_netns(netns, sys.executable, "-c", CHECK_AND_DESTROY, name, str(PIN_ROOT))
+    assert gone.returncode == 0, gone.stderr
+    assert not (PIN_ROOT / name).exists()
+
+
+def test_a_map_deleted_from_under_a_datapath_is_named_not_replaced() -> None:
+    name = f"t{os.getpid()}-lost-map"
+    with lb.Datapath(name, persist=True, pin_root=PIN_ROOT) as dp:
+        dp.upsert(lb.Service("10.96.0.10", 80, name="default/web"))
+    pin_dir = PIN_ROOT / name
+    (pin_dir / "lb_svc_names").unlink()  # unpinned and unreferenced: the map is freed
+    left = sorted(pin_dir.iterdir())
+    try:
+        for create in (False, True):  # never a fresh empty map in its place
+            with pytest.raises(
+                lb.IncompatibleDatapath,
+                match=rf"datapath '{name}' is incomplete, .*: lb_svc_names: missing \(no pin "
+                rf"under {pin_dir} and no attached program holds it\)$",
+            ):
+                lb.Datapath(name, persist=True, pin_root=PIN_ROOT, create=create)
+            assert sorted(pin_dir.iterdir()) == left  # nothing changed
+    finally:
+        # `pyebpflb destroy` loads nothing: it removes what is left of an incomplete one.
+        gone = subprocess.run(
+            [PYEBPFLB, "--datapath", name, "--pin-root", str(PIN_ROOT), "destroy"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert gone.returncode == 0, gone.stderr
+    assert f"{len(left)} pins gone" in gone.stdout
+    assert not pin_dir.exists()
 
 
 def test_a_peek_with_create_false_leaves_the_datapath_serving(pair: VethPair) -> None:
@@ -170,3 +228,75 @@ def test_upsert_of_a_frontend_another_service_holds_raises_unless_told_to_replac
         )
         dp.upsert(lb.Service("10.96.0.10", 80, name="default/b"), replace=True)
         assert [s.name for s in dp.services] == ["default/b"]
+
+
+CONTROLLER = textwrap.dedent(
+    """
+    import sys, time
+    import pyebpflb as lb
+    name, pin_root, netns, start_at = sys.argv[1:5]
+    dp = lb.Datapath(name, persist=True, pin_root=pin_root, netns=netns, create=False)
+    while time.time() < float(start_at):
+        pass
+    for i in range(200):  # a controller adding a service as each is created (paced)
+        new = lb.Service(f"10.97.1.{i + 1}", 80, name=f"ctl/s{i}",
+                         backends=[lb.Backend(f"10.0.1.{i + 1}", 8080)])
+        with dp.write_lock():  # read and sync as one change
+            dp.sync([s for s in dp.services if s.name != new.name] + [new])
+        time.sleep(0.01)
+    dp.close()
+    """
+)
+
+
+def manifest(first: int, count: int) -> str:
+    """``count`` Services of namespace cli, each with one ready Pod."""
+    objects = []
+    for i in range(first, first + count):
+        objects.append(
+            f"""apiVersion: v1
+kind: Service
+metadata: {{name: s{i}, namespace: cli}}
+spec: {{clusterIP: 10.97.2.{i + 1}, selector: {{app: s{i}}}, ports: [{{port: 80}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: p{i}, namespace: cli, labels: {{app: s{i}}}}}
+spec: {{containers: [{{name: c}}]}}
+status: {{podIP: 10.0.2.{i + 1}, phase: Running, conditions: [{{type: Ready, status: "True"}}]}}"""
+        )
+    return "\n---\n".join(objects)
+
+
+def test_apply_racing_a_sync_loop_loses_no_update(pair: VethPair) -> None:
+    name, netns = f"t{os.getpid()}-race", pair.right.netns
+    with lb.Datapath(name, persist=True, pin_root=PIN_ROOT, netns=netns) as made:
+        made.attach(pair.right.iface)
+    start_at = str(time.time() + 1.0)
+    controller = subprocess.Popen(
+        [sys.executable, "-c", CONTROLLER, name, str(PIN_ROOT), netns, start_at],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        cli = [PYEBPFLB, "--datapath", name, "--netns", netns, "--pin-root", str(PIN_ROOT)]
+        while time.time() < float(start_at):
+            time.sleep(0.01)
+        for first in range(0, 200, 50):  # a person applying four manifests meanwhile
+            applied = subprocess.run(
+                [*cli, "apply", "-f", "-"],
+                input=manifest(first, 50),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert applied.returncode == 0, applied.stderr
+        _, errors = controller.communicate(timeout=120)
+        assert controller.returncode == 0, errors
+    finally:
+        controller.kill()
+    with lb.Datapath(name, pin_root=PIN_ROOT, netns=netns, create=False) as dp:
+        names = {s.name for s in dp.services}
+        dp.destroy()
+    assert len({n for n in names if n.startswith("ctl/")}) == 200
+    assert len({n for n in names if n.startswith("cli/")}) == 200

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyebpflb.errors import (
     BpfError,
+    Busy,
     DatapathClosed,
     IncompatibleDatapath,
     LoadError,
@@ -94,6 +95,7 @@ __all__ = [
     "Backend",
     "BackendState",
     "BpfError",
+    "Busy",
     "ConntrackTable",
     "ConntrackTimeouts",
     "Count",

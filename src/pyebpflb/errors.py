@@ -30,6 +30,15 @@ class IncompatibleDatapath(PyEbpfLbError):
         self.differences = differences
 
 
+class Busy(PyEbpfLbError):
+    """Another process holds what this call needs alone (the reader of a datapath's
+    events); the message names it. Nothing was changed."""
+
+    def __init__(self, message: str, holder: int | None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 class BpfError(PyEbpfLbError, OSError):
     """The kernel or libbpf refused an operation.
 

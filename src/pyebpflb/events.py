@@ -261,7 +261,10 @@ Step = FlowEvent | Wait
 class Monitor:
     """Reads the datapath's ring buffer into a bounded queue of filtered events.
 
-    One monitor per datapath at a time: a BPF ring buffer has one consumer.
+    One monitor per datapath at a time: a BPF ring buffer has one consumer,
+    so a second reader would take half of the events from the first. A
+    second monitor (any process) is refused, naming the first (``Datapath.open_monitor``).
+    :attr:`received` counts the events this monitor took from the ring.
     The kernel sends events only while a monitor renews its presence (every
     second while :meth:`events` runs), and a new monitor starts with events
     from now on.
@@ -275,6 +278,7 @@ class Monitor:
         names: Names,
         *,
         reader_map: Any = None,
+        lease: Any = None,
         types: Iterable[str] | str | None = None,
         service: str | None = None,
         address: str | Address | None = None,
@@ -291,6 +295,7 @@ class Monitor:
         self._type_codes = {code for code, name in TYPES.items() if name in self.types}
         self._offset = _clock_offset()
         self._reader_map = reader_map
+        self._lease = lease  # the one-reader lock (lock.Lease), released by close()
         self._renewed = 0.0
         self.ring = RingBuffer(ring_map, self._on_event, event_type="struct pyebpflb_flow_event")
         # Events from now on: what an earlier reader left in the ring is dropped.
@@ -374,6 +379,8 @@ class Monitor:
 
     def close(self) -> None:
         self.ring.close()
+        if self._lease is not None:
+            self._lease.release()
 
 
 __all__ = ["EventStats", "FlowEvent", "Monitor", "decode", "to_types"]

@@ -3,11 +3,22 @@
 Pins need a bpffs. Many machines mount one at /sys/fs/bpf at boot; a fresh
 container or ``ip netns exec`` (which remounts /sys) may not. These helpers
 find the mount that covers a path and mount one where none does.
+
+Pins must outlive the process that makes them. ``ip netns exec`` runs its
+command in a mount namespace of its own with a fresh /sys: the host's
+/sys/fs/bpf is hidden there, and a bpffs mounted in its place ends with the
+command, taking its pins along. :func:`lasting` finds the host's instead,
+through the root of the nearest ancestor in another mount namespace
+(``/proc/<pid>/root``: the shell ``ip netns exec`` was run from), and
+:func:`ensure_bpffs` mounts one there when it is missing, as Cilium mounts
+/sys/fs/bpf at start.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 
 from pyebpflb._bpf._call import c_string, check
 from pyebpflb._bpf._libbpf import ffi, lib
@@ -16,10 +27,13 @@ from pyebpflb.errors import from_errno
 BPFFS_ROOT = "/sys/fs/bpf"
 
 
-def _mounts() -> list[tuple[str, str]]:
-    """(mount point, filesystem type) of the current mount namespace, in mount order."""
+_THROUGH = re.compile(r"^/proc/(\d+)/root(/.*)?$")
+
+
+def _mounts(pid: str = "self") -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of ``pid``'s mount namespace, in mount order."""
     result = []
-    with open("/proc/self/mounts", encoding="utf-8") as mounts:
+    with open(f"/proc/{pid}/mounts", encoding="utf-8") as mounts:
         for line in mounts:
             fields = line.split()
             if len(fields) >= 3:
@@ -29,11 +43,20 @@ def _mounts() -> list[tuple[str, str]]:
     return result
 
 
+def _split(path: str) -> tuple[str, str]:
+    """(whose mount namespace, path in it) of ``path``: "/proc/<pid>/root/x" is <pid>'s /x."""
+    through = _THROUGH.match(path)
+    if through:
+        return through.group(1), through.group(2) or "/"
+    return "self", os.path.realpath(path) if os.path.exists(path) else os.path.abspath(path)
+
+
 def fs_type(path: str) -> str | None:
-    """Filesystem type of the innermost mount covering ``path``."""
-    path = os.path.realpath(path) if os.path.exists(path) else os.path.abspath(path)
+    """Filesystem type of the innermost mount covering ``path`` (in another mount
+    namespace for a path through ``/proc/<pid>/root``)."""
+    pid, path = _split(path)
     best: tuple[int, str] | None = None
-    for point, kind in _mounts():
+    for point, kind in _mounts(pid):
         inside = path == point or path.startswith(point.rstrip("/") + "/")
         if inside and (best is None or len(point) >= best[0]):
             best = (len(point), kind)
@@ -47,12 +70,78 @@ def mount(source: str, target: str, kind: str) -> None:
         raise from_errno(ffi.errno, f"mount {kind} at {target}")
 
 
+def _mount_ns(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:  # gone, or hidden from us
+        return None
+
+
+def _parent(pid: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            # pid (comm) state ppid ...: comm may hold blanks and parentheses.
+            ppid = stat.read().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return None
+    return ppid if ppid not in ("0", "1") else None
+
+
+def outer_namespace() -> str | None:
+    """The pid of the nearest ancestor in another mount namespace whose files we can
+    reach (``ip netns exec``'s caller), or None: we are in the outermost we can see."""
+    own = _mount_ns("self")
+    pid = _parent(str(os.getpid()))
+    while pid is not None:
+        theirs = _mount_ns(pid)
+        if theirs is not None and theirs != own and os.access(f"/proc/{pid}/root/", os.X_OK):
+            return pid
+        pid = _parent(pid)
+    return None
+
+
+def lasting(path: str) -> str:
+    """Where pins under ``path`` outlive this process's mount namespace: ``path`` when
+    it lies on a bpffs here (the host's, or a container's own), else the same path in
+    the mount namespace ``ip netns exec`` was run from, through ``/proc/<pid>/root``."""
+    if fs_type(path) == "bpf":
+        return path
+    outer = outer_namespace()
+    return path if outer is None else f"/proc/{outer}/root{os.path.abspath(path)}"
+
+
 def ensure_bpffs(path: str = BPFFS_ROOT) -> None:
-    """Make sure ``path`` lies on a bpffs, mounting one at /sys/fs/bpf if needed."""
+    """Make sure ``path`` lies on a bpffs, mounting one at /sys/fs/bpf if needed (in
+    the other mount namespace, for a path through ``/proc/<pid>/root``)."""
     if fs_type(path) == "bpf":
         return
-    if fs_type(BPFFS_ROOT) != "bpf":
-        mount("bpf", BPFFS_ROOT, "bpf")
+    pid, _ = _split(path)
+    root = BPFFS_ROOT if pid == "self" else f"/proc/{pid}/root{BPFFS_ROOT}"
+    if fs_type(root) != "bpf":
+        if pid == "self":
+            mount("bpf", BPFFS_ROOT, "bpf")
+        else:
+            # setns(CLONE_NEWNS) needs a single-threaded process: let nsenter mount it.
+            done = subprocess.run(
+                [
+                    "nsenter",
+                    f"--mount=/proc/{pid}/ns/mnt",
+                    "--",
+                    "mount",
+                    "-t",
+                    "bpf",
+                    "bpf",
+                    BPFFS_ROOT,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise ValueError(
+                    f"cannot mount a bpffs at {BPFFS_ROOT} in the mount namespace of pid "
+                    f"{pid}: {done.stderr.strip()}"
+                )
     if fs_type(path) != "bpf":
         raise ValueError(
             f"pin path {path!r} is not on a bpffs; use a path under {BPFFS_ROOT} "

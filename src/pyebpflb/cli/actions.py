@@ -39,21 +39,33 @@ def monitor(
     timeout: float | None,
     output: str,
 ) -> None:
-    """Flow events as they happen (one line each; -o json: one JSON object a line)."""
+    """Flow events as they happen (one line each; -o json: one JSON object a line).
+    One monitor per datapath at a time; the closing line counts what this one saw."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with ctx.datapath() as dp:
-        stream = dp.monitor(types or None, timeout, service=service, address=address)
+        before = dp.event_stats()
+        reader = dp.open_monitor(types or None, service=service, address=address)
+        shown = 0
+        click.echo(f"# reading the flow events of datapath {dp.name}", err=True)
         try:
-            for event in stream:
+            for event in reader.events(timeout):
                 click.echo(event.to_json() if output == "json" else str(event))
                 sys.stdout.flush()
+                shown += 1
         except KeyboardInterrupt:
             pass
         finally:
-            stream.close()  # type: ignore[attr-defined]
-            stats = dp.event_stats()
+            reader.close()
+            after = dp.event_stats()
             click.echo(
-                f"# events sent {stats.sent}, lost {stats.lost}, rate-limited {stats.rate_limited}",
+                f"# this monitor read {reader.received} events, showed {shown}"
+                + (
+                    f", dropped {reader.overflowed} (its queue was full)"
+                    if reader.overflowed
+                    else ""
+                )
+                + f"; meanwhile the datapath lost {after.lost - before.lost} (ring full) and "
+                f"held back {after.rate_limited - before.rate_limited} (rate limit)",
                 err=True,
             )
 
@@ -90,8 +102,15 @@ def apply(ctx: Context, path: str, output: str) -> None:
     names = {s.name for s in wanted}
     keys = {s.key for s in wanted}
     with ctx.datapath(create=True) as dp:
-        kept = [s for s in dp.services if s.name not in names and s.key not in keys]
-        dp.sync(kept + wanted)
+        with dp.write_lock():  # no other writer between the read and the sync
+            kept = [s for s in dp.services if s.name not in names and s.key not in keys]
+            dp.sync(kept + wanted)
+        if not dp.interfaces:
+            click.echo(
+                f"note: datapath {dp.name} is attached to no interface: the services are "
+                "stored but serve no traffic (pyebpflb attach IFACE)",
+                err=True,
+            )
     if output == "json":
         emit(output, [service_dict(s) for s in wanted], lambda: ([], []))
         return
@@ -107,7 +126,7 @@ def delete(ctx: Context, path: str, output: str) -> None:
     """Remove the Services of a manifest."""
     wanted = _translate(path)
     names = {s.name for s in wanted}
-    with ctx.datapath(writes=True) as dp:
+    with ctx.datapath(writes=True) as dp, dp.write_lock():
         before = dp.services
         kept = [s for s in before if s.name not in names]
         dp.sync(kept)

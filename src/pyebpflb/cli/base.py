@@ -76,8 +76,22 @@ pass_context = click.make_pass_decorator(Context)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--datapath", "name", default="default", show_default=True, help="datapath name")
-@click.option("--netns", default=None, help="network namespace of the datapath (ip netns name)")
+@click.option(
+    "--datapath",
+    "name",
+    default="default",
+    show_default=True,
+    envvar="PYEBPFLB_DATAPATH",
+    show_envvar=True,
+    help="datapath name",
+)
+@click.option(
+    "--netns",
+    default=None,
+    envvar="PYEBPFLB_NETNS",
+    show_envvar=True,
+    help="network namespace of the datapath (ip netns name)",
+)
 @click.option("--pin-root", default=None, help="bpffs folder of the pins [/sys/fs/bpf/pyebpflb]")
 @click.pass_context
 def main_group(ctx: click.Context, name: str, netns: str | None, pin_root: str | None) -> None:

@@ -28,6 +28,7 @@ def status(ctx: Context, output: str) -> None:
     from pyebpflb._bpf._libbpf import lib
 
     with ctx.datapath() as dp:
+        where = dp.whereabouts()
         hooks = dp.hooks()
         maps = dp.maps()
         conntrack = dp.conntrack_stats()
@@ -43,6 +44,11 @@ def status(ctx: Context, output: str) -> None:
             "netns": dp.netns,
             "kernel": platform.release(),
             "libbpf": f"{lib.libbpf_major_version()}.{lib.libbpf_minor_version()}",
+            "layout": where.layout,
+            "state": where.state,
+            "pin_dir": where.pin_dir if where.pins else None,
+            "missing_pins": list(where.missing_pins),
+            "writer": where.writer,
             "services": len(dp.services),
             "policies": len(dp.policies),
             "attached": [
@@ -59,6 +65,15 @@ def status(ctx: Context, output: str) -> None:
         emit(output, data, lambda: ([], []))
         return
     click.echo(f"datapath   {data['datapath']}" + (f" (netns {dp.netns})" if dp.netns else ""))
+    click.echo(f"layout     {where.layout}")
+    click.echo(f"state      {where.state}" + (f" in {where.pin_dir}" if where.pins else ""))
+    click.echo(f"writer     {f'pid {where.writer}' if where.writer else 'none (unlocked)'}")
+    if where.missing_pins:
+        click.echo(
+            f"warning    {len(where.missing_pins)} maps have no pin: "
+            + ", ".join(where.missing_pins),
+            err=True,
+        )
     click.echo(f"kernel     {data['kernel']}")
     click.echo(f"libbpf     {data['libbpf']}")
     click.echo(f"services   {data['services']}")

@@ -11,6 +11,7 @@ of another layout is refused with every difference named, before anything loads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -24,9 +25,9 @@ from pyebpflb import events, maglev, maps, objects
 from pyebpflb._bpf import LoadedObject, Map, OpenObject, ffi, fs
 from pyebpflb._bpf._libbpf import lib
 from pyebpflb._bpf.netns import current_id, is_initial
-from pyebpflb.datapath.hooks import close_all, filters, maps_by_id, maps_of_program
+from pyebpflb.datapath.hooks import close_all, filters, maps_of_program
 from pyebpflb.datapath.results import ConntrackTimeouts
-from pyebpflb.errors import IncompatibleDatapath, NotFound, PyEbpfLbError
+from pyebpflb.errors import BpfError, IncompatibleDatapath, NotFound, PyEbpfLbError
 from pyebpflb.model import Direction
 
 logger = logging.getLogger("pyebpflb")
@@ -99,8 +100,10 @@ def settings(
     )
 
 
-def pin_dir_for(pin_root: str, name: str) -> str:
-    base = os.path.join(pin_root, name)
+def pin_dir_for(pin_base: str, name: str) -> str:
+    """Where datapath ``name`` of this network namespace keeps its pins: under
+    ``pin_base`` (``fs.lasting(pin_root)``: as the host sees it), a folder per namespace."""
+    base = os.path.join(pin_base, name)
     return base if is_initial() else os.path.join(base, f"netns-{current_id()}")
 
 
@@ -116,8 +119,19 @@ def _find_attached(name: str) -> dict[str, Map]:
         config = config_if_named(used, name)
         close_all(used)
         if config is not None:
-            return maps_by_id(int(i) for i in config.map_ids if i)
+            # Our programs hold every map (lib/keep.h); one gone is reported by
+            # name when the object is checked against what this version needs.
+            return _each_by_id(int(i) for i in config.map_ids if i)
     return {}
+
+
+def _each_by_id(ids: Iterable[int]) -> dict[str, Map]:
+    found: dict[str, Map] = {}
+    for map_id in ids:
+        with contextlib.suppress(BpfError):
+            bpf_map = Map.from_id(map_id)
+            found[bpf_map.name] = bpf_map
+    return found
 
 
 def _find_pinned(name: str, pin_dir: str) -> dict[str, Map]:
@@ -155,12 +169,15 @@ def missing(name: str, netns: str | None, pin_dir: str) -> NotFound:
     )
 
 
-def load(name: str, sizes: dict[str, int], existing: dict[str, Map]) -> LoadedObject:
+def load(
+    name: str, sizes: dict[str, int], existing: dict[str, Map], pin_dir: str = ""
+) -> LoadedObject:
     """The lb object loaded over ``existing`` maps (which it closes), the rest sized."""
     try:
         opened = objects.open_object("lb")
         with opened:
             _check_compatible(opened, name, existing)
+            _check_complete(opened, name, existing, pin_dir)
             for map_name, size in sizes.items():
                 if map_name in existing and existing[map_name].max_entries != size:
                     logger.warning(
@@ -187,9 +204,28 @@ def _check_compatible(opened: OpenObject, name: str, existing: dict[str, Map]) -
             differences += opened.map_spec(map_name).differences(adopted)
     if differences:
         raise IncompatibleDatapath(
-            f"datapath {name!r} was made by another pyebpflb version; destroy it with that "
-            "version first",
+            f"datapath {name!r} was made by another pyebpflb version; destroy it first "
+            f"(pyebpflb --datapath {name} destroy loads nothing, so it works on any version's)",
             differences,
+        )
+
+
+def _check_complete(opened: OpenObject, name: str, existing: dict[str, Map], pin_dir: str) -> None:
+    """An adopted datapath of this layout has every map this version has: one that
+    is gone (unpinned while no program held it) took its state with it, and a
+    fresh empty one in its place would serve without it, so adoption refuses."""
+    if not existing:
+        return
+    config = config_if_named(existing, name)
+    if config is None or int(config.layout_version) != LAYOUT_VERSION:
+        return  # another layout: write_config says so (and upgrades say what they add)
+    gone = sorted(set(opened.map_names()) - set(existing))
+    if gone:
+        where = f"no pin under {pin_dir} and " if pin_dir else ""
+        raise IncompatibleDatapath(
+            f"datapath {name!r} is incomplete, its state cannot be trusted; destroy it "
+            f"(pyebpflb --datapath {name} destroy) and make it again",
+            [f"{m}: missing ({where}no attached program holds it)" for m in gone],
         )
 
 

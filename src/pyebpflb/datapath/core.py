@@ -13,11 +13,13 @@ import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, overload
 
+import attrs
+
 from pyebpflb import events as events_mod
 from pyebpflb import maglev, maps
-from pyebpflb._bpf import LoadedObject
+from pyebpflb._bpf import LoadedObject, fs
 from pyebpflb._bpf.netns import current_id, entered
-from pyebpflb.datapath import adopt, explain, lock, notebook
+from pyebpflb.datapath import adopt, explain, lifecycle, lock, notebook
 from pyebpflb.datapath.apply import Programmer
 from pyebpflb.datapath.hooks import Hooks
 from pyebpflb.datapath.inspect import Inspector
@@ -35,7 +37,7 @@ from pyebpflb.datapath.results import (
     Traffic,
 )
 from pyebpflb.datapath.state import State, event_names, read_policy_state, read_snapshot
-from pyebpflb.errors import DatapathClosed
+from pyebpflb.errors import Busy, DatapathClosed
 from pyebpflb.events import EventStats, FlowEvent
 from pyebpflb.layout import DATAPATH_NAME_MAX
 from pyebpflb.model import Address, Direction, Policy, Service, endpoint_text
@@ -141,6 +143,8 @@ class Datapath:
             self._object, self._state, self.limits, self.settings.maglev_table_size
         )
         self._inspector = Inspector(self._object, self._state, name, self.pin_dir)
+        self._thread_lock = threading.RLock()
+        self._lock_depth = 0
         self._gc_stop = threading.Event()
         self._gc_thread: threading.Thread | None = None
         if ct_gc_interval is not None:
@@ -156,13 +160,17 @@ class Datapath:
     def _open(self, wanted: adopt.Settings) -> None:
         """Adopt the datapath of this name, or load a new one; pin and configure it."""
         with entered(self.netns):
-            self.pin_dir = adopt.pin_dir_for(self.pin_root, self.name)
+            self._pin_base = fs.lasting(self.pin_root)
+            self.pin_dir = adopt.pin_dir_for(self._pin_base, self.name)
             self._lock_path = lock.path_for(self.name, current_id())
+            self._reader_path = lock.reader_path_for(self.name, current_id())
             existing = adopt.find_existing(self.name, self.pin_dir)
             if not existing and not self.create:
                 raise adopt.missing(self.name, self.netns, self.pin_dir)
             self.adopted = bool(existing)
-            self._object: LoadedObject = adopt.load(self.name, self.limits.sizes(), existing)
+            self._object: LoadedObject = adopt.load(
+                self.name, self.limits.sizes(), existing, self.pin_dir
+            )
         self._pinned = False
         try:
             if self.adopted:
@@ -223,15 +231,49 @@ class Datapath:
             for f in self._hooks.ours()
         ]
 
+    def whereabouts(self) -> lifecycle.DatapathInfo:
+        """Where this datapath runs and where its state lives: interfaces, pins (and
+        the maps whose pins are missing), layout version, the writer lock's holder."""
+        self._live()
+        with entered(self.netns):
+            inode = current_id()
+        layout = int(self._object.map(maps.CONFIG)[0].layout_version)
+        found = lifecycle.info(
+            self.name,
+            self.netns,
+            inode,
+            self.interfaces,
+            self.pin_dir,
+            expected=self._object.maps,
+        )
+        return attrs.evolve(found, layout=layout)
+
     # -- programming ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """One change at a time across processes (lock.py); each reads the state again
-        once it holds the lock, so it plans against every earlier change."""
+    def write_lock(self) -> Iterator[None]:
+        """Hold the datapath's writer lock over a block (waiting for another writer to
+        finish): a read and the change planned from it then see no other change in
+        between, as ``pyebpflb apply -f`` does (read the services, sync them with the
+        manifest's). Every change takes it by itself; nested blocks are free. The
+        lock is a ``flock`` the kernel drops with its holder."""
         self._live()
-        with lock.held(self._lock_path):
-            yield
+        with self._thread_lock:
+            if self._lock_depth:
+                self._lock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth -= 1
+                return
+            with lock.held(self._lock_path):
+                self._lock_depth = 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth = 0
         self._ensure_pins()
+
+    _writing = write_lock  # every change: one at a time, across processes (lock.py)
 
     def _ensure_pins(self) -> None:
         """Pin the maps (unless ``pin=False``): an adopted datapath at once, a new one
@@ -409,17 +451,34 @@ class Datapath:
         address: str | Address | None = None,
         queue_size: int = 65536,
     ) -> events_mod.Monitor:
-        """A :class:`~pyebpflb.events_mod.Monitor` on this datapath's events (close it)."""
+        """A :class:`~pyebpflb.events_mod.Monitor` on this datapath's events (close it).
+        A datapath has one reader of events at a time (its ring buffer has one
+        consumer): while another monitor, of any process, reads them this raises
+        :class:`~pyebpflb.errors.Busy` naming it."""
         obj = self._live()
-        return events_mod.Monitor(
-            obj.map(maps.EVENTS),
-            events_mod.Names(functools.partial(event_names, obj), self.netns),
-            reader_map=obj.map(maps.EVENT_READER),
-            types=types,
-            service=service,
-            address=address,
-            queue_size=queue_size,
-        )
+        lease = lock.Lease(self._reader_path)
+        if not lease.held:
+            holder = lock.describe(lease.holder) if lease.holder else "another process"
+            raise Busy(
+                f"datapath {self.name!r} already has a monitor: {holder} reads its flow "
+                "events, and a ring buffer has one reader (a second would take half of the "
+                "events from the first); stop that one, or read its output",
+                lease.holder,
+            )
+        try:
+            return events_mod.Monitor(
+                obj.map(maps.EVENTS),
+                events_mod.Names(functools.partial(event_names, obj), self.netns),
+                reader_map=obj.map(maps.EVENT_READER),
+                lease=lease,
+                types=types,
+                service=service,
+                address=address,
+                queue_size=queue_size,
+            )
+        except BaseException:
+            lease.release()
+            raise
 
     def monitor(
         self,
@@ -431,7 +490,8 @@ class Datapath:
     ) -> Iterator[FlowEvent]:
         """Flow events as they happen, for ``timeout`` seconds (None: until the loop
         stops), filtered by type ("trace", "drop", "policy"), service name and address.
-        One monitor per datapath at a time (a ring buffer has one reader)."""
+        One monitor per datapath at a time (a ring buffer has one reader): a second
+        raises :class:`~pyebpflb.errors.Busy` naming the first."""
         with_monitor = self.open_monitor(types, service=service, address=address)
         try:
             yield from with_monitor.events(timeout)
@@ -478,16 +538,10 @@ class Datapath:
             path = os.path.join(self.pin_dir, map_name)
             if os.path.exists(path):
                 bpf_map.unpin(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._lock_path)  # no writer is left for a destroyed datapath
-        # Remove the now empty folders up to and including pin_root.
-        folder = self.pin_dir
-        while folder.startswith(self.pin_root):
-            try:
-                os.rmdir(folder)
-            except OSError:  # not empty: another datapath's pins live there
-                break
-            folder = os.path.dirname(folder)
+        for path in (self._lock_path, self._reader_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # no writer or reader is left for a destroyed datapath
+        lifecycle.remove_empty(self.pin_dir, self._pin_base)  # up to pin_root, if empty
         self._object.close()
 
     def __enter__(self) -> Datapath:

@@ -87,6 +87,13 @@ def datapath_of_program(prog_id: int) -> str | None:
         close_all(found)
 
 
+def remove(found: Filter) -> None:
+    """Take one of our filters off its interface (and the clsact qdisc, once empty)."""
+    TcLink(
+        found.ifindex, found.direction, LB_HANDLE, LB_PRIORITY, found.prog_id, created_qdisc=True
+    ).detach()
+
+
 def close_all(found: dict[str, Map]) -> dict[str, Map]:
     for bpf_map in found.values():
         bpf_map.close()
@@ -155,11 +162,8 @@ class Hooks:
                     + (", ".join(attached) if attached else "no interface"),
                 )
             for f in ours:
-                link = TcLink(
-                    f.ifindex, f.direction, LB_HANDLE, LB_PRIORITY, f.prog_id, created_qdisc=True
-                )
                 try:
-                    link.detach()
+                    remove(f)
                 except BpfError:
                     if iface is not None:
                         raise

@@ -26,6 +26,70 @@ def path_for(name: str, netns_id: int) -> str:
     return os.path.join(LOCK_DIR, f"{name}@netns-{netns_id}.lock")
 
 
+def reader_path_for(name: str, netns_id: int) -> str:
+    """The lock file of the one reader of datapath ``name``'s flow events."""
+    return os.path.join(LOCK_DIR, f"{name}@netns-{netns_id}.events.lock")
+
+
+def describe(pid: int) -> str:
+    """``pid`` and its command line, for an error naming a holder."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            words = [w.decode(errors="replace") for w in cmdline.read().split(b"\0") if w]
+    except OSError:
+        return f"pid {pid}"
+    shown = " ".join(os.path.basename(w) if i == 0 else w for i, w in enumerate(words))
+    return f"pid {pid} ({shown[:120]})" if shown else f"pid {pid}"
+
+
+class Lease:
+    """An exclusive ``flock`` taken without waiting, held until :meth:`release` (or
+    until its holder dies: the kernel drops a dead process's flocks)."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            written = os.pread(fd, 32, 0).split()
+            os.close(fd)
+            self.holder: int | None = int(written[0]) if written and written[0].isdigit() else None
+            self._fd = -1
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.holder = None
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def holder(path: str) -> int | None:
+    """The pid holding the lock at ``path`` now, or None (free, or no such file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            written = os.pread(fd, 32, 0).split()
+            return int(written[0]) if written and written[0].isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def held(path: str) -> Iterator[None]:
     """Hold the writer lock at ``path`` (waiting for another writer to finish)."""
