@@ -65,6 +65,7 @@ class OpenObject:
         # libbpf keeps pointers into the ELF image until close.
         self._buffer = buffer
         self._keep: list[Any] = []
+        self._types: dict[str, tuple[int, int]] = {}  # reused maps: this object's BTF type ids
         self.pin_dir: str | None = None
 
     @classmethod
@@ -144,7 +145,14 @@ class OpenObject:
         )
 
     def reuse_map(self, map_name: str, existing: Map) -> None:
-        """Use ``existing`` (e.g. a pinned map) instead of creating ``map_name``."""
+        """Use ``existing`` (e.g. a pinned map) instead of creating ``map_name``. The map
+        keeps this object's key and value types: libbpf takes the BTF type ids of the
+        reused map's creator, which another build numbers differently."""
+        libbpf_map = self._libbpf_map(map_name)
+        self._types[map_name] = (
+            lib.bpf_map__btf_key_type_id(libbpf_map),
+            lib.bpf_map__btf_value_type_id(libbpf_map),
+        )
         check(
             lib.bpf_map__reuse_fd(self._libbpf_map(map_name), existing.fd),
             f"reuse map fd {existing.fd} for {map_name}",
@@ -166,7 +174,7 @@ class OpenObject:
             self.close()
             raise
         self._obj = None
-        return LoadedObject(obj, self.name, self._buffer, self._keep, self.pin_dir)
+        return LoadedObject(obj, self.name, self._buffer, self._keep, self.pin_dir, self._types)
 
     def close(self) -> None:
         if self._obj is not None:
@@ -191,7 +199,13 @@ class LoadedObject:
     """
 
     def __init__(
-        self, obj: Any, name: str, buffer: Any, keep: list[Any], pin_dir: str | None
+        self,
+        obj: Any,
+        name: str,
+        buffer: Any,
+        keep: list[Any],
+        pin_dir: str | None,
+        types: dict[str, tuple[int, int]] | None = None,
     ) -> None:
         self._obj = obj
         self.name = name
@@ -203,6 +217,10 @@ class LoadedObject:
         for bpf_map in _libbpf_maps(obj):
             map_name = _map_name(bpf_map)
             key_size, value_size = lib.bpf_map__key_size(bpf_map), lib.bpf_map__value_size(bpf_map)
+            key_id, value_id = (types or {}).get(
+                map_name,
+                (lib.bpf_map__btf_key_type_id(bpf_map), lib.bpf_map__btf_value_type_id(bpf_map)),
+            )
             self.maps[map_name] = Map(
                 lib.bpf_map__fd(bpf_map),
                 name=map_name,
@@ -210,8 +228,8 @@ class LoadedObject:
                 key_size=key_size,
                 value_size=value_size,
                 max_entries=lib.bpf_map__max_entries(bpf_map),
-                key_type=_c_type(btf, lib.bpf_map__btf_key_type_id(bpf_map), key_size),
-                value_type=_c_type(btf, lib.bpf_map__btf_value_type_id(bpf_map), value_size),
+                key_type=_c_type(btf, key_id, key_size),
+                value_type=_c_type(btf, value_id, value_size),
                 flags=lib.bpf_map__map_flags(bpf_map),
                 owns_fd=False,
             )

@@ -14,9 +14,9 @@
 - ``notebook``: HTML tables and DataFrames for Jupyter.
 """
 
-from pyebpflb.datapath.adopt import LAYOUT_VERSION
 from pyebpflb.datapath.core import DEFAULT_PIN_ROOT, NAME_MAX, Datapath
 from pyebpflb.datapath.limits import Limits
+from pyebpflb.datapath.migrate import LAYOUT_VERSION
 from pyebpflb.datapath.results import (
     Attachment,
     ConntrackTable,

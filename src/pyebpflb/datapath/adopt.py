@@ -25,14 +25,15 @@ from pyebpflb import events, maglev, maps, objects
 from pyebpflb._bpf import LoadedObject, Map, OpenObject, ffi, fs
 from pyebpflb._bpf._libbpf import lib
 from pyebpflb._bpf.netns import current_id, is_initial
+from pyebpflb.datapath import migrate
 from pyebpflb.datapath.hooks import close_all, filters, maps_of_program
+from pyebpflb.datapath.migrate import LAYOUT_VERSION, Migration
 from pyebpflb.datapath.results import ConntrackTimeouts
 from pyebpflb.errors import BpfError, IncompatibleDatapath, NotFound, PyEbpfLbError
 from pyebpflb.model import Direction
 
 logger = logging.getLogger("pyebpflb")
 
-LAYOUT_VERSION = 4  # 2: weights, states, affinity; 3: network policy; 4: conntrack rework
 DEFAULT_HAIRPIN_IPV4 = ipaddress.IPv4Address("169.254.42.1")  # Cilium's service loopback address
 DEFAULT_HAIRPIN_IPV6 = ipaddress.IPv6Address("fd00:eb1b:42::1")
 _SECOND = 1_000_000_000
@@ -154,10 +155,19 @@ def _find_pinned(name: str, pin_dir: str) -> dict[str, Map]:
 def config_if_named(found: dict[str, Map], name: str) -> Any:
     """The config of ``found`` (maps by name) if it is datapath ``name``'s: it names it."""
     config_map = found.get(maps.CONFIG)
-    if config_map is None or config_map.value_size != ffi.sizeof("struct pyebpflb_lb_config"):
+    config = None if config_map is None else migrate.read_config(config_map)
+    if config is None:
         return None
-    config = ffi.from_buffer("struct pyebpflb_lb_config *", config_map[bytes(4)])
-    return config if ffi.string(config.name).decode() == name else None
+    return config if ffi.string(config.name).decode(errors="replace") == name else None
+
+
+def older_layout(existing: dict[str, Map], name: str) -> int | None:
+    """The layout of ``existing`` when it is older than this version's (an upgrade)."""
+    config = config_if_named(existing, name) if existing else None
+    if config is None:
+        return None
+    layout = int(config.layout_version)
+    return layout if 0 < layout < LAYOUT_VERSION else None
 
 
 def missing(name: str, netns: str | None, pin_dir: str) -> NotFound:
@@ -171,27 +181,42 @@ def missing(name: str, netns: str | None, pin_dir: str) -> NotFound:
 
 def load(
     name: str, sizes: dict[str, int], existing: dict[str, Map], pin_dir: str = ""
-) -> LoadedObject:
-    """The lb object loaded over ``existing`` maps (which it closes), the rest sized."""
+) -> tuple[LoadedObject, list[Migration]]:
+    """The lb object loaded over ``existing`` maps (which it closes), the rest sized,
+    and the migrations it went through when ``existing`` is of an older layout (their
+    first halves done: the caller swaps the programs, then runs their ``after``)."""
     try:
+        config = config_if_named(existing, name) if existing else None
+        steps = migrate.path(name, int(config.layout_version)) if config is not None else []
+        replaced = {m for step in steps for m in step.replaced}
+        added = {m for step in steps for m in step.added}
+        kept = {k: v for k, v in existing.items() if k not in replaced}
         opened = objects.open_object("lb")
         with opened:
-            _check_compatible(opened, name, existing)
-            _check_complete(opened, name, existing, pin_dir)
+            _check_compatible(opened, name, kept)
+            _check_complete(opened, name, existing, pin_dir, added)
             for map_name, size in sizes.items():
-                if map_name in existing and existing[map_name].max_entries != size:
+                if map_name in kept and kept[map_name].max_entries != size:
                     logger.warning(
                         "pyebpflb: datapath %s keeps %s at %d entries (asked for %d)",
                         name,
                         map_name,
-                        existing[map_name].max_entries,
+                        kept[map_name].max_entries,
                         size,
                     )
-                    size = existing[map_name].max_entries
+                    size = kept[map_name].max_entries
                 opened.set_max_entries(map_name, size)
-            for map_name, adopted in existing.items():  # all known: checked above
+            for map_name, adopted in kept.items():  # all known: checked above
                 opened.reuse_map(map_name, adopted)
-            return opened.load()
+            obj = opened.load()
+        try:
+            old = {k: v for k, v in existing.items() if k in replaced}
+            for step in steps:
+                step.before(old, obj)
+        except BaseException:
+            obj.close()
+            raise
+        return obj, steps
     finally:
         close_all(existing)
 
@@ -210,16 +235,16 @@ def _check_compatible(opened: OpenObject, name: str, existing: dict[str, Map]) -
         )
 
 
-def _check_complete(opened: OpenObject, name: str, existing: dict[str, Map], pin_dir: str) -> None:
-    """An adopted datapath of this layout has every map this version has: one that
-    is gone (unpinned while no program held it) took its state with it, and a
-    fresh empty one in its place would serve without it, so adoption refuses."""
+def _check_complete(
+    opened: OpenObject, name: str, existing: dict[str, Map], pin_dir: str, added: set[str]
+) -> None:
+    """An adopted datapath has every map its layout has (this version's, but for the
+    maps ``added`` by the migrations since): one that is gone (unpinned while no
+    program held it) took its state with it, and a fresh empty one in its place
+    would serve without it, so adoption refuses."""
     if not existing:
         return
-    config = config_if_named(existing, name)
-    if config is None or int(config.layout_version) != LAYOUT_VERSION:
-        return  # another layout: write_config says so (and upgrades say what they add)
-    gone = sorted(set(opened.map_names()) - set(existing))
+    gone = sorted(set(opened.map_names()) - added - set(existing))
     if gone:
         where = f"no pin under {pin_dir} and " if pin_dir else ""
         raise IncompatibleDatapath(
@@ -230,12 +255,26 @@ def _check_complete(opened: OpenObject, name: str, existing: dict[str, Map], pin
 
 
 def pin_maps(obj: LoadedObject, pin_dir: str) -> None:
+    """Pin every map under ``pin_dir``. A pin there that holds another map (the map an
+    upgrade replaced, left by an upgrade that was interrupted) is replaced: the
+    folder is this datapath's, and its maps are the ones in force."""
     fs.ensure_bpffs(os.path.dirname(pin_dir))
     os.makedirs(pin_dir, mode=0o700, exist_ok=True)
     for map_name, bpf_map in obj.maps.items():
         path = os.path.join(pin_dir, map_name)
-        if not os.path.exists(path):
-            bpf_map.pin(path)
+        if os.path.exists(path):
+            if _pinned_id(path) == bpf_map.id:
+                continue
+            os.unlink(path)
+        bpf_map.pin(path)
+
+
+def _pinned_id(path: str) -> int | None:
+    try:
+        with Map.from_pinned(path) as pinned:
+            return pinned.id
+    except (BpfError, OSError):
+        return None
 
 
 def write_config(
@@ -244,12 +283,7 @@ def write_config(
     """Write ``wanted`` (or with ``keep``, what an adopted datapath has) into lb_config;
     returns the settings in force."""
     config_map = obj.map(maps.CONFIG)
-    config = config_map[0]
-    if adopted and int(config.layout_version) not in (0, LAYOUT_VERSION):
-        raise PyEbpfLbError(
-            f"datapath {name!r} was made by another pyebpflb version "
-            f"(layout {config.layout_version}, this is {LAYOUT_VERSION}); destroy it first"
-        )
+    config = config_map[0]  # an older layout's was migrated to this one's by load()
     settings = _settings_of(config, wanted) if adopted and keep else wanted
     stored = int(config.maglev_table_size)
     if adopted and stored and stored != settings.maglev_table_size:

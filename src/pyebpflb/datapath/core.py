@@ -19,9 +19,9 @@ from pyebpflb import events as events_mod
 from pyebpflb import maglev, maps
 from pyebpflb._bpf import LoadedObject, fs
 from pyebpflb._bpf.netns import current_id, entered
-from pyebpflb.datapath import adopt, explain, lifecycle, lock, notebook
+from pyebpflb.datapath import adopt, explain, lifecycle, lock, migrate, notebook
 from pyebpflb.datapath.apply import Programmer
-from pyebpflb.datapath.hooks import Hooks
+from pyebpflb.datapath.hooks import Hooks, close_all
 from pyebpflb.datapath.inspect import Inspector
 from pyebpflb.datapath.limits import Limits
 from pyebpflb.datapath.results import (
@@ -37,7 +37,7 @@ from pyebpflb.datapath.results import (
     Traffic,
 )
 from pyebpflb.datapath.state import State, event_names, read_policy_state, read_snapshot
-from pyebpflb.errors import Busy, DatapathClosed
+from pyebpflb.errors import Busy, DatapathClosed, PyEbpfLbError
 from pyebpflb.events import EventStats, FlowEvent
 from pyebpflb.layout import DATAPATH_NAME_MAX
 from pyebpflb.model import Address, Direction, Policy, Service, endpoint_text
@@ -168,12 +168,22 @@ class Datapath:
             if not existing and not self.create:
                 raise adopt.missing(self.name, self.netns, self.pin_dir)
             self.adopted = bool(existing)
-            self._object: LoadedObject = adopt.load(
-                self.name, self.limits.sizes(), existing, self.pin_dir
-            )
+            self.upgraded_from: int | None = None  # the layout an upgrade started from
+            self._look_only: int | None = None  # an older layout looked at, not upgraded
+            older = adopt.older_layout(existing, self.name)
+            if older is not None and self.pin:
+                close_all(existing)
+                self._upgrade(wanted)
+                return
+            self._object, steps = adopt.load(self.name, self.limits.sizes(), existing, self.pin_dir)
+            if steps:  # pin=False: a look, which never changes what runs
+                self._look_only = older
+        self._configure(wanted)
+
+    def _configure(self, wanted: adopt.Settings) -> None:
         self._pinned = False
         try:
-            if self.adopted:
+            if self.adopted and self._look_only is None:
                 self._ensure_pins()  # a new one is pinned once it is attached or changed
             self.settings = adopt.write_config(
                 self._object, self.name, wanted, adopted=self.adopted, keep=not self.create
@@ -182,6 +192,38 @@ class Datapath:
         except BaseException:
             self._object.close()
             raise
+
+    def _upgrade(self, wanted: adopt.Settings) -> None:
+        """Upgrade an older layout's datapath in place (migrate.py), holding the writer
+        lock: the maps whose layout changed migrated, the new programs swapped in on
+        every interface the old ones run on (tc's atomic replace), then what the new
+        programs look for elsewhere moved, and the pins pointed at the maps in force.
+        Reused maps keep conntrack, affinity and counters, so connections go on."""
+        with lock.held(self._lock_path):
+            existing = adopt.find_existing(self.name, self.pin_dir)  # again, under the lock
+            self.upgraded_from = adopt.older_layout(existing, self.name)
+            self._object, steps = adopt.load(self.name, self.limits.sizes(), existing, self.pin_dir)
+            try:
+                programs = {d: self._object.program(f"lb_{d.value}") for d in Direction}
+                swap = Hooks(None, programs, self._object.map(maps.CT))
+                interfaces = [f.iface for f in swap.ours([Direction.INGRESS])]
+                self._configure(wanted)
+                for iface in interfaces:
+                    swap.attach(iface)
+                for step in steps:
+                    step.after(self._object)
+                adopt.pin_maps(self._object, self.pin_dir)
+            except BaseException:
+                self._object.close()
+                raise
+        if steps:
+            logger.info(
+                "pyebpflb: datapath %s upgraded in place from layout %s to %d on %s",
+                self.name,
+                self.upgraded_from,
+                migrate.LAYOUT_VERSION,
+                ", ".join(interfaces) or "no interface",
+            )
 
     # The settings in force (an adopted datapath's own under create=False).
     ct_timeouts = property(lambda self: self.settings.ct_timeouts)
@@ -257,6 +299,12 @@ class Datapath:
         manifest's). Every change takes it by itself; nested blocks are free. The
         lock is a ``flock`` the kernel drops with its holder."""
         self._live()
+        if self._look_only is not None:
+            raise PyEbpfLbError(
+                f"datapath {self.name!r} runs layout {self._look_only}, older than this "
+                f"pyebpflb's ({migrate.LAYOUT_VERSION}), and was opened with pin=False, which "
+                "only looks: open it with pin=True (the default) to upgrade it in place first"
+            )
         with self._thread_lock:
             if self._lock_depth:
                 self._lock_depth += 1

@@ -23,7 +23,7 @@ import attrs
 from pyebpflb import maps, objects
 from pyebpflb._bpf import Map, ffi, fs
 from pyebpflb._bpf.netns import NETNS_RUN_DIR, current_id, entered
-from pyebpflb.datapath import adopt, lock
+from pyebpflb.datapath import adopt, lock, migrate
 from pyebpflb.datapath.hooks import datapath_of_program, filters, remove
 from pyebpflb.errors import BpfError, PyEbpfLbError
 from pyebpflb.model import Direction
@@ -175,7 +175,7 @@ def info(
         else ()
     )
     layout = _layout(folder, name) if folder else None
-    if not expected and layout == adopt.LAYOUT_VERSION:
+    if not expected and layout == migrate.LAYOUT_VERSION:
         expected = _this_version_maps()
     writer = lock.holder(lock.path_for(name, inode)) if inode is not None else None
     return DatapathInfo(

@@ -1,0 +1,169 @@
+"""How each layout version of the maps migrates from the one before.
+
+A datapath's maps outlive the pyebpflb that made them. A newer pyebpflb
+adopting a datapath of an older layout upgrades it in place, as Cilium's agent
+restart does: the maps whose layout did not change are reused as they are
+(services, backends, conntrack, affinity, counters: flows and counts go on), a
+map whose layout changed is made anew and filled from the old one, maps the
+new layout adds start empty, and the new programs replace the old ones on
+every interface with tc's atomic replace. :data:`MIGRATIONS` says, for each
+layout, what changed since the one before and how to carry the state over.
+
+Each step runs in two halves around the swap of the programs: ``before`` fills
+the new maps while the old programs still run (they never read the new maps),
+``after`` moves what the new programs look for elsewhere, once no old program
+runs. Both are idempotent, so an upgrade interrupted anywhere is finished by
+the next adopter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from pyebpflb import maps
+from pyebpflb._bpf import LoadedObject, Map, ffi
+from pyebpflb.errors import IncompatibleDatapath
+
+LAYOUT_VERSION = 4  # 2: weights, states, affinity; 3: network policy; 4: conntrack rework
+OLDEST = 3  # the layout of the first release (v0.1.0, commit cfb391b)
+
+# lb_config's size in each layout that is migrated from: later layouts only append.
+CONFIG_SIZES = {3: 272, 4: 304}
+
+Before = Callable[[Mapping[str, Map], LoadedObject], None]
+After = Callable[[LoadedObject], None]
+
+
+@attrs.frozen
+class Migration:
+    """What layout ``to`` changed since ``to - 1``, and how state is carried over."""
+
+    to: int
+    summary: str
+    replaced: frozenset[str]  # maps made anew (their layout changed), filled by `before`
+    added: frozenset[str]  # maps this layout adds; they start empty unless a step fills them
+    before: Before  # old maps (the replaced ones, by name), new object: before the swap
+    after: After  # new object: once the new programs run everywhere
+
+
+def _config_3_to_4(old: Mapping[str, Map], new: LoadedObject) -> None:
+    """lb_config grew the hairpin addresses at its end: the rest is copied as it is
+    (ids, settings, the change counter). The hairpin addresses stay zero, which
+    the settings read as "the defaults"."""
+    raw = _raw(old[maps.CONFIG])
+    config = ffi.new("struct pyebpflb_lb_config *")
+    ffi.memmove(config, raw[: CONFIG_SIZES[3]], CONFIG_SIZES[3])
+    config.layout_version = 4
+    new.map(maps.CONFIG)[0] = config[0]
+
+
+def _typed(ctype: str, value: Any) -> Any:
+    """``value`` as ``ctype`` (a reused map may come without its BTF types)."""
+    if isinstance(value, bytes | bytearray):
+        return ffi.from_buffer(f"{ctype} *", bytearray(value))[0]
+    return value
+
+
+def _udp_entries(obj: LoadedObject) -> list[tuple[Any, Any]]:
+    entries = [
+        (_typed("struct pyebpflb_ct_key", k), _typed("struct pyebpflb_ct_entry", v))
+        for k, v in obj.map(maps.CT).lookup_batch()
+    ]
+    return [(k, v) for k, v in entries if int(k.proto) == socket.IPPROTO_UDP]
+
+
+def _udp_copy(_old: Mapping[str, Map], new: LoadedObject) -> None:
+    """Layout 4 keeps UDP flows in lb_ct_udp, layout 3 kept them in lb_ct: copy them
+    over while the old programs still read lb_ct (TCP stays: layout 4 looks in
+    lb_ct first for TCP, whatever the flow's state)."""
+    found = _udp_entries(new)
+    if found:
+        new.map(maps.CT_UDP).update_batch([k for k, _ in found], [v for _, v in found])
+
+
+def _udp_move(new: LoadedObject) -> None:
+    """Once only new programs run: copy again what changed meanwhile, then delete the
+    UDP entries from lb_ct, where nothing looks for them any more."""
+    found = _udp_entries(new)
+    if not found:
+        return
+    udp = new.map(maps.CT_UDP)
+    for key, value in found:
+        have = udp.lookup(key)
+        # Keep the newer of the two: the new programs may have refreshed it already.
+        if have is None or int(have.last_seen_ns) < int(value.last_seen_ns):
+            udp[key] = value
+    ct = new.map(maps.CT)
+    for key, _ in found:
+        with contextlib.suppress(KeyError):  # expired and taken by the LRU meanwhile
+            ct.delete(key)
+
+
+def _both(*steps: Before) -> Before:
+    def run(old: Mapping[str, Map], new: LoadedObject) -> None:
+        for step in steps:
+            step(old, new)
+
+    return run
+
+
+MIGRATIONS: dict[int, Migration] = {
+    4: Migration(
+        to=4,
+        summary=(
+            "conntrack in three tables (lb_ct, lb_ct_syn, lb_ct_udp) with their counters, "
+            "fragments' NAT, removed backends' counters, per-CPU scratch; lb_config gains "
+            "the hairpin addresses"
+        ),
+        replaced=frozenset({maps.CONFIG}),
+        added=frozenset(
+            {maps.CT_SYN, maps.CT_UDP, maps.CT_STATS, maps.FRAG_NAT, maps.BE_GONE, "lb_scratch"}
+        ),
+        before=_both(_config_3_to_4, _udp_copy),
+        after=_udp_move,
+    ),
+}
+
+
+def path(name: str, layout: int) -> list[Migration]:
+    """The steps from ``layout`` to this version's, in order; refused (changing
+    nothing) for a layout newer than this version's or older than the first release."""
+    if layout > LAYOUT_VERSION:
+        raise IncompatibleDatapath(
+            f"datapath {name!r} was made by a newer pyebpflb; nothing was changed: use that "
+            "version (or a newer one) with it",
+            [f"lb_config: layout {layout}, this pyebpflb knows layouts up to {LAYOUT_VERSION}"],
+        )
+    if layout < OLDEST:
+        raise IncompatibleDatapath(
+            f"datapath {name!r} is older than the first release and cannot be upgraded in "
+            f"place; destroy it first (pyebpflb --datapath {name} destroy)",
+            [f"lb_config: layout {layout}, upgrades start at layout {OLDEST}"],
+        )
+    return [MIGRATIONS[to] for to in range(layout + 1, LAYOUT_VERSION + 1)]
+
+
+def _raw(config_map: Map) -> bytes:
+    value = config_map[bytes(4)]
+    return value if isinstance(value, bytes) else bytes(ffi.buffer(value))
+
+
+def read_config(config_map: Map) -> Any:
+    """lb_config's value as this version's struct, or None if the map is no pyebpflb
+    config: an older layout's (a prefix of this one) padded with zeros, a newer
+    one's cut to this size (its layout_version still tells what it is)."""
+    if config_map.value_size < min(CONFIG_SIZES.values()):
+        return None
+    raw = _raw(config_map)
+    size = ffi.sizeof("struct pyebpflb_lb_config")
+    config = ffi.new("struct pyebpflb_lb_config *")
+    ffi.memmove(config, raw[:size], min(size, len(raw)))
+    layout = int(config.layout_version)
+    if layout in CONFIG_SIZES and CONFIG_SIZES[layout] != config_map.value_size:
+        return None  # a map of another size claiming a known layout: not ours
+    return config
