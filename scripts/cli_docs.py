@@ -12,7 +12,6 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import time
 
 import pyebpflb as lb
 from pyebpflb.testing.sandbox import BACKEND_PORT, Sandbox
@@ -68,6 +67,10 @@ PAGES = {
     "apply": "`apply -f` and `delete -f`: Kubernetes manifests in, services out.",
     "explain": "`explain`: what the programs would do with a packet, without touching state.",
     "metrics": "`metrics`: the counters as Prometheus metrics over HTTP.",
+    "datapath": (
+        "`datapath list`, `datapath prune`, `attach`, `detach`, `destroy`: a datapath's life "
+        "(`$PYEBPFLB_DATAPATH` and `$PYEBPFLB_NETNS` give `--datapath` and `--netns`)."
+    ),
 }
 
 
@@ -139,7 +142,8 @@ def main() -> None:
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-            time.sleep(1.5)
+            assert watcher.stdout is not None
+            ready = watcher.stdout.readline()  # "# reading the flow events ...": it reads
             for _ in range(3):
                 sandbox.http_get("10.96.0.10", 80)
             with contextlib.suppress(ConnectionRefusedError):
@@ -153,6 +157,7 @@ def main() -> None:
                     (
                         "Three requests, a service without pods, a denied port",
                         "$ pyebpflb --datapath docs --netns demo-lb monitor --timeout 4\n"
+                        + ready
                         + watched,
                     ),
                     ("Help", run(sandbox, "monitor", "--help")),
@@ -265,6 +270,15 @@ def main() -> None:
                     ("Scraped (curl http://127.0.0.1:19090/metrics)", "\n".join(wanted)),
                 ],
             )
+            life = [
+                ("Every datapath on the host", run(sandbox, "datapath", "list")),
+                ("Detach", run(sandbox, "detach", sandbox.lb.iface)),
+                ("Attached nowhere: its pins hold it", run(sandbox, "datapath", "list")),
+                ("Attach again (idempotent)", run(sandbox, "attach", sandbox.lb.iface)),
+                ("As JSON", run(sandbox, "datapath", "list", "-o", "json")),
+                ("Help", run(sandbox, "datapath", "--help")),
+            ]
+            page("datapath", life)
             run(sandbox, "delete", "-f", manifest)
     print(f"wrote {len(PAGES)} pages to {OUT}")
 

@@ -20,13 +20,14 @@ def cdata_bytes(ctype: str, fields: dict[str, object]) -> bytes:
 
 def test_a_backend_packs_as_the_header_lays_it_out() -> None:
     backend = lb.Backend("10.0.1.7", 8080, weight=3, state="terminating")
-    packed = maps.backend_value(backend, service_id=9, position=2, usable=True)
+    packed = maps.backend_value(backend, service_id=9, position=2, usable=True, gens=3)
     expected = ffi.new("struct pyebpflb_backend *")
     ffi.memmove(expected.addr.bytes, bytes([10, 0, 1, 7]), 4)
     expected.port = socket.htons(8080)
     expected.family = lib.PYEBPFLB_IPV4
     expected.state = lib.PYEBPFLB_BACKEND_TERMINATING
     expected.service_id, expected.weight, expected.position, expected.usable = 9, 3, 2, 1
+    expected.gens = 3
     assert packed == bytes(ffi.buffer(expected))
 
 

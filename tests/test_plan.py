@@ -81,7 +81,9 @@ def test_a_backend_that_stays_keeps_its_id_and_the_generation_flips() -> None:
     # (its counters stay until its last flow ends); gen 0's slots stay until a later
     # change reuses the generation.
     assert steps(change.cleanup) == {maps.BACKENDS: ("delete", 1), maps.BE_GONE: ("write", 1)}
-    assert steps(change.prepare) == {maps.BACKENDS: ("write", 2), maps.SLOTS: ("write", 2)}
+    # Every backend is written again with the generations it belongs to: the two
+    # that stay as members of both, the one that leaves of the old one only.
+    assert steps(change.prepare) == {maps.BACKENDS: ("write", 3), maps.SLOTS: ("write", 2)}
     undo: dict[str, Any] = steps(change.undo)
     assert undo[maps.SERVICES] == ("write", 1)  # the old entry comes back whole
 

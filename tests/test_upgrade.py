@@ -48,6 +48,9 @@ OLD = textwrap.dedent(
             lb.Service("10.96.0.14", 53, protocol="udp", name="default/dns",
                        backends=[lb.Backend(b, 8080) for b in backends]),
         ])
+        # Changed once: its entry (and Maglev table) are at generation 1.
+        dp.upsert(lb.Service("10.96.0.11", 80, name="default/api", scheduler="maglev",
+                             backends=[lb.Backend(b, 8080) for b in backends[1:]]))
         dp.close()
     else:
         dp = lb.Datapath(name, persist=True, netns=netns, pin_root=pin_root, create=False)
@@ -158,6 +161,9 @@ def test_an_upgrade_from_the_first_release_keeps_the_connection_and_the_counters
                     udp_table = next(t for t in dp.conntrack_stats() if t.table == "udp")
                     assert udp_table.entries == 2  # its two halves
                     services = {s.name: s for s in dp.services}
+                    service_ids = {
+                        i.service.name: i.id for i in dp._state.snapshot.services.values()
+                    }
                     addresses = [b.ipv4 for b in sandbox.backends]
                     assert services["default/web"] == lb.Service(
                         "10.96.0.10",
@@ -166,10 +172,27 @@ def test_an_upgrade_from_the_first_release_keeps_the_connection_and_the_counters
                         backends=[lb.Backend(a, BACKEND_PORT) for a in addresses],
                     )
                     assert services["default/api"].scheduler.value == "maglev"
+                    assert [b.address for b in services["default/api"].backends] == addresses[1:]
                     assert services["default/one"].affinity_timeout == 600
                     # New connections balance, with the new programs.
                     names = {sandbox.http_get("10.96.0.10", 80) for _ in range(30)}
                     assert names == {b.name for b in sandbox.backends}
+                    # The Maglev table of generation 1, found under its new key (a
+                    # lookup that misses falls back to the slots: traffic cannot tell).
+                    maglev_keys = set(dp._object.map("lb_maglev").keys())
+                    assert maglev_keys == {1 << 31 | service_ids["default/api"]}
+                    api = {sandbox.http_get("10.96.0.11", 80) for _ in range(30)}
+                    assert api == {b.name for b in sandbox.backends[1:]}
+                    dp.upsert(
+                        lb.Service(
+                            "10.96.0.11",
+                            80,
+                            name="default/api",
+                            scheduler="maglev",
+                            backends=[lb.Backend(addresses[0], BACKEND_PORT)],
+                        )
+                    )
+                    assert sandbox.http_get("10.96.0.11", 80) == sandbox.backends[0].name
                     dp.upsert(
                         lb.Service(
                             "10.96.0.13",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +39,8 @@ from pyebpflb.packing import u32s as u32s
 # The maps of the lb object (each defined in csrc/bpf/lib/ beside its concern): a
 # map's name in C, its pin file and the name Python opens it by are this one word.
 CONFIG = "lb_config"
-SERVICES = "lb_services"
+SERVICES = "lb_services"  # the services packets read: this map or SERVICES_ALT (lb_config)
+SERVICES_ALT = "lb_services_alt"
 SVC_NAMES = "lb_svc_names"
 SVC_STATS = "lb_svc_stats"
 BACKENDS = "lb_backends"
@@ -70,6 +72,16 @@ MAGLEV_TABLE = "lb_maglev_table"  # the inner maps of lb_maglev
 
 # lib/counters.h: a counter's replies are kept under its id with this bit set.
 COUNTER_REPLY = 1 << 31
+
+
+def raw(value: Any) -> bytes:
+    """A key or value as the kernel holds it: typed maps decode a __u32 as an int and
+    a struct as cdata, untyped ones give bytes."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, int):
+        return value.to_bytes(4, sys.byteorder)
+    return bytes(ffi.buffer(value))
 
 
 def counter_keys(counter_id: int) -> tuple[Any, Any]:
@@ -121,6 +133,7 @@ _BACKEND = Packer(
     "weight",
     "position",
     "usable",
+    "gens",
 )
 _NAME = Packer("struct pyebpflb_service_name", "name")
 _MAGLEV_FLAG = {Scheduler.MAGLEV: int(lib.PYEBPFLB_SERVICE_MAGLEV)}
@@ -173,7 +186,11 @@ _ACTIVE = BackendState.ACTIVE
 _ACTIVE_TAG = STATE_TAG[_ACTIVE]
 
 
-def backend_value(backend: Backend, service_id: int, position: int, usable: bool) -> bytes:
+def backend_value(
+    backend: Backend, service_id: int, position: int, usable: bool, gens: int
+) -> bytes:
+    """A ``struct pyebpflb_backend``; ``gens``: 1 << gen for each generation of its
+    service's entry it is a member of (a change makes it both, or the new one's)."""
     state = backend.state
     return _BACKEND.pack(
         backend.address.packed,
@@ -185,18 +202,24 @@ def backend_value(backend: Backend, service_id: int, position: int, usable: bool
         backend.weight,
         position,
         usable,
+        gens,
     )
 
 
-def backend_values(service: Service, service_id: int, usable_at: list[int]) -> bytes:
+def backend_values(service: Service, service_id: int, usable_at: list[int], gens: int) -> bytes:
     """The values of all of ``service``'s backends, packed end to end in their order."""
     in_use = set(usable_at)
     return b"".join(
         [
-            backend_value(backend, service_id, position, position in in_use)
+            backend_value(backend, service_id, position, position in in_use, gens)
             for position, backend in enumerate(service.backends)
         ]
     )
+
+
+def maglev_key(service_id: int, gen: int) -> bytes:
+    """The lb_maglev key of a service's table for its entry's generation ``gen``."""
+    return u32(service_id | gen << lib.PYEBPFLB_MAGLEV_GEN_SHIFT)
 
 
 def slot_entries(

@@ -6,11 +6,14 @@ executor (``pyebpflb.datapath.apply``) carries it out. A change is planned
 against a :class:`~pyebpflb.snapshot.Snapshot` of what is installed, in four
 phases, so that no packet meets a half-written service:
 
-1. ``prepare``: writes packets cannot see yet: new backends, names, and the
-   slots of the generation the service entry does not point at (counters are
+1. ``prepare``: writes packets cannot see yet: new backends, names, the slots
+   and Maglev table of the generation the service entry does not point at, and
+   each backend marked with the generations it is a member of (counters are
    created by the datapath with a service's or backend's first flow).
-2. ``publish``: the service entries themselves, each replaced whole in one
-   atomic map update: removals first (freeing room), then new and changed.
+2. ``publish``: the service entries themselves, each replaced whole: removals
+   first (freeing room), then new and changed. The executor writes them into
+   the services map packets do not read and then flips which one they read,
+   so every service of a change changes at once (``datapath/repair.py``).
 3. on failure, ``undo`` restores every published entry and removes what
    ``prepare`` created, so the previous services stay fully in force.
 4. ``cleanup``: after success, what nothing points at any more, counters
@@ -82,6 +85,7 @@ class Table:
 
     service_id: int
     backend_ids: list[int]  # per slot; 0 where no backend
+    gen: int = 0  # the generation of the service entry that will point at it
 
 
 @attrs.define
@@ -234,13 +238,13 @@ class _Planner:
             zip(old.service.backends, old.backend_ids, strict=True)
         ):
             self.cleanup.delete(maps.BACKENDS, maps.u32(backend_id))
-            gone = maps.backend_value(backend, old.id, position, False)
+            gone = maps.backend_value(backend, old.id, position, False, 0)
             self.cleanup.write(maps.BE_GONE, maps.u32(backend_id), gone)
         for key in maps.counter_keys(old.id):
             self.cleanup.delete(maps.SVC_STATS, key)
         self.cleanup.delete(maps.SVC_NAMES, maps.u32(old.id))
         if old.service.scheduler is Scheduler.MAGLEV:
-            self.cleanup.delete(maps.MAGLEV, maps.u32(old.id))
+            self.cleanup.delete(maps.MAGLEV, maps.maglev_key(old.id, old.gen), missing_ok=True)
 
     def upsert(self, service: Service, old: Installed | None) -> None:
         """Plan ``service`` in place of ``old``, what its key holds now."""
@@ -268,9 +272,9 @@ class _Planner:
             maps.service_entry(old.id, old.count, old.gen, old.service),
         )
         usable_at = service.usable_positions()
-        ids = self._backends(service, service_id, old, usable_at)
+        ids = self._backends(service, service_id, old, usable_at, gen)
         count, slots = self._slots(service, service_id, gen, ids, old, usable_at)
-        self._maglev(service, service_id, ids, old, usable_at)
+        self._maglev(service, service_id, ids, old, usable_at, gen)
         self.publish.write(
             maps.SERVICES, service_key, maps.service_entry(service_id, count, gen, service)
         )
@@ -308,13 +312,13 @@ class _Planner:
         ids = [next(self.backend_ids) for _ in service.backends]
         if ids:
             backends.keys += maps.u32s(ids)
-            backends.values += maps.backend_values(service, service_id, usable_at)
+            backends.values += maps.backend_values(service, service_id, usable_at, 1)
         table = alias_table([service.backends[i].weight for i in usable_at])
         if table:
             keys, values = maps.slot_entries(service_id, 0, table, [ids[i] for i in usable_at])
             slots.keys += keys
             slots.values += values
-        self._maglev(service, service_id, ids, None, usable_at)
+        self._maglev(service, service_id, ids, None, usable_at, 0)
         services.keys += service_key
         services.values += maps.service_entry(service_id, len(table), 0, service)
         self.changes[service.key] = Installed(
@@ -322,16 +326,20 @@ class _Planner:
         )
 
     def _backends(
-        self, service: Service, service_id: int, old: Installed, usable_at: list[int]
+        self, service: Service, service_id: int, old: Installed, usable_at: list[int], gen: int
     ) -> list[int]:
-        """The backends' ids, writing those that are new or changed.
+        """The backends' ids, writing each with the generations it is a member of.
 
         Every backend is in lb_backends (its flows go on, whatever its state);
-        one that stays keeps its id, and its value is rewritten only if its
-        weight, state, place or usability changed. Only `usable` is read by
-        packets (session affinity returns only to a usable backend). Positions,
-        not addresses, index the new set: hashing an ipaddress object is slow,
-        and a sync of 10,000 services would do it 200,000 times.
+        one that stays keeps its id. Each is written again, as a member of both
+        the old and the new generation of the entry (``gens``); one that is new,
+        of the new only; one that leaves, of the old only (then deleted once the
+        change is in). So the members of each generation are known whatever
+        step a change stopped at, and a reader sees the old set or the new one.
+        Only `usable` is read by packets (session affinity returns only to a
+        usable backend). Positions, not addresses, index the new set: hashing an
+        ipaddress object is slow, and a sync of 10,000 services would do it
+        200,000 times.
         """
         known: dict[tuple[Address, int], tuple[int, Backend, int]] = {
             backend.endpoint: (backend_id, backend, position)
@@ -341,6 +349,7 @@ class _Planner:
         }
         usable_before = {old.service.backends[i].endpoint for i in old.service.usable_positions()}
         in_use_now = set(usable_at)
+        both, new_only, old_only = 1 << old.gen | 1 << gen, 1 << gen, 1 << old.gen
         ids: list[int] = []
         for position, backend in enumerate(service.backends):
             in_use = position in in_use_now
@@ -348,24 +357,27 @@ class _Planner:
             if known_entry is None:
                 backend_id = next(self.backend_ids)
                 backend_key = maps.u32(backend_id)
-                value = maps.backend_value(backend, service_id, position, in_use)
+                value = maps.backend_value(backend, service_id, position, in_use, new_only)
                 self.prepare.write(maps.BACKENDS, backend_key, value)
                 self.undo.delete(maps.BACKENDS, backend_key)
             else:
                 backend_id, was, was_at = known_entry
                 was_in_use = backend.endpoint in usable_before
-                if (was, was_at, was_in_use) != (backend, position, in_use):
-                    backend_key = maps.u32(backend_id)
-                    value = maps.backend_value(backend, service_id, position, in_use)
-                    self.prepare.write(maps.BACKENDS, backend_key, value)
-                    before = maps.backend_value(was, service_id, was_at, was_in_use)
-                    self.undo.write(maps.BACKENDS, backend_key, before)
+                backend_key = maps.u32(backend_id)
+                value = maps.backend_value(backend, service_id, position, in_use, both)
+                self.prepare.write(maps.BACKENDS, backend_key, value)
+                before = maps.backend_value(was, service_id, was_at, was_in_use, both)
+                self.undo.write(maps.BACKENDS, backend_key, before)
             ids.append(backend_id)
         for backend_id, was, was_at in known.values():  # left the service
-            self.cleanup.delete(maps.BACKENDS, maps.u32(backend_id))
+            backend_key = maps.u32(backend_id)
+            was_in_use = was.endpoint in usable_before
+            member = maps.backend_value(was, service_id, was_at, was_in_use, old_only)
+            self.prepare.write(maps.BACKENDS, backend_key, member)
+            self.cleanup.delete(maps.BACKENDS, backend_key)
             # Its counters stay readable until its last flow ends (the collector).
-            gone = maps.backend_value(was, service_id, was_at, False)
-            self.cleanup.write(maps.BE_GONE, maps.u32(backend_id), gone)
+            gone = maps.backend_value(was, service_id, was_at, False, 0)
+            self.cleanup.write(maps.BE_GONE, backend_key, gone)
         return ids
 
     def _slots(
@@ -408,7 +420,12 @@ class _Planner:
         ids: list[int],
         old: Installed | None,
         usable_at: list[int],
+        gen: int,
     ) -> None:
+        """A Maglev service's table, built under the generation ``gen`` of its new entry
+        (packets of the old entry go on reading the old table, then it goes)."""
+        if old is not None and old.service.scheduler is Scheduler.MAGLEV:
+            self.cleanup.delete(maps.MAGLEV, maps.maglev_key(service_id, old.gen), missing_ok=True)
         if service.scheduler is Scheduler.MAGLEV:
             usable = [service.backends[i] for i in usable_at]
             slots_of = (
@@ -417,12 +434,11 @@ class _Planner:
             built = Table(
                 service_id,
                 [ids[usable_at[i]] if i >= 0 else 0 for i in slots_of] or [0] * self.maglev_size,
+                gen,
             )
             self.prepare.add(built)
             self.publish_tables.add(PublishTable(built))
             self.undo.add(RestoreTable(built))
-        elif old is not None and old.service.scheduler is Scheduler.MAGLEV:
-            self.cleanup.delete(maps.MAGLEV, maps.u32(service_id))
 
     def plan(self) -> Plan:
         removal_steps = self.publish_removals.list()

@@ -125,7 +125,7 @@ static __always_inline int unrelated(struct ctx_buff *ctx, struct ingress *in, _
 /* The service of the packet's destination, copied into the scratch slot; 0: none. */
 static __always_inline int copy_service(struct ingress *in)
 {
-	struct pyebpflb_service *svc = service_lookup(in->pkt);
+	struct pyebpflb_service *svc = service_lookup(in->pkt, in->cfg);
 
 	if (!svc)
 		return 0;

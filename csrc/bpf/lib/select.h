@@ -52,7 +52,8 @@ static __always_inline __u32 maglev_backend(const struct pyebpflb_service *svc,
 					    const struct pyebpflb_lb_config *cfg,
 					    struct pyebpflb_backend **backend)
 {
-	void *table = bpf_map_lookup_elem(&lb_maglev, &svc->id);
+	__u32 key = svc->id | (__u32)svc->gen << PYEBPFLB_MAGLEV_GEN_SHIFT;
+	void *table = bpf_map_lookup_elem(&lb_maglev, &key);
 	__u32 slot, *backend_id;
 
 	if (!table || !cfg->maglev_table_size)

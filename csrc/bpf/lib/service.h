@@ -17,14 +17,20 @@
 
 /* Services, slots and backends are replaced whole by user space while
  * packets read them. Without preallocation a replaced element is freed only
- * after an RCU grace period, so a reader never sees a value half-rewritten. */
-struct {
+ * after an RCU grace period, so a reader never sees a value half-rewritten.
+ * The services are kept twice: packets read the map lb_config's service_map
+ * names, a change writes the other, flips service_map (every service of the
+ * change at once), then brings the first one level. */
+struct services_map {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct pyebpflb_service_key);
 	__type(value, struct pyebpflb_service);
-} lb_services SEC(".maps");
+};
+
+struct services_map lb_services SEC(".maps");
+struct services_map lb_services_alt SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -43,10 +49,10 @@ struct {
 } lb_backends SEC(".maps");
 
 /*
- * Maglev tables: service id -> an array of backend ids. User space builds a
- * whole new table and swaps it in with one update of the outer map, so
- * packets never read a table being edited. BPF_F_INNER_MAP lets the tables
- * have the datapath's size rather than this template's.
+ * Maglev tables: (service id | its entry's gen << 31) -> an array of backend
+ * ids. User space builds a whole new table under the generation the service
+ * entry does not point at yet, so packets never read a table being edited. BPF_F_INNER_MAP lets the
+ * tables have the datapath's size rather than this template's.
  */
 struct maglev_table {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -102,11 +108,14 @@ struct {
 	__type(value, struct pyebpflb_backend);
 } lb_be_gone SEC(".maps");
 
-static __always_inline struct pyebpflb_service *service_lookup(const struct packet *pkt)
+static __always_inline struct pyebpflb_service *service_lookup(const struct packet *pkt,
+							       const struct pyebpflb_lb_config *cfg)
 {
 	struct pyebpflb_service_key key = {
 	    .vip = pkt->daddr, .port = pkt->dport, .proto = pkt->proto, .family = pkt->family};
 
+	if (cfg->service_map & PYEBPFLB_SERVICE_MAP_ALT)
+		return bpf_map_lookup_elem(&lb_services_alt, &key);
 	return bpf_map_lookup_elem(&lb_services, &key);
 }
 

@@ -94,7 +94,11 @@ struct pyebpflb_backend {
 	__u16 weight;
 	__u16 position; /* in the service's list of backends */
 	__u8 usable;	/* takes new flows now (affinity may return to it) */
-	__u8 _pad[3];
+	/* 1 << gen for each generation of its service's entry it is a member of
+	 * (user space only: a change interrupted before its cleanup leaves
+	 * backends that are members of one generation only). */
+	__u8 gens;
+	__u8 _pad[2];
 };
 
 /* lb_affinity: (service, client address) -> the backend of its last new flow. */
@@ -273,13 +277,23 @@ struct pyebpflb_lb_config {
 	__u32 next_policy_id;
 	__u32 event_mask; /* 1 << enum pyebpflb_event_type: which events are sent */
 	__u32 event_rate; /* events a second per CPU; 0: none */
-	__u32 _pad;
+	/* Which map holds the services packets see: 0 lb_services, 1
+	 * lb_services_alt. A change writes the other one, then flips this: every
+	 * service changes at once. PYEBPFLB_CHANGE_OPEN is set while a change runs
+	 * (user space only: a writer that finds it set finishes a dead one's). */
+	__u32 service_map;
 	__u64 changes; /* bumped by every change: a writer whose copy is older reads again */
 	char name[PYEBPFLB_DATAPATH_NAME_MAX];
 	__u32 map_ids[PYEBPFLB_LB_MAPS_MAX];
 	/* The source a backend sees when it reached itself through a VIP. */
 	union pyebpflb_addr hairpin_v4;
 	union pyebpflb_addr hairpin_v6;
+};
+
+enum pyebpflb_service_map {
+	PYEBPFLB_SERVICE_MAP_ALT = 1,	/* packets read lb_services_alt */
+	PYEBPFLB_CHANGE_OPEN = 1 << 8,	/* a change is under way */
+	PYEBPFLB_MAGLEV_GEN_SHIFT = 31, /* lb_maglev key: service id | gen << 31 */
 };
 
 /* lb_svc_names: service id -> its name (user space only). */

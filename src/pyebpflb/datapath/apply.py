@@ -59,6 +59,7 @@ class Executor:
         self._inner: dict[int, Map] = {}
         self._previous: dict[int, int | None] = {}
         self._step: plan.Step | None = None  # the step running, or the one that failed
+        self._services = self.service_map()  # the services map steps write (see apply_all)
 
     def apply(self, change: plan.Plan) -> None:
         """Apply ``change``; on any failure undo it and raise, leaving the old state in force."""
@@ -69,9 +70,20 @@ class Executor:
         ``overlap``, a writer thread writes each plan while the next is planned (the
         iterator plans lazily: the kernel's part of a batch runs without the GIL). On
         any failure every plan applied so far is undone, newest first, and the error
-        raised: the old state stays in force."""
+        raised: the old state stays in force.
+
+        The service entries of every plan go to the services map packets do not
+        read; once all are written, one write of lb_config flips the map packets
+        read, so every service of the change changes at once, then the other map
+        is brought level. lb_config says a change is open from its first write to
+        its last: a writer killed in between leaves that mark, and the next one
+        finishes or undoes its work (:func:`repair`)."""
         applied: list[plan.Plan] = []
         self._step = None
+        active = self.service_map()
+        self._services = _other(active)  # where the entries of the change go
+        self._mark(active | lib.PYEBPFLB_CHANGE_OPEN)
+        flipped = False
         try:
             try:
                 if overlap:
@@ -80,22 +92,56 @@ class Executor:
                     for change in changes:
                         applied.append(change)
                         self._forward(change, parallel=True)
+                self._mark(_other(active) | lib.PYEBPFLB_CHANGE_OPEN)  # the flip
+                flipped = True
             except BaseException as exc:
                 for change in reversed(applied):
                     self._undo(change)
+                self._mark(active)
                 explained = self._explained(exc)
                 if explained is exc:
                     raise
                 raise explained from exc
+            self._services = active  # the map packets read before: level with the other
+            level = True
+            for change in applied:
+                level = self._mirror(change) and level
             for change in applied:
                 self._cleanup(change)
+            if level:
+                self._mark(_other(active))
         finally:
             # The outer map holds the tables it points at; our fds can go.
             for inner in self._inner.values():
                 inner.close()
             self._inner.clear()
             self._previous.clear()
+            self._services = self.service_map() if flipped else active
         return applied
+
+    def service_map(self) -> int:
+        """Which services map packets read now (PYEBPFLB_SERVICE_MAP_ALT or 0)."""
+        return int(self._obj.map(maps.CONFIG)[0].service_map) & int(lib.PYEBPFLB_SERVICE_MAP_ALT)
+
+    def _mark(self, value: int) -> None:
+        """Write lb_config's service_map: which map packets read, and the open mark.
+        One aligned word of the array's value changes: packets read the old word or
+        the new one."""
+        config_map = self._obj.map(maps.CONFIG)
+        config = config_map[0]
+        config.service_map = value
+        config_map[0] = config
+
+    def _mirror(self, change: plan.Plan) -> bool:
+        """Write ``change``'s service entries to the map packets no longer read."""
+        try:
+            for step in change.publish:
+                if isinstance(step, plan.Write | plan.Delete) and step.map == maps.SERVICES:
+                    self.run(step, strict=False)
+        except BpfError:
+            logger.warning("pyebpflb: levelling the services maps failed", exc_info=True)
+            return False  # the mark stays: the next writer levels them
+        return True
 
     def _write_overlapped(self, changes: Iterator[plan.Plan], applied: list[plan.Plan]) -> None:
         pending: Future[None] | None = None
@@ -169,7 +215,7 @@ class Executor:
         elif isinstance(step, plan.RestoreTable):
             self._restore_table(step.table)
         elif isinstance(step, plan.Write):
-            bpf_map = self._obj.map(step.map)
+            bpf_map = self._map(step.map)
             if step.items:
                 keys, values = zip(*step.items, strict=True)
                 bpf_map.update_batch(list(keys), list(values))
@@ -189,7 +235,7 @@ class Executor:
         """Delete ``keys``; with ``strict``, all must be there."""
         if not keys:
             return
-        bpf_map = self._obj.map(map_name)
+        bpf_map = self._map(map_name)
         try:
             bpf_map.delete_batch(keys)
         except KeyError:
@@ -197,8 +243,14 @@ class Executor:
                 raise
             _delete_each(bpf_map, keys)
 
+    def _map(self, map_name: str) -> Map:
+        """The map a step names; the services map is the one the change writes."""
+        if map_name == maps.SERVICES and self._services & lib.PYEBPFLB_SERVICE_MAP_ALT:
+            return self._obj.map(maps.SERVICES_ALT)
+        return self._obj.map(map_name)
+
     def _delete_packed(self, map_name: str, packed: plan.Packed, *, strict: bool) -> None:
-        bpf_map = self._obj.map(map_name)
+        bpf_map = self._map(map_name)
         _check_sizes(bpf_map, packed)
         try:
             bpf_map.delete_batch_packed(ffi.from_buffer(packed.keys), len(packed))
@@ -227,7 +279,7 @@ class Executor:
 
     def _publish_table(self, table: plan.Table) -> None:
         outer = self._obj.map(maps.MAGLEV)
-        key = table.service_id.to_bytes(4, sys.byteorder)
+        key = maps.maglev_key(table.service_id, table.gen)
         previous = outer.lookup(key)  # from user space, an inner map reads as its id
         self._previous[id(table)] = int.from_bytes(previous, sys.byteorder) if previous else None
         outer.update(key, self._inner[id(table)].fd.to_bytes(4, sys.byteorder))
@@ -236,7 +288,7 @@ class Executor:
         if id(table) not in self._previous:
             return  # the failure came first: the service's table is as it was
         outer = self._obj.map(maps.MAGLEV)
-        key = table.service_id.to_bytes(4, sys.byteorder)
+        key = maps.maglev_key(table.service_id, table.gen)
         previous_id = self._previous[id(table)]
         if previous_id is None:
             with contextlib.suppress(KeyError):
@@ -255,6 +307,10 @@ class Executor:
             f"{exc.operation} (map {map_name} holds at most {size} entries; raise "
             f"{argument}); nothing was changed",
         )
+
+
+def _other(service_map: int) -> int:
+    return service_map ^ int(lib.PYEBPFLB_SERVICE_MAP_ALT)
 
 
 def _delete_each(bpf_map: Map, keys: list[Any]) -> None:

@@ -19,7 +19,7 @@ from pyebpflb import events as events_mod
 from pyebpflb import maglev, maps
 from pyebpflb._bpf import LoadedObject, fs
 from pyebpflb._bpf.netns import current_id, entered
-from pyebpflb.datapath import adopt, explain, lifecycle, lock, migrate, notebook
+from pyebpflb.datapath import adopt, explain, lifecycle, lock, migrate, notebook, repair
 from pyebpflb.datapath.apply import Programmer
 from pyebpflb.datapath.hooks import Hooks, close_all
 from pyebpflb.datapath.inspect import Inspector
@@ -316,6 +316,9 @@ class Datapath:
             with lock.held(self._lock_path):
                 self._lock_depth = 1
                 try:
+                    if repair.is_open(self._object):  # a writer died mid-change
+                        repair.repair(self._object, self.name)
+                        self._state.reload()
                     yield
                 finally:
                     self._lock_depth = 0

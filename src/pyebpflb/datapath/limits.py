@@ -47,9 +47,10 @@ class Limits:
 # map -> (the argument that sizes it, entries per unit of it).
 SIZED = {
     maps.SERVICES: ("max_services", 1),
+    maps.SERVICES_ALT: ("max_services", 1),  # the services again, for a change at once
     maps.SVC_STATS: ("max_services", 2),  # both directions
     maps.SVC_NAMES: ("max_services", 1),
-    maps.MAGLEV: ("max_services", 1),
+    maps.MAGLEV: ("max_services", 2),  # a table per generation, during a change
     maps.BACKENDS: ("max_backends", 1),
     maps.BE_STATS: ("max_backends", 2),  # both directions
     maps.BE_GONE: ("max_backends", 1),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,11 +30,13 @@ from pyebpflb import maps
 from pyebpflb._bpf import LoadedObject, Map, ffi
 from pyebpflb.errors import IncompatibleDatapath
 
-LAYOUT_VERSION = 4  # 2: weights, states, affinity; 3: network policy; 4: conntrack rework
+# 2: weights, states, affinity; 3: network policy; 4: conntrack rework; 5: services
+# changed all at once (two services maps), backends' generations, Maglev per generation
+LAYOUT_VERSION = 5
 OLDEST = 3  # the layout of the first release (v0.1.0, commit cfb391b)
 
 # lb_config's size in each layout that is migrated from: later layouts only append.
-CONFIG_SIZES = {3: 272, 4: 304}
+CONFIG_SIZES = {3: 272, 4: 304, 5: 304}
 
 Before = Callable[[Mapping[str, Map], LoadedObject], None]
 After = Callable[[LoadedObject], None]
@@ -104,6 +107,55 @@ def _udp_move(new: LoadedObject) -> None:
             ct.delete(key)
 
 
+def _services_twice(_old: Mapping[str, Map], new: LoadedObject) -> None:
+    """Layout 5 keeps the services in two maps (a change writes the one packets do
+    not read, then flips lb_config's service_map): the new one starts as a copy.
+    Each backend is marked a member of its service entry's generation, and a
+    Maglev table is found under (id | gen << 31): the tables of services at
+    generation 1 get that key too (the old programs read the bare id)."""
+    services = new.map(maps.SERVICES).lookup_batch()
+    if services:
+        new.map(maps.SERVICES_ALT).update_batch([k for k, _ in services], [v for _, v in services])
+    generation = {}
+    for _, value in services:
+        entry = _typed("struct pyebpflb_service", value)
+        generation[int(entry.id)] = int(entry.gen)
+    backends = new.map(maps.BACKENDS)
+    for key, value in backends.lookup_batch():
+        backend = _typed("struct pyebpflb_backend", value)
+        gen = generation.get(int(backend.service_id))
+        if gen is not None and not int(backend.gens) & (1 << gen):
+            backend.gens = 1 << gen
+            backends[key] = backend
+    for service_id in _maglev_at_gen_1(new, generation):
+        outer = new.map(maps.MAGLEV)
+        inner_id = outer.lookup(maps.u32(service_id))
+        if inner_id is not None:
+            with Map.from_id(int.from_bytes(maps.raw(inner_id), sys.byteorder)) as inner:
+                outer[maps.maglev_key(service_id, 1)] = inner.fd.to_bytes(4, sys.byteorder)
+
+
+def _maglev_at_gen_1(new: LoadedObject, generation: dict[int, int]) -> list[int]:
+    outer = new.map(maps.MAGLEV)
+    keys = outer.keys()  # a map: no batch lookup for maps of maps on every kernel
+    bare = {int.from_bytes(maps.raw(k), sys.byteorder) for k in keys}
+    return [i for i, gen in generation.items() if gen == 1 and i in bare]
+
+
+def _bare_maglev_keys_gone(new: LoadedObject) -> None:
+    """Once only new programs run: the tables of generation-1 services under their
+    bare id (what layout 4's programs read) go."""
+    generation = {}
+    for _, value in new.map(maps.SERVICES).lookup_batch():
+        entry = _typed("struct pyebpflb_service", value)
+        generation[int(entry.id)] = int(entry.gen)
+    outer = new.map(maps.MAGLEV)
+    for service_id in _maglev_at_gen_1(new, generation):
+        if outer.lookup(maps.maglev_key(service_id, 1)) is not None:
+            with contextlib.suppress(KeyError):
+                outer.delete(maps.u32(service_id))
+
+
 def _both(*steps: Before) -> Before:
     def run(old: Mapping[str, Map], new: LoadedObject) -> None:
         for step in steps:
@@ -126,6 +178,18 @@ MIGRATIONS: dict[int, Migration] = {
         ),
         before=_both(_config_3_to_4, _udp_copy),
         after=_udp_move,
+    ),
+    5: Migration(
+        to=5,
+        summary=(
+            "the services twice (lb_services_alt), so that a change flips them all at once; "
+            "backends marked with their service entry's generation; Maglev tables per "
+            "generation"
+        ),
+        replaced=frozenset(),
+        added=frozenset({maps.SERVICES_ALT}),
+        before=_services_twice,
+        after=_bare_maglev_keys_gone,
     ),
 }
 

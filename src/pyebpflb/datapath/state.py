@@ -12,6 +12,7 @@ from typing import Any
 
 from pyebpflb import maps
 from pyebpflb._bpf import Map, ffi
+from pyebpflb._bpf._libbpf import lib
 from pyebpflb._bpf.object import LoadedObject
 from pyebpflb.errors import BpfError
 from pyebpflb.layout import POLICY_GEN_SHIFT
@@ -32,6 +33,9 @@ def all_keys(bpf_map: Map) -> list[Any]:
 def read_snapshot(obj: LoadedObject) -> Snapshot:
     """Every installed service, read from the maps in a few batch calls."""
     config = obj.map(maps.CONFIG)[0]
+    in_force = int(config.service_map) & lib.PYEBPFLB_SERVICE_MAP_ALT
+    # The services packets read; a change under way writes the other map.
+    entries = obj.map(maps.SERVICES_ALT if in_force else maps.SERVICES).lookup_batch()
     names = {int(k): ffi.string(v.name).decode() for k, v in obj.map(maps.SVC_NAMES).lookup_batch()}
     members: dict[int, list[tuple[int, int, Any]]] = {}
     for key, value in obj.map(maps.BACKENDS).lookup_batch():
@@ -40,8 +44,14 @@ def read_snapshot(obj: LoadedObject) -> Snapshot:
     for key, _ in obj.map(maps.SLOTS).lookup_batch():
         slots.setdefault(int(key.service_id), set()).add(int(key.slot))
     services = {}
-    for key, entry in obj.map(maps.SERVICES).lookup_batch():
-        own = sorted(members.get(int(entry.id), []), key=lambda member: member[0])
+    for key, entry in entries:
+        # The members of the generation the entry points at (a change under way,
+        # or one cut short, leaves backends of the other generation only).
+        gen_bit = 1 << int(entry.gen)
+        own = sorted(
+            (m for m in members.get(int(entry.id), []) if int(m[2].gens) & gen_bit),
+            key=lambda member: member[0],
+        )
         service = Service(
             vip=maps.addr_from(key.vip, key.family),
             port=maps.port_from(key.port),
