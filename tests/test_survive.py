@@ -51,6 +51,35 @@ CHECK_AND_DESTROY = textwrap.dedent(
 )
 
 
+MANIFEST = """
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec: {clusterIP: 10.96.0.12, selector: {app: api}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-1, namespace: default, labels: {app: api}}
+spec: {containers: [{name: c}]}
+status: {podIP: 10.0.1.3, phase: Running, conditions: [{type: Ready, status: "True"}]}
+"""
+
+# `pyebpflb ... metrics` served and scraped inside the namespace, then stopped.
+SCRAPE = textwrap.dedent(
+    """
+    import subprocess, sys, urllib.request
+    server = subprocess.Popen([*sys.argv[1:], "metrics", "--port", "19311"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving metrics" in server.stdout.readline()
+        print(urllib.request.urlopen("http://127.0.0.1:19311/metrics", timeout=10).read().decode())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    """
+)
+
+
 @pytest.fixture
 def pair() -> Iterator[VethPair]:
     with veth_pair(subnet=77) as made:
@@ -69,6 +98,13 @@ def test_a_datapath_made_under_ip_netns_exec_is_found_whole_by_the_next_one(
     netns, name = pair.right.netns, f"t{os.getpid()}-survive"
     made = in_netns(netns, sys.executable, "-c", SETUP, name, pair.right.iface, str(PIN_ROOT))
     assert made.returncode == 0, made.stderr
+    try:
+        found_everywhere(netns, name)
+    finally:  # torn down by the last step; on a failure before it, here
+        in_netns(netns, PYEBPFLB, "--datapath", name, "--pin-root", str(PIN_ROOT), "destroy")
+
+
+def found_everywhere(netns: str, name: str) -> None:
     # A second `ip netns exec`: a new mount namespace, a new empty bpffs, no pins.
     cli = [PYEBPFLB, "--datapath", name, "--pin-root", str(PIN_ROOT)]
     listed = in_netns(netns, *cli, "service", "list", "-o", "json")
@@ -88,10 +124,30 @@ def test_a_datapath_made_under_ip_netns_exec_is_found_whole_by_the_next_one(
     assert outside.returncode == 0, outside.stderr
     assert len(json.loads(outside.stdout)) == 2
     assert sorted(PIN_ROOT.rglob("*")) == pins
-    # A third, in Python: the policy with its name, and then it is torn down.
+    # A third `ip netns exec` each: the other commands find it whole too.
+    conntrack = in_netns(netns, *cli, "ct", "list", "-o", "json")
+    assert conntrack.returncode == 0 and json.loads(conntrack.stdout) == [], conntrack.stderr
+    explained = in_netns(netns, *cli, "explain", "--src", "10.1.0.5", "--dst", "10.96.0.10:80")
+    assert explained.returncode == 0, explained.stderr
+    assert "default/web" in explained.stdout and "10.0.1.1:8080" in explained.stdout
+    watched = in_netns(netns, *cli, "monitor", "--timeout", "0.5")
+    assert watched.returncode == 0 and "# this monitor read 0 events" in watched.stderr
+    applied = subprocess.run(
+        ["ip", "netns", "exec", netns, *cli, "apply", "-f", "-"],
+        input=MANIFEST,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert "service default/api (10.96.0.12:80/tcp): 1 backends" in applied.stdout
+    scraped = in_netns(netns, sys.executable, "-c", SCRAPE, *cli)
+    assert scraped.returncode == 0, scraped.stderr
+    assert 'service="default/api"' in scraped.stdout
+    # A last one, in Python: the policy with its name, and then it is torn down.
     peek = in_netns(netns, sys.executable, "-c", CHECK_AND_DESTROY, name, str(PIN_ROOT))
     assert peek.returncode == 0, peek.stderr
-    assert peek.stdout.split() == ["only-clients", "2"]
+    assert peek.stdout.split() == ["only-clients", "3"]
 
 
 SYNC_ONLY = textwrap.dedent(
