@@ -6,6 +6,11 @@
 - ``limits``: the constructor's sizes, and which argument sizes which map;
 - ``adopt``: finding a datapath's maps (attached programs, pins), checking that
   they fit this version, loading the programs over them, ``lb_config``;
+- ``migrate``: how each layout version migrates from the one before (upgrades
+  in place);
+- ``lock``: the writer lock and the one-reader lock of flow events;
+- ``repair``: finishing a change whose writer died;
+- ``lifecycle``: every datapath on the host, and a teardown that loads nothing;
 - ``hooks``: attaching, detaching and finding its tc filters;
 - ``state``: reading services and policies back, the change counter;
 - ``apply``: planning (``pyebpflb.plan``) and executing changes, with undo;
