@@ -113,6 +113,26 @@ def udp_flow(sandbox: Sandbox) -> Iterator[Callable[[], str]]:
         sock.close()
 
 
+def destroy(name: str, *where: str) -> None:
+    """`pyebpflb destroy`: it loads nothing, so it removes a datapath of any layout."""
+    gone = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyebpflb",
+            "--datapath",
+            name,
+            *where,
+            "--pin-root",
+            str(PIN_ROOT),
+            "destroy",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert gone.returncode == 0, gone.stderr
+
+
 def old(python: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [python, "-c", OLD, *args], capture_output=True, text=True, timeout=120, cwd="/"
@@ -212,23 +232,7 @@ def test_an_upgrade_from_the_first_release_keeps_the_connection_and_the_counters
                 assert sorted(PIN_ROOT.rglob("*")) == pins
                 assert conn.get() == answering
         finally:
-            destroyed = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pyebpflb",
-                    "--datapath",
-                    name,
-                    "--netns",
-                    sandbox.lb.netns,
-                    "--pin-root",
-                    str(PIN_ROOT),
-                    "destroy",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            assert destroyed.returncode == 0, destroyed.stderr
+            destroy(name, "--netns", sandbox.lb.netns)
 
 
 def test_a_datapath_of_a_newer_layout_is_refused_and_left_as_it_is() -> None:
@@ -251,18 +255,4 @@ def test_a_datapath_of_a_newer_layout_is_refused_and_left_as_it_is() -> None:
                 lb.Datapath(name, persist=True, pin_root=PIN_ROOT, create=create)
         assert sorted((PIN_ROOT / name).iterdir()) == pins
     finally:
-        gone = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pyebpflb",
-                "--datapath",
-                name,
-                "--pin-root",
-                str(PIN_ROOT),
-                "destroy",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        assert gone.returncode == 0, gone.stderr
+        destroy(name)

@@ -84,6 +84,14 @@ def raw(value: Any) -> bytes:
     return bytes(ffi.buffer(value))
 
 
+def typed(ctype: str, value: Any) -> Any:
+    """``value`` (a key or value of a map) as ``ctype``: maps without their BTF types
+    (reused from another build, or opened by id) give bytes."""
+    if isinstance(value, bytes | bytearray):
+        return ffi.from_buffer(f"{ctype} *", bytearray(value))[0]
+    return value
+
+
 def counter_keys(counter_id: int) -> tuple[Any, Any]:
     """The keys of a service's or backend's counters: forward, then replies."""
     return u32(counter_id), u32(counter_id | COUNTER_REPLY)

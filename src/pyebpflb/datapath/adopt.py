@@ -11,7 +11,6 @@ of another layout is refused with every difference named, before anything loads.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import logging
@@ -26,7 +25,7 @@ from pyebpflb._bpf import LoadedObject, Map, OpenObject, ffi, fs
 from pyebpflb._bpf._libbpf import lib
 from pyebpflb._bpf.netns import current_id, is_initial
 from pyebpflb.datapath import migrate
-from pyebpflb.datapath.hooks import close_all, filters, maps_of_program
+from pyebpflb.datapath.hooks import close_all, filters, maps_by_id, maps_of_program
 from pyebpflb.datapath.migrate import LAYOUT_VERSION, Migration
 from pyebpflb.datapath.results import ConntrackTimeouts
 from pyebpflb.errors import BpfError, IncompatibleDatapath, NotFound, PyEbpfLbError
@@ -122,17 +121,8 @@ def _find_attached(name: str) -> dict[str, Map]:
         if config is not None:
             # Our programs hold every map (lib/keep.h); one gone is reported by
             # name when the object is checked against what this version needs.
-            return _each_by_id(int(i) for i in config.map_ids if i)
+            return maps_by_id((int(i) for i in config.map_ids if i), skip_gone=True)
     return {}
-
-
-def _each_by_id(ids: Iterable[int]) -> dict[str, Map]:
-    found: dict[str, Map] = {}
-    for map_id in ids:
-        with contextlib.suppress(BpfError):
-            bpf_map = Map.from_id(map_id)
-            found[bpf_map.name] = bpf_map
-    return found
 
 
 def _find_pinned(name: str, pin_dir: str) -> dict[str, Map]:

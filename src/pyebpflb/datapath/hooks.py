@@ -56,14 +56,18 @@ def maps_of_program(prog_id: int) -> dict[str, Map]:
         return {}
 
 
-def maps_by_id(ids: Iterable[int]) -> dict[str, Map]:
+def maps_by_id(ids: Iterable[int], *, skip_gone: bool = False) -> dict[str, Map]:
+    """The maps of ``ids`` by name. One that is gone empties the result, or with
+    ``skip_gone`` is left out (for a caller that names what is missing)."""
     found: dict[str, Map] = {}
-    try:
-        for map_id in ids:
+    for map_id in ids:
+        try:
             bpf_map = Map.from_id(map_id)
-            found[bpf_map.name] = bpf_map
-    except BpfError:
-        return close_all(found)
+        except BpfError:
+            if skip_gone:
+                continue
+            return close_all(found)
+        found[bpf_map.name] = bpf_map
     return found
 
 

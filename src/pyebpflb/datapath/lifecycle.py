@@ -169,11 +169,7 @@ def info(
 ) -> DatapathInfo:
     """One datapath's :class:`DatapathInfo`; ``expected``: the maps it has, to tell the
     pins that are missing."""
-    pins = (
-        tuple(sorted(e for e in os.listdir(folder) if e.startswith("lb_")))
-        if folder and os.path.isdir(folder)
-        else ()
-    )
+    pins = tuple(_pin_names(folder)) if folder else ()
     layout = _layout(folder, name) if folder else None
     if not expected and layout == migrate.LAYOUT_VERSION:
         expected = _this_version_maps()
@@ -207,12 +203,9 @@ def destroy(name: str, pin_root: str, netns: str | None = None) -> Destroyed:
     with entered(netns):
         inode = current_id()
         ours = [f for f in filters() if datapath_of_program(f.prog_id) == name]
-        pin_dir = adopt.pin_dir_for(fs.lasting(pin_root), name)
-        pins = (
-            sorted(e for e in os.listdir(pin_dir) if e.startswith("lb_"))
-            if fs.fs_type(pin_dir) == "bpf" and os.path.isdir(pin_dir)
-            else []
-        )
+        base = fs.lasting(pin_root)
+        pin_dir = adopt.pin_dir_for(base, name)
+        pins = _pin_names(pin_dir) if fs.fs_type(pin_dir) == "bpf" else []
         if not ours and not pins:
             raise adopt.missing(name, netns, pin_dir)
         config = os.path.join(pin_dir, maps.CONFIG)
@@ -220,10 +213,8 @@ def destroy(name: str, pin_root: str, netns: str | None = None) -> Destroyed:
             _refuse_foreign(name, config)
         for f in ours:
             remove(f)
-    for entry in pins:
-        os.unlink(os.path.join(pin_dir, entry))
     if pins:
-        remove_empty(pin_dir, fs.lasting(pin_root))
+        _unpin(pin_dir, pins, base)
     for path in (lock.path_for(name, inode), lock.reader_path_for(name, inode)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -237,10 +228,22 @@ def prune(pin_root: str) -> list[DatapathInfo]:
     base = fs.lasting(pin_root)
     for found in gone:
         assert found.pin_dir is not None
-        for entry in found.pins:
-            os.unlink(os.path.join(found.pin_dir, entry))
-        remove_empty(found.pin_dir, base)
+        _unpin(found.pin_dir, found.pins, base)
     return gone
+
+
+def _pin_names(folder: str) -> list[str]:
+    """The names of the map pins in ``folder`` (none if it is not there)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(e for e in os.listdir(folder) if e.startswith("lb_"))
+
+
+def _unpin(folder: str, pins: Iterable[str], base: str) -> None:
+    """Remove the pins ``pins`` of ``folder``, then the folders left empty up to ``base``."""
+    for entry in pins:
+        os.unlink(os.path.join(folder, entry))
+    remove_empty(folder, base)
 
 
 def remove_empty(folder: str, base: str) -> None:

@@ -33,6 +33,16 @@ def _write_holder(fd: int) -> None:
     os.pwrite(fd, f"{os.getpid():<10}\n".encode(), 0)
 
 
+def _read_holder(fd: int) -> int | None:
+    written = os.pread(fd, 32, 0).split()
+    return int(written[0]) if written and written[0].isdigit() else None
+
+
+def _open(path: str) -> int:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
 def reader_path_for(name: str, netns_id: int) -> str:
     """The lock file of the one reader of datapath ``name``'s flow events."""
     return os.path.join(LOCK_DIR, f"{name}@netns-{netns_id}.events.lock")
@@ -54,14 +64,12 @@ class Lease:
     until its holder dies: the kernel drops a dead process's flocks)."""
 
     def __init__(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = _open(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            written = os.pread(fd, 32, 0).split()
+            self.holder: int | None = _read_holder(fd)
             os.close(fd)
-            self.holder: int | None = int(written[0]) if written and written[0].isdigit() else None
             self._fd = -1
             return
         _write_holder(fd)
@@ -88,8 +96,8 @@ def holder(path: str) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            written = os.pread(fd, 32, 0).split()
-            return int(written[0]) if written and written[0].isdigit() else -1
+            found = _read_holder(fd)
+            return -1 if found is None else found
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
@@ -99,8 +107,7 @@ def holder(path: str) -> int | None:
 @contextlib.contextmanager
 def held(path: str) -> Iterator[None]:
     """Hold the writer lock at ``path`` (waiting for another writer to finish)."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         _write_holder(fd)

@@ -65,16 +65,9 @@ def _config_3_to_4(old: Mapping[str, Map], new: LoadedObject) -> None:
     new.map(maps.CONFIG)[0] = config[0]
 
 
-def _typed(ctype: str, value: Any) -> Any:
-    """``value`` as ``ctype`` (a reused map may come without its BTF types)."""
-    if isinstance(value, bytes | bytearray):
-        return ffi.from_buffer(f"{ctype} *", bytearray(value))[0]
-    return value
-
-
 def _udp_entries(obj: LoadedObject) -> list[tuple[Any, Any]]:
     entries = [
-        (_typed("struct pyebpflb_ct_key", k), _typed("struct pyebpflb_ct_entry", v))
+        (maps.typed("struct pyebpflb_ct_key", k), maps.typed("struct pyebpflb_ct_entry", v))
         for k, v in obj.map(maps.CT).lookup_batch()
     ]
     return [(k, v) for k, v in entries if int(k.proto) == socket.IPPROTO_UDP]
@@ -118,11 +111,11 @@ def _services_twice(_old: Mapping[str, Map], new: LoadedObject) -> None:
         new.map(maps.SERVICES_ALT).update_batch([k for k, _ in services], [v for _, v in services])
     generation = {}
     for _, value in services:
-        entry = _typed("struct pyebpflb_service", value)
+        entry = maps.typed("struct pyebpflb_service", value)
         generation[int(entry.id)] = int(entry.gen)
     backends = new.map(maps.BACKENDS)
     for key, value in backends.lookup_batch():
-        backend = _typed("struct pyebpflb_backend", value)
+        backend = maps.typed("struct pyebpflb_backend", value)
         gen = generation.get(int(backend.service_id))
         if gen is not None and not int(backend.gens) & (1 << gen):
             backend.gens = 1 << gen
@@ -147,7 +140,7 @@ def _bare_maglev_keys_gone(new: LoadedObject) -> None:
     bare id (what layout 4's programs read) go."""
     generation = {}
     for _, value in new.map(maps.SERVICES).lookup_batch():
-        entry = _typed("struct pyebpflb_service", value)
+        entry = maps.typed("struct pyebpflb_service", value)
         generation[int(entry.id)] = int(entry.gen)
     outer = new.map(maps.MAGLEV)
     for service_id in _maglev_at_gen_1(new, generation):

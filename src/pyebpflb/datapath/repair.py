@@ -23,7 +23,7 @@ import logging
 import sys
 
 from pyebpflb import maps
-from pyebpflb._bpf import LoadedObject, Map, ffi
+from pyebpflb._bpf import LoadedObject, Map
 from pyebpflb._bpf._libbpf import lib
 from pyebpflb.datapath.state import all_keys
 
@@ -46,7 +46,7 @@ def repair(obj: LoadedObject, name: str) -> int:
     live: dict[int, int] = {}  # service id -> generation of its entry
     maglev_services = set()
     for _, value in services:
-        entry = ffi.from_buffer("struct pyebpflb_service *", bytearray(value))
+        entry = maps.typed("struct pyebpflb_service", value)
         live[int(entry.id)] = int(entry.gen)
         if int(entry.flags) & lib.PYEBPFLB_SERVICE_MAGLEV:
             maglev_services.add(int(entry.id))
@@ -83,14 +83,14 @@ def _sweep(obj: LoadedObject, live: dict[int, int], maglev_services: set[int]) -
     backends, gone = obj.map(maps.BACKENDS), obj.map(maps.BE_GONE)
     be_stats = obj.map(maps.BE_STATS)
     for key, value in backends.lookup_batch():
-        backend = ffi.from_buffer("struct pyebpflb_backend *", bytearray(maps.raw(value)))
+        backend = maps.typed("struct pyebpflb_backend", maps.raw(value))
         gen = live.get(int(backend.service_id))
         if gen is not None and int(backend.gens) & (1 << gen):
             continue
         raw_key = maps.raw(key)
         if be_stats.lookup(raw_key) is not None:  # it served: its counters stay readable
             backend.usable, backend.gens = 0, 0
-            gone[raw_key] = bytes(ffi.buffer(backend))
+            gone[raw_key] = backend
         backends.delete(raw_key)
         removed += 1
     for map_name in (maps.SVC_NAMES, maps.SLOTS, maps.SVC_STATS):
