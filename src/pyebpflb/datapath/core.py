@@ -180,15 +180,22 @@ class Datapath:
                 self._look_only = older
         self._configure(wanted)
 
-    def _configure(self, wanted: adopt.Settings) -> None:
+    def _configure(self, wanted: adopt.Settings, *, locked: bool = False) -> None:
+        """Pin an adopted datapath and write lb_config. An adopted one's is written under
+        the writer lock (unless the caller holds it): lb_config is read, changed and
+        written whole, and another writer's change in between (its flip of the
+        services map, its ids) would be written back as it was. A new one's config
+        map is this object's alone."""
         self._pinned = False
         try:
             if self.adopted and self._look_only is None:
                 self._ensure_pins()  # a new one is pinned once it is attached or changed
-            self.settings = adopt.write_config(
-                self._object, self.name, wanted, adopted=self.adopted, keep=not self.create
-            )
-            self._state = State(self._object)
+            shared = self.adopted and not locked
+            with lock.held(self._lock_path) if shared else contextlib.nullcontext():
+                self.settings = adopt.write_config(
+                    self._object, self.name, wanted, adopted=self.adopted, keep=not self.create
+                )
+                self._state = State(self._object)
         except BaseException:
             self._object.close()
             raise
@@ -207,12 +214,11 @@ class Datapath:
                 programs = {d: self._object.program(f"lb_{d.value}") for d in Direction}
                 swap = Hooks(None, programs, self._object.map(maps.CT))
                 interfaces = [f.iface for f in swap.ours([Direction.INGRESS])]
-                self._configure(wanted)
+                self._configure(wanted, locked=True)  # pins too (a replaced map's pin)
                 for iface in interfaces:
                     swap.attach(iface)
                 for step in steps:
                     step.after(self._object)
-                adopt.pin_maps(self._object, self.pin_dir)
             except BaseException:
                 self._object.close()
                 raise
