@@ -91,6 +91,10 @@ int bpf_map__unpin(struct bpf_map *map, const char *path);
 
 int bpf_link__fd(const struct bpf_link *link);
 int bpf_link__destroy(struct bpf_link *link);
+int bpf_link__pin(struct bpf_link *link, const char *path);
+void bpf_link__disconnect(struct bpf_link *link);
+int bpf_link_update(int link_fd, int new_prog_fd, const void *opts);
+int bpf_link_detach(int link_fd);
 
 /* --- BTF: names the C types of a map's key and value ---------------- */
 struct btf;

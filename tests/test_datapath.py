@@ -13,7 +13,7 @@ import pytest
 from conftest import PIN_ROOT
 from lbtest import TC_ACT_OK, datapath, packet, run, service
 from namespaces import VethPair
-from scapy.layers.inet import IP
+from scapy.layers.inet import IP, TCP
 
 import pyebpflb as lb
 from pyebpflb._bpf import Map, MapType, tc
@@ -122,8 +122,11 @@ def test_overflowing_the_services_map_keeps_the_previous_services_serving() -> N
         assert entry_counts(dp) == before  # nothing half-written left behind
         verdict, out = run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 1000, 82))
         assert verdict == TC_ACT_OK and out[IP].dst.startswith("10.0.1.")
-        # 84 was never published: its packets pass untouched.
-        sent = packet(4, "tcp", "10.1.0.5", "10.96.0.10", 1000, 84)
+        # 84 was never published: a port none of the VIP's services has, refused with
+        # a reset (and an address with no service at all passes untouched).
+        refused = run(dp, "lb_ingress", packet(4, "tcp", "10.1.0.5", "10.96.0.10", 1000, 84))[1]
+        assert refused[TCP].flags.R and refused[IP].dst == "10.1.0.5"
+        sent = packet(4, "tcp", "10.1.0.5", "10.96.0.11", 1000, 84)
         assert bytes(run(dp, "lb_ingress", sent)[1]) == bytes(sent)
 
 

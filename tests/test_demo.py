@@ -25,6 +25,9 @@ def test_demo_balances_survives_a_backend_removal_and_cleans_up() -> None:
     after = text.split("100 new requests after the change:")[1].split("services read back")[0]
     assert "my-app-2  0" in after
     assert "refused in" in text
+    local = text.split("a process on the node itself")[1].split("network policy")[0]
+    assert "translated at connect()" in local
+    assert re.search(r"answered by my-app-1=\d+ my-app-3=\d+ peer 10\.96\.0\.10:80\b", local)
     policy = text.split("network policy my-app-source-ranges")[1]
     assert "10.90.0.2  answered by my-app-" in policy
     assert "10.90.0.3  no answer: dropped in tc" in policy

@@ -135,3 +135,18 @@ def test_not_yaml_and_no_service() -> None:
                 "kind: Pod\nmetadata: {name: p, labels: {a: b}}\nspec: {containers: []}\n"
             )
         )
+
+
+def test_internal_traffic_policy_and_node_names() -> None:
+    """internalTrafficPolicy and the endpoints' nodeName (slices) / spec.nodeName (pods)."""
+    local = SERVICE.replace("  sessionAffinity: ClientIP\n", "  internalTrafficPolicy: Local\n")
+    slices = SLICES.replace(
+        "- addresses: [10.0.1.1]\n", "- addresses: [10.0.1.1]\n  nodeName: node-a\n"
+    )
+    web4 = k8s.services(k8s.load(local + slices))[0]
+    assert web4.internal_traffic_policy is lb.TrafficPolicy.LOCAL
+    assert [b.node for b in web4.backends] == ["node-a", None]
+    assert web4.usable_backends("node-a") == (lb.Backend("10.0.1.1", 8080, node="node-a"),)
+    assert web4.usable_backends("node-b") == ()
+    with pytest.raises(k8s.ManifestError, match="internalTrafficPolicy 'Nearby'"):
+        k8s.services(k8s.load(local.replace("Local", "Nearby") + slices))

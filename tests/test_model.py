@@ -7,10 +7,12 @@ import subprocess
 import sys
 import textwrap
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pyebpflb as lb
 from pyebpflb import Backend, Protocol, Service
 
 
@@ -159,3 +161,26 @@ def test_usable_backends_follow_kubernetes_terminating_fallback(
     ]
     svc = Service(vip="10.96.0.1", port=80, backends=members)
     assert list(svc.usable_backends()) == [members[i] for i in usable]
+
+
+def test_internal_traffic_policy_local_chooses_this_nodes_backends() -> None:
+    """kube-proxy's CategorizeEndpoints for Local: the node's ready endpoints, else its
+    serving-terminating ones, else none (dropped), never another node's."""
+    backends = [
+        lb.Backend("10.0.0.1", 80, node="a"),
+        lb.Backend("10.0.0.2", 80, node="b"),
+        lb.Backend("10.0.0.3", 80, node="a", state="terminating"),
+    ]
+    service = lb.Service("10.96.0.1", 80, backends=backends, internal_traffic_policy="local")
+    assert service.usable_positions("a") == [0]
+    assert service.usable_positions("b") == [1]
+    assert service.with_backends(backends[1:]).usable_positions("a") == [1]
+    assert service.usable_positions("c") == [] and service.usable_positions(None) == []
+    cluster = attrs.evolve(service, internal_traffic_policy="cluster")
+    assert cluster.usable_positions("c") == [0, 1]
+    with pytest.raises(ValueError, match="internal_traffic_policy must be 'cluster' or 'local'"):
+        lb.Service("10.96.0.1", 80, internal_traffic_policy="nearby")
+    with pytest.raises(ValueError, match="node must be at most 63 bytes"):
+        lb.Backend("10.0.0.1", 80, node="x" * 64)
+    with pytest.raises(ValueError, match="at most one IPv4 address"):
+        lb.Node("n", ["10.0.0.1", "10.0.0.2"])

@@ -104,6 +104,9 @@ def _translate(
         raise ManifestError(f"{where}: spec.type {kind!r} is not translated (ClusterIP is)")
     vips = _vips(svc, where)
     affinity = _affinity(svc, where)
+    traffic = _get(svc, "spec.internalTrafficPolicy", "Cluster")
+    if traffic not in ("Cluster", "Local"):
+        raise ManifestError(f"{where}: spec.internalTrafficPolicy {traffic!r} (Cluster or Local)")
     ports = _get(svc, "spec.ports")
     if not isinstance(ports, list) or not ports:
         raise ManifestError(f"{where}: spec.ports must be a non-empty list")
@@ -132,6 +135,7 @@ def _translate(
                         name=name,
                         backends=backends,
                         affinity_timeout=affinity,
+                        internal_traffic_policy=traffic.lower(),
                     )
                 )
             except ValueError as exc:
@@ -224,10 +228,11 @@ def _from_pods(
         conditions = {c.get("type"): c.get("status") for c in _get(pod, "status.conditions", [])}
         ready = conditions.get("Ready", "True") == "True"
         terminating = bool(_get(pod, "metadata.deletionTimestamp", None))
+        node = _get(pod, "spec.nodeName", None) or None
         for address in addresses:
             ip = ipaddress.ip_address(address)
             if ip.version == family:
-                backends.append(Backend(ip, number, state=_state(ready, terminating)))
+                backends.append(Backend(ip, number, state=_state(ready, terminating), node=node))
     return backends
 
 
@@ -255,6 +260,7 @@ def _from_slices(
             conditions = endpoint.get("conditions") or {}
             ready = conditions.get("ready", True) is not False
             terminating = conditions.get("terminating", False) is True
+            node = endpoint.get("nodeName") or None
             for address in endpoint.get("addresses") or []:
                 try:
                     ip = ipaddress.ip_address(address)
@@ -262,7 +268,9 @@ def _from_slices(
                     raise ManifestError(
                         f"{where}: endpoints[{index}].addresses: {address!r} is not an IP"
                     ) from None
-                backends.append(Backend(ip, numbers[0], state=_state(ready, terminating)))
+                backends.append(
+                    Backend(ip, numbers[0], state=_state(ready, terminating), node=node)
+                )
     return backends
 
 

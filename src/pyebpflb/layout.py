@@ -54,6 +54,8 @@ class DropReason(enum.IntEnum):
     UNSUPPORTED = lib.PYEBPFLB_DROP_UNSUPPORTED
     TUPLE_IN_USE = lib.PYEBPFLB_DROP_TUPLE_IN_USE
     BACKEND_GONE = lib.PYEBPFLB_DROP_BACKEND_GONE
+    NO_LOCAL_BACKEND = lib.PYEBPFLB_DROP_NO_LOCAL_BACKEND
+    NO_SERVICE_PORT = lib.PYEBPFLB_DROP_NO_SERVICE_PORT
 
     @property
     def label(self) -> str:
@@ -70,6 +72,8 @@ _DROP_LABELS = {
     DropReason.UNSUPPORTED: "unsupported packet",
     DropReason.TUPLE_IN_USE: "tuple in use",
     DropReason.BACKEND_GONE: "backend gone",
+    DropReason.NO_LOCAL_BACKEND: "no local backend",
+    DropReason.NO_SERVICE_PORT: "no service port",
 }
 # Drop reason code -> its label, in code order.
 DROP_REASONS = {int(reason): reason.label for reason in DropReason}

@@ -31,6 +31,7 @@ from pyebpflb.model import (
     RuleProtocol,
     Scheduler,
     Service,
+    TrafficPolicy,
 )
 from pyebpflb.packing import LayoutMismatch, Packer
 from pyebpflb.packing import u32 as u32
@@ -67,6 +68,10 @@ FRAG_NAT = "lb_frag_nat"
 EVENTS = "lb_events"
 EVENT_STATS = "lb_event_stats"
 EVENT_READER = "lb_event_reader"
+NODE = "lb_node"  # the node the datapath serves: netns cookie, addresses, name
+BE_NODES = "lb_be_nodes"  # backend id -> its node name (user space)
+VIPS = "lb_vips"  # every service address -> its number of services
+SOCK_REVNAT = "lb_sock_revnat"  # translated sockets -> the service address they asked for
 MAGLEV_TABLE = "lb_maglev_table"  # the inner maps of lb_maglev
 
 
@@ -163,14 +168,23 @@ def service_key(service: Service) -> bytes:
     )
 
 
+_LOCAL_ONLY = int(lib.PYEBPFLB_SERVICE_LOCAL_ONLY)
+
+
 def service_entry(service_id: int, count: int, gen: int, service: Service) -> bytes:
+    local = service.internal_traffic_policy is TrafficPolicy.LOCAL
     return _SERVICE.pack(
         service_id,
         count,
         gen,
-        _MAGLEV_FLAG.get(service.scheduler, 0),
+        _MAGLEV_FLAG.get(service.scheduler, 0) | (_LOCAL_ONLY if local else 0),
         service.affinity_timeout or 0,
     )
+
+
+def traffic_policy_from(entry: Any) -> TrafficPolicy:
+    """The internalTrafficPolicy of a ``struct pyebpflb_service``."""
+    return TrafficPolicy.LOCAL if int(entry.flags) & _LOCAL_ONLY else TrafficPolicy.CLUSTER
 
 
 def scheduler_from(entry: Any) -> Scheduler:
@@ -247,13 +261,28 @@ def _slot_numbers(gen: int, count: int) -> tuple[bytes, ...]:
     return tuple(u32((gen << SLOT_GEN_SHIFT) | index) for index in range(1, count + 1))
 
 
-def backend_from(value: Any) -> Backend:
+def backend_from(value: Any, node: str | None = None) -> Backend:
     return Backend(
         addr_from(value.addr, value.family),
         port_from(value.port),
         weight=int(value.weight),
         state=STATE_OF[int(value.state)],
+        node=node,
     )
+
+
+_NODE_NAME = Packer("struct pyebpflb_node_name", "name")
+_VIP_KEY = Packer("struct pyebpflb_vip_key", "vip", "family")
+
+
+def node_name_value(name: str) -> bytes:
+    """A ``struct pyebpflb_node_name`` (lb_be_nodes' value)."""
+    return _NODE_NAME.pack(name.encode())
+
+
+def vip_key(address: Address) -> bytes:
+    """The lb_vips key of a service address."""
+    return _VIP_KEY.pack(address.packed, FAMILY_TAG[address.version])
 
 
 def slot_value(backend_id: int, alias_id: int, threshold: int) -> bytes:

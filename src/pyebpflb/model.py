@@ -74,6 +74,19 @@ def to_scheduler(value: object) -> Scheduler:
     return _member(Scheduler, "scheduler", value)
 
 
+class TrafficPolicy(enum.Enum):
+    """Kubernetes' ``internalTrafficPolicy``: ``CLUSTER`` sends a service's traffic to
+    any backend; ``LOCAL`` only to the backends on the datapath's own node (and
+    drops it when there are none, as kube-proxy does)."""
+
+    CLUSTER = "cluster"
+    LOCAL = "local"
+
+
+def to_traffic_policy(value: object) -> TrafficPolicy:
+    return _member(TrafficPolicy, "internal_traffic_policy", value)
+
+
 class Protocol(enum.Enum):
     TCP = "tcp"
     UDP = "udp"
@@ -157,18 +170,67 @@ def _usable_address(what: str, address: Address) -> None:
         raise ValueError(f"{what} {address} is not a unicast address")
 
 
+NODE_NAME_MAX_BYTES = 63
+
+
+def _check_node_name(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None and attribute.name == "node":
+        return
+    if not isinstance(value, str) or (attribute.name != "zone" and not value):
+        raise ValueError(f"{attribute.name} must be a non-empty string, got {value!r}")
+    if len(value.encode()) > NODE_NAME_MAX_BYTES or "\x00" in value:
+        raise ValueError(
+            f"{attribute.name} must be at most {NODE_NAME_MAX_BYTES} bytes of UTF-8 without "
+            f"NUL characters (a Kubernetes node name), got {value!r}"
+        )
+
+
+def _to_addresses(value: Iterable[Any]) -> tuple[Address, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"addresses must be a list of addresses, got {value!r}")
+    found = tuple(to_address(item) for item in value)
+    for family in (4, 6):
+        if sum(1 for a in found if a.version == family) > 1:
+            raise ValueError(
+                f"addresses must hold at most one IPv{family} address (the node's, as "
+                f"Kubernetes' InternalIP), got {[str(a) for a in found]}"
+            )
+    return found
+
+
+@attrs.frozen
+class Node:
+    """The node a datapath serves: its name (Kubernetes' ``nodeName``), its
+    addresses (at most one per family: the source a local process's connection
+    has before it is bound, which policy and session affinity see) and zone.
+
+    A backend whose ``node`` is this name is local: ``internal_traffic_policy=
+    "local"`` services send this node's traffic to those only.
+    """
+
+    name: str = attrs.field(validator=_check_node_name)
+    addresses: tuple[Address, ...] = attrs.field(default=(), converter=_to_addresses)
+    zone: str = attrs.field(default="", validator=_check_node_name)
+
+    def address(self, family: int) -> Address | None:
+        return next((a for a in self.addresses if a.version == family), None)
+
+
 @attrs.frozen
 class Backend:
     """One endpoint a service sends flows to: an address and a port.
 
     ``weight`` shares new flows in proportion (0: none); ``state`` follows
-    Kubernetes' endpoint conditions (see :class:`BackendState`).
+    Kubernetes' endpoint conditions (see :class:`BackendState`); ``node`` is the
+    name of the node it runs on (Kubernetes' endpoint ``nodeName``), for
+    ``internal_traffic_policy="local"``.
     """
 
     address: Address = attrs.field(converter=to_address)
     port: int = attrs.field(validator=_check_port)
     weight: int = attrs.field(default=1, validator=_check_weight, kw_only=False)
     state: BackendState = attrs.field(default=BackendState.ACTIVE, converter=to_state)
+    node: str | None = attrs.field(default=None, validator=_check_node_name, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         _usable_address("backend address", self.address)
@@ -248,6 +310,9 @@ class Service:
     backends: tuple[Backend, ...] = attrs.field(default=(), converter=_to_backends)
     affinity_timeout: int | None = attrs.field(default=None, validator=_check_affinity)
     scheduler: Scheduler = attrs.field(default=Scheduler.RANDOM, converter=to_scheduler)
+    internal_traffic_policy: TrafficPolicy = attrs.field(
+        default=TrafficPolicy.CLUSTER, converter=to_traffic_policy, kw_only=True
+    )
 
     def __attrs_post_init__(self) -> None:
         _usable_address("vip", self.vip)
@@ -284,15 +349,24 @@ class Service:
     def with_backends(self, backends: Iterable[Backend]) -> Service:
         return attrs.evolve(self, backends=tuple(backends))
 
-    def usable_backends(self) -> tuple[Backend, ...]:
+    def usable_backends(self, node: str | None = None) -> tuple[Backend, ...]:
         """The backends new flows go to: the active ones with weight, or, when there are
-        none, the terminating ones with weight (Kubernetes' fallback)."""
-        return tuple(self.backends[i] for i in self.usable_positions())
+        none, the terminating ones with weight (Kubernetes' fallback). Under
+        ``internal_traffic_policy="local"`` only those on ``node`` (the datapath's),
+        with the same fallback among them, as kube-proxy's CategorizeEndpoints."""
+        return tuple(self.backends[i] for i in self.usable_positions(node))
 
-    def usable_positions(self) -> list[int]:
+    def usable_positions(self, node: str | None = None) -> list[int]:
         """Where the :meth:`usable_backends` stand in ``backends``."""
+        local = self.internal_traffic_policy is TrafficPolicy.LOCAL
+        if local and node is None:
+            return []
         for state in (BackendState.ACTIVE, BackendState.TERMINATING):
-            chosen = [i for i, b in enumerate(self.backends) if b.state is state and b.weight > 0]
+            chosen = [
+                i
+                for i, b in enumerate(self.backends)
+                if b.state is state and b.weight > 0 and (not local or b.node == node)
+            ]
             if chosen:
                 return chosen
         return []

@@ -176,11 +176,14 @@ def diff(
     maglev_size: int = maglev.DEFAULT_TABLE_SIZE,
     *,
     distinct: bool = False,
+    node: str | None = None,
 ) -> Plan:
     """The plan that makes ``upserts`` installed and ``removals`` gone. ``distinct``:
     no two upserts share a key and none is removed (a sync checked it), so the
-    planner looks for each only in the snapshot, not among its own changes."""
-    planner = _Planner(snapshot, maglev_size)
+    planner looks for each only in the snapshot, not among its own changes.
+    ``node``: the datapath's node, whose backends internalTrafficPolicy Local
+    services send to."""
+    planner = _Planner(snapshot, maglev_size, node)
     for key in removals:
         planner.remove(key)
     if distinct:
@@ -196,9 +199,10 @@ def diff(
 class _Planner:
     """Collects the steps of one change, service by service."""
 
-    def __init__(self, snapshot: Snapshot, maglev_size: int) -> None:
+    def __init__(self, snapshot: Snapshot, maglev_size: int, node: str | None = None) -> None:
         self.snapshot = snapshot
         self.maglev_size = maglev_size
+        self.node = node
         self.prepare, self.publish_removals, self.publish_tables = Steps(), Steps(), Steps()
         self.publish, self.undo_first, self.undo, self.cleanup = (
             Steps(),
@@ -238,6 +242,8 @@ class _Planner:
             zip(old.service.backends, old.backend_ids, strict=True)
         ):
             self.cleanup.delete(maps.BACKENDS, maps.u32(backend_id))
+            if backend.node is not None:
+                self.cleanup.delete(maps.BE_NODES, maps.u32(backend_id), missing_ok=True)
             gone = maps.backend_value(backend, old.id, position, False, 0)
             self.cleanup.write(maps.BE_GONE, maps.u32(backend_id), gone)
         for key in maps.counter_keys(old.id):
@@ -271,7 +277,7 @@ class _Planner:
             service_key,
             maps.service_entry(old.id, old.count, old.gen, old.service),
         )
-        usable_at = service.usable_positions()
+        usable_at = service.usable_positions(self.node)
         ids = self._backends(service, service_id, old, usable_at, gen)
         count, slots = self._slots(service, service_id, gen, ids, old, usable_at)
         self._maglev(service, service_id, ids, old, usable_at, gen)
@@ -308,11 +314,14 @@ class _Planner:
         service_id = next(self.service_ids)
         names.keys += maps.u32(service_id)
         names.values += maps.name_value(service.name)
-        usable_at = service.usable_positions()
+        usable_at = service.usable_positions(self.node)
         ids = [next(self.backend_ids) for _ in service.backends]
         if ids:
             backends.keys += maps.u32s(ids)
             backends.values += maps.backend_values(service, service_id, usable_at, 1)
+            for backend, backend_id in zip(service.backends, ids, strict=True):
+                if backend.node is not None:
+                    self._node_of(backend_id, backend, None)
         table = alias_table([service.backends[i].weight for i in usable_at])
         if table:
             keys, values = maps.slot_entries(service_id, 0, table, [ids[i] for i in usable_at])
@@ -347,7 +356,9 @@ class _Planner:
                 zip(old.service.backends, old.backend_ids, strict=True)
             )
         }
-        usable_before = {old.service.backends[i].endpoint for i in old.service.usable_positions()}
+        usable_before = {
+            old.service.backends[i].endpoint for i in old.service.usable_positions(self.node)
+        }
         in_use_now = set(usable_at)
         both, new_only, old_only = 1 << old.gen | 1 << gen, 1 << gen, 1 << old.gen
         ids: list[int] = []
@@ -360,6 +371,8 @@ class _Planner:
                 value = maps.backend_value(backend, service_id, position, in_use, new_only)
                 self.prepare.write(maps.BACKENDS, backend_key, value)
                 self.undo.delete(maps.BACKENDS, backend_key)
+                if backend.node is not None:
+                    self._node_of(backend_id, backend, None)
             else:
                 backend_id, was, was_at = known_entry
                 was_in_use = backend.endpoint in usable_before
@@ -368,6 +381,8 @@ class _Planner:
                 self.prepare.write(maps.BACKENDS, backend_key, value)
                 before = maps.backend_value(was, service_id, was_at, was_in_use, both)
                 self.undo.write(maps.BACKENDS, backend_key, before)
+                if backend.node != was.node:
+                    self._node_of(backend_id, backend, was)
             ids.append(backend_id)
         for backend_id, was, was_at in known.values():  # left the service
             backend_key = maps.u32(backend_id)
@@ -375,10 +390,25 @@ class _Planner:
             member = maps.backend_value(was, service_id, was_at, was_in_use, old_only)
             self.prepare.write(maps.BACKENDS, backend_key, member)
             self.cleanup.delete(maps.BACKENDS, backend_key)
+            if was.node is not None:
+                self.cleanup.delete(maps.BE_NODES, backend_key, missing_ok=True)
             # Its counters stay readable until its last flow ends (the collector).
             gone = maps.backend_value(was, service_id, was_at, False, 0)
             self.cleanup.write(maps.BE_GONE, backend_key, gone)
         return ids
+
+    def _node_of(self, backend_id: int, backend: Backend, was: Backend | None) -> None:
+        """lb_be_nodes says which node ``backend`` runs on (read back only: the slots
+        already hold what internalTrafficPolicy Local chose)."""
+        key = maps.u32(backend_id)
+        if backend.node is not None:
+            self.prepare.write(maps.BE_NODES, key, maps.node_name_value(backend.node))
+        else:
+            self.cleanup.delete(maps.BE_NODES, key, missing_ok=True)
+        if was is not None and was.node is not None:
+            self.undo.write(maps.BE_NODES, key, maps.node_name_value(was.node))
+        elif backend.node is not None:
+            self.undo.delete(maps.BE_NODES, key, missing_ok=True)
 
     def _slots(
         self,
@@ -462,6 +492,7 @@ def _only_renamed(old: Service, new: Service) -> bool:
         old.backends == new.backends
         and old.affinity_timeout == new.affinity_timeout
         and old.scheduler == new.scheduler
+        and old.internal_traffic_policy == new.internal_traffic_policy
     )
 
 
@@ -469,6 +500,13 @@ def commit(snapshot: Snapshot, plan: Plan) -> Snapshot:
     """The snapshot after ``plan`` was applied. Updates ``snapshot``'s dict in place:
     it is the datapath's own, and copying 100,000 entries per upsert would cost ms."""
     removed = [key for key, entry in plan.changes.items() if entry is None]
+    vips = snapshot.vips
+    for key, entry in plan.changes.items():
+        was = key in snapshot.services
+        if was != (entry is not None):
+            vips[key[0]] = vips.get(key[0], 0) + (1 if entry is not None else -1)
+            if not vips[key[0]]:
+                del vips[key[0]]
     # update() takes each key's hash from the plan's dict instead of hashing again.
     snapshot.services.update(plan.changes)  # type: ignore[arg-type]
     for key in removed:

@@ -29,11 +29,22 @@ class Installed:
     slots: frozenset[int]  # every slot key (gen << 31 | index) present, both generations
 
 
+def _count_vips(snapshot: Snapshot) -> dict[Address, int]:
+    counts: dict[Address, int] = {}
+    for vip, _, _ in snapshot.services:
+        counts[vip] = counts.get(vip, 0) + 1
+    return counts
+
+
 @attrs.frozen
 class Snapshot:
     services: dict[Key, Installed]
     next_service_id: int
     next_backend_id: int
+    # Service address -> how many services it has (lb_vips: its other ports are refused).
+    vips: dict[Address, int] = attrs.field(
+        default=attrs.Factory(_count_vips, takes_self=True), eq=False, repr=False
+    )
 
     def names(self) -> dict[int, str]:
         """Service id -> its name (its VIP:port/protocol when it has none)."""

@@ -25,6 +25,7 @@
 #include "lib/icmp.h"
 #include "lib/keep.h"
 #include "lib/nat.h"
+#include "lib/node.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
 #include "lib/select.h"
@@ -327,11 +328,17 @@ static __always_inline int follow_flow(struct ctx_buff *ctx, struct ingress *in)
  * REJECT; the caller sends the refusal). */
 static __always_inline int refuse(struct ctx_buff *ctx, struct ingress *in, __u32 service_id)
 {
+	int local_only = slot(in)->svc.flags & PYEBPFLB_SERVICE_LOCAL_ONLY;
+
 	explain(ctx, in->pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
 	if (!in->pkt->dry)
 		count_new_flow(&lb_svc_stats, service_id, ctx_len(ctx));
-	note_drop(ctx, in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_NO_BACKEND, service_id, 0);
-	return REFUSE_STEP;
+	/* internalTrafficPolicy Local with no backend on this node: dropped, as
+	 * kube-proxy does ("has no local endpoints"). */
+	note_drop(ctx, in->pkt, PYEBPFLB_POLICY_INGRESS,
+		  local_only ? PYEBPFLB_DROP_NO_LOCAL_BACKEND : PYEBPFLB_DROP_NO_BACKEND,
+		  service_id, 0);
+	return local_only ? CTX_DROP : REFUSE_STEP;
 }
 
 /* A new flow to a service: a backend, policy, then the flow. */
@@ -343,6 +350,13 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 	int verdict;
 
 	if (!copy_service(in)) {
+		/* A service's address on a port none of its services has: refused, as
+		 * kube-proxy's nftables mode does, not routed on to whatever answers. */
+		if (vip_known(in->pkt)) {
+			note_drop(ctx, in->pkt, PYEBPFLB_POLICY_INGRESS,
+				  PYEBPFLB_DROP_NO_SERVICE_PORT, 0, 0);
+			return REFUSE_STEP;
+		}
 		ct_direct(in->pkt, in->cfg, slot(in)->now);
 		return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
 	}

@@ -17,6 +17,7 @@
  * - Explain (Datapath.explain) runs tc programs through BPF_PROG_TEST_RUN
  *   and reads the decision from skb->cb; XDP has no cb, so an XDP program
  *   never explains (ctx_probing is 0).
+ * - A socket program (PYEBPFLB_CTX_SOCK) has no packet at all: see below.
  * - XDP reads the EtherType from the frame; tc takes skb->protocol, which is
  *   the inner protocol when the device stripped a VLAN tag.
  */
@@ -32,15 +33,110 @@
 #include "pyebpflb/lb.h"
 #include "lib/csum.h"
 
-#ifdef PYEBPFLB_CTX_XDP
+#if defined(PYEBPFLB_CTX_XDP)
 #define ctx_buff xdp_md
 #define CTX_PASS XDP_PASS
 #define CTX_DROP XDP_DROP
+#elif defined(PYEBPFLB_CTX_SOCK)
+#define ctx_buff bpf_sock_addr
+#define CTX_PASS 1
+#define CTX_DROP 0
 #else
 #define ctx_buff __sk_buff
 #define CTX_PASS TC_ACT_OK
 #define CTX_DROP TC_ACT_SHOT
 #endif
+
+#if defined(PYEBPFLB_CTX_SOCK)
+
+/*
+ * A socket program (lb_sock.bpf.c) decides at connect() and sendmsg(): there
+ * is no packet, so every accessor of packet bytes fails and the length is 0
+ * (counters count connections, not bytes). The steps it shares with the
+ * packet programs (choosing a backend, policy, counters, events) never reach
+ * the packet bytes.
+ */
+static __always_inline void *ctx_data(const struct bpf_sock_addr *ctx)
+{
+	return (void *)0;
+}
+
+static __always_inline void *ctx_data_end(const struct bpf_sock_addr *ctx)
+{
+	return (void *)0;
+}
+
+static __always_inline __u32 ctx_len(const struct bpf_sock_addr *ctx)
+{
+	return 0;
+}
+
+/* Events of the socket path carry ifindex 0: no interface saw them. */
+static __always_inline __u32 ctx_ifindex(const struct bpf_sock_addr *ctx)
+{
+	return 0;
+}
+
+static __always_inline __be16 ctx_protocol(const struct bpf_sock_addr *ctx)
+{
+	return 0;
+}
+
+static __always_inline int ctx_load_bytes(const struct bpf_sock_addr *ctx, __u32 off, void *to,
+					  __u32 len)
+{
+	return -1;
+}
+
+static __always_inline int ctx_store_bytes(struct bpf_sock_addr *ctx, __u32 off, const void *from,
+					   __u32 len)
+{
+	return -1;
+}
+
+static __always_inline int ctx_store_bytes_rcsum(struct bpf_sock_addr *ctx, __u32 off,
+						 const void *from, __u32 len)
+{
+	return -1;
+}
+
+static __always_inline int ctx_l3_csum_replace(struct bpf_sock_addr *ctx, __u32 off, __u64 from,
+					       __u64 to, __u64 size)
+{
+	return -1;
+}
+
+static __always_inline int ctx_l4_csum_replace(struct bpf_sock_addr *ctx, __u32 off, __u64 from,
+					       __u64 to, __u64 flags)
+{
+	return -1;
+}
+
+static __always_inline int ctx_grow_after_mac(struct bpf_sock_addr *ctx, __u32 len)
+{
+	return -1;
+}
+
+static __always_inline int ctx_set_len(struct bpf_sock_addr *ctx, __u32 len)
+{
+	return -1;
+}
+
+static __always_inline int ctx_bounce(struct bpf_sock_addr *ctx)
+{
+	return CTX_DROP;
+}
+
+static __always_inline int ctx_probing(const struct bpf_sock_addr *ctx)
+{
+	return 0;
+}
+
+static __always_inline void ctx_explain(struct bpf_sock_addr *ctx, int slot, __u32 value)
+{
+}
+
+#else /* packets: XDP or tc */
 
 static __always_inline void *ctx_data(const struct ctx_buff *ctx)
 {
@@ -251,6 +347,8 @@ static __always_inline void ctx_explain(struct __sk_buff *ctx, int slot, __u32 v
 		ctx->cb[slot] = value;
 }
 
-#endif
+#endif /* tc */
+
+#endif /* packets */
 
 #endif

@@ -18,13 +18,16 @@
 #include <bpf/bpf_helpers.h>
 
 #include "pyebpflb/lb.h"
+#include "lib/node.h"
 #include "lib/policy.h"
 #include "lib/service.h"
+#include "lib/sock.h"
 
 #define KEEP_MAPS_NEVER 0xffffffffu /* no layout is numbered so */
 
 static __always_inline void keep_maps(const struct pyebpflb_lb_config *cfg)
 {
+	struct pyebpflb_sock_key sock_key = {};
 	__u32 key = 0;
 
 	if (cfg->layout_version != KEEP_MAPS_NEVER)
@@ -33,6 +36,9 @@ static __always_inline void keep_maps(const struct pyebpflb_lb_config *cfg)
 	bpf_map_lookup_elem(&lb_be_gone, &key);
 	bpf_map_lookup_elem(&lb_pol_names, &key);
 	bpf_map_lookup_elem(&lb_pol_rules, &key);
+	bpf_map_lookup_elem(&lb_be_nodes, &key);
+	bpf_map_lookup_elem(&lb_node, &key);
+	bpf_map_lookup_elem(&lb_sock_revnat, &sock_key);
 }
 
 #endif

@@ -42,6 +42,9 @@ struct pyebpflb_service_key {
  */
 enum pyebpflb_service_flags {
 	PYEBPFLB_SERVICE_MAGLEV = 1, /* new flows: lb_maglev[id][hash % maglev_table_size] */
+	/* internalTrafficPolicy Local: the slots hold this node's backends only, and
+	 * none means drop (kube-proxy's "has no local endpoints"), not refuse. */
+	PYEBPFLB_SERVICE_LOCAL_ONLY = 2,
 };
 
 struct pyebpflb_service {
@@ -182,11 +185,14 @@ enum pyebpflb_drop_reason {
 	PYEBPFLB_DROP_NO_BACKEND = 1,
 	PYEBPFLB_DROP_CT_FULL = 2,
 	PYEBPFLB_DROP_REJECT_FAILED = 3,
-	PYEBPFLB_DROP_POLICY_DENIED = 4, /* a deny rule, or no allow under default deny */
-	PYEBPFLB_DROP_MALFORMED = 5,	 /* under policy: headers that do not add up */
-	PYEBPFLB_DROP_UNSUPPORTED = 6,	 /* under policy: no transport header found */
-	PYEBPFLB_DROP_TUPLE_IN_USE = 7,	 /* a live flow holds the backend's side of the tuple */
-	PYEBPFLB_DROP_BACKEND_GONE = 8,	 /* TCP of a flow whose backend left: reset */
+	PYEBPFLB_DROP_POLICY_DENIED = 4,    /* a deny rule, or no allow under default deny */
+	PYEBPFLB_DROP_MALFORMED = 5,	    /* under policy: headers that do not add up */
+	PYEBPFLB_DROP_UNSUPPORTED = 6,	    /* under policy: no transport header found */
+	PYEBPFLB_DROP_TUPLE_IN_USE = 7,	    /* a live flow holds the backend's side of the tuple */
+	PYEBPFLB_DROP_BACKEND_GONE = 8,	    /* TCP of a flow whose backend left: reset */
+	PYEBPFLB_DROP_NO_LOCAL_BACKEND = 9, /* internalTrafficPolicy Local, none on this node */
+	PYEBPFLB_DROP_NO_SERVICE_PORT =
+	    10, /* a service address, on a port none of its services has */
 	PYEBPFLB_DROP_MAX = 16,
 };
 
@@ -458,6 +464,56 @@ struct pyebpflb_frag_nat {
 	union pyebpflb_addr daddr;
 	__u8 rewrite; /* enum pyebpflb_frag_rewrite */
 	__u8 _pad[3];
+};
+
+/*
+ * lb_node (array[1]): the node this datapath serves. The socket programs
+ * translate only sockets of the network namespace whose cookie is here; the
+ * addresses stand for a local client's source where its socket has none yet.
+ */
+#define PYEBPFLB_NODE_NAME_MAX 64
+
+struct pyebpflb_node {
+	__u64 netns_cookie; /* 0: not written yet, no socket is translated */
+	union pyebpflb_addr v4;
+	union pyebpflb_addr v6;
+	char name[PYEBPFLB_NODE_NAME_MAX];
+	char zone[PYEBPFLB_NODE_NAME_MAX];
+};
+
+/* lb_be_nodes: backend id -> the node it runs on (user space only; none: no entry). */
+struct pyebpflb_node_name {
+	char name[PYEBPFLB_NODE_NAME_MAX];
+};
+
+/* lb_vips: every address some service has -> how many services it has, so that
+ * a port none of them has is refused (kube-proxy's nftables mode). */
+struct pyebpflb_vip_key {
+	union pyebpflb_addr vip;
+	__u8 family;
+	__u8 _pad[3];
+};
+
+/*
+ * lb_sock_revnat (LRU): what a socket was translated to -> the service address
+ * it asked for, so recvmsg() and getpeername() show the VIP. Keyed by the
+ * socket's cookie and the backend's address and port (Cilium's
+ * cilium_lb4_reverse_sk).
+ */
+struct pyebpflb_sock_key {
+	__u64 cookie;
+	union pyebpflb_addr addr; /* the backend */
+	__u16 port;		  /* network order */
+	__u8 family;
+	__u8 _pad[5];
+};
+
+struct pyebpflb_sock_revnat {
+	union pyebpflb_addr vip;
+	__u16 port; /* network order */
+	__u8 family;
+	__u8 _pad;
+	__u32 service_id;
 };
 
 #endif

@@ -49,6 +49,8 @@ def status(ctx: Context, output: str) -> None:
             "pin_dir": where.pin_dir if where.pins else None,
             "missing_pins": list(where.missing_pins),
             "writer": where.writer,
+            "node": dp.node.name if dp.node is not None else None,
+            "cgroups": list(where.cgroups),
             "services": len(dp.services),
             "policies": len(dp.policies),
             "attached": [
@@ -76,6 +78,8 @@ def status(ctx: Context, output: str) -> None:
         )
     click.echo(f"kernel     {data['kernel']}")
     click.echo(f"libbpf     {data['libbpf']}")
+    click.echo(f"node       {data['node'] or 'none given'}")
+    click.echo(f"cgroups    {', '.join(where.cgroups) or 'none (no socket-level balancing)'}")
     click.echo(f"services   {data['services']}")
     click.echo(f"policies   {data['policies']}")
     click.echo("features   " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in probes.items()))

@@ -117,11 +117,14 @@ def _find_attached(name: str) -> dict[str, Map]:
     for found in filters([Direction.INGRESS]):
         used = maps_of_program(found.prog_id)
         config = config_if_named(used, name)
+        held = {m.id for m in used.values()}
         close_all(used)
         if config is not None:
-            # Our programs hold every map (lib/keep.h); one gone is reported by
-            # name when the object is checked against what this version needs.
-            return maps_by_id((int(i) for i in config.map_ids if i), skip_gone=True)
+            # Our programs hold every map (lib/keep.h) since layout 4, and lb_config
+            # lists the first PYEBPFLB_LB_MAPS_MAX (all of layout 3's); one gone is
+            # reported by name when the object is checked against this version's.
+            listed = {int(i) for i in config.map_ids if i}
+            return maps_by_id(sorted(listed | held), skip_gone=True)
     return {}
 
 
@@ -300,7 +303,9 @@ def write_config(
     hairpin_v4, hairpin_v6 = settings.hairpin
     ffi.memmove(config.hairpin_v4.bytes, maps.addr_bytes(hairpin_v4), 16)
     ffi.memmove(config.hairpin_v6.bytes, maps.addr_bytes(hairpin_v6), 16)
-    ids = [m.id for m in obj.maps.values()]
+    # The list has room for layout 3's maps and a few more (its size is the config's
+    # layout); the programs hold every map, later layouts' too (lib/keep.h).
+    ids = [m.id for m in obj.maps.values()][: len(config.map_ids)]
     config.map_ids[0 : len(ids)] = ids
     config_map[0] = config
     return settings

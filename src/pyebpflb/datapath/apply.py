@@ -21,7 +21,7 @@ from pyebpflb._bpf._libbpf import lib
 from pyebpflb.datapath.limits import Limits, argument_for
 from pyebpflb.datapath.state import State
 from pyebpflb.errors import BpfError, MapFull
-from pyebpflb.model import Policy, Service
+from pyebpflb.model import Address, Policy, Service, TrafficPolicy
 from pyebpflb.snapshot import Key
 
 logger = logging.getLogger("pyebpflb")
@@ -334,11 +334,20 @@ class Programmer:
     """Services and policies in, ordered map writes out: plans against the state's
     copy, applies, and keeps the copy in step."""
 
-    def __init__(self, obj: LoadedObject, state: State, limits: Limits, maglev_size: int) -> None:
+    def __init__(
+        self,
+        obj: LoadedObject,
+        state: State,
+        limits: Limits,
+        maglev_size: int,
+        node: str | None = None,
+    ) -> None:
+        self._obj = obj
         self._state = state
         self._limits = limits
         self._maglev_size = maglev_size
         self._executor = Executor(obj)
+        self.node = node  # the datapath's node: internalTrafficPolicy Local
 
     def check(self, service: object) -> Service:
         if not isinstance(service, Service):
@@ -348,6 +357,12 @@ class Programmer:
             raise ValueError(
                 f"service {service.label} has {len(service.backends)} backends; this datapath "
                 f"allows {most} per service (max_backends_per_service)"
+            )
+        if service.internal_traffic_policy is TrafficPolicy.LOCAL and self.node is None:
+            raise ValueError(
+                f"service {service.label} has internal_traffic_policy 'local', but this "
+                "datapath knows no node to tell local backends by: make it with "
+                "Datapath(..., node=Node('<node name>'))"
             )
         return service
 
@@ -397,13 +412,17 @@ class Programmer:
                     removals if start == 0 else [],
                     self._maglev_size,
                     distinct=True,
+                    node=self.node,
                 )
                 if not change.empty:
                     self._reserve_ids(change, None, config)
                     yield change
 
+        touched: set[Address] = set()
         for change in self._executor.apply_all(chunks()):
             state.snapshot = plan.commit(state.snapshot, change)
+            touched.update(key[0] for key in change.changes)
+        self._mark_vips(touched)
 
     def upsert(self, service: Service) -> None:
         self.check(service)
@@ -423,7 +442,12 @@ class Programmer:
         self, upserts: list[Service], removals: list[Key], *, distinct: bool = False
     ) -> plan.Plan:
         return plan.diff(
-            self._state.snapshot, upserts, removals, self._maglev_size, distinct=distinct
+            self._state.snapshot,
+            upserts,
+            removals,
+            self._maglev_size,
+            distinct=distinct,
+            node=self.node,
         )
 
     def apply(self, change: plan.Plan, policies: list[Policy] | None = None) -> None:
@@ -439,10 +463,30 @@ class Programmer:
         state = self._state
         self._executor.apply(change)
         state.snapshot = plan.commit(state.snapshot, change)
+        self._mark_vips({key[0] for key in change.changes})
         if policies_plan is not None:
             state.policy = policies_plan.state
             if not policies_plan.state.active:
                 state.update_config(policy_active=0)
+
+    def _mark_vips(self, touched: set[Address]) -> None:
+        """lb_vips holds every service address, so that the ports none of its services
+        has are refused: written once a change is in (an address a change adds is
+        only refused on its other ports a moment later; one it removes, a moment
+        longer than its services)."""
+        if not touched:
+            return
+        vips = self._state.snapshot.vips
+        bpf_map = self._obj.map(maps.VIPS)
+        present = [vip for vip in touched if vip in vips]
+        if present:
+            bpf_map.update_batch(
+                [maps.vip_key(vip) for vip in present], [maps.u32(vips[vip]) for vip in present]
+            )
+        for vip in touched:
+            if vip not in vips:
+                with contextlib.suppress(KeyError):
+                    bpf_map.delete(maps.vip_key(vip))
 
     def _policies_plan(
         self, change: plan.Plan, policies: list[Policy] | None, config: Any

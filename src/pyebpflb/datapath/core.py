@@ -19,7 +19,16 @@ from pyebpflb import events as events_mod
 from pyebpflb import maglev, maps
 from pyebpflb._bpf import LoadedObject, fs
 from pyebpflb._bpf.netns import current_id, entered
-from pyebpflb.datapath import adopt, explain, lifecycle, lock, migrate, notebook, repair
+from pyebpflb.datapath import (
+    adopt,
+    explain,
+    lifecycle,
+    lock,
+    migrate,
+    notebook,
+    repair,
+    sockets,
+)
 from pyebpflb.datapath.apply import Programmer
 from pyebpflb.datapath.hooks import Hooks, close_all
 from pyebpflb.datapath.inspect import Inspector
@@ -40,7 +49,7 @@ from pyebpflb.datapath.state import State, event_names, read_policy_state, read_
 from pyebpflb.errors import Busy, DatapathClosed, PyEbpfLbError
 from pyebpflb.events import EventStats, FlowEvent
 from pyebpflb.layout import DATAPATH_NAME_MAX
-from pyebpflb.model import Address, Direction, Policy, Service, endpoint_text
+from pyebpflb.model import Address, Direction, Node, Policy, Service, endpoint_text
 
 logger = logging.getLogger("pyebpflb")
 
@@ -79,6 +88,11 @@ class Datapath:
     called its own service and was chosen (hairpin): its answers to them come
     back through the datapath. Routed towards the datapath, used by nothing
     else (Cilium's service loopback address is 169.254.42.1).
+    ``node`` (a :class:`~pyebpflb.Node`) is the node the datapath serves: the
+    backends whose ``node`` is its name are local, for services with
+    ``internal_traffic_policy="local"``; its addresses are a local process's
+    source as policy sees it at ``connect()``. Set once: an adopter that gives
+    none keeps it, one that gives another is refused.
     """
 
     def __init__(
@@ -107,8 +121,13 @@ class Datapath:
         ct_gc_interval: float | None = 60.0,
         create: bool = True,
         pin: bool = True,
+        node: Node | None = None,
     ) -> None:
         _check_name(name)
+        if node is not None and not isinstance(node, Node):
+            raise ValueError(
+                f"node must be a pyebpflb.Node (its name, addresses, zone), got {node!r}"
+            )
         if ct_gc_interval is not None and (
             isinstance(ct_gc_interval, bool)
             or not isinstance(ct_gc_interval, int | float)
@@ -136,12 +155,14 @@ class Datapath:
         self.name, self.persist, self.netns, self.create = name, persist, netns, create
         self.pin = pin
         self.pin_root = os.fspath(pin_root)
+        self._node_wanted = node
         self._open(wanted)
         programs = {d: self._object.program(f"lb_{d.value}") for d in Direction}
         self._hooks = Hooks(netns, programs, self._object.map(maps.CT))
         self._programmer = Programmer(
-            self._object, self._state, self.limits, self.settings.maglev_table_size
+            self._object, self._state, self.limits, self.settings.maglev_table_size, self._node_name
         )
+        self._sockets = sockets.Sockets(self._object, self.pin_dir)
         self._inspector = Inspector(self._object, self._state, name, self.pin_dir)
         self._thread_lock = threading.RLock()
         self._lock_depth = 0
@@ -162,6 +183,7 @@ class Datapath:
         with entered(self.netns):
             self._pin_base = fs.lasting(self.pin_root)
             self.pin_dir = adopt.pin_dir_for(self._pin_base, self.name)
+            self._cookie = sockets.netns_cookie()
             self._lock_path = lock.path_for(self.name, current_id())
             self._reader_path = lock.reader_path_for(self.name, current_id())
             existing = adopt.find_existing(self.name, self.pin_dir)
@@ -192,6 +214,10 @@ class Datapath:
                 self._ensure_pins()  # a new one is pinned once it is attached or changed
             shared = self.adopted and not locked
             with lock.held(self._lock_path) if shared else contextlib.nullcontext():
+                if self._look_only is None:
+                    self.node = sockets.write_node(self._object, self._node_wanted, self._cookie)
+                else:
+                    self.node = None
                 self.settings = adopt.write_config(
                     self._object, self.name, wanted, adopted=self.adopted, keep=not self.create
                 )
@@ -217,6 +243,7 @@ class Datapath:
                 self._configure(wanted, locked=True)  # pins too (a replaced map's pin)
                 for iface in interfaces:
                     swap.attach(iface)
+                sockets.reattach(self._object, self.pin_dir)
                 for step in steps:
                     step.after(self._object)
             except BaseException:
@@ -230,6 +257,10 @@ class Datapath:
                 migrate.LAYOUT_VERSION,
                 ", ".join(interfaces) or "no interface",
             )
+
+    @property
+    def _node_name(self) -> str | None:
+        return self.node.name if self.node is not None else None
 
     # The settings in force (an adopted datapath's own under create=False).
     ct_timeouts = property(lambda self: self.settings.ct_timeouts)
@@ -264,6 +295,40 @@ class Datapath:
         not attached there."""
         self._live()
         self._hooks.detach(iface)
+
+    def attach_cgroup(
+        self, path: str | os.PathLike[str] | None = None, *, unconnected_udp: bool = True
+    ) -> list[str]:
+        """Balance at the socket for the processes of cgroup ``path`` (cgroup v2; None:
+        the root of the hierarchy, every process) and of this datapath's network
+        namespace: ``connect()`` and ``sendmsg()`` to a service go to a backend,
+        ``recvmsg()`` and ``getpeername()`` show the service again. Sockets of other
+        namespaces are untouched. ``unconnected_udp=False`` translates UDP at
+        ``connect()`` only (Cilium's choice), sparing every ``sendmsg()`` a lookup.
+        Idempotent; outlives this process (pinned links), and a later process
+        attaching again swaps its programs in place. Returns the programs attached."""
+        self._live()
+        if not self.pin or self._look_only is not None:
+            raise PyEbpfLbError(
+                "attach_cgroup needs a pinned datapath (pin=True, the default): the "
+                "attachment outlives this process only through its pins"
+            )
+        cgroup = sockets.resolve(path)
+        self._ensure_pins()
+        return self._sockets.attach(cgroup, unconnected_udp=unconnected_udp)
+
+    def detach_cgroup(self, path: str | os.PathLike[str] | None = None) -> None:
+        """Stop balancing at the socket for cgroup ``path`` (also when another process
+        attached it); :class:`~pyebpflb.errors.NotFound`, changing nothing, when this
+        datapath is not attached there."""
+        self._live()
+        self._sockets.detach(sockets.resolve(path))
+
+    @property
+    def cgroups(self) -> list[str]:
+        """The cgroups this datapath balances sockets for."""
+        self._live()
+        return sockets.cgroups(self.pin_dir)
 
     @property
     def interfaces(self) -> list[str]:
@@ -583,6 +648,7 @@ class Datapath:
         if not self.persist and not self.adopted:
             self.destroy()
             return
+        self._sockets.close()
         self._object.close()
 
     def destroy(self) -> None:
@@ -591,6 +657,8 @@ class Datapath:
         if self._object.closed:
             return
         self._hooks.detach()
+        sockets.remove_links(self.pin_dir)
+        self._sockets.close()
         for map_name, bpf_map in self._object.maps.items():
             path = os.path.join(self.pin_dir, map_name)
             if os.path.exists(path):

@@ -23,7 +23,7 @@ import attrs
 from pyebpflb import maps, objects
 from pyebpflb._bpf import Map, ffi, fs
 from pyebpflb._bpf.netns import NETNS_RUN_DIR, current_id, entered
-from pyebpflb.datapath import adopt, lock, migrate
+from pyebpflb.datapath import adopt, lock, migrate, sockets
 from pyebpflb.datapath.hooks import datapath_of_program, filters, remove
 from pyebpflb.errors import BpfError, PyEbpfLbError
 from pyebpflb.model import Direction
@@ -44,6 +44,7 @@ class DatapathInfo:
     layout: int | None  # lb_config's layout version, when it could be read
     writer: int | None  # pid holding the writer lock now
     missing_pins: tuple[str, ...] = ()  # maps of a pinned datapath without a pin
+    cgroups: tuple[str, ...] = ()  # its socket programs' cgroups ("/": every process)
 
     @property
     def orphan(self) -> bool:
@@ -53,7 +54,7 @@ class DatapathInfo:
     @property
     def state(self) -> str:
         """Where the state lives, in words."""
-        if self.pins and self.interfaces:
+        if self.pins and (self.interfaces or self.cgroups):
             return "pins and attached programs"
         if self.pins:
             return "pins only (attached nowhere)"
@@ -72,6 +73,7 @@ class DatapathInfo:
             "orphan": self.orphan,
             "state": self.state,
             "missing_pins": list(self.missing_pins),
+            "cgroups": list(self.cgroups),
         }
 
 
@@ -184,6 +186,7 @@ def info(
         layout=layout,
         writer=writer,
         missing_pins=tuple(sorted(set(expected) - set(pins))) if pins else (),
+        cgroups=tuple(sockets.cgroups(folder)) if folder else (),
     )
 
 
@@ -193,6 +196,7 @@ class Destroyed:
 
     interfaces: tuple[str, ...]
     pins: tuple[str, ...]
+    cgroups: tuple[str, ...] = ()  # its socket programs were detached from
 
 
 def destroy(name: str, pin_root: str, netns: str | None = None) -> Destroyed:
@@ -213,12 +217,13 @@ def destroy(name: str, pin_root: str, netns: str | None = None) -> Destroyed:
             _refuse_foreign(name, config)
         for f in ours:
             remove(f)
+    cgroups = sockets.remove_links(pin_dir) if pins else []
     if pins:
         _unpin(pin_dir, pins, base)
     for path in (lock.path_for(name, inode), lock.reader_path_for(name, inode)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    return Destroyed(tuple(sorted({f.iface for f in ours})), tuple(pins))
+    return Destroyed(tuple(sorted({f.iface for f in ours})), tuple(pins), tuple(cgroups))
 
 
 def prune(pin_root: str) -> list[DatapathInfo]:
@@ -228,6 +233,7 @@ def prune(pin_root: str) -> list[DatapathInfo]:
     base = fs.lasting(pin_root)
     for found in gone:
         assert found.pin_dir is not None
+        sockets.remove_links(found.pin_dir)
         _unpin(found.pin_dir, found.pins, base)
     return gone
 

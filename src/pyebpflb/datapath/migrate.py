@@ -31,12 +31,13 @@ from pyebpflb._bpf import LoadedObject, Map, ffi
 from pyebpflb.errors import IncompatibleDatapath
 
 # 2: weights, states, affinity; 3: network policy; 4: conntrack rework; 5: services
-# changed all at once (two services maps), backends' generations, Maglev per generation
-LAYOUT_VERSION = 5
+# changed all at once (two services maps), backends' generations, Maglev per generation;
+# 6: socket-level balancing, the node, backends' nodes, service addresses
+LAYOUT_VERSION = 6
 OLDEST = 3  # the layout of the first release (v0.1.0, commit cfb391b)
 
 # lb_config's size in each layout that is migrated from: later layouts only append.
-CONFIG_SIZES = {3: 272, 4: 304, 5: 304}
+CONFIG_SIZES = {3: 272, 4: 304, 5: 304, 6: 304}
 
 Before = Callable[[Mapping[str, Map], LoadedObject], None]
 After = Callable[[LoadedObject], None]
@@ -149,6 +150,24 @@ def _bare_maglev_keys_gone(new: LoadedObject) -> None:
                 outer.delete(maps.u32(service_id))
 
 
+def _vips_known(_old: Mapping[str, Map], new: LoadedObject) -> None:
+    """Layout 6 refuses a service address's unallocated ports: lb_vips starts with
+    every address the services have (the datapath's node is written by the
+    adopter, as at every start)."""
+    counts: dict[bytes, int] = {}
+    for key, _ in new.map(maps.SERVICES).lookup_batch():
+        entry = maps.typed("struct pyebpflb_service_key", key)
+        address = maps.addr_from(entry.vip, int(entry.family))
+        vip = maps.vip_key(address)
+        counts[vip] = counts.get(vip, 0) + 1
+    if counts:
+        new.map(maps.VIPS).update_batch(list(counts), [maps.u32(n) for n in counts.values()])
+
+
+def _nothing(_new: LoadedObject) -> None:
+    return None
+
+
 def _both(*steps: Before) -> Before:
     def run(old: Mapping[str, Map], new: LoadedObject) -> None:
         for step in steps:
@@ -183,6 +202,18 @@ MIGRATIONS: dict[int, Migration] = {
         added=frozenset({maps.SERVICES_ALT}),
         before=_services_twice,
         after=_bare_maglev_keys_gone,
+    ),
+    6: Migration(
+        to=6,
+        summary=(
+            "socket-level balancing (lb_sock_revnat), the datapath's node (lb_node), the "
+            "backends' nodes (lb_be_nodes) and every service address (lb_vips: other ports "
+            "refused); services gain internalTrafficPolicy Local"
+        ),
+        replaced=frozenset(),
+        added=frozenset({maps.NODE, maps.BE_NODES, maps.VIPS, maps.SOCK_REVNAT}),
+        before=_vips_known,
+        after=_nothing,
     ),
 }
 

@@ -40,6 +40,7 @@ def read_snapshot(obj: LoadedObject) -> Snapshot:
     members: dict[int, list[tuple[int, int, Any]]] = {}
     for key, value in obj.map(maps.BACKENDS).lookup_batch():
         members.setdefault(int(value.service_id), []).append((int(value.position), int(key), value))
+    nodes = {int(k): ffi.string(v.name).decode() for k, v in obj.map(maps.BE_NODES).lookup_batch()}
     slots: dict[int, set[int]] = {}
     for key, _ in obj.map(maps.SLOTS).lookup_batch():
         slots.setdefault(int(key.service_id), set()).add(int(key.slot))
@@ -57,9 +58,10 @@ def read_snapshot(obj: LoadedObject) -> Snapshot:
             port=maps.port_from(key.port),
             protocol=Protocol.from_number(int(key.proto)),
             name=names.get(int(entry.id), ""),
-            backends=[maps.backend_from(value) for _, _, value in own],
+            backends=[maps.backend_from(value, nodes.get(i)) for _, i, value in own],
             affinity_timeout=int(entry.affinity_timeout_s) or None,
             scheduler=maps.scheduler_from(entry),
+            internal_traffic_policy=maps.traffic_policy_from(entry),
         )
         services[service.key] = Installed(
             service,

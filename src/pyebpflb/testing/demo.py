@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import collections
 import os
+import pathlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 
+from pyebpflb._bpf import fs
 from pyebpflb.datapath import Datapath
 from pyebpflb.model import Backend, Policy, Rule, Service
 from pyebpflb.testing.sandbox import BACKEND_PORT, Sandbox
@@ -133,6 +137,7 @@ def run(out: Callable[[str], None] = print) -> int:
             _show_services(dp, out)
             _show_counters(dp, out)
             _show_refusal(sandbox, dp, out)
+            failures += _node_local(sandbox, dp, out)
             _policy(sandbox, dp, my_app(4, remaining), out)
         out("\ndatapath detached, maps unpinned, namespaces removed")
     if failures:
@@ -225,6 +230,55 @@ def _show_counters(dp: Datapath, out: Callable[[str], None]) -> None:
         for backend, traffic in stats.backends.items():
             rows.append((f"  -> {backend}", str(traffic.packets), str(traffic.bytes)))
     _table(rows, out)
+
+
+NODE_LOCAL = """
+import collections, socket, sys
+seen, peers = collections.Counter(), set()
+for _ in range(int(sys.argv[2])):
+    with socket.create_connection((sys.argv[1], 80), timeout=3) as s:
+        peers.add("%s:%d" % s.getpeername())
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    seen[data.decode().split("\\r\\n\\r\\n")[-1].strip()] += 1
+print(" ".join(f"{k}={v}" for k, v in sorted(seen.items())), "peer", ",".join(sorted(peers)))
+"""
+
+
+def _node_local(sandbox: Sandbox, dp: Datapath, out: Callable[[str], None]) -> list[str]:
+    """A process on the node itself (kubelet, a hostNetwork pod) calls the service:
+    its path to the pods crosses no attached interface, so the socket programs
+    translate it at connect()."""
+    cgroup = pathlib.Path(fs.cgroup2_root()) / f"pyebpflb-demo-{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        dp.attach_cgroup(cgroup)
+
+        def enter() -> None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+        done = subprocess.run(
+            ["ip", "netns", "exec", sandbox.lb.netns, sys.executable, "-c", NODE_LOCAL, VIP4, "30"],
+            preexec_fn=enter,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        dp.detach_cgroup(cgroup)
+    finally:
+        cgroup.rmdir()
+    out(
+        f"\na process on the node itself (namespace {sandbox.lb.netns}, cgroup {cgroup.name}): "
+        f"30 connections to {VIP4}:80, translated at connect() by the cgroup programs "
+        "(no tc program on its path)"
+    )
+    if done.returncode != 0:
+        out(f"  FAILED: {done.stderr.strip()}")
+        return [done.stderr.strip()]
+    out(f"  answered by {done.stdout.strip()} (getpeername() shows the VIP)")
+    return []
 
 
 def _show_refusal(sandbox: Sandbox, dp: Datapath, out: Callable[[str], None]) -> None:
