@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import pyebpflb as lb
-from bench import measure, report
+from bench import local, measure, report
 from bench.contenders import Contender, Ebpf, Floor, Iptables, Nftables
 from bench.servers import PORT, Nginx
 from pyebpflb.testing.sandbox import Sandbox, _sysctl
@@ -106,6 +106,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rate=False,
         )
         results["port_reuse"] = measure_port_reuse(args, sandbox)
+        results["local"] = local.measure(
+            sandbox, services(args.sizes[-1], sandbox), args.samples, args.rounds
+        )
+        results["local_services"] = args.sizes[-1]
     results["cost"] = measure_costs(args)
     results["maglev"] = measure_maglev(args)
     results["policy"] = measure_policy(args)

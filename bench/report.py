@@ -245,8 +245,60 @@ def _targets(results: dict[str, Any], latency: dict[Any, float]) -> list[str]:
                     f"{ratio:.2f}x",
                 )
             )
+    local = results.get("local")
+    if local:
+        median = {k: statistics.median(v) for k, v in local.items() if v}
+        n = results["local_services"]
+        direct_ratio = median["socket"] / median["direct"]
+        checks.append(
+            (
+                f"local connect() at {n} services within 1.05x of connecting directly",
+                direct_ratio <= 1.05,
+                f"{direct_ratio:.2f}x",
+            )
+        )
+        ipt_ratio = median["socket"] / median["iptables"]
+        checks.append(
+            (
+                f"local connect() at {n} services below kube-proxy iptables' (OUTPUT)",
+                ipt_ratio < 1.0,
+                f"{ipt_ratio:.2f}x",
+            )
+        )
     rows = [[what, "met" if ok else "**missed**", value] for what, ok, value in checks]
-    return ["## Targets", "", *_table(["target", "", "measured"], rows)]
+    return ["## Targets", "", *_table(["target", "", "measured"], rows), *_local(results)]
+
+
+def _local(results: dict[str, Any]) -> list[str]:
+    """Host-reachable services: a process of the node's own namespace."""
+    local = results.get("local")
+    if not local:
+        return []
+    median = {k: statistics.median(v) for k, v in local.items() if v}
+    rows = [
+        [
+            name,
+            str(len(local[name])),
+            _us(median[name]),
+            _us(_p(local[name], 0.99)),
+            _ratio(median[name], median["direct"]),
+        ]
+        for name in ("direct", "socket", "iptables")
+        if name in median
+    ]
+    return [
+        "",
+        "## Local processes: connect() from the node itself",
+        "",
+        f"A process of the load balancer's own namespace (the node) connects to the "
+        f"measured VIP of {results['local_services']} services, closing with RST; no "
+        "interface with a tc program is on its path. direct: to the backend's address; "
+        "socket: the VIP through pyebpflb's cgroup programs (`attach_cgroup`); iptables: "
+        "the VIP through kube-proxy's rules, whose OUTPUT chain jumps to KUBE-SERVICES. "
+        "Interleaved rounds, from `bench/local.py`.",
+        "",
+        *_table(["path", "connects", "median", "p99", "vs direct"], rows),
+    ]
 
 
 def _limits(results: dict[str, Any], latency: dict[Any, float]) -> list[str]:

@@ -154,14 +154,9 @@ def _vips_known(_old: Mapping[str, Map], new: LoadedObject) -> None:
     """Layout 6 refuses a service address's unallocated ports: lb_vips starts with
     every address the services have (the datapath's node is written by the
     adopter, as at every start)."""
-    counts: dict[bytes, int] = {}
-    for key, _ in new.map(maps.SERVICES).lookup_batch():
-        entry = maps.typed("struct pyebpflb_service_key", key)
-        address = maps.addr_from(entry.vip, int(entry.family))
-        vip = maps.vip_key(address)
-        counts[vip] = counts.get(vip, 0) + 1
-    if counts:
-        new.map(maps.VIPS).update_batch(list(counts), [maps.u32(n) for n in counts.values()])
+    from pyebpflb.datapath import repair  # here: the package imports this one first
+
+    repair.vips_from(new, new.map(maps.SERVICES))
 
 
 def _nothing(_new: LoadedObject) -> None:

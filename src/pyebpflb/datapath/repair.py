@@ -51,6 +51,7 @@ def repair(obj: LoadedObject, name: str) -> int:
         if int(entry.flags) & lib.PYEBPFLB_SERVICE_MAGLEV:
             maglev_services.add(int(entry.id))
     removed = _sweep(obj, live, maglev_services)
+    vips_from(obj, active)
     config = config_map[0]
     config.service_map = in_force
     config_map[0] = config
@@ -61,6 +62,22 @@ def repair(obj: LoadedObject, name: str) -> int:
         removed,
     )
     return removed
+
+
+def vips_from(obj: LoadedObject, services: Map) -> None:
+    """lb_vips as the services map ``services`` says (a dead writer may have stopped
+    between its flip and the addresses' write; an upgrade starts it)."""
+    counts: dict[bytes, int] = {}
+    for key, _ in services.lookup_batch():
+        entry = maps.typed("struct pyebpflb_service_key", key)
+        vip = maps.vip_key(maps.addr_from(entry.vip, int(entry.family)))
+        counts[vip] = counts.get(vip, 0) + 1
+    vips = obj.map(maps.VIPS)
+    for key in [maps.raw(k) for k, _ in vips.lookup_batch()]:
+        if key not in counts:
+            vips.delete(key)
+    if counts:
+        vips.update_batch(list(counts), [maps.u32(n) for n in counts.values()])
 
 
 def _raw_entries(bpf_map: Map) -> list[tuple[bytes, bytes]]:
