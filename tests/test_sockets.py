@@ -356,3 +356,28 @@ def test_local_policy_needs_a_node(sandbox: Sandbox) -> None:
         with pytest.raises(ValueError, match="knows no node"):
             bare.upsert(lb.Service(VIP4, 80, internal_traffic_policy="local"))
         assert bare.services == []
+
+
+def test_the_cli_attaches_and_detaches_a_cgroup(
+    sandbox: Sandbox, cgroup: pathlib.Path, dp: lb.Datapath
+) -> None:
+    dp.upsert(lb.Service(VIP4, 80, backends=backends(sandbox)[:1]))
+    dp.detach_cgroup(cgroup)
+    cli = [sys.executable, "-m", "pyebpflb", "--netns", sandbox.lb.netns, "--pin-root",
+           str(PIN_ROOT), "--datapath", dp.name]  # fmt: skip
+    name = f"/{cgroup.name}"
+    done = subprocess.run(
+        [*cli, "attach-cgroup", name, "--connected-udp-only"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"balances sockets of cgroup {name}" in done.stdout and "sendmsg" not in done.stdout
+    assert python(sandbox.lb.netns, cgroup, CONNECT, VIP4, "80")["peer"] == [VIP4, 80]  # type: ignore[index]
+    status = subprocess.run([*cli, "status"], capture_output=True, text=True, check=True).stdout
+    assert f"cgroups    {name}" in status and "node       node-a" in status
+    done = subprocess.run([*cli, "detach-cgroup", name], capture_output=True, text=True, check=True)
+    assert dp.cgroups == []
+    bad = subprocess.run([*cli, "attach-cgroup", "/no-such-cgroup"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "'/no-such-cgroup' is no cgroup v2 directory" in bad.stderr
+    assert dp.cgroups == []

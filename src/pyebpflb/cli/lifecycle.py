@@ -62,6 +62,37 @@ def attach(ctx: Context, iface: str) -> None:
         click.echo(f"datapath {dp.name} attached to {iface}")
 
 
+@main_group.command("attach-cgroup")
+@click.argument("cgroup", default="/")
+@click.option(
+    "--connected-udp-only",
+    is_flag=True,
+    help="translate UDP at connect() only, not every sendmsg() (Cilium's cheaper mode)",
+)
+@pass_context
+def attach_cgroup(ctx: Context, cgroup: str, connected_udp_only: bool) -> None:
+    """Balance at the socket for the processes of CGROUP ("/": all; a cgroup v2
+    directory or a name as /proc/<pid>/cgroup shows it) in the datapath's network
+    namespace: local processes reach services at connect(); idempotent."""
+    with ctx.datapath(create=True) as dp:
+        programs = dp.attach_cgroup(cgroup, unconnected_udp=not connected_udp_only)
+        click.echo(f"datapath {dp.name} balances sockets of cgroup {cgroup}: {', '.join(programs)}")
+
+
+@main_group.command("detach-cgroup")
+@click.argument("cgroup", default="/")
+@pass_context
+def detach_cgroup(ctx: Context, cgroup: str) -> None:
+    """Stop balancing at the socket for CGROUP."""
+    with ctx.datapath(writes=True) as dp:
+        dp.detach_cgroup(cgroup)
+        left = dp.cgroups
+    click.echo(
+        f"datapath {dp.name} detached from cgroup {cgroup}"
+        + (f"; still on {', '.join(left)}" if left else "")
+    )
+
+
 @main_group.command()
 @click.argument("iface")
 @pass_context
