@@ -381,3 +381,26 @@ def test_the_cli_attaches_and_detaches_a_cgroup(
     bad = subprocess.run([*cli, "attach-cgroup", "/no-such-cgroup"], capture_output=True, text=True)
     assert bad.returncode != 0 and "'/no-such-cgroup' is no cgroup v2 directory" in bad.stderr
     assert dp.cgroups == []
+
+
+def test_socket_translations_make_flow_events(
+    sandbox: Sandbox, cgroup: pathlib.Path, dp: lb.Datapath
+) -> None:
+    dp.upsert(lb.Service(VIP4, 80, name="default/web", backends=backends(sandbox)[:1]))
+    monitor = dp.open_monitor()
+    try:
+        python(sandbox.lb.netns, cgroup, CONNECT, VIP4, "80")
+        python(sandbox.lb.netns, cgroup, CONNECT, VIP4, "81")
+        seen = []
+        for event in monitor.events(2.0):
+            seen.append(event)
+            if len(seen) == 2:
+                break
+    finally:
+        monitor.close()
+    trace, drop = seen
+    assert (trace.type, trace.interface, trace.service) == ("trace", "socket", "default/web")
+    assert trace.backend == f"{sandbox.backends[0].ipv4}:{BACKEND_PORT}"
+    assert (str(trace.destination), trace.destination_port) == (VIP4, 80)
+    assert str(trace.source) == "10.90.0.1"  # the node's address stands for an unbound source
+    assert (drop.type, drop.interface, drop.drop_reason) == ("drop", "socket", "no service port")

@@ -193,6 +193,9 @@ class Names:
         return found if found is not None else (f"rule #{rule_id}", None)
 
     def interface(self, ifindex: int) -> str:
+        """The interface's name; "socket" for the socket programs' events (no interface)."""
+        if ifindex == 0:
+            return "socket"
         name = self._ifaces.get(ifindex)
         if name is None:
             try:

@@ -51,9 +51,11 @@ SIZED = {
     maps.SVC_STATS: ("max_services", 2),  # both directions
     maps.SVC_NAMES: ("max_services", 1),
     maps.MAGLEV: ("max_services", 2),  # a table per generation, during a change
+    maps.VIPS: ("max_services", 1),  # at most one address per service
     maps.BACKENDS: ("max_backends", 1),
     maps.BE_STATS: ("max_backends", 2),  # both directions
     maps.BE_GONE: ("max_backends", 1),
+    maps.BE_NODES: ("max_backends", 1),
     maps.SLOTS: ("max_backends", 2),  # two generations
     maps.CT: ("max_conntrack", 1),
     maps.CT_SYN: ("max_conntrack_syn", 1),
