@@ -280,9 +280,19 @@ def node_name_value(name: str) -> bytes:
     return _NODE_NAME.pack(name.encode())
 
 
+_VIP_TAIL = {family: bytes([tag, 0, 0, 0]) for family, tag in FAMILY_TAG.items()}
+
+
 def vip_key(address: Address) -> bytes:
-    """The lb_vips key of a service address."""
-    return _VIP_KEY.pack(address.packed, FAMILY_TAG[address.version])
+    """The lb_vips key of a service address (joined by hand: a sync of 100,000
+    services writes 100,000 of them, and a Packer call each costs a third of it)."""
+    return address.packed.ljust(16, b"\0") + _VIP_TAIL[address.version]
+
+
+if vip_key(ipaddress.IPv4Address("10.0.0.1")) != _VIP_KEY.pack(
+    ipaddress.IPv4Address("10.0.0.1").packed, FAMILY_TAG[4]
+):
+    raise LayoutMismatch("struct pyebpflb_vip_key is no longer 16 address bytes and a family tag")
 
 
 def slot_value(backend_id: int, alias_id: int, threshold: int) -> bytes:

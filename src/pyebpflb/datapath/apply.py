@@ -478,15 +478,18 @@ class Programmer:
             return
         vips = self._state.snapshot.vips
         bpf_map = self._obj.map(maps.VIPS)
-        present = [vip for vip in touched if vip in vips]
-        if present:
-            bpf_map.update_batch(
-                [maps.vip_key(vip) for vip in present], [maps.u32(vips[vip]) for vip in present]
-            )
-        for vip in touched:
-            if vip not in vips:
-                with contextlib.suppress(KeyError):
-                    bpf_map.delete(maps.vip_key(vip))
+        keys, values, gone = [], [], []
+        for vip in touched:  # one hash of each address (an ipaddress hashes slowly)
+            count = vips.get(vip)
+            if count:
+                keys.append(maps.vip_key(vip))
+                values.append(maps.u32(count))
+            else:
+                gone.append(vip)
+        bpf_map.update_batch(keys, values)
+        for vip in gone:
+            with contextlib.suppress(KeyError):
+                bpf_map.delete(maps.vip_key(vip))
 
     def _policies_plan(
         self, change: plan.Plan, policies: list[Policy] | None, config: Any
