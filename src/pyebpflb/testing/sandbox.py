@@ -238,28 +238,7 @@ class Sandbox:
         _ip("-n", self.lb.netns, "-6", "route", "add", "fd00:89::/64", "via", "fd00:90::2")
 
     def _start_server(self, backend: Host) -> None:
-        server = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                backend.netns,
-                sys.executable,
-                "-m",
-                "pyebpflb.testing.servers",
-                "--name",
-                backend.name,
-                "--port",
-                str(BACKEND_PORT),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=_die_with_parent,
-        )
-        self._servers.append(server)
-        assert server.stdout is not None
-        if _readline(server.stdout, timeout=10.0) != "ready":
-            raise RuntimeError(f"the server of {backend.name} did not start")
+        start_server(backend, self._servers)
 
     # -- traffic from the client ---------------------------------------------------------------
     def http_get(
@@ -278,16 +257,7 @@ class Sandbox:
         ``source_port`` fixes the client's port, so the flow's 5-tuple is known;
         ``source`` its address (one of the client's, see :meth:`add_client_address`).
         """
-        target = ipaddress.ip_address(address)
-        with self.client.socket(target.version) as sock:
-            sock.settimeout(timeout)
-            if source_port is not None or source is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((str(source or ""), source_port or 0))
-            sock.connect((str(target), port))
-            request = f"GET {path} HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n"
-            sock.sendall(request.encode())
-            return _http_body(sock)
+        return http_get(self.client, address, port, timeout, source_port, source, path)
 
     def connection(
         self, address: Address | str, port: int, *, timeout: float = 2.0
@@ -392,6 +362,54 @@ def _http_body(sock: socket.socket, *, keep_alive: bool = False) -> str:
     return body.decode().strip()
 
 
+def http_get(
+    host: Host,
+    address: Address | str,
+    port: int,
+    timeout: float = 2.0,
+    source_port: int | None = None,
+    source: Address | str | None = None,
+    path: str = "/",
+) -> str:
+    """GET ``path`` from ``host`` on a new connection: the answer's body."""
+    target = ipaddress.ip_address(address)
+    with host.socket(target.version) as sock:
+        sock.settimeout(timeout)
+        if source_port is not None or source is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((str(source or ""), source_port or 0))
+        sock.connect((str(target), port))
+        request = f"GET {path} HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n"
+        sock.sendall(request.encode())
+        return _http_body(sock)
+
+
+def start_server(host: Host, processes: list[subprocess.Popen[str]]) -> None:
+    """The sandbox's HTTP and UDP server in ``host``, answering with its name."""
+    server = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            host.netns,
+            sys.executable,
+            "-m",
+            "pyebpflb.testing.servers",
+            "--name",
+            host.name,
+            "--port",
+            str(BACKEND_PORT),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=_die_with_parent,
+    )
+    processes.append(server)
+    assert server.stdout is not None
+    if _readline(server.stdout, timeout=10.0) != "ready":
+        raise RuntimeError(f"the server of {host.name} did not start")
+
+
 def stop(processes: list[subprocess.Popen[Any]]) -> None:
     """Terminate ``processes`` (killing what does not stop within 5 s) and forget them."""
     for process in processes:
@@ -415,4 +433,12 @@ def _readline(stream: IO[str], timeout: float) -> str:
     return ""
 
 
-__all__ = ["BACKEND_PORT", "LB_IFACE", "Host", "HttpConnection", "Sandbox"]
+__all__ = [
+    "BACKEND_PORT",
+    "LB_IFACE",
+    "Host",
+    "HttpConnection",
+    "Sandbox",
+    "http_get",
+    "start_server",
+]
