@@ -193,29 +193,6 @@ static __always_inline int service_denied(struct ctx_buff *ctx, const struct ing
 	return 0;
 }
 
-/* A new flow, translated: counted, and a trace event. */
-static __always_inline void note_new_flow(struct ctx_buff *ctx, const struct packet *pkt,
-					  const struct pyebpflb_backend *backend, __u32 service_id,
-					  __u32 backend_id)
-{
-	struct pyebpflb_flow_event *event;
-
-	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
-	explain(ctx, pkt, PYEBPFLB_EXPLAIN_BACKEND, backend_id);
-	if (pkt->dry)
-		return;
-	count_new_flow(&lb_svc_stats, service_id, ctx_len(ctx));
-	count_new_flow(&lb_be_stats, backend_id, ctx_len(ctx));
-	event = event_start(ctx, pkt, PYEBPFLB_EVENT_TRACE, PYEBPFLB_POLICY_INGRESS);
-	if (!event)
-		return;
-	event->nat_addr = backend->addr;
-	event->nat_port = backend->port;
-	event->service_id = service_id;
-	event->backend_id = backend_id;
-	bpf_ringbuf_submit(event, 0);
-}
-
 /* Policy allowing, record the new flow (and the client's choice, for `svc`
  * under session affinity) and send it to its backend. NEXT_STEP when a live
  * flow holds that backend's side of the tuple. */

@@ -16,6 +16,7 @@
 #include "lib/drops.h"
 #include "lib/ctx.h"
 #include "lib/parse.h"
+#include "lib/service.h"
 
 #define EVENT_WINDOW_NS 1000000000ULL
 
@@ -130,6 +131,30 @@ static __always_inline void note_drop(struct ctx_buff *ctx, const struct packet 
 		return;
 	count_drop(reason, ctx_len(ctx));
 	event_drop(ctx, pkt, dir, reason, service_id, rule_id);
+}
+
+/* A new flow, translated: counted, and a trace event (a packet's on tc and XDP,
+ * a connection's or datagram's at the socket, where the length is 0). */
+static __always_inline void note_new_flow(struct ctx_buff *ctx, const struct packet *pkt,
+					  const struct pyebpflb_backend *backend, __u32 service_id,
+					  __u32 backend_id)
+{
+	struct pyebpflb_flow_event *event;
+
+	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, service_id);
+	explain(ctx, pkt, PYEBPFLB_EXPLAIN_BACKEND, backend_id);
+	if (pkt->dry)
+		return;
+	count_new_flow(&lb_svc_stats, service_id, ctx_len(ctx));
+	count_new_flow(&lb_be_stats, backend_id, ctx_len(ctx));
+	event = event_start(ctx, pkt, PYEBPFLB_EVENT_TRACE, PYEBPFLB_POLICY_INGRESS);
+	if (!event)
+		return;
+	event->nat_addr = backend->addr;
+	event->nat_port = backend->port;
+	event->service_id = service_id;
+	event->backend_id = backend_id;
+	bpf_ringbuf_submit(event, 0);
 }
 
 #endif

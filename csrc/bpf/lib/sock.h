@@ -64,26 +64,6 @@ static __always_inline int sock_refuse(struct bpf_sock_addr *ctx, const struct p
 	return SOCK_REFUSE;
 }
 
-/* A connection (or datagram) translated: counted, and a trace event, as a new
- * flow of the packet path. */
-static __always_inline void sock_new_flow(struct bpf_sock_addr *ctx, const struct packet *pkt,
-					  const struct pyebpflb_backend *backend, __u32 service_id,
-					  __u32 backend_id)
-{
-	struct pyebpflb_flow_event *event;
-
-	count_new_flow(&lb_svc_stats, service_id, 0);
-	count_new_flow(&lb_be_stats, backend_id, 0);
-	event = event_start(ctx, pkt, PYEBPFLB_EVENT_TRACE, PYEBPFLB_POLICY_INGRESS);
-	if (!event)
-		return;
-	event->nat_addr = backend->addr;
-	event->nat_port = backend->port;
-	event->service_id = service_id;
-	event->backend_id = backend_id;
-	bpf_ringbuf_submit(event, 0);
-}
-
 /*
  * The backend for a socket's connect()/sendmsg() to `pkt->daddr:dport`, in
  * `chosen`. Returns 1 when translated, 0 when the address is no service's
@@ -141,7 +121,7 @@ static __always_inline int sock_select(struct bpf_sock_addr *ctx, const struct p
 		policy_event(ctx, pkt, PYEBPFLB_POLICY_INGRESS, &verdict, svc.id);
 	if (svc.affinity_timeout_s && !(svc.flags & PYEBPFLB_SERVICE_MAGLEV))
 		remember_affinity(&svc, pkt, backend_id, now);
-	sock_new_flow(ctx, pkt, chosen, svc.id, backend_id);
+	note_new_flow(ctx, pkt, chosen, svc.id, backend_id);
 	return 1;
 }
 
