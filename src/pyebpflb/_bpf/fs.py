@@ -149,11 +149,16 @@ def ensure_bpffs(path: str = BPFFS_ROOT) -> None:
         )
 
 
+def cgroup2_mounts() -> list[str]:
+    """The cgroup v2 mount points of this mount namespace, in mount order."""
+    return [point for point, kind in _mounts() if kind == "cgroup2"]
+
+
 def cgroup2_root() -> str:
     """The cgroup v2 mount point, mounting one under /run if there is none."""
-    for point, kind in _mounts():
-        if kind == "cgroup2":
-            return point
+    found = cgroup2_mounts()
+    if found:
+        return found[0]
     target = "/run/pyebpflb/cgroup2"
     mount("cgroup2", target, "cgroup2")
     return target

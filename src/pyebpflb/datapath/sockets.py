@@ -49,11 +49,6 @@ def netns_cookie() -> int:
     return int(struct.unpack("=Q", raw)[0])
 
 
-def _cgroup2_mounts() -> list[str]:
-    with open("/proc/self/mounts") as mounts:
-        return [f[1] for f in (line.split() for line in mounts) if len(f) > 2 and f[2] == "cgroup2"]
-
-
 def cgroup2_root() -> str:
     """Where cgroup v2 is mounted, mounting it under /run when no mount is there
     (``ip netns exec`` hides the host's with its own /sys), as Cilium mounts its own."""
@@ -70,7 +65,7 @@ def resolve(path: str | os.PathLike[str] | None) -> tuple[str, str]:
     if path is None:
         return root, "/"
     given = os.fspath(path)
-    for mount in [*_cgroup2_mounts(), root]:
+    for mount in [*fs.cgroup2_mounts(), root]:
         chosen = os.path.realpath(given)
         if chosen == mount or chosen.startswith(mount.rstrip("/") + "/"):
             if not os.path.isdir(chosen):
