@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import subprocess
-from types import TracebackType
 
 import attrs
 
 from pyebpflb.model import Address
-from pyebpflb.testing.sandbox import Host, _ip, _sysctl, http_get, start_server, stop
+from pyebpflb.testing.sandbox import Host, Namespaces, _ip, _sysctl, http_get, start_server
 
 
 @attrs.frozen
@@ -46,7 +44,7 @@ class Node:
         return self.host.address(family)
 
 
-class Cluster:
+class Cluster(Namespaces):
     """An external client, a router and ``nodes`` nodes of ``pods`` pods each."""
 
     def __init__(self, nodes: int = 2, pods: int = 2, *, prefix: str = "pyebpflb") -> None:
@@ -74,8 +72,7 @@ class Cluster:
             )
             for n in range(1, nodes + 1)
         ]
-        self._namespaces: list[str] = []
-        self._servers: list[subprocess.Popen[str]] = []
+        super().__init__()
 
     @property
     def namespaces(self) -> list[str]:
@@ -88,20 +85,8 @@ class Cluster:
     def pods(self) -> list[Host]:
         return [pod for node in self.nodes for pod in node.pods]
 
-    def __enter__(self) -> Cluster:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
     def _add(self, name: str, *, forwarding: bool = False) -> None:
-        _ip("netns", "add", name)
-        self._namespaces.append(name)
-        _ip("-n", name, "link", "set", "lo", "up")
-        for scope in ("all", "default"):
-            _sysctl(name, f"net.ipv6.conf.{scope}.accept_dad", "0")
+        self._add_netns(name)
         if forwarding:
             _sysctl(name, "net.ipv4.ip_forward", "1")
             _sysctl(name, "net.ipv6.conf.all.forwarding", "1")
@@ -173,17 +158,6 @@ class Cluster:
     def http_get(self, address: Address | str, port: int, *, timeout: float = 2.0) -> str:
         """GET / from the external client on a new connection: the answering pod's name."""
         return http_get(self.client, address, port, timeout)
-
-    def close(self) -> None:
-        stop(self._servers)
-        for name in reversed(self._namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        self._namespaces.clear()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 __all__ = ["Cluster", "Node"]

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import attrs
 
@@ -85,7 +85,48 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class Sandbox:
+class Namespaces:
+    """Network namespaces a test world is built of, and the servers in them: made
+    on entering the ``with`` block (undone if the building fails), stopped and
+    removed on leaving it. Subclasses build in :meth:`_build`."""
+
+    def __init__(self) -> None:
+        self._namespaces: list[str] = []
+        self._servers: list[subprocess.Popen[str]] = []
+
+    def __enter__(self) -> Self:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def _add_netns(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self._namespaces.append(name)
+        _ip("-n", name, "link", "set", "lo", "up")
+        # No duplicate address detection: link-local addresses would stay
+        # tentative for a second, and neighbour discovery with them.
+        for scope in ("all", "default"):
+            _sysctl(name, f"net.ipv6.conf.{scope}.accept_dad", "0")
+
+    def close(self) -> None:
+        stop(self._servers)
+        for name in reversed(self._namespaces):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self._namespaces.clear()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Sandbox(Namespaces):
     """Client, load balancer and ``backends`` backends in network namespaces."""
 
     def __init__(
@@ -149,8 +190,7 @@ class Sandbox:
             )
             for i in range(1, backends + 1)
         ]
-        self._namespaces: list[str] = []
-        self._servers: list[subprocess.Popen[str]] = []
+        super().__init__()
 
     @property
     def namespaces(self) -> list[str]:
@@ -158,19 +198,6 @@ class Sandbox:
         return [self.client.netns, *router, self.lb.netns, *(b.netns for b in self.backends)]
 
     # -- building -------------------------------------------------------------------
-    def __enter__(self) -> Sandbox:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def _add_netns(self, name: str) -> None:
-        _ip("netns", "add", name)
-        self._namespaces.append(name)
-        _ip("-n", name, "link", "set", "lo", "up")
-
     def _link(self, a: Host, a_iface: str, b: Host, b_iface: str) -> None:
         _ip(
             "-n",
@@ -195,10 +222,6 @@ class Sandbox:
     def _build(self) -> None:
         for name in self.namespaces:
             self._add_netns(name)
-            # No duplicate address detection: link-local addresses would stay
-            # tentative for a second, and neighbour discovery with them.
-            for scope in ("all", "default"):
-                _sysctl(name, f"net.ipv6.conf.{scope}.accept_dad", "0")
         _sysctl(self.lb.netns, "net.ipv4.ip_forward", "1")
         _sysctl(self.lb.netns, "net.ipv6.conf.all.forwarding", "1")
 
@@ -300,18 +323,6 @@ class Sandbox:
         extra = ["nodad"] if added.version == 6 else []
         _ip("-n", self.client.netns, "addr", "add", f"{added}/{length}", "dev", "eth0", *extra)
         return added
-
-    # -- tearing down -----------------------------------------------------------------------------
-    def close(self) -> None:
-        stop(self._servers)
-        for name in reversed(self._namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        self._namespaces.clear()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class HttpConnection:
@@ -438,6 +449,7 @@ __all__ = [
     "LB_IFACE",
     "Host",
     "HttpConnection",
+    "Namespaces",
     "Sandbox",
     "http_get",
     "start_server",
