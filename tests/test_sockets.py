@@ -381,6 +381,14 @@ def test_the_cli_attaches_and_detaches_a_cgroup(
     bad = subprocess.run([*cli, "attach-cgroup", "/no-such-cgroup"], capture_output=True, text=True)
     assert bad.returncode != 0 and "'/no-such-cgroup' is no cgroup v2 directory" in bad.stderr
     assert dp.cgroups == []
+    # destroy, which loads nothing, detaches the socket programs too and says so.
+    subprocess.run([*cli, "attach-cgroup", name], capture_output=True, text=True, check=True)
+    gone = subprocess.run([*cli, "destroy"], capture_output=True, text=True, check=True).stdout
+    assert f"detached from no interface and cgroup {name}" in gone
+    shown = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", str(cgroup)], capture_output=True, text=True, check=True
+    )
+    assert json.loads(shown.stdout.strip() or "[]") == []  # bpftool prints nothing for none
 
 
 def test_socket_translations_make_flow_events(

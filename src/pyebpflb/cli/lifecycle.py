@@ -120,4 +120,6 @@ def destroy(ctx: Context) -> None:
     except (PyEbpfLbError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     where = ", ".join(gone.interfaces) or "no interface"
+    if gone.cgroups:
+        where += " and cgroup " + ", ".join(gone.cgroups)
     click.echo(f"datapath {ctx.name} destroyed: detached from {where}, {len(gone.pins)} pins gone")
