@@ -36,6 +36,24 @@ def test_demo_balances_survives_a_backend_removal_and_cleans_up() -> None:
     assert re.search(r"TRACE\s+forwarded tcp 10\.90\.0\.2:\d+ -> 10\.96\.0\.10:80 lb0", policy)
     assert re.search(r"DROP\s+dropped\s+tcp 10\.90\.0\.3:\d+ .*\(policy denied\)", policy)
     assert "namespaces removed" in text
+    north = text.split("north-south:")[1]
+    cluster, local = north.split("externalTrafficPolicy")[1:3]
+    dsr = north.split("direct server")[1]
+    # Cluster: node-2's pods saw node-1's address; Local: node-1's pods, the client's.
+    assert re.search(r"node-2-pod-\d\s+\d+\s+10\.80\.1\.2", cluster)
+    assert re.search(r"node-1-pod-\d\s+\d+\s+10\.70\.0\.2", cluster)
+    assert "node-2-pod" not in local.split("health port")[0]
+    assert (
+        '31000 on node-1: 200 {"service": {"namespace": "default", "name": "my-app-service"}, '
+        '"localEndpoints": 2' in local
+    )
+    assert (
+        '31000 on node-2: 503 {"service": {"namespace": "default", "name": "my-app-service"}, '
+        '"localEndpoints": 0' in local
+    )  # no pod there: a cloud load balancer skips node-2
+    assert re.search(r"node-2-pod-\d\s+\d+\s+10\.70\.0\.2", dsr)
+    assert "nodeport" in north and "loadbalancer" in north
+    assert "cluster namespaces removed" in text
     assert not [ns for ns in namespaces.netns.listnetns() if ns.startswith("pyebpflb-demo")]
 
 

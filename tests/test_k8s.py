@@ -150,3 +150,61 @@ def test_internal_traffic_policy_and_node_names() -> None:
     assert web4.usable_backends("node-b") == ()
     with pytest.raises(k8s.ManifestError, match="internalTrafficPolicy 'Nearby'"):
         k8s.services(k8s.load(local.replace("Local", "Nearby") + slices))
+
+
+LOAD_BALANCER = """\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  externalIPs: [10.98.0.1, "fd00:98::1"]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 31234
+  loadBalancerSourceRanges: [10.70.0.0/24, "fd00:70::/64"]
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 10.99.0.1}
+    - {ip: 10.99.0.2, ipMode: Proxy}
+    - {hostname: lb.example.com}
+"""
+
+
+def test_load_balancer_service_maps_every_north_south_field() -> None:
+    """kube-proxy's fields of a LoadBalancer Service: nodePort per port, externalIPs and
+    the ingress IPs per family (not those of ipMode Proxy, nor hostnames), the source
+    ranges with the load-balancer IPs, externalTrafficPolicy and healthCheckNodePort."""
+    web4, web6, dns4, dns6 = k8s.services(k8s.load(LOAD_BALANCER + SLICES))
+    assert (web4.node_port, dns4.node_port, web6.node_port) == (30080, 30053, 30080)
+    assert [str(a) for a in web4.external_ips] == ["10.98.0.1"]
+    assert [str(a) for a in web6.external_ips] == ["fd00:98::1"]
+    assert [str(a) for a in web4.load_balancer_ips] == ["10.99.0.1"]
+    assert web6.load_balancer_ips == () and web6.source_ranges == ()  # no IPv6 ingress
+    assert [str(n) for n in web4.source_ranges] == ["10.70.0.0/24"]
+    assert web4.external_traffic_policy is lb.TrafficPolicy.LOCAL
+    assert (web4.health_check_node_port, dns6.health_check_node_port) == (31234, 31234)
+    kinds = [f.kind.value for f in web4.frontends()]
+    assert kinds == ["cluster_ip", "node_port", "external_ip", "load_balancer"]
+
+
+def test_node_port_and_cluster_policy_services() -> None:
+    node_port = LOAD_BALANCER.replace("type: LoadBalancer", "type: NodePort").replace(
+        "externalTrafficPolicy: Local", "externalTrafficPolicy: Cluster"
+    )
+    web4 = k8s.services(k8s.load(node_port + SLICES))[0]
+    # A NodePort Service has no load-balancer IPs, so its source ranges mean nothing;
+    # healthCheckNodePort is only for Local.
+    assert (web4.node_port, web4.load_balancer_ips, web4.source_ranges) == (30080, (), ())
+    assert web4.health_check_node_port is None
+    assert web4.external_traffic_policy is lb.TrafficPolicy.CLUSTER
+    plain = k8s.services(k8s.load(SERVICE + SLICES))[0]
+    assert plain.frontends() == (plain,)
+    with pytest.raises(k8s.ManifestError, match="externalTrafficPolicy 'Global'"):
+        k8s.services(k8s.load(node_port.replace(": Cluster", ": Global") + SLICES))
+    with pytest.raises(k8s.ManifestError, match=r"spec\.externalIPs: '10\.98\.0\.300'"):
+        k8s.services(k8s.load(node_port.replace("10.98.0.1", "10.98.0.300") + SLICES))

@@ -184,3 +184,49 @@ def test_internal_traffic_policy_local_chooses_this_nodes_backends() -> None:
         lb.Backend("10.0.0.1", 80, node="x" * 64)
     with pytest.raises(ValueError, match="at most one IPv4 address"):
         lb.Node("n", ["10.0.0.1", "10.0.0.2"])
+
+
+def test_a_service_with_north_south_frontends_splits_and_assembles_back() -> None:
+    from pyebpflb.model import assemble
+
+    web = lb.Service(
+        "10.96.0.10", 80, name="web", backends=[lb.Backend("10.0.0.1", 8080, node="a")],
+        node_port=30080, external_ips=["10.98.0.2", "10.98.0.1"], load_balancer_ips=["10.99.0.1"],
+        external_traffic_policy="local", source_ranges=["10.70.0.0/24"],
+        health_check_node_port=31000,
+    )  # fmt: skip
+    parts = web.frontends()
+    assert [(p.kind.value, str(p.vip), p.port) for p in parts] == [
+        ("cluster_ip", "10.96.0.10", 80),
+        ("node_port", "0.0.0.0", 30080),
+        ("external_ip", "10.98.0.1", 80),  # the addresses are kept sorted
+        ("external_ip", "10.98.0.2", 80),
+        ("load_balancer", "10.99.0.1", 80),
+    ]
+    assert [p.source_ranges != () for p in parts] == [False, False, False, False, True]
+    assert parts[0].external_traffic_policy is lb.TrafficPolicy.CLUSTER
+    assert parts[1].usable_backends("a") and not parts[1].usable_backends("b")
+    assert parts[0].usable_backends("b")  # the ClusterIP keeps internalTrafficPolicy Cluster
+    assert assemble([(p, web.key) for p in parts]) == [web]
+    assert assemble([(parts[1], None)]) == [parts[1]]  # a frontend alone stands alone
+    assert parts[1].label == "web (*:30080/tcp nodeport)"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"external_traffic_policy": "local"}, "external_traffic_policy applies to external"),
+        ({"node_port": 0}, "node_port must be an integer from 1 to 65535, got 0"),
+        ({"external_ips": ["fd00::1"]}, "external_ips address fd00::1 is IPv6"),
+        ({"load_balancer_ips": ["10.99.0.1", "10.99.0.1"]}, "addresses must be distinct"),
+        ({"node_port": 30080, "source_ranges": ["10.0.0.0/8"]}, "has no load_balancer_ips"),
+        ({"load_balancer_ips": ["10.9.0.1"], "source_ranges": ["10.0.0.1/8"]}, "host bits"),
+        ({"node_port": 30080, "health_check_node_port": 31000}, "is 'cluster'"),
+        ({"kind": "node_port"}, "a node_port frontend's vip is 0.0.0.0"),
+        ({"kind": "load_balancer", "node_port": 1}, "node_port, external_ips and load_balancer"),
+        ({"kind": "ingress"}, "kind must be one of 'cluster_ip'"),
+    ],
+)
+def test_north_south_fields_are_checked(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        lb.Service("10.96.0.10", 80, **fields)  # type: ignore[arg-type]

@@ -39,6 +39,8 @@ from pyebpflb.model import (
     Backend,
     BackendState,
     Direction,
+    Forwarding,
+    Frontend,
     Node,
     Policy,
     Protocol,
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
         Traffic,
     )
     from pyebpflb.events import EventStats, FlowEvent
+    from pyebpflb.health import HealthServer
     from pyebpflb.testing.sandbox import Sandbox
 
 __version__ = "0.2.0"
@@ -78,6 +81,7 @@ _LAZY = {
     "Explanation": "pyebpflb.datapath",
     "EventStats": "pyebpflb.events",
     "FlowEvent": "pyebpflb.events",
+    "HealthServer": "pyebpflb.health",
     "ServiceStats": "pyebpflb.datapath",
     "Traffic": "pyebpflb.datapath",
     "Sandbox": "pyebpflb.testing.sandbox",
@@ -108,6 +112,9 @@ __all__ = [
     "EventStats",
     "Explanation",
     "FlowEvent",
+    "Forwarding",
+    "Frontend",
+    "HealthServer",
     "IncompatibleDatapath",
     "InterfaceCounter",
     "LoadError",

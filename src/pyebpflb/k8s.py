@@ -10,6 +10,15 @@ as ``loadBalancerSourceRanges`` does): ``clusterIP`` (every one of
 port of the same name). ``sessionAffinity: ClientIP`` becomes
 ``affinity_timeout`` (``timeoutSeconds``, 10800 by default).
 
+North-south, as kube-proxy serves it: a ``NodePort`` or ``LoadBalancer`` port's
+``nodePort`` becomes ``node_port``; ``externalIPs`` ``external_ips``; a
+``LoadBalancer``'s ``status.loadBalancer.ingress`` IPs (but those with ``ipMode:
+Proxy``, which the cloud load balancer answers itself) ``load_balancer_ips``,
+with ``loadBalancerSourceRanges`` as ``source_ranges``; ``externalTrafficPolicy``
+and ``healthCheckNodePort`` as they are; Cilium's annotation
+``service.cilium.io/forwarding-mode: dsr`` as ``forwarding="dsr"``. Each address
+goes with the clusterIP of its family.
+
 Anything that cannot be translated raises :class:`ManifestError` naming the
 object and the field; nothing is returned then, so nothing is applied.
 """
@@ -22,6 +31,7 @@ from typing import Any
 
 from pyebpflb.model import (
     DEFAULT_AFFINITY_SECONDS,
+    Address,
     Backend,
     BackendState,
     Service,
@@ -101,8 +111,12 @@ def _translate(
     name = f"{_namespace(svc)}/{_get(svc, 'metadata.name')}"
     kind = _get(svc, "spec.type", "ClusterIP")
     if kind not in ("ClusterIP", "NodePort", "LoadBalancer"):
-        raise ManifestError(f"{where}: spec.type {kind!r} is not translated (ClusterIP is)")
+        raise ManifestError(
+            f"{where}: spec.type {kind!r} is not translated (ClusterIP, NodePort and "
+            "LoadBalancer are)"
+        )
     vips = _vips(svc, where)
+    north_south = _north_south(svc, kind, where)
     affinity = _affinity(svc, where)
     traffic = _get(svc, "spec.internalTrafficPolicy", "Cluster")
     if traffic not in ("Cluster", "Local"):
@@ -136,11 +150,97 @@ def _translate(
                         backends=backends,
                         affinity_timeout=affinity,
                         internal_traffic_policy=traffic.lower(),
+                        **north_south.fields(port, vip.version, kind),
                     )
                 )
             except ValueError as exc:
                 raise ManifestError(f"{where}: {field}: {exc}") from None
     return result
+
+
+# Cilium's per-service choice between SNAT and direct server return.
+FORWARDING_ANNOTATION = "service.cilium.io/forwarding-mode"
+
+
+class _NorthSouth:
+    """A Service's external frontends, split by family for its clusterIPs."""
+
+    def __init__(
+        self,
+        external: list[Address],
+        balancers: list[Address],
+        ranges: list[Any],
+        policy: str,
+        health_port: int | None,
+        forwarding: str,
+    ) -> None:
+        self.external, self.balancers, self.ranges = external, balancers, ranges
+        self.policy, self.health_port, self.forwarding = policy, health_port, forwarding
+
+    def fields(self, port: dict[str, Any], family: int, kind: str) -> dict[str, Any]:
+        node_port = port.get("nodePort") if kind in ("NodePort", "LoadBalancer") else None
+        external = [a for a in self.external if a.version == family]
+        balancers = [a for a in self.balancers if a.version == family]
+        if node_port is None and not external and not balancers:
+            return {}
+        return {
+            "node_port": node_port,
+            "external_ips": external,
+            "load_balancer_ips": balancers,
+            "external_traffic_policy": self.policy.lower(),
+            "source_ranges": [n for n in self.ranges if n.version == family] if balancers else [],
+            "health_check_node_port": self.health_port if self.policy == "Local" else None,
+            "forwarding": self.forwarding,
+        }
+
+
+def _addresses(values: Any, where: str, field: str) -> list[Address]:
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        raise ManifestError(f"{where}: {field} must be a list of IP addresses")
+    found = []
+    for value in values:
+        try:
+            found.append(ipaddress.ip_address(str(value)))
+        except ValueError:
+            raise ManifestError(f"{where}: {field}: {value!r} is not an IP address") from None
+    return found
+
+
+def _north_south(svc: dict[str, Any], kind: str, where: str) -> _NorthSouth:
+    policy = _get(svc, "spec.externalTrafficPolicy", "Cluster")
+    if policy not in ("Cluster", "Local"):
+        raise ManifestError(f"{where}: spec.externalTrafficPolicy {policy!r} (Cluster or Local)")
+    external = _addresses(_get(svc, "spec.externalIPs", None), where, "spec.externalIPs")
+    balancers: list[Address] = []
+    ranges = []
+    if kind == "LoadBalancer":
+        ingress = _get(svc, "status.loadBalancer.ingress", None) or []
+        served = [i.get("ip") for i in ingress if i.get("ip") and i.get("ipMode") != "Proxy"]
+        balancers = _addresses(served, where, "status.loadBalancer.ingress")
+        for text in _get(svc, "spec.loadBalancerSourceRanges", None) or []:
+            try:
+                ranges.append(ipaddress.ip_network(str(text).strip(), strict=False))
+            except ValueError:
+                raise ManifestError(
+                    f"{where}: spec.loadBalancerSourceRanges: {text!r} is not a CIDR"
+                ) from None
+    health = _get(svc, "spec.healthCheckNodePort", None)
+    annotations = _get(svc, "metadata.annotations", None) or {}
+    forwarding = str(annotations.get(FORWARDING_ANNOTATION, "snat")).lower()
+    if forwarding not in ("snat", "dsr"):
+        raise ManifestError(
+            f"{where}: metadata.annotations[{FORWARDING_ANNOTATION!r}] {forwarding!r} (snat or dsr)"
+        )
+    return _NorthSouth(
+        sorted(set(external), key=external.index),
+        sorted(set(balancers), key=balancers.index),
+        ranges,
+        policy,
+        health,
+        forwarding,
+    )
 
 
 def _vips(svc: dict[str, Any], where: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

@@ -56,6 +56,9 @@ class DropReason(enum.IntEnum):
     BACKEND_GONE = lib.PYEBPFLB_DROP_BACKEND_GONE
     NO_LOCAL_BACKEND = lib.PYEBPFLB_DROP_NO_LOCAL_BACKEND
     NO_SERVICE_PORT = lib.PYEBPFLB_DROP_NO_SERVICE_PORT
+    SOURCE_RANGE = lib.PYEBPFLB_DROP_SOURCE_RANGE
+    NO_NAT_PORT = lib.PYEBPFLB_DROP_NO_NAT_PORT
+    NO_ROUTE = lib.PYEBPFLB_DROP_NO_ROUTE
 
     @property
     def label(self) -> str:
@@ -74,6 +77,9 @@ _DROP_LABELS = {
     DropReason.BACKEND_GONE: "backend gone",
     DropReason.NO_LOCAL_BACKEND: "no local backend",
     DropReason.NO_SERVICE_PORT: "no service port",
+    DropReason.SOURCE_RANGE: "source range",
+    DropReason.NO_NAT_PORT: "no nat port",
+    DropReason.NO_ROUTE: "no route",
 }
 # Drop reason code -> its label, in code order.
 DROP_REASONS = {int(reason): reason.label for reason in DropReason}

@@ -26,7 +26,11 @@ from pyebpflb.model import (
     Backend,
     BackendState,
     Direction,
+    Forwarding,
+    Frontend,
+    Network,
     Policy,
+    Protocol,
     Rule,
     RuleProtocol,
     Scheduler,
@@ -70,6 +74,10 @@ EVENT_STATS = "lb_event_stats"
 EVENT_READER = "lb_event_reader"
 NODE = "lb_node"  # the node the datapath serves: netns cookie, addresses, name
 BE_NODES = "lb_be_nodes"  # backend id -> its node name (user space)
+NODEPORT = "lb_nodeport"  # the addresses NodePorts are served on
+SNAT = "lb_snat"  # SNAT mappings of external flows to remote backends, both ways
+SRC_RANGES = "lb_src_ranges"  # (load-balancer frontend, CIDR): loadBalancerSourceRanges
+FRONTENDS = "lb_frontends"  # frontend id -> the ClusterIP entry it belongs to (user space)
 VIPS = "lb_vips"  # every service address -> its number of services
 SOCK_REVNAT = "lb_sock_revnat"  # translated sockets -> the service address they asked for
 MAGLEV_TABLE = "lb_maglev_table"  # the inner maps of lb_maglev
@@ -131,7 +139,9 @@ def port_from(value: int) -> int:
 
 
 _SERVICE_KEY = Packer("struct pyebpflb_service_key", "vip", "port", "proto", "family")
-_SERVICE = Packer("struct pyebpflb_service", "id", "count", "gen", "flags", "affinity_timeout_s")
+_SERVICE = Packer(
+    "struct pyebpflb_service", "id", "count", "gen", "flags", "kind", "affinity_timeout_s"
+)
 _SLOT_KEY = Packer("struct pyebpflb_slot_key", "service_id", "slot")
 if _SLOT_KEY.pack(1, 2) != u32(1) + u32(2):  # slot_entries joins the two halves
     raise LayoutMismatch("struct pyebpflb_slot_key is no longer two adjacent __u32")
@@ -147,6 +157,7 @@ _BACKEND = Packer(
     "position",
     "usable",
     "gens",
+    "remote",
 )
 _NAME = Packer("struct pyebpflb_service_name", "name")
 _MAGLEV_FLAG = {Scheduler.MAGLEV: int(lib.PYEBPFLB_SERVICE_MAGLEV)}
@@ -169,22 +180,107 @@ def service_key(service: Service) -> bytes:
 
 
 _LOCAL_ONLY = int(lib.PYEBPFLB_SERVICE_LOCAL_ONLY)
+_SOURCE_RANGES = int(lib.PYEBPFLB_SERVICE_SOURCE_RANGES)
+_DSR = int(lib.PYEBPFLB_SERVICE_DSR)
+KIND_TAG = {
+    Frontend.CLUSTER_IP: int(lib.PYEBPFLB_KIND_CLUSTER_IP),
+    Frontend.NODE_PORT: int(lib.PYEBPFLB_KIND_NODE_PORT),
+    Frontend.EXTERNAL_IP: int(lib.PYEBPFLB_KIND_EXTERNAL_IP),
+    Frontend.LOAD_BALANCER: int(lib.PYEBPFLB_KIND_LOAD_BALANCER),
+}
+KIND_OF = {tag: kind for kind, tag in KIND_TAG.items()}
 
 
 def service_entry(service_id: int, count: int, gen: int, service: Service) -> bytes:
-    local = service.internal_traffic_policy is TrafficPolicy.LOCAL
+    kind = service.kind
+    if kind is Frontend.CLUSTER_IP:
+        flags = _LOCAL_ONLY if service.internal_traffic_policy is TrafficPolicy.LOCAL else 0
+    else:
+        flags = _LOCAL_ONLY if service.external_traffic_policy is TrafficPolicy.LOCAL else 0
+        if service.source_ranges:
+            flags |= _SOURCE_RANGES
+        if service.forwarding is Forwarding.DSR:
+            flags |= _DSR
     return _SERVICE.pack(
         service_id,
         count,
         gen,
-        _MAGLEV_FLAG.get(service.scheduler, 0) | (_LOCAL_ONLY if local else 0),
+        _MAGLEV_FLAG.get(service.scheduler, 0) | flags,
+        KIND_TAG[kind],
         service.affinity_timeout or 0,
     )
 
 
 def traffic_policy_from(entry: Any) -> TrafficPolicy:
-    """The internalTrafficPolicy of a ``struct pyebpflb_service``."""
+    """The traffic policy a ``struct pyebpflb_service`` follows: internalTrafficPolicy
+    for a ClusterIP entry, externalTrafficPolicy for an external one."""
     return TrafficPolicy.LOCAL if int(entry.flags) & _LOCAL_ONLY else TrafficPolicy.CLUSTER
+
+
+def forwarding_from(entry: Any) -> Forwarding:
+    return Forwarding.DSR if int(entry.flags) & _DSR else Forwarding.SNAT
+
+
+def kind_from(entry: Any) -> Frontend:
+    return KIND_OF.get(int(entry.kind), Frontend.CLUSTER_IP)
+
+
+_FRONTEND = Packer("struct pyebpflb_frontend", "origin", "health_check_port")
+
+
+def frontend_value(origin: tuple[Address, int, Protocol], health_check_port: int | None) -> bytes:
+    """A ``struct pyebpflb_frontend``: the ClusterIP entry a frontend was made with."""
+    vip, port, protocol = origin
+    key = ffi.new("struct pyebpflb_service_key *")
+    key.vip.bytes = vip.packed.ljust(16, b"\0")
+    key.port = socket.htons(port)
+    key.proto = protocol.number
+    key.family = FAMILY_TAG[vip.version]
+    return _FRONTEND.pack(ffi.buffer(key)[:], health_check_port or 0)
+
+
+def origin_from(value: Any) -> tuple[Address, int, Protocol]:
+    key = value.origin
+    return (
+        addr_from(key.vip, key.family),
+        port_from(key.port),
+        Protocol.from_number(int(key.proto)),
+    )
+
+
+def snat_partner(key: Any, entry: Any) -> bytes:
+    """The key of the other half of a SNAT mapping (``struct pyebpflb_ct_key`` and
+    ``struct pyebpflb_snat_entry`` of one half): OUT (client -> backend) <-> IN
+    (backend -> node)."""
+    partner = ffi.new("struct pyebpflb_ct_key *")
+    partner.proto, partner.family = key.proto, key.family
+    if int(key.dir) == lib.PYEBPFLB_SNAT_OUT:
+        partner.saddr, partner.sport = key.daddr, key.dport
+        partner.daddr, partner.dport = entry.addr, entry.port
+        partner.dir = lib.PYEBPFLB_SNAT_IN
+    else:
+        partner.saddr, partner.sport = entry.addr, entry.port
+        partner.daddr, partner.dport = key.saddr, key.sport
+        partner.dir = lib.PYEBPFLB_SNAT_OUT
+    return bytes(ffi.buffer(partner))
+
+
+_SRC_RANGE_FIXED = int(lib.PYEBPFLB_SRC_RANGE_FIXED_BITS)
+
+
+def src_range_key(service_id: int, network: Network) -> Any:
+    """The lb_src_ranges key of a load-balancer frontend's source range."""
+    key = ffi.new("struct pyebpflb_src_range_key *")
+    key.prefixlen = _SRC_RANGE_FIXED + network.prefixlen
+    key.service_id = service_id
+    key.family = FAMILY_TAG[network.version]
+    key.addr.bytes = network.network_address.packed.ljust(16, b"\0")
+    return key[0]
+
+
+def network_from(key: Any) -> Network:
+    address = addr_from(key.addr, int(key.family))
+    return ipaddress.ip_network(f"{address}/{int(key.prefixlen) - _SRC_RANGE_FIXED}")
 
 
 def scheduler_from(entry: Any) -> Scheduler:
@@ -209,11 +305,18 @@ _ACTIVE_TAG = STATE_TAG[_ACTIVE]
 
 
 def backend_value(
-    backend: Backend, service_id: int, position: int, usable: bool, gens: int
+    backend: Backend,
+    service_id: int,
+    position: int,
+    usable: bool,
+    gens: int,
+    node: str | None = None,
 ) -> bytes:
     """A ``struct pyebpflb_backend``; ``gens``: 1 << gen for each generation of its
-    service's entry it is a member of (a change makes it both, or the new one's)."""
+    service's entry it is a member of (a change makes it both, or the new one's);
+    ``node``: the datapath's, to mark a backend on another node remote."""
     state = backend.state
+    where = backend.node
     return _BACKEND.pack(
         backend.address.packed,
         socket.htons(backend.port),
@@ -225,15 +328,18 @@ def backend_value(
         position,
         usable,
         gens,
+        where is not None and node is not None and where != node,
     )
 
 
-def backend_values(service: Service, service_id: int, usable_at: list[int], gens: int) -> bytes:
+def backend_values(
+    service: Service, service_id: int, usable_at: list[int], gens: int, node: str | None = None
+) -> bytes:
     """The values of all of ``service``'s backends, packed end to end in their order."""
     in_use = set(usable_at)
     return b"".join(
         [
-            backend_value(backend, service_id, position, position in in_use, gens)
+            backend_value(backend, service_id, position, position in in_use, gens, node)
             for position, backend in enumerate(service.backends)
         ]
     )

@@ -87,6 +87,53 @@ def to_traffic_policy(value: object) -> TrafficPolicy:
     return _member(TrafficPolicy, "internal_traffic_policy", value)
 
 
+def to_external_policy(value: object) -> TrafficPolicy:
+    return _member(TrafficPolicy, "external_traffic_policy", value)
+
+
+class Frontend(enum.Enum):
+    """What a service entry of the datapath answers on (Cilium's service types).
+
+    ``CLUSTER_IP``: its ``vip``. ``NODE_PORT``: its port on every address the
+    datapath serves NodePorts on (its ``vip`` is ``0.0.0.0`` or ``::``, of the
+    family it serves). ``EXTERNAL_IP`` and ``LOAD_BALANCER``: its ``vip``, an
+    ``externalIPs`` or ``status.loadBalancer.ingress`` address. The last three
+    are external: :attr:`Service.external_traffic_policy` applies, and a
+    backend on another node is reached by SNAT to this node's address.
+    A :class:`Service` with ``node_port``, ``external_ips`` or
+    ``load_balancer_ips`` is one of each (:meth:`Service.frontends`).
+    """
+
+    CLUSTER_IP = "cluster_ip"
+    NODE_PORT = "node_port"
+    EXTERNAL_IP = "external_ip"
+    LOAD_BALANCER = "load_balancer"
+
+    @property
+    def external(self) -> bool:
+        return self is not Frontend.CLUSTER_IP
+
+
+def to_frontend(value: object) -> Frontend:
+    return _member(Frontend, "kind", value)
+
+
+class Forwarding(enum.Enum):
+    """How external traffic reaches a backend on another node (Cilium's
+    ``service.cilium.io/forwarding-mode``). ``SNAT``: its source becomes the
+    balancing node's address, and the answer comes back through it. ``DSR``
+    (direct server return): the client's address stays, the frontend rides
+    along in an IP option (IPv6: a destination options header), and the
+    backend's node answers the client directly."""
+
+    SNAT = "snat"
+    DSR = "dsr"
+
+
+def to_forwarding(value: object) -> Forwarding:
+    return _member(Forwarding, "forwarding", value)
+
+
 class Protocol(enum.Enum):
     TCP = "tcp"
     UDP = "udp"
@@ -170,6 +217,18 @@ def _usable_address(what: str, address: Address) -> None:
         raise ValueError(f"{what} {address} is not a unicast address")
 
 
+def _to_ip_list(value: Iterable[Any]) -> tuple[Address, ...]:
+    """A sorted list of distinct addresses (the datapath keeps no order)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"addresses must be a list of addresses, got {value!r}")
+    found = [to_address(item) for item in value]
+    for address in found:
+        _usable_address("address", address)
+    if len(set(found)) != len(found):
+        raise ValueError(f"addresses must be distinct, got {[str(a) for a in found]}")
+    return tuple(sorted(found, key=lambda a: (a.version, a.packed)))
+
+
 NODE_NAME_MAX_BYTES = 63
 
 
@@ -202,7 +261,9 @@ def _to_addresses(value: Iterable[Any]) -> tuple[Address, ...]:
 class Node:
     """The node a datapath serves: its name (Kubernetes' ``nodeName``), its
     addresses (at most one per family: the source a local process's connection
-    has before it is bound, which policy and session affinity see) and zone.
+    has before it is bound, which policy and session affinity see, and the
+    source external traffic to a backend on another node is SNATed to) and zone.
+    NodePorts are served on ``nodeport_addresses``, or on ``addresses``.
 
     A backend whose ``node`` is this name is local: ``internal_traffic_policy=
     "local"`` services send this node's traffic to those only.
@@ -211,9 +272,19 @@ class Node:
     name: str = attrs.field(validator=_check_node_name)
     addresses: tuple[Address, ...] = attrs.field(default=(), converter=_to_addresses)
     zone: str = attrs.field(default="", validator=_check_node_name)
+    nodeport_addresses: tuple[Address, ...] = attrs.field(
+        default=(), converter=_to_ip_list, kw_only=True
+    )
 
     def address(self, family: int) -> Address | None:
         return next((a for a in self.addresses if a.version == family), None)
+
+    @property
+    def serves_nodeports_on(self) -> tuple[Address, ...]:
+        """Where NodePorts answer: ``nodeport_addresses`` (kube-proxy's
+        ``--nodeport-addresses``), else the node's ``addresses`` (its default,
+        "primary": the node's own IPs)."""
+        return self.nodeport_addresses or self.addresses
 
 
 @attrs.frozen
@@ -279,6 +350,26 @@ def _check_affinity(
         )
 
 
+def _check_optional_port(
+    instance: object, attribute: attrs.Attribute[int | None], value: object
+) -> None:
+    if value is not None:
+        _check_port(instance, attribute, value)  # type: ignore[arg-type]
+
+
+def _to_networks(value: Iterable[Any]) -> tuple[Network, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"source_ranges must be a list of CIDRs, got {value!r}")
+    found: list[Network] = []
+    for item in value:
+        network = to_network(item)
+        if network is None:
+            raise ValueError(f"source_ranges must be CIDRs such as '10.0.0.0/8', got {item!r}")
+        if network not in found:
+            found.append(network)
+    return tuple(sorted(found, key=lambda n: (n.version, n.network_address.packed, n.prefixlen)))
+
+
 def _check_name(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str):
         raise ValueError(f"name must be a string, got {value!r}")
@@ -301,6 +392,20 @@ class Service:
     ``sessionAffinity: ClientIP``: new connections from one client address go
     to the backend its last one went to, until that many seconds pass without
     a new connection.
+
+    North-south (kube-proxy's NodePort and LoadBalancer Services): ``node_port``
+    is also served on every address the datapath serves NodePorts on,
+    ``external_ips`` and ``load_balancer_ips`` (``spec.externalIPs``,
+    ``status.loadBalancer.ingress``) on ``port``; each is a frontend of its own
+    in the datapath (:meth:`frontends`, :class:`Frontend`), with its own
+    counters and events. ``external_traffic_policy="local"`` sends their
+    traffic only to this node's backends, client address preserved (none:
+    dropped); ``"cluster"`` to any, a backend on another node by SNAT to this
+    node's address (``forwarding="dsr"``: by direct server return, see
+    :class:`Forwarding`). ``source_ranges`` (``loadBalancerSourceRanges``) admits
+    new flows to the load-balancer IPs only from those CIDRs.
+    ``health_check_node_port`` (``healthCheckNodePort``) is where
+    :class:`pyebpflb.HealthServer` answers for a Local service.
     """
 
     vip: Address = attrs.field(converter=to_address)
@@ -313,9 +418,35 @@ class Service:
     internal_traffic_policy: TrafficPolicy = attrs.field(
         default=TrafficPolicy.CLUSTER, converter=to_traffic_policy, kw_only=True
     )
+    kind: Frontend = attrs.field(default=Frontend.CLUSTER_IP, converter=to_frontend, kw_only=True)
+    node_port: int | None = attrs.field(default=None, validator=_check_optional_port, kw_only=True)
+    external_ips: tuple[Address, ...] = attrs.field(default=(), converter=_to_ip_list, kw_only=True)
+    load_balancer_ips: tuple[Address, ...] = attrs.field(
+        default=(), converter=_to_ip_list, kw_only=True
+    )
+    external_traffic_policy: TrafficPolicy = attrs.field(
+        default=TrafficPolicy.CLUSTER, converter=to_external_policy, kw_only=True
+    )
+    source_ranges: tuple[Network, ...] = attrs.field(
+        default=(), converter=_to_networks, kw_only=True
+    )
+    health_check_node_port: int | None = attrs.field(
+        default=None, validator=_check_optional_port, kw_only=True
+    )
+    forwarding: Forwarding = attrs.field(
+        default=Forwarding.SNAT, converter=to_forwarding, kw_only=True
+    )
 
     def __attrs_post_init__(self) -> None:
-        _usable_address("vip", self.vip)
+        self._check_frontends()
+        if self.kind is Frontend.NODE_PORT:
+            if not self.vip.is_unspecified:
+                raise ValueError(
+                    f"a node_port frontend's vip is {'0.0.0.0' if self.vip.version == 4 else '::'}"
+                    f" (it is served on the node's addresses), got {self.vip}"
+                )
+        else:
+            _usable_address("vip", self.vip)
         seen: set[tuple[Address, int]] = set()
         for backend in self.backends:
             if backend.family != self.vip.version:
@@ -327,6 +458,58 @@ class Service:
                 raise ValueError(f"backend {backend} is listed twice in service {self.label}")
             seen.add(backend.endpoint)
 
+    def _check_frontends(self) -> None:
+        family = self.vip.version
+        for what, addresses in (
+            ("external_ips", self.external_ips),
+            ("load_balancer_ips", self.load_balancer_ips),
+        ):
+            for address in addresses:
+                if address.version != family:
+                    raise ValueError(
+                        f"{what} address {address} is IPv{address.version} but the vip "
+                        f"{self.vip} is IPv{family}: one Service per family (Kubernetes' "
+                        "dual-stack Services are one per ipFamily here)"
+                    )
+        makes = self.node_port is not None or self.external_ips or self.load_balancer_ips
+        if self.kind.external and makes:
+            raise ValueError(
+                f"a {self.kind.value} frontend is one of its Service's frontends: node_port, "
+                "external_ips and load_balancer_ips belong to the Service's cluster_ip entry"
+            )
+        external = self.kind.external or makes
+        if not external:
+            for what, value, none in (
+                ("external_traffic_policy", self.external_traffic_policy, TrafficPolicy.CLUSTER),
+                ("health_check_node_port", self.health_check_node_port, None),
+                ("forwarding", self.forwarding, Forwarding.SNAT),
+            ):
+                if value != none:
+                    raise ValueError(
+                        f"{what} applies to external traffic, and service {self.label} has no "
+                        "node_port, external_ips or load_balancer_ips"
+                    )
+        lb = self.load_balancer_ips or self.kind is Frontend.LOAD_BALANCER
+        if self.source_ranges and not lb:
+            raise ValueError(
+                f"source_ranges restrict the load-balancer IPs, and service {self.label} has "
+                "no load_balancer_ips"
+            )
+        for network in self.source_ranges:
+            if network.version != family:
+                raise ValueError(
+                    f"source range {network} is IPv{network.version} but the vip {self.vip} is "
+                    f"IPv{family}"
+                )
+        if (
+            self.health_check_node_port is not None
+            and self.external_traffic_policy is not TrafficPolicy.LOCAL
+        ):
+            raise ValueError(
+                "health_check_node_port is for external_traffic_policy 'local' (kube-proxy "
+                f"answers on it for Local services only), service {self.label} is 'cluster'"
+            )
+
     @property
     def key(self) -> tuple[Address, int, Protocol]:
         """What identifies a service in the datapath: (vip, port, protocol)."""
@@ -334,8 +517,65 @@ class Service:
 
     @property
     def label(self) -> str:
-        where = f"{endpoint_text(self.vip, self.port)}/{self.protocol.value}"
+        host = "*" if self.kind is Frontend.NODE_PORT else host_text(self.vip)
+        where = f"{host}:{self.port}/{self.protocol.value}"
+        if self.kind is not Frontend.CLUSTER_IP:
+            where += f" {self.kind.value.replace('_', '')}"
         return f"{self.name} ({where})" if self.name else where
+
+    @property
+    def north_south(self) -> bool:
+        """Has frontends besides its ClusterIP (it stands for several datapath entries)."""
+        return bool(self.node_port is not None or self.external_ips or self.load_balancer_ips)
+
+    def frontends(self) -> tuple[Service, ...]:
+        """The datapath entries this Service is: itself when it has only its ClusterIP;
+        else its ClusterIP entry, a NodePort entry (vip ``0.0.0.0`` or ``::``), one
+        per external IP and one per load-balancer IP, in that order."""
+        if not self.north_south:
+            return (self,)
+        cluster = attrs.evolve(
+            self,
+            node_port=None,
+            external_ips=(),
+            load_balancer_ips=(),
+            external_traffic_policy=TrafficPolicy.CLUSTER,
+            source_ranges=(),
+            health_check_node_port=None,
+            forwarding=Forwarding.SNAT,
+        )
+        fields = self._external_fields()
+        found = [cluster]
+        if self.node_port is not None:
+            unspecified = ipaddress.ip_address("0.0.0.0" if self.vip.version == 4 else "::")
+            found.append(
+                attrs.evolve(
+                    cluster, vip=unspecified, port=self.node_port, kind=Frontend.NODE_PORT, **fields
+                )
+            )
+        found += [
+            attrs.evolve(cluster, vip=a, kind=Frontend.EXTERNAL_IP, **fields)
+            for a in self.external_ips
+        ]
+        found += [
+            attrs.evolve(
+                cluster,
+                vip=a,
+                kind=Frontend.LOAD_BALANCER,
+                source_ranges=self.source_ranges,
+                **fields,
+            )
+            for a in self.load_balancer_ips
+        ]
+        return tuple(found)
+
+    def _external_fields(self) -> dict[str, Any]:
+        return {
+            "internal_traffic_policy": TrafficPolicy.CLUSTER,  # not theirs: the ClusterIP's
+            "external_traffic_policy": self.external_traffic_policy,
+            "health_check_node_port": self.health_check_node_port,
+            "forwarding": self.forwarding,
+        }
 
     def _repr_html_(self) -> str:
         from pyebpflb import _html
@@ -352,13 +592,17 @@ class Service:
     def usable_backends(self, node: str | None = None) -> tuple[Backend, ...]:
         """The backends new flows go to: the active ones with weight, or, when there are
         none, the terminating ones with weight (Kubernetes' fallback). Under
-        ``internal_traffic_policy="local"`` only those on ``node`` (the datapath's),
-        with the same fallback among them, as kube-proxy's CategorizeEndpoints."""
+        ``internal_traffic_policy="local"`` (an external frontend: ``external_traffic_
+        policy``) only those on ``node`` (the datapath's), with the same fallback among
+        them, as kube-proxy's CategorizeEndpoints."""
         return tuple(self.backends[i] for i in self.usable_positions(node))
 
     def usable_positions(self, node: str | None = None) -> list[int]:
         """Where the :meth:`usable_backends` stand in ``backends``."""
-        local = self.internal_traffic_policy is TrafficPolicy.LOCAL
+        policy = (
+            self.external_traffic_policy if self.kind.external else self.internal_traffic_policy
+        )
+        local = policy is TrafficPolicy.LOCAL
         if local and node is None:
             return []
         for state in (BackendState.ACTIVE, BackendState.TERMINATING):
@@ -370,6 +614,46 @@ class Service:
             if chosen:
                 return chosen
         return []
+
+
+ServiceKey = tuple[Address, int, "Protocol"]
+
+
+def assemble(entries: Iterable[tuple[Service, ServiceKey | None]]) -> list[Service]:
+    """Services from datapath entries (each with the key of the ClusterIP entry it was
+    made with, or None): the inverse of :meth:`Service.frontends`, in entry order.
+    An entry whose ClusterIP entry is not among them stands alone."""
+    listed = list(entries)
+    groups: dict[ServiceKey, list[Service]] = {}
+    for service, origin in listed:
+        if origin is not None and origin != service.key:
+            groups.setdefault(origin, []).append(service)
+    bases = {service.key for service, _ in listed}
+    found = []
+    for service, origin in listed:
+        if origin is not None and origin != service.key and origin in bases:
+            continue  # part of its ClusterIP entry's Service
+        members = groups.get(service.key, [])
+        if not members or service.kind.external:
+            found.append(service)
+            continue
+        node_port = next((m.port for m in members if m.kind is Frontend.NODE_PORT), None)
+        one = members[0]
+        found.append(
+            attrs.evolve(
+                service,
+                node_port=node_port,
+                external_ips=[m.vip for m in members if m.kind is Frontend.EXTERNAL_IP],
+                load_balancer_ips=[m.vip for m in members if m.kind is Frontend.LOAD_BALANCER],
+                source_ranges=next(
+                    (m.source_ranges for m in members if m.kind is Frontend.LOAD_BALANCER), ()
+                ),
+                external_traffic_policy=one.external_traffic_policy,
+                health_check_node_port=one.health_check_node_port,
+                forwarding=one.forwarding,
+            )
+        )
+    return found
 
 
 # -- network policy ------------------------------------------------------------------

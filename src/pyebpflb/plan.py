@@ -23,7 +23,7 @@ phases, so that no packet meets a half-written service:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -31,7 +31,7 @@ import attrs
 from pyebpflb import maglev, maps
 from pyebpflb.alias import alias_table
 from pyebpflb.layout import SLOT_GEN_SHIFT
-from pyebpflb.model import Address, Backend, Scheduler, Service
+from pyebpflb.model import Address, Backend, Frontend, Scheduler, Service
 from pyebpflb.snapshot import Installed, Key, Snapshot
 
 if TYPE_CHECKING:
@@ -177,22 +177,26 @@ def diff(
     *,
     distinct: bool = False,
     node: str | None = None,
+    origins: Mapping[Key, Key] | None = None,
 ) -> Plan:
     """The plan that makes ``upserts`` installed and ``removals`` gone. ``distinct``:
     no two upserts share a key and none is removed (a sync checked it), so the
     planner looks for each only in the snapshot, not among its own changes.
     ``node``: the datapath's node, whose backends internalTrafficPolicy Local
-    services send to."""
+    services send to. ``origins``: entry key -> the key of the ClusterIP entry of
+    the Service it is a frontend of (:meth:`Service.frontends`)."""
     planner = _Planner(snapshot, maglev_size, node)
+    origin_of = (origins or {}).get
     for key in removals:
         planner.remove(key)
     if distinct:
         installed = snapshot.services
         for service in upserts:
-            planner.upsert(service, installed.get(service.key) if installed else None)
+            old = installed.get(service.key) if installed else None
+            planner.upsert(service, old, origin_of(service.key))
     else:
         for service in upserts:
-            planner.upsert(service, planner.installed(service.key))
+            planner.upsert(service, planner.installed(service.key), origin_of(service.key))
     return planner.plan()
 
 
@@ -249,15 +253,20 @@ class _Planner:
         for key in maps.counter_keys(old.id):
             self.cleanup.delete(maps.SVC_STATS, key)
         self.cleanup.delete(maps.SVC_NAMES, maps.u32(old.id))
+        if old.origin is not None:
+            self.cleanup.delete(maps.FRONTENDS, maps.u32(old.id), missing_ok=True)
+        for network in old.service.source_ranges:
+            self.cleanup.delete(maps.SRC_RANGES, maps.src_range_key(old.id, network))
         if old.service.scheduler is Scheduler.MAGLEV:
             self.cleanup.delete(maps.MAGLEV, maps.maglev_key(old.id, old.gen), missing_ok=True)
 
-    def upsert(self, service: Service, old: Installed | None) -> None:
-        """Plan ``service`` in place of ``old``, what its key holds now."""
-        if old is not None and old.service == service:
+    def upsert(self, service: Service, old: Installed | None, origin: Key | None = None) -> None:
+        """Plan ``service`` in place of ``old``, what its key holds now; ``origin``:
+        the ClusterIP entry it is a frontend of."""
+        if old is not None and old.service == service and old.origin == origin:
             return
         self.changed += 1
-        if old is not None and _only_renamed(old.service, service):
+        if old is not None and _only_renamed(old.service, service) and old.origin == origin:
             # Only the name changed: packets never read it.
             self.prepare.write(maps.SVC_NAMES, maps.u32(old.id), maps.name_value(service.name))
             self.undo.write(maps.SVC_NAMES, maps.u32(old.id), maps.name_value(old.service.name))
@@ -265,9 +274,10 @@ class _Planner:
             return
         service_key = maps.service_key(service)
         if old is None:
-            self._add(service, service_key)
+            self._add(service, service_key, origin)
             return
         service_id, gen = old.id, 1 - old.gen
+        self._frontend(service_id, service, origin, old)
         if old.service.name != service.name:
             id_key = maps.u32(service_id)
             self.prepare.write(maps.SVC_NAMES, id_key, maps.name_value(service.name))
@@ -285,7 +295,7 @@ class _Planner:
             maps.SERVICES, service_key, maps.service_entry(service_id, count, gen, service)
         )
         self.changes[service.key] = Installed(
-            service, service_id, gen, tuple(ids), count, frozenset(slots)
+            service, service_id, gen, tuple(ids), count, frozenset(slots), origin
         )
 
     def _start_new(self) -> tuple[Packed, Packed, Packed, Packed]:
@@ -306,19 +316,50 @@ class _Planner:
         self._new = (names, backends, slots, services)
         return self._new
 
-    def _add(self, service: Service, service_key: bytes) -> None:
+    def _frontend(
+        self, service_id: int, service: Service, origin: Key | None, old: Installed | None
+    ) -> None:
+        """What a frontend needs beside its entry: the ClusterIP entry it belongs to
+        (lb_frontends, read back only) and a load-balancer IP's source ranges
+        (written before the entry that turns them on; those it no longer has go
+        once the change is in)."""
+        id_key = maps.u32(service_id)
+        was_origin = old.origin if old is not None else None
+        was_port = old.service.health_check_node_port if old is not None else None
+        if (origin, service.health_check_node_port) != (was_origin, was_port):
+            if origin is not None:
+                value = maps.frontend_value(origin, service.health_check_node_port)
+                self.prepare.write(maps.FRONTENDS, id_key, value)
+            else:
+                self.cleanup.delete(maps.FRONTENDS, id_key, missing_ok=True)
+            if was_origin is not None:
+                self.undo.write(maps.FRONTENDS, id_key, maps.frontend_value(was_origin, was_port))
+            elif origin is not None:
+                self.undo.delete(maps.FRONTENDS, id_key, missing_ok=True)
+        before = set(old.service.source_ranges) if old is not None else set()
+        for network in service.source_ranges:
+            if network not in before:
+                range_key = maps.src_range_key(service_id, network)
+                self.prepare.write(maps.SRC_RANGES, range_key, maps.u32(1))
+                self.undo.delete(maps.SRC_RANGES, range_key, missing_ok=True)
+        for network in before - set(service.source_ranges):
+            self.cleanup.delete(maps.SRC_RANGES, maps.src_range_key(service_id, network))
+
+    def _add(self, service: Service, service_key: bytes, origin: Key | None = None) -> None:
         """A service not installed before: everything about it is new, so nothing
         is compared and each entry is packed straight into the bulk buffers. The
         path of a sync from empty, 100,000 services at a time."""
         names, backends, slots, services = self._new or self._start_new()
         service_id = next(self.service_ids)
+        if origin is not None or service.source_ranges:
+            self._frontend(service_id, service, origin, None)
         names.keys += maps.u32(service_id)
         names.values += maps.name_value(service.name)
         usable_at = service.usable_positions(self.node)
         ids = [next(self.backend_ids) for _ in service.backends]
         if ids:
             backends.keys += maps.u32s(ids)
-            backends.values += maps.backend_values(service, service_id, usable_at, 1)
+            backends.values += maps.backend_values(service, service_id, usable_at, 1, self.node)
             for backend, backend_id in zip(service.backends, ids, strict=True):
                 if backend.node is not None:
                     self._node_of(backend_id, backend, None)
@@ -331,7 +372,13 @@ class _Planner:
         services.keys += service_key
         services.values += maps.service_entry(service_id, len(table), 0, service)
         self.changes[service.key] = Installed(
-            service, service_id, 0, tuple(ids), len(table), frozenset(range(1, len(table) + 1))
+            service,
+            service_id,
+            0,
+            tuple(ids),
+            len(table),
+            frozenset(range(1, len(table) + 1)),
+            origin,
         )
 
     def _backends(
@@ -368,7 +415,9 @@ class _Planner:
             if known_entry is None:
                 backend_id = next(self.backend_ids)
                 backend_key = maps.u32(backend_id)
-                value = maps.backend_value(backend, service_id, position, in_use, new_only)
+                value = maps.backend_value(
+                    backend, service_id, position, in_use, new_only, self.node
+                )
                 self.prepare.write(maps.BACKENDS, backend_key, value)
                 self.undo.delete(maps.BACKENDS, backend_key)
                 if backend.node is not None:
@@ -377,9 +426,9 @@ class _Planner:
                 backend_id, was, was_at = known_entry
                 was_in_use = backend.endpoint in usable_before
                 backend_key = maps.u32(backend_id)
-                value = maps.backend_value(backend, service_id, position, in_use, both)
+                value = maps.backend_value(backend, service_id, position, in_use, both, self.node)
                 self.prepare.write(maps.BACKENDS, backend_key, value)
-                before = maps.backend_value(was, service_id, was_at, was_in_use, both)
+                before = maps.backend_value(was, service_id, was_at, was_in_use, both, self.node)
                 self.undo.write(maps.BACKENDS, backend_key, before)
                 if backend.node != was.node:
                     self._node_of(backend_id, backend, was)
@@ -387,7 +436,7 @@ class _Planner:
         for backend_id, was, was_at in known.values():  # left the service
             backend_key = maps.u32(backend_id)
             was_in_use = was.endpoint in usable_before
-            member = maps.backend_value(was, service_id, was_at, was_in_use, old_only)
+            member = maps.backend_value(was, service_id, was_at, was_in_use, old_only, self.node)
             self.prepare.write(maps.BACKENDS, backend_key, member)
             self.cleanup.delete(maps.BACKENDS, backend_key)
             if was.node is not None:
@@ -488,12 +537,7 @@ class _Planner:
 
 
 def _only_renamed(old: Service, new: Service) -> bool:
-    return (
-        old.backends == new.backends
-        and old.affinity_timeout == new.affinity_timeout
-        and old.scheduler == new.scheduler
-        and old.internal_traffic_policy == new.internal_traffic_policy
-    )
+    return attrs.evolve(old, name=new.name) == new
 
 
 def commit(snapshot: Snapshot, plan: Plan) -> Snapshot:
@@ -502,9 +546,12 @@ def commit(snapshot: Snapshot, plan: Plan) -> Snapshot:
     removed = [key for key, entry in plan.changes.items() if entry is None]
     vips = snapshot.vips
     for key, entry in plan.changes.items():
-        was = key in snapshot.services
-        if was != (entry is not None):
-            vips[key[0]] = vips.get(key[0], 0) + (1 if entry is not None else -1)
+        # Only ClusterIPs refuse their other ports (an external IP may be a node's).
+        held = snapshot.services.get(key)
+        was = held is not None and held.service.kind is Frontend.CLUSTER_IP
+        now = entry is not None and entry.service.kind is Frontend.CLUSTER_IP
+        if was != now:
+            vips[key[0]] = vips.get(key[0], 0) + (1 if now else -1)
             if not vips[key[0]]:
                 del vips[key[0]]
     # update() takes each key's hash from the plan's dict instead of hashing again.

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from pyebpflb.model import Address, Policy, Protocol, Service
+from pyebpflb.model import Address, Frontend, Policy, Protocol, Service
 from pyebpflb.policy import RuleRef
 
 Key = tuple[Address, int, Protocol]
@@ -27,12 +27,14 @@ class Installed:
     backend_ids: tuple[int, ...]  # in the order of service.backends
     count: int  # slots of the current generation (usable backends)
     slots: frozenset[int]  # every slot key (gen << 31 | index) present, both generations
+    origin: Key | None = None  # the ClusterIP entry of the Service this is a frontend of
 
 
 def _count_vips(snapshot: Snapshot) -> dict[Address, int]:
     counts: dict[Address, int] = {}
-    for vip, _, _ in snapshot.services:
-        counts[vip] = counts.get(vip, 0) + 1
+    for (vip, _, _), installed in snapshot.services.items():
+        if installed.service.kind is Frontend.CLUSTER_IP:  # only ClusterIPs refuse other ports
+            counts[vip] = counts.get(vip, 0) + 1
     return counts
 
 
@@ -48,7 +50,7 @@ class Snapshot:
 
     def names(self) -> dict[int, str]:
         """Service id -> its name (its VIP:port/protocol when it has none)."""
-        return {i.id: i.service.name or i.service.label for i in self.services.values()}
+        return {i.id: _name_of(i.service) for i in self.services.values()}
 
     def by_id(self, service_id: int) -> Installed | None:
         return next((i for i in self.services.values() if i.id == service_id), None)
@@ -56,6 +58,13 @@ class Snapshot:
     def in_order(self) -> list[Installed]:
         """The installed services in the order they were installed (by id)."""
         return sorted(self.services.values(), key=lambda i: i.id)
+
+
+def _name_of(service: Service) -> str:
+    """What events and metrics call an entry: its name (a frontend's with its kind)."""
+    if not service.name:
+        return service.label
+    return f"{service.name} {service.kind.value}" if service.kind.external else service.name
 
 
 EMPTY = Snapshot(services={}, next_service_id=1, next_backend_id=1)

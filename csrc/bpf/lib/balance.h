@@ -21,11 +21,13 @@
 #include "lib/ct.h"
 #include "lib/ctx.h"
 #include "lib/drops.h"
+#include "lib/dsr.h"
 #include "lib/events.h"
 #include "lib/icmp.h"
 #include "lib/keep.h"
 #include "lib/nat.h"
 #include "lib/node.h"
+#include "lib/nodeport.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
 #include "lib/select.h"
@@ -36,6 +38,13 @@
 /* A step that refuses the packet: the caller sends the refusal (reject()),
  * from one place, so the refusal's buffers are on the stack once. */
 #define REFUSE_STEP (-101)
+/* dsr_arrival recorded a flow another node balanced here. */
+#define DSR_RECORDED (-102)
+/* A DNATed packet that goes on by SNAT (to the target in the scratch slot's
+ * snat_work) or carries the DSR option: done by the caller, from one place,
+ * as a refusal (each inlined copy of a step has stack slots of its own). */
+#define SNAT_STEP (-103)
+#define DSR_STEP  (-104)
 
 /*
  * The packet and its flow's key live in a per-CPU slot, not on the stack: a
@@ -62,6 +71,9 @@ struct scratch {
 	struct pyebpflb_ct_entry flow;
 	struct pyebpflb_service svc;
 	struct pyebpflb_backend backend;
+	struct snat_work snat;	   /* a new SNAT mapping's keys and entries (lib/nodeport.h) */
+	union dsr_header dsr;	   /* lib/dsr.h */
+	__u8 quote[QUOTE_MAX + 4]; /* a refusal's quoted headers (lib/icmp.h) */
 };
 
 /* Explain's dry runs (BPF_PROG_TEST_RUN from user space, preemption but not
@@ -154,21 +166,73 @@ static __always_inline int copy_backend(struct ingress *in, __u32 id)
 }
 
 /*
- * Send the packet to its backend. A hairpin flow (the client is the backend
- * itself: a pod calling its own service) also gets the datapath's hairpin
- * address as its source, as Cilium's service loopback address does: the
- * backend would drop a packet from its own address arriving from outside,
- * and its answer must come back through the datapath to be translated.
+ * External traffic to a backend on another node: the source becomes this
+ * node's (a port of its own, lb_snat), so the answer comes back here, and the
+ * packet goes back out by the FIB (the stack would drop a packet arriving
+ * with one of its own addresses as source).
  */
-static __always_inline int dnat_to(struct ctx_buff *ctx, const struct ingress *in,
-				   const union pyebpflb_addr *addr, __u16 port, int hairpin)
+static __always_inline int snat_out(struct ctx_buff *ctx, const struct ingress *in)
+{
+	struct snat_work *w = &slot(in)->snat;
+	const union pyebpflb_addr *addr = &w->backend.addr;
+	const struct packet *pkt = in->pkt;
+	__u32 service_id = w->service_id;
+	__u16 port = w->backend.port;
+	int no_route = 0, verdict;
+	__u16 source_port;
+
+	if (snat_mapping(ctx, pkt, w, addr, port, in->cfg, slot(in)->now, &w->to, &source_port)) {
+		note_drop(ctx, pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_NO_NAT_PORT, service_id,
+			  0);
+		return CTX_DROP;
+	}
+	if (snat(ctx, pkt, &w->to, source_port))
+		return CTX_DROP;
+	verdict = fib_forward(ctx, pkt, &w->fib, &w->to, addr, &no_route);
+	if (no_route)
+		note_drop(ctx, pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_NO_ROUTE, service_id, 0);
+	return verdict;
+}
+
+/* A DSR flow's packet: the frontend rides along on its first (lib/dsr.h); the
+ * client's address stays, so the stack forwards it as any routed packet. */
+static __always_inline int dsr_out(struct ctx_buff *ctx, const struct ingress *in)
 {
 	const struct packet *pkt = in->pkt;
 
-	const union pyebpflb_addr *source = hairpin ? hairpin_addr(in->cfg, pkt->family) : NULL;
+	if (dsr_marks(pkt) && dsr_fits(pkt) && !pkt->dry &&
+	    dsr_add(ctx, pkt, &slot(in)->dsr, &pkt->daddr, pkt->dport))
+		return CTX_DROP;
+	return CTX_PASS;
+}
+
+/*
+ * Send the packet to its backend (`flags`: the flow's, enum pyebpflb_ct_flags).
+ * A hairpin flow (the client is the backend itself: a pod calling its own
+ * service) also gets the datapath's hairpin address as its source, as
+ * Cilium's service loopback address does: the backend would drop a packet
+ * from its own address arriving from outside, and its answer must come back
+ * through the datapath to be translated. A SNAT flow gets this node's.
+ */
+static __always_inline int dnat_to(struct ctx_buff *ctx, const struct ingress *in,
+				   const union pyebpflb_addr *addr, __u16 port, __u8 flags,
+				   __u32 service_id)
+{
+	const struct packet *pkt = in->pkt;
+
+	const union pyebpflb_addr *source =
+	    flags & PYEBPFLB_CT_HAIRPIN ? hairpin_addr(in->cfg, pkt->family) : NULL;
 
 	if (dnat(ctx, pkt, addr, port))
 		return CTX_DROP;
+	if (flags & PYEBPFLB_CT_SNAT) {
+		slot(in)->snat.backend.addr = *addr;
+		slot(in)->snat.backend.port = port;
+		slot(in)->snat.service_id = service_id;
+		return SNAT_STEP;
+	}
+	if (flags & PYEBPFLB_CT_DSR)
+		return DSR_STEP;
 	if (source && rewrite_addr(ctx, pkt, saddr_off(pkt), &pkt->saddr, source, 1))
 		return CTX_DROP;
 	frag_remember(pkt, source, addr);
@@ -193,15 +257,39 @@ static __always_inline int service_denied(struct ctx_buff *ctx, const struct ing
 	return 0;
 }
 
+/*
+ * The translation a new flow to `backend` needs beyond DNAT: SNAT when the
+ * backend runs on another node. What arrives on an attached interface comes
+ * from outside the node (the node's own processes are balanced at the
+ * socket), and the backend's answer would go to the client straight from its
+ * node, untranslated: kube-proxy masquerades such traffic to a NodePort,
+ * external or load-balancer IP, and to a ClusterIP from outside the cluster.
+ */
+static __always_inline __u8 nat_flags(const struct pyebpflb_service *svc,
+				      const struct pyebpflb_backend *backend,
+				      const struct packet *pkt)
+{
+	if (!backend->remote)
+		return 0;
+#ifndef PYEBPFLB_CTX_XDP /* XDP cannot insert the option */
+	/* Direct server return where the service asks for it and the packet has
+	 * room for the option; SNAT otherwise. */
+	if ((svc->flags & PYEBPFLB_SERVICE_DSR) && dsr_fits(pkt))
+		return PYEBPFLB_CT_DSR;
+#endif
+	return PYEBPFLB_CT_SNAT;
+}
+
 /* Policy allowing, record the new flow (and the client's choice, for `svc`
- * under session affinity) and send it to its backend. NEXT_STEP when a live
- * flow holds that backend's side of the tuple. */
+ * under session affinity) and send it to its backend, translated as `nat`
+ * says (enum pyebpflb_ct_flags). NEXT_STEP when a live flow holds that
+ * backend's side of the tuple. */
 static __always_inline int admit(struct ctx_buff *ctx, struct ingress *in,
 				 const struct pyebpflb_backend *backend, __u32 backend_id,
-				 __u32 service_id, const struct pyebpflb_service *svc)
+				 __u32 service_id, const struct pyebpflb_service *svc, __u8 nat)
 {
-	int err =
-	    ct_create(in->ct_key, in->pkt, backend, backend_id, service_id, in->cfg, slot(in)->now);
+	int err = ct_create(in->ct_key, in->pkt, backend, backend_id, service_id, nat, in->cfg,
+			    slot(in)->now);
 
 	if (err == CT_TUPLE_IN_USE)
 		return NEXT_STEP; /* the caller tries another backend */
@@ -213,8 +301,9 @@ static __always_inline int admit(struct ctx_buff *ctx, struct ingress *in,
 	if (svc && svc->affinity_timeout_s && !(svc->flags & PYEBPFLB_SERVICE_MAGLEV))
 		remember_affinity(svc, in->pkt, backend_id, slot(in)->now);
 	note_new_flow(ctx, in->pkt, backend, service_id, backend_id);
-	return dnat_to(ctx, in, &backend->addr, backend->port,
-		       addr_equal(&backend->addr, &in->pkt->saddr));
+	if (addr_equal(&backend->addr, &in->pkt->saddr))
+		nat |= PYEBPFLB_CT_HAIRPIN;
+	return dnat_to(ctx, in, &backend->addr, backend->port, nat, service_id);
 }
 
 /*
@@ -228,6 +317,7 @@ static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in)
 {
 	const struct pyebpflb_ct_entry *flow = &slot(in)->flow;
 	__u32 backend_id = flow->backend_id, service_id = flow->service_id;
+	__u8 nat = flow->flags & (PYEBPFLB_CT_SNAT | PYEBPFLB_CT_DSR);
 
 	/* The old flow goes, both halves (it may sit in another map than new flows start in). */
 	ct_delete_flow(in->flow_at.map, in->ct_key, flow, in->pkt, in->cfg);
@@ -235,7 +325,7 @@ static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in)
 		return NEXT_STEP;
 	if (service_denied(ctx, in, service_id, slot(in)->backend.port, 1))
 		return CTX_DROP;
-	return admit(ctx, in, &slot(in)->backend, backend_id, service_id, NULL);
+	return admit(ctx, in, &slot(in)->backend, backend_id, service_id, NULL, nat);
 }
 
 /*
@@ -283,7 +373,7 @@ static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *i
 		count_traffic(&lb_svc_stats, flow->service_id, ctx_len(ctx));
 		count_traffic(&lb_be_stats, flow->backend_id, ctx_len(ctx));
 	}
-	return dnat_to(ctx, in, &flow->nat_addr, flow->nat_port, flow->flags & PYEBPFLB_CT_HAIRPIN);
+	return dnat_to(ctx, in, &flow->nat_addr, flow->nat_port, flow->flags, flow->service_id);
 }
 
 /* A packet of a known flow goes where the flow went. */
@@ -338,6 +428,13 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 		return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
 	}
 	explain(ctx, in->pkt, PYEBPFLB_EXPLAIN_SERVICE, svc->id);
+	/* loadBalancerSourceRanges: before anything else, and apart from policy (an
+	 * allow rule for the backend cannot open it). */
+	if ((svc->flags & PYEBPFLB_SERVICE_SOURCE_RANGES) && !source_allowed(svc->id, in->pkt)) {
+		note_drop(ctx, in->pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_SOURCE_RANGE,
+			  svc->id, 0);
+		return CTX_DROP;
+	}
 	backend_id = select_backend(svc, in->pkt, in->cfg, slot(in)->now, &backend);
 	if (!backend_id && svc->count) {
 		/* An update removed the chosen backend between our reads; the
@@ -352,7 +449,8 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 		return CTX_DROP;
 	if (!backend_id || !backend)
 		return refuse(ctx, in, svc->id);
-	verdict = admit(ctx, in, backend, backend_id, svc->id, svc);
+	verdict =
+	    admit(ctx, in, backend, backend_id, svc->id, svc, nat_flags(svc, backend, in->pkt));
 	if (verdict != NEXT_STEP)
 		return verdict;
 	/* A live flow from this client address and port holds the chosen backend's
@@ -360,7 +458,8 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 	backend_id = slot_backend(svc, in->pkt, 1, &backend);
 	backend = backend ? keep_backend(in, backend) : NULL;
 	if (backend_id && backend) {
-		verdict = admit(ctx, in, backend, backend_id, svc->id, svc);
+		verdict = admit(ctx, in, backend, backend_id, svc->id, svc,
+				nat_flags(svc, backend, in->pkt));
 		if (verdict != NEXT_STEP)
 			return verdict;
 	}
@@ -398,7 +497,8 @@ static __always_inline void answer_seen(struct ctx_buff *ctx, const struct ingre
 	ct_touch(flow, in->pkt, slot(in)->now, 1);
 	if (unconfirmed)
 		ct_confirm(key, reply, flow, in->pkt);
-	if (!in->pkt->dry) {
+	/* A DSR flow another node balanced has no service or backend here (id 0). */
+	if (!in->pkt->dry && service_id) {
 		count_reply(&lb_svc_stats, service_id, ctx_len(ctx));
 		count_reply(&lb_be_stats, backend_id, ctx_len(ctx));
 	}
@@ -428,6 +528,73 @@ static __always_inline int hairpin_reply(struct ctx_buff *ctx, struct ingress *i
 		return CTX_DROP;
 	frag_remember(in->pkt, &vip, &client);
 	return CTX_PASS;
+}
+
+/*
+ * On a backend's node: the first packet of a DSR flow another node balanced
+ * here (client -> backend, the frontend in its option). The flow is recorded
+ * as if this node had balanced it, so egress translates the backend's
+ * answers back to the frontend: DSR_RECORDED (the packet itself then meets
+ * policy as any), or NEXT_STEP when it carries no frontend.
+ */
+static __always_inline int dsr_arrival(struct ctx_buff *ctx, struct ingress *in)
+{
+	struct snat_work *w = &slot(in)->snat;
+	struct packet *pkt = in->pkt;
+	__u16 vip_port;
+
+	if (!dsr_frontend(ctx, pkt, &slot(in)->dsr, &w->vip, &vip_port))
+		return NEXT_STEP;
+	__builtin_memset(&w->backend, 0, sizeof(w->backend));
+	w->backend.addr = pkt->daddr;
+	w->backend.port = pkt->dport;
+	w->backend.family = pkt->family;
+	/* The flow's key is the client's view (client -> frontend), as for a
+	 * flow balanced here; the packet is put back as it is afterwards. */
+	pkt->daddr = w->vip;
+	pkt->dport = vip_port;
+	ct_key_of(in->ct_key, pkt, PYEBPFLB_CT_SERVICE);
+	ct_create(in->ct_key, pkt, &w->backend, 0, 0, PYEBPFLB_CT_DSR, in->cfg, slot(in)->now);
+	pkt->daddr = w->backend.addr;
+	pkt->dport = w->backend.port;
+	return DSR_RECORDED;
+}
+
+/*
+ * A backend's answer to a SNAT mapping (backend -> this node:port): back to
+ * the client, from the frontend it called, and out again by the FIB.
+ * NEXT_STEP when it is none (or its flow is gone: then it is unrelated).
+ */
+static __always_inline int snat_reply(struct ctx_buff *ctx, struct ingress *in)
+{
+	struct snat_work *w = &slot(in)->snat;
+	struct pyebpflb_ct_entry *reply, *flow;
+	struct packet *pkt = in->pkt;
+	__u16 client_port, vip_port;
+	int no_route = 0, verdict;
+
+	if (!snat_reverse(pkt, slot(in)->now, &w->client, &client_port))
+		return NEXT_STEP;
+	ct_key_of(&w->key, pkt, PYEBPFLB_CT_REPLY);
+	w->key.daddr = w->client;
+	w->key.dport = client_port;
+	reply = ct_lookup_reply(&w->key, pkt, in->cfg, slot(in)->now, &flow, &in->flow_at);
+	if (!reply)
+		return NEXT_STEP;
+	w->vip = reply->nat_addr; /* copied: the entry may be reused under us */
+	vip_port = reply->nat_port;
+	answer_seen(ctx, in, &w->key, reply, flow, in->flow_at.unconfirmed);
+	if (dnat(ctx, pkt, &w->client, client_port))
+		return CTX_DROP;
+	/* The packet now goes to the client: the source's rewrite starts from there. */
+	pkt->daddr = w->client;
+	pkt->dport = client_port;
+	if (snat(ctx, pkt, &w->vip, vip_port))
+		return CTX_DROP;
+	verdict = fib_forward(ctx, pkt, &w->fib, &w->vip, &w->client, &no_route);
+	if (no_route)
+		note_drop(ctx, pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_NO_ROUTE, 0, 0);
+	return verdict;
 }
 
 /* A later fragment of a datagram whose first was translated is translated
@@ -468,11 +635,24 @@ static __always_inline int lb_ingress_steps(struct ctx_buff *ctx)
 		return unrelated(ctx, &in, PYEBPFLB_POLICY_INGRESS);
 	if (addr_equal(&in.pkt->daddr, hairpin_addr(in.cfg, in.pkt->family)))
 		return hairpin_reply(ctx, &in);
+	if (!dsr_fits(in.pkt)) { /* IPv4 options or IPv6 extension headers: DSR's? */
+		if (dsr_arrival(ctx, &in) == DSR_RECORDED) /* then policy, as for any packet */
+			return unrelated(ctx, &in, PYEBPFLB_POLICY_INGRESS);
+	}
+	if (snat_candidate(in.pkt)) {
+		verdict = snat_reply(ctx, &in);
+		if (verdict != NEXT_STEP)
+			return verdict;
+	}
 	verdict = follow_flow(ctx, &in);
 	if (verdict == NEXT_STEP)
 		verdict = new_flow(ctx, &in);
 	if (verdict == REFUSE_STEP)
-		return reject(ctx, in.pkt);
+		return reject(ctx, in.pkt, slot(&in)->quote);
+	if (verdict == SNAT_STEP)
+		return snat_out(ctx, &in);
+	if (verdict == DSR_STEP)
+		return dsr_out(ctx, &in);
 	return verdict;
 }
 

@@ -126,7 +126,8 @@ static __always_inline __u64 ct_lifetime(const struct pyebpflb_lb_config *config
 		return config->ct_udp_ns;
 	if (entry->flags & PYEBPFLB_CT_CLOSING)
 		return config->ct_tcp_closing_ns;
-	if (!(entry->flags & PYEBPFLB_CT_SEEN_REPLY))
+	/* A DSR flow's answers go around the balancing node: never "seen". */
+	if (!(entry->flags & (PYEBPFLB_CT_SEEN_REPLY | PYEBPFLB_CT_DSR)))
 		return config->ct_tcp_syn_ns;
 	return config->ct_tcp_established_ns;
 }
@@ -301,18 +302,18 @@ static __always_inline int ct_take_over(void *map, const struct pyebpflb_ct_key 
 	return 0;
 }
 
-/* Record a new flow: both entries, or neither. 0, CT_TUPLE_IN_USE (a live flow
- * holds the backend's side: choose another backend) or CT_FULL. */
+/* Record a new flow (`nat`: its PYEBPFLB_CT_SNAT): both entries, or neither. 0, CT_TUPLE_IN_USE (a
+ * live flow holds the backend's side: choose another backend) or CT_FULL. */
 static __always_inline int ct_create(const struct pyebpflb_ct_key *service_key,
 				     const struct packet *pkt,
 				     const struct pyebpflb_backend *backend, __u32 backend_id,
-				     __u32 service_id, const struct pyebpflb_lb_config *config,
-				     __u64 now)
+				     __u32 service_id, __u8 nat,
+				     const struct pyebpflb_lb_config *config, __u64 now)
 {
 	struct pyebpflb_ct_entry entry = {
 	    .nat_addr = backend->addr,
 	    .nat_port = backend->port,
-	    .flags = addr_equal(&backend->addr, &pkt->saddr) ? PYEBPFLB_CT_HAIRPIN : 0,
+	    .flags = nat | (addr_equal(&backend->addr, &pkt->saddr) ? PYEBPFLB_CT_HAIRPIN : 0),
 	    .backend_id = backend_id,
 	    .service_id = service_id,
 	    .created_ns = now,

@@ -112,6 +112,11 @@ static __always_inline int ctx_l4_csum_replace(struct bpf_sock_addr *ctx, __u32 
 	return -1;
 }
 
+static __always_inline int ctx_grow_after_l3(struct bpf_sock_addr *ctx, __u32 len)
+{
+	return -1;
+}
+
 static __always_inline int ctx_grow_after_mac(struct bpf_sock_addr *ctx, __u32 len)
 {
 	return -1;
@@ -123,6 +128,16 @@ static __always_inline int ctx_set_len(struct bpf_sock_addr *ctx, __u32 len)
 }
 
 static __always_inline int ctx_bounce(struct bpf_sock_addr *ctx)
+{
+	return CTX_DROP;
+}
+
+static __always_inline __u32 ctx_ingress_ifindex(const struct bpf_sock_addr *ctx)
+{
+	return 0;
+}
+
+static __always_inline int ctx_redirect(struct bpf_sock_addr *ctx, __u32 ifindex, int resolved)
 {
 	return CTX_DROP;
 }
@@ -229,6 +244,12 @@ static __always_inline int ctx_l4_csum_replace(struct xdp_md *ctx, __u32 off, __
 }
 
 /* Insert `len` bytes between the Ethernet header and the IP header. */
+/* XDP can only move the frame's start: no room between the L3 and L4 headers. */
+static __always_inline int ctx_grow_after_l3(struct xdp_md *ctx, __u32 len)
+{
+	return -1;
+}
+
 static __always_inline int ctx_grow_after_mac(struct xdp_md *ctx, __u32 len)
 {
 	struct ethhdr eth;
@@ -253,6 +274,20 @@ static __always_inline int ctx_set_len(struct xdp_md *ctx, __u32 len)
 static __always_inline int ctx_bounce(struct xdp_md *ctx)
 {
 	return XDP_TX;
+}
+
+static __always_inline __u32 ctx_ingress_ifindex(const struct xdp_md *ctx)
+{
+	return ctx->ingress_ifindex;
+}
+
+/* Send the frame out of `ifindex`, its Ethernet addresses set when `resolved`
+ * (XDP cannot resolve a neighbour: such a frame is dropped). */
+static __always_inline int ctx_redirect(struct xdp_md *ctx, __u32 ifindex, int resolved)
+{
+	if (!resolved)
+		return XDP_DROP;
+	return ifindex == ctx->ingress_ifindex ? XDP_TX : bpf_redirect(ifindex, 0);
 }
 
 static __always_inline int ctx_probing(const struct xdp_md *ctx)
@@ -313,6 +348,13 @@ static __always_inline int ctx_l4_csum_replace(struct __sk_buff *ctx, __u32 off,
 	return bpf_l4_csum_replace(ctx, off, from, to, flags);
 }
 
+/* Room for `len` bytes between the IP header and what follows it (IPv4 options,
+ * an IPv6 extension header). */
+static __always_inline int ctx_grow_after_l3(struct __sk_buff *ctx, __u32 len)
+{
+	return bpf_skb_adjust_room(ctx, len, BPF_ADJ_ROOM_NET, 0);
+}
+
 static __always_inline int ctx_grow_after_mac(struct __sk_buff *ctx, __u32 len)
 {
 	return bpf_skb_adjust_room(ctx, len, BPF_ADJ_ROOM_MAC, 0);
@@ -326,6 +368,18 @@ static __always_inline int ctx_set_len(struct __sk_buff *ctx, __u32 len)
 static __always_inline int ctx_bounce(struct __sk_buff *ctx)
 {
 	return bpf_redirect(ctx->ifindex, 0);
+}
+
+static __always_inline __u32 ctx_ingress_ifindex(const struct __sk_buff *ctx)
+{
+	return ctx->ingress_ifindex;
+}
+
+/* Send the packet out of `ifindex`: its Ethernet addresses set when
+ * `resolved`, else the kernel resolves the next hop's (bpf_redirect_neigh). */
+static __always_inline int ctx_redirect(struct __sk_buff *ctx, __u32 ifindex, int resolved)
+{
+	return resolved ? bpf_redirect(ifindex, 0) : bpf_redirect_neigh(ifindex, NULL, 0, 0);
 }
 
 /*

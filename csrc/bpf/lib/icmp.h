@@ -91,13 +91,13 @@ static __always_inline int make_room(struct ctx_buff *ctx, __u32 hdr_len, __u32 
  * the new IP and ICMP headers goes in front of the old IP header, which with
  * its L4 header becomes the quoted part; the payload is cut.
  */
-static __always_inline int reject_ipv4(struct ctx_buff *ctx, const struct packet *pkt)
+static __always_inline int reject_ipv4(struct ctx_buff *ctx, const struct packet *pkt,
+				       __u8 quote[QUOTE_MAX + 4])
 {
 	struct {
 		struct iphdr ip;
 		struct icmp_header icmp;
 	} hdr = {};
-	__u8 quote[QUOTE_MAX + 4] = {};
 	int len = quote_len(pkt);
 	__s64 sum;
 
@@ -124,7 +124,8 @@ static __always_inline int reject_ipv4(struct ctx_buff *ctx, const struct packet
 	return swap_macs(ctx);
 }
 
-static __always_inline int reject_ipv6(struct ctx_buff *ctx, const struct packet *pkt)
+static __always_inline int reject_ipv6(struct ctx_buff *ctx, const struct packet *pkt,
+				       __u8 quote[QUOTE_MAX + 4])
 {
 	struct {
 		struct ipv6hdr ip;
@@ -136,7 +137,6 @@ static __always_inline int reject_ipv6(struct ctx_buff *ctx, const struct packet
 		__u32 length;
 		__u32 next; /* three zero bytes, then the next header */
 	} pseudo = {};
-	__u8 quote[QUOTE_MAX + 4] = {};
 	int len = quote_len(pkt);
 	__s64 sum;
 
@@ -224,14 +224,19 @@ static __always_inline int reset_tcp(struct ctx_buff *ctx, const struct packet *
 
 /* Refuse a flow and send the refusal back out of the interface it came in on:
  * a reset for TCP, ICMP port unreachable for UDP (kube-proxy's REJECT). */
-static __always_inline int reject(struct ctx_buff *ctx, const struct packet *pkt)
+/* `quote`: room for the quoted headers (QUOTE_MAX + 4 bytes), in the caller's
+ * per-CPU scratch slot: the stack has none to spare. */
+static __always_inline int reject(struct ctx_buff *ctx, const struct packet *pkt, __u8 *quote)
 {
 	int err;
 
+	__builtin_memset(quote, 0, QUOTE_MAX + 4);
 	if (pkt->proto == IPPROTO_TCP)
 		err = reset_tcp(ctx, pkt);
+	else if (pkt->family == PYEBPFLB_IPV4)
+		err = reject_ipv4(ctx, pkt, quote);
 	else
-		err = pkt->family == PYEBPFLB_IPV4 ? reject_ipv4(ctx, pkt) : reject_ipv6(ctx, pkt);
+		err = reject_ipv6(ctx, pkt, quote);
 
 	if (err) {
 		note_drop(ctx, pkt, PYEBPFLB_POLICY_INGRESS, PYEBPFLB_DROP_REJECT_FAILED, 0, 0);

@@ -19,6 +19,7 @@
 
 #include "pyebpflb/lb.h"
 #include "lib/node.h"
+#include "lib/nodeport.h"
 #include "lib/policy.h"
 #include "lib/service.h"
 #include "lib/sock.h"
@@ -38,6 +39,7 @@ static __always_inline void keep_maps(const struct pyebpflb_lb_config *cfg)
 	bpf_map_lookup_elem(&lb_pol_rules, &key);
 	bpf_map_lookup_elem(&lb_be_nodes, &key);
 	bpf_map_lookup_elem(&lb_node, &key);
+	bpf_map_lookup_elem(&lb_frontends, &key);
 	bpf_map_lookup_elem(&lb_sock_revnat, &sock_key);
 }
 

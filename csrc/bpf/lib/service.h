@@ -13,6 +13,7 @@
 
 #include "pyebpflb/lb.h"
 #include "lib/counters.h"
+#include "lib/node.h"
 #include "lib/parse.h"
 
 /* Services, slots and backends are replaced whole by user space while
@@ -108,15 +109,33 @@ struct {
 	__type(value, struct pyebpflb_backend);
 } lb_be_gone SEC(".maps");
 
+static __always_inline struct pyebpflb_service *service_find(const struct pyebpflb_service_key *key,
+							     const struct pyebpflb_lb_config *cfg)
+{
+	if (cfg->service_map & PYEBPFLB_SERVICE_MAP_ALT)
+		return bpf_map_lookup_elem(&lb_services_alt, key);
+	return bpf_map_lookup_elem(&lb_services, key);
+}
+
+/*
+ * The service of the packet's destination: its own address and port, or, on
+ * an address NodePorts are served on, the NodePort entry of that port (whose
+ * key's address is 0, as Cilium's surrogate 0.0.0.0:port frontend). One
+ * lookup for a ClusterIP; two more for a NodePort or a miss on a node address.
+ */
 static __always_inline struct pyebpflb_service *service_lookup(const struct packet *pkt,
 							       const struct pyebpflb_lb_config *cfg)
 {
 	struct pyebpflb_service_key key = {
 	    .vip = pkt->daddr, .port = pkt->dport, .proto = pkt->proto, .family = pkt->family};
+	struct pyebpflb_vip_key address = {.vip = pkt->daddr, .family = pkt->family};
+	struct pyebpflb_service *svc = service_find(&key, cfg);
 
-	if (cfg->service_map & PYEBPFLB_SERVICE_MAP_ALT)
-		return bpf_map_lookup_elem(&lb_services_alt, &key);
-	return bpf_map_lookup_elem(&lb_services, &key);
+	if (svc || !nodeport_address(&address))
+		return svc;
+	__builtin_memset(&key.vip, 0, sizeof(key.vip));
+	svc = service_find(&key, cfg);
+	return svc && svc->kind == PYEBPFLB_KIND_NODE_PORT ? svc : NULL;
 }
 
 static __always_inline struct pyebpflb_backend *backend_lookup(__u32 backend_id)

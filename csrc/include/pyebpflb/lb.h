@@ -45,6 +45,18 @@ enum pyebpflb_service_flags {
 	/* internalTrafficPolicy Local: the slots hold this node's backends only, and
 	 * none means drop (kube-proxy's "has no local endpoints"), not refuse. */
 	PYEBPFLB_SERVICE_LOCAL_ONLY = 2,
+	PYEBPFLB_SERVICE_SOURCE_RANGES = 4, /* new flows only from lb_src_ranges' CIDRs */
+	PYEBPFLB_SERVICE_DSR = 8, /* external traffic to a remote backend: DSR, not SNAT */
+};
+
+/* What a service entry is a frontend of (Cilium's service types): read back
+ * by user space; for packets, LOCAL_ONLY of a NodePort, external or
+ * load-balancer entry is externalTrafficPolicy's. */
+enum pyebpflb_service_kind {
+	PYEBPFLB_KIND_CLUSTER_IP = 0,
+	PYEBPFLB_KIND_NODE_PORT = 1, /* its key's address is 0: every lb_nodeport address */
+	PYEBPFLB_KIND_EXTERNAL_IP = 2,
+	PYEBPFLB_KIND_LOAD_BALANCER = 3,
 };
 
 struct pyebpflb_service {
@@ -52,7 +64,8 @@ struct pyebpflb_service {
 	__u32 count; /* slots in the current generation; 0: refuse */
 	__u8 gen;    /* 0 or 1 */
 	__u8 flags;  /* enum pyebpflb_service_flags */
-	__u16 _pad;
+	__u8 kind;   /* enum pyebpflb_service_kind */
+	__u8 _pad;
 	__u32 affinity_timeout_s; /* 0: no session affinity */
 };
 
@@ -101,7 +114,8 @@ struct pyebpflb_backend {
 	 * (user space only: a change interrupted before its cleanup leaves
 	 * backends that are members of one generation only). */
 	__u8 gens;
-	__u8 _pad[2];
+	__u8 remote; /* runs on another node than the datapath's (external traffic: SNAT or DSR) */
+	__u8 _pad;
 };
 
 /* lb_affinity: (service, client address) -> the backend of its last new flow. */
@@ -142,8 +156,13 @@ enum pyebpflb_ct_flags {
 	PYEBPFLB_CT_CLOSING = 2,     /* RST, or FIN from both sides: short timeout */
 	PYEBPFLB_CT_FIN_CLIENT = 4,  /* the client sent FIN (half-closed) */
 	PYEBPFLB_CT_FIN_BACKEND = 8, /* the backend sent FIN */
-	PYEBPFLB_CT_HAIRPIN = 16     /* the client is its own backend: its source is
+	PYEBPFLB_CT_HAIRPIN = 16,    /* the client is its own backend: its source is
 					lb_config's hairpin address on the way in */
+	PYEBPFLB_CT_SNAT = 32,	     /* external traffic to a remote backend: the source
+					becomes this node's (lb_snat), the packet goes back out */
+	PYEBPFLB_CT_DSR = 64,	     /* external traffic to a remote backend by direct server
+					return: its answers never come back here (lib/dsr.h); on
+					the backend's node, a flow its first packet announced */
 };
 
 /*
@@ -192,7 +211,10 @@ enum pyebpflb_drop_reason {
 	PYEBPFLB_DROP_BACKEND_GONE = 8,	    /* TCP of a flow whose backend left: reset */
 	PYEBPFLB_DROP_NO_LOCAL_BACKEND = 9, /* internalTrafficPolicy Local, none on this node */
 	PYEBPFLB_DROP_NO_SERVICE_PORT =
-	    10, /* a service address, on a port none of its services has */
+	    10,				 /* a service address, on a port none of its services has */
+	PYEBPFLB_DROP_SOURCE_RANGE = 11, /* a load-balancer IP, from outside its source ranges */
+	PYEBPFLB_DROP_NO_NAT_PORT = 12,	 /* SNAT found no free port for the backend */
+	PYEBPFLB_DROP_NO_ROUTE = 13,	 /* a translated packet to send back out has no route */
 	PYEBPFLB_DROP_MAX = 16,
 };
 
@@ -294,6 +316,13 @@ struct pyebpflb_lb_config {
 	/* The source a backend sees when it reached itself through a VIP. */
 	union pyebpflb_addr hairpin_v4;
 	union pyebpflb_addr hairpin_v6;
+	/* SNAT of external traffic to remote backends (layout 7): the mappings'
+	 * idle timeouts and the source ports they take (host order, inclusive). */
+	__u64 snat_tcp_ns;
+	__u64 snat_udp_ns;
+	__u16 snat_port_min;
+	__u16 snat_port_max;
+	__u32 _pad_snat;
 };
 
 enum pyebpflb_service_map {
@@ -514,6 +543,53 @@ struct pyebpflb_sock_revnat {
 	__u8 family;
 	__u8 _pad;
 	__u32 service_id;
+};
+
+/*
+ * lb_snat (LRU): SNAT mappings of external flows to remote backends, in two
+ * directions under a pyebpflb_ct_key whose dir is below: OUT, the flow as it
+ * leaves (client -> backend, after DNAT) -> the node's address and the port
+ * it took; IN, the backend's answer (backend -> node:port) -> the client it
+ * goes back to (Cilium's SNAT_MAPPING_IPV4/6).
+ */
+enum pyebpflb_snat_dir {
+	PYEBPFLB_SNAT_OUT = 0,
+	PYEBPFLB_SNAT_IN = 1,
+};
+
+enum pyebpflb_snat_flags {
+	PYEBPFLB_SNAT_CLOSING = 1, /* this half saw a FIN or RST: the closing timeout */
+};
+
+struct pyebpflb_snat_entry {
+	union pyebpflb_addr addr; /* OUT: the node's; IN: the client's */
+	__u16 port;		  /* network order */
+	__u8 flags;		  /* enum pyebpflb_snat_flags */
+	__u8 _pad[5];
+	__u64 created_ns;
+	__u64 last_seen_ns;
+};
+
+/* lb_src_ranges (LPM trie): (load-balancer frontend, client CIDR) -> 1. */
+enum {
+	PYEBPFLB_SRC_RANGE_FIXED_BITS = 64, /* service_id, family, _pad */
+};
+
+struct pyebpflb_src_range_key {
+	__u32 prefixlen; /* PYEBPFLB_SRC_RANGE_FIXED_BITS + the CIDR's */
+	__u32 service_id;
+	__u8 family;
+	__u8 _pad[3];
+	union pyebpflb_addr addr;
+};
+
+/* lb_frontends (user space only): a frontend made from a Service's NodePort,
+ * external or load-balancer IPs (and that Service's ClusterIP entry) -> the
+ * ClusterIP service key they belong to, for reading the Service back whole. */
+struct pyebpflb_frontend {
+	struct pyebpflb_service_key origin;
+	__u16 health_check_port; /* 0: none */
+	__u16 _pad;
 };
 
 #endif

@@ -105,8 +105,13 @@ def service_dict(svc: Any) -> dict[str, Any]:
         "vip": str(svc.vip),
         "port": svc.port,
         "protocol": svc.protocol.value,
+        "kind": svc.kind.value,
         "scheduler": svc.scheduler.value,
         "affinity_timeout": svc.affinity_timeout,
+        "external_traffic_policy": svc.external_traffic_policy.value,
+        "source_ranges": [str(n) for n in svc.source_ranges],
+        "health_check_node_port": svc.health_check_node_port,
+        "forwarding": svc.forwarding.value,
         "backends": [
             {
                 "address": str(b.address),

@@ -121,9 +121,10 @@ def service() -> None:
 @OUTPUT
 @pass_context
 def service_list(ctx: Context, output: str) -> None:
-    """Every service: VIP, port, protocol, backends."""
+    """Every frontend (a ClusterIP, a NodePort, an external or load-balancer IP): address,
+    port, protocol, backends."""
     with ctx.datapath() as dp:
-        services = dp.services
+        services = dp.frontends
     emit(
         output,
         [service_dict(s) for s in services],
@@ -148,9 +149,10 @@ def service_list(ctx: Context, output: str) -> None:
 @OUTPUT
 @pass_context
 def service_get(ctx: Context, name: str, output: str) -> None:
-    """The services named NAME (one per port), with backends and counters."""
+    """The frontends of the services named NAME (one per port and frontend), with
+    backends and counters."""
     with ctx.datapath() as dp:
-        chosen = [s for s in dp.services if s.name == name]
+        chosen = [s for s in dp.frontends if s.name == name]
         if not chosen:
             known = ", ".join(sorted({s.name for s in dp.services if s.name})) or "none"
             raise click.ClickException(f"no service named {name!r} (services: {known})")

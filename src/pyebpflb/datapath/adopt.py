@@ -36,6 +36,9 @@ logger = logging.getLogger("pyebpflb")
 DEFAULT_HAIRPIN_IPV4 = ipaddress.IPv4Address("169.254.42.1")  # Cilium's service loopback address
 DEFAULT_HAIRPIN_IPV6 = ipaddress.IPv6Address("fd00:eb1b:42::1")
 _SECOND = 1_000_000_000
+# The source ports SNAT takes: above Linux's ephemeral range (32768-60999), so a
+# mapping never takes the port of a connection the node itself made.
+SNAT_PORTS = (61000, 65535)
 
 
 @attrs.frozen
@@ -295,6 +298,10 @@ def write_config(
     config.ct_tcp_established_ns = int(timeouts.tcp_established * _SECOND)
     config.ct_tcp_closing_ns = int(timeouts.tcp_closing * _SECOND)
     config.ct_udp_ns = int(timeouts.udp * _SECOND)
+    # SNAT mappings live as long as the flows they carry would (lib/nodeport.h).
+    config.snat_tcp_ns = int(timeouts.tcp_established * _SECOND)
+    config.snat_udp_ns = int(timeouts.udp * _SECOND)
+    config.snat_port_min, config.snat_port_max = SNAT_PORTS
     for counter in ("next_service_id", "next_backend_id", "next_rule_id", "next_policy_id"):
         setattr(config, counter, max(int(getattr(config, counter)), 1))
     config.maglev_table_size = settings.maglev_table_size

@@ -348,6 +348,7 @@ class Programmer:
         self._maglev_size = maglev_size
         self._executor = Executor(obj)
         self.node = node  # the datapath's node: internalTrafficPolicy Local
+        self._origins: dict[Key, Key] = {}  # of the change being planned (see expand)
 
     def check(self, service: object) -> Service:
         if not isinstance(service, Service):
@@ -358,13 +359,40 @@ class Programmer:
                 f"service {service.label} has {len(service.backends)} backends; this datapath "
                 f"allows {most} per service (max_backends_per_service)"
             )
-        if service.internal_traffic_policy is TrafficPolicy.LOCAL and self.node is None:
-            raise ValueError(
-                f"service {service.label} has internal_traffic_policy 'local', but this "
-                "datapath knows no node to tell local backends by: make it with "
-                "Datapath(..., node=Node('<node name>'))"
-            )
+        for what, policy in (
+            ("internal_traffic_policy", service.internal_traffic_policy),
+            ("external_traffic_policy", service.external_traffic_policy),
+        ):
+            if policy is TrafficPolicy.LOCAL and self.node is None:
+                raise ValueError(
+                    f"service {service.label} has {what} 'local', but this datapath knows "
+                    "no node to tell local backends by: make it with "
+                    "Datapath(..., node=Node('<node name>'))"
+                )
         return service
+
+    def expand(self, services: Iterable[Service]) -> tuple[list[Service], dict[Key, Key]]:
+        """The datapath entries of ``services`` (checked), and for those of a Service
+        with more than its ClusterIP, the key of that Service's ClusterIP entry."""
+        entries: list[Service] = []
+        origins: dict[Key, Key] = {}
+        for service in services:
+            self.check(service)
+            parts = service.frontends()
+            if len(parts) > 1:
+                for part in parts:
+                    origins[part.key] = service.key
+            entries.extend(parts)
+        return entries, origins
+
+    def frontends_of(self, key: Key) -> list[Key]:
+        """The installed entries made with the Service whose ClusterIP entry is ``key``
+        (none unless that one has more than its ClusterIP)."""
+        services = self._state.snapshot.services
+        held = services.get(key)
+        if held is None or held.origin is None:
+            return []
+        return [k for k, i in services.items() if i.origin == key and k != key]
 
     def sync(self, services: Iterable[Service], policies: list[Policy] | None) -> None:
         with gc_paused():
@@ -372,10 +400,10 @@ class Programmer:
 
     def _sync(self, services: Iterable[Service], policies: list[Policy] | None) -> None:
         self._state.fresh()
-        wanted = list(services)
+        wanted, origins = self.expand(services)
+        self._origins = origins
         seen: dict[Key, Service] = {}
         for service in wanted:
-            self.check(service)
             # One hash of the key per service (an ipaddress hashes slowly).
             first = seen.setdefault(service.key, service)
             if first is not service:
@@ -413,6 +441,7 @@ class Programmer:
                     self._maglev_size,
                     distinct=True,
                     node=self.node,
+                    origins=self._origins,
                 )
                 if not change.empty:
                     self._reserve_ids(change, None, config)
@@ -425,17 +454,21 @@ class Programmer:
         self._mark_vips(touched)
 
     def upsert(self, service: Service) -> None:
-        self.check(service)
         self._state.fresh()
-        self.apply(self._diff([service], []))
+        entries, self._origins = self.expand([service])
+        keep = {entry.key for entry in entries}
+        stale = [key for key in self.frontends_of(service.key) if key not in keep]
+        self.apply(self._diff(entries, stale))
 
     def remove(self, key: Key) -> bool:
         self._state.fresh()
-        change = self._diff([], [key])
+        self._origins = {}
+        change = self._diff([], [key, *self.frontends_of(key)])
         self.apply(change)
         return not change.empty
 
     def set_policies(self, policies: list[Policy]) -> None:
+        self._origins = {}
         self.apply(self._diff([], []), policies)
 
     def _diff(
@@ -448,6 +481,7 @@ class Programmer:
             self._maglev_size,
             distinct=distinct,
             node=self.node,
+            origins=self._origins,
         )
 
     def apply(self, change: plan.Plan, policies: list[Policy] | None = None) -> None:

@@ -49,7 +49,16 @@ from pyebpflb.datapath.state import State, event_names, read_policy_state, read_
 from pyebpflb.errors import Busy, DatapathClosed, PyEbpfLbError
 from pyebpflb.events import EventStats, FlowEvent
 from pyebpflb.layout import DATAPATH_NAME_MAX
-from pyebpflb.model import Address, Direction, Node, Policy, Service, endpoint_text
+from pyebpflb.model import (
+    Address,
+    Direction,
+    Frontend,
+    Node,
+    Policy,
+    Service,
+    assemble,
+    host_text,
+)
 
 logger = logging.getLogger("pyebpflb")
 
@@ -417,15 +426,16 @@ class Datapath:
         with self._writing():
             if not replace and isinstance(service, Service):
                 self._fresh()
-                held = self._state.snapshot.services.get(service.key)
-                if held is not None and held.service.name and held.service.name != service.name:
-                    frontend = (
-                        f"{endpoint_text(service.vip, service.port)}/{service.protocol.value}"
-                    )
-                    raise ValueError(
-                        f"{frontend} is held by service {held.service.name!r}, not "
-                        f"{service.name!r}: upsert(..., replace=True) takes it over"
-                    )
+                for part in service.frontends():
+                    held = self._state.snapshot.services.get(part.key)
+                    if held is not None and held.service.name and held.service.name != part.name:
+                        host = "*" if part.kind is Frontend.NODE_PORT else None
+                        where = host_text(part.vip) if host is None else host
+                        raise ValueError(
+                            f"{where}:{part.port}/{part.protocol.value} is held by service "
+                            f"{held.service.name!r}, not {part.name!r}: upsert(..., "
+                            "replace=True) takes it over"
+                        )
             self._programmer.upsert(service)
 
     def remove(self, service: Service) -> bool:
@@ -472,8 +482,20 @@ class Datapath:
 
     # -- reading back --------------------------------------------------------------------
     @property
+    def closed(self) -> bool:
+        """Closed (or destroyed): nothing more can be done with this object."""
+        return bool(self._object.closed)
+
+    @property
     def services(self) -> list[Service]:
-        """The services the kernel holds, read from its maps, in the order installed."""
+        """The services the kernel holds, read from its maps, in the order installed (a
+        Service with a NodePort, external or load-balancer IPs whole, as it was given)."""
+        return assemble((i.service, i.origin) for i in read_snapshot(self._live()).in_order())
+
+    @property
+    def frontends(self) -> list[Service]:
+        """Every entry the kernel holds, one per frontend (:meth:`Service.frontends`), as
+        ``cilium service list`` shows them; each has its own counters (:meth:`stats`)."""
         return [i.service for i in read_snapshot(self._live()).in_order()]
 
     @property

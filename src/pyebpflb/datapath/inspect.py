@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import time
 from typing import Any
 
@@ -154,7 +155,45 @@ class Inspector:
                 if id(flow) in live and int(key.dir) == lib.PYEBPFLB_CT_SERVICE
             )
         self._forget_gone_backends(referenced)
-        return gone
+        return gone + self._collect_snat(config, now)
+
+    def _collect_snat(self, config: Any, now: int) -> int:
+        """SNAT mappings idle past their lifetime (a half that saw a FIN or RST: the
+        closing timeout), both halves: a half goes only when it and its partner are
+        idle (one-way traffic refreshes one half only)."""
+        bpf_map = self._obj.map(maps.SNAT)
+        entries = {maps.raw(k): maps.typed("struct pyebpflb_snat_entry", v)
+                   for k, v in bpf_map.lookup_batch()}  # fmt: skip
+        if not entries:
+            return 0
+        lifetime = {
+            socket.IPPROTO_TCP: int(config.snat_tcp_ns) or int(config.ct_tcp_established_ns),
+            socket.IPPROTO_UDP: int(config.snat_udp_ns) or int(config.ct_udp_ns),
+        }
+        closing = int(config.ct_tcp_closing_ns)
+
+        def idle(entry: Any, proto: int) -> bool:
+            limit = lifetime.get(proto, lifetime[socket.IPPROTO_TCP])
+            if proto == socket.IPPROTO_TCP and int(entry.flags) & lib.PYEBPFLB_SNAT_CLOSING:
+                limit = closing
+            return now - int(entry.last_seen_ns) > limit
+
+        deleted = 0
+        for raw_key, entry in entries.items():
+            key = maps.typed("struct pyebpflb_ct_key", raw_key)
+            proto = int(key.proto)
+            if not idle(entry, proto):
+                continue
+            partner = entries.get(maps.snat_partner(key, entry))
+            if partner is not None and not idle(partner, proto):
+                continue
+            now_there = bpf_map.lookup(raw_key)
+            if now_there is None or int(now_there.last_seen_ns) != int(entry.last_seen_ns):
+                continue
+            with contextlib.suppress(KeyError):
+                bpf_map.delete(raw_key)
+                deleted += 1
+        return deleted
 
     def _forget_gone_backends(self, referenced: set[int]) -> None:
         """Backends that left their service, once no live flow names them: their

@@ -56,6 +56,8 @@ SIZED = {
     maps.BE_STATS: ("max_backends", 2),  # both directions
     maps.BE_GONE: ("max_backends", 1),
     maps.BE_NODES: ("max_backends", 1),
+    maps.FRONTENDS: ("max_services", 1),
+    maps.SNAT: ("max_conntrack", 1),  # two halves a flow, only external flows to remote backends
     maps.SLOTS: ("max_backends", 2),  # two generations
     maps.CT: ("max_conntrack", 1),
     maps.CT_SYN: ("max_conntrack_syn", 1),

@@ -32,12 +32,13 @@ from pyebpflb.errors import IncompatibleDatapath
 
 # 2: weights, states, affinity; 3: network policy; 4: conntrack rework; 5: services
 # changed all at once (two services maps), backends' generations, Maglev per generation;
-# 6: socket-level balancing, the node, backends' nodes, service addresses
-LAYOUT_VERSION = 6
+# 6: socket-level balancing, the node, backends' nodes, service addresses; 7: north-south
+# frontends (NodePort, external and load-balancer IPs), SNAT, source ranges
+LAYOUT_VERSION = 7
 OLDEST = 3  # the layout of the first release (v0.1.0, commit cfb391b)
 
 # lb_config's size in each layout that is migrated from: later layouts only append.
-CONFIG_SIZES = {3: 272, 4: 304, 5: 304, 6: 304}
+CONFIG_SIZES = {3: 272, 4: 304, 5: 304, 6: 304, 7: 328}
 
 Before = Callable[[Mapping[str, Map], LoadedObject], None]
 After = Callable[[LoadedObject], None]
@@ -159,6 +160,33 @@ def _vips_known(_old: Mapping[str, Map], new: LoadedObject) -> None:
     repair.vips_from(new, new.map(maps.SERVICES))
 
 
+def _config_6_to_7(old: Mapping[str, Map], new: LoadedObject) -> None:
+    """lb_config grew SNAT's timeouts and ports at its end: the rest is copied as it is;
+    the adopter writes the new fields, as at every start (zeros read as the defaults
+    meanwhile)."""
+    raw = _raw(old[maps.CONFIG])
+    config = ffi.new("struct pyebpflb_lb_config *")
+    ffi.memmove(config, raw[: CONFIG_SIZES[6]], CONFIG_SIZES[6])
+    config.layout_version = 7
+    new.map(maps.CONFIG)[0] = config[0]
+
+
+def _remote_backends(_old: Mapping[str, Map], new: LoadedObject) -> None:
+    """Layout 7 marks the backends on another node than the datapath's remote (external
+    traffic reaches them by SNAT): from lb_be_nodes and lb_node, which layout 6 has."""
+    own = ffi.string(new.map(maps.NODE)[0].name).decode()
+    if not own:
+        return
+    backends = new.map(maps.BACKENDS)
+    for key, value in new.map(maps.BE_NODES).lookup_batch():
+        if ffi.string(value.name).decode() == own:
+            continue
+        entry = backends.lookup(key)
+        if entry is not None and not int(entry.remote):
+            entry.remote = 1
+            backends.update(key, entry)
+
+
 def _nothing(_new: LoadedObject) -> None:
     return None
 
@@ -208,6 +236,19 @@ MIGRATIONS: dict[int, Migration] = {
         replaced=frozenset(),
         added=frozenset({maps.NODE, maps.BE_NODES, maps.VIPS, maps.SOCK_REVNAT}),
         before=_vips_known,
+        after=_nothing,
+    ),
+    7: Migration(
+        to=7,
+        summary=(
+            "north-south frontends (NodePort, external IPs, load-balancer IPs: lb_nodeport, "
+            "lb_frontends), SNAT of external traffic to remote backends (lb_snat, backends "
+            "marked remote), loadBalancerSourceRanges (lb_src_ranges); lb_config gains "
+            "SNAT's timeouts and ports"
+        ),
+        replaced=frozenset({maps.CONFIG}),
+        added=frozenset({maps.NODEPORT, maps.FRONTENDS, maps.SNAT, maps.SRC_RANGES}),
+        before=_both(_config_6_to_7, _remote_backends),
         after=_nothing,
     ),
 }

@@ -26,6 +26,7 @@ from pyebpflb import maps
 from pyebpflb._bpf import LoadedObject, Map
 from pyebpflb._bpf._libbpf import lib
 from pyebpflb.datapath.state import all_keys
+from pyebpflb.model import Frontend
 
 logger = logging.getLogger("pyebpflb")
 
@@ -68,7 +69,9 @@ def vips_from(obj: LoadedObject, services: Map) -> None:
     """lb_vips as the services map ``services`` says (a dead writer may have stopped
     between its flip and the addresses' write; an upgrade starts it)."""
     counts: dict[bytes, int] = {}
-    for key, _ in services.lookup_batch():
+    for key, value in services.lookup_batch():
+        if maps.kind_from(maps.typed("struct pyebpflb_service", value)) is not Frontend.CLUSTER_IP:
+            continue  # only ClusterIPs refuse their other ports
         entry = maps.typed("struct pyebpflb_service_key", key)
         vip = maps.vip_key(maps.addr_from(entry.vip, int(entry.family)))
         counts[vip] = counts.get(vip, 0) + 1

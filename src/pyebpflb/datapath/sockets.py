@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import urllib.parse
+from collections.abc import Sequence
 
 from pyebpflb import maps, objects
 from pyebpflb._bpf import LoadedObject, fs
@@ -24,7 +25,7 @@ from pyebpflb._bpf._call import check
 from pyebpflb._bpf._libbpf import ffi, lib
 from pyebpflb._bpf.cgroup import CgroupLink
 from pyebpflb.errors import NotFound
-from pyebpflb.model import Node
+from pyebpflb.model import Address, Node
 
 PROGRAMS = (
     "lb_connect4",
@@ -142,10 +143,19 @@ def write_node(obj: LoadedObject, node: Node | None, cookie: int) -> Node | None
             maps.addr_from(entry.v4, 4) if int.from_bytes(bytes(entry.v4.bytes), "big") else None,
             maps.addr_from(entry.v6, 6) if int.from_bytes(bytes(entry.v6.bytes), "big") else None,
         ]
+        addresses = [a for a in found if a is not None]
+        served = [
+            maps.addr_from(key.vip, int(key.family))
+            for key in (
+                maps.typed("struct pyebpflb_vip_key", k)
+                for k, _ in obj.map(maps.NODEPORT).lookup_batch()
+            )
+        ]
         node = Node(
             stored,
-            [a for a in found if a is not None],
+            addresses,
             zone=ffi.string(entry.zone).decode(),
+            nodeport_addresses=[] if set(served) == set(addresses) else served,
         )
     value = ffi.new("struct pyebpflb_node *")
     value.netns_cookie = cookie
@@ -158,7 +168,21 @@ def write_node(obj: LoadedObject, node: Node | None, cookie: int) -> Node | None
                 ffi.memmove(getattr(value, field).bytes, address.packed, len(address.packed))
     if bytes(ffi.buffer(value)) != maps.raw(entry):
         node_map[0] = value[0]
+    if node is not None:
+        _write_nodeport_addresses(obj, node.serves_nodeports_on)
     return node
+
+
+def _write_nodeport_addresses(obj: LoadedObject, addresses: Sequence[Address]) -> None:
+    """lb_nodeport holds exactly ``addresses``: the new ones first, then the others go."""
+    bpf_map = obj.map(maps.NODEPORT)
+    wanted = {maps.vip_key(a) for a in addresses}
+    held = {maps.raw(k) for k, _ in bpf_map.lookup_batch()}
+    for key in wanted - held:
+        bpf_map.update(key, maps.u32(1))
+    for key in held - wanted:
+        with contextlib.suppress(KeyError):
+            bpf_map.delete(key)
 
 
 class Sockets:

@@ -16,7 +16,7 @@ from pyebpflb._bpf._libbpf import lib
 from pyebpflb._bpf.object import LoadedObject
 from pyebpflb.errors import BpfError
 from pyebpflb.layout import POLICY_GEN_SHIFT
-from pyebpflb.model import Action, Policy, Protocol, Service
+from pyebpflb.model import Action, Policy, Protocol, Service, TrafficPolicy
 from pyebpflb.policy import RuleRef
 from pyebpflb.snapshot import Installed, PolicyState, Snapshot
 
@@ -44,6 +44,11 @@ def read_snapshot(obj: LoadedObject) -> Snapshot:
     slots: dict[int, set[int]] = {}
     for key, _ in obj.map(maps.SLOTS).lookup_batch():
         slots.setdefault(int(key.service_id), set()).add(int(key.slot))
+    frontends = {int(k): v for k, v in obj.map(maps.FRONTENDS).lookup_batch()}
+    ranges: dict[int, list[Any]] = {}
+    for key in all_keys(obj.map(maps.SRC_RANGES)):
+        key = maps.typed("struct pyebpflb_src_range_key", key)
+        ranges.setdefault(int(key.service_id), []).append(maps.network_from(key))
     services = {}
     for key, entry in entries:
         # The members of the generation the entry points at (a change under way,
@@ -53,6 +58,17 @@ def read_snapshot(obj: LoadedObject) -> Snapshot:
             (m for m in members.get(int(entry.id), []) if int(m[2].gens) & gen_bit),
             key=lambda member: member[0],
         )
+        kind = maps.kind_from(entry)
+        policy = maps.traffic_policy_from(entry)
+        frontend = frontends.get(int(entry.id))
+        external: dict[str, Any] = {
+            "external_traffic_policy": policy,
+            "forwarding": maps.forwarding_from(entry),
+            "source_ranges": ranges.get(int(entry.id), ()),
+            "health_check_node_port": (
+                int(frontend.health_check_port) or None if frontend is not None else None
+            ),
+        }
         service = Service(
             vip=maps.addr_from(key.vip, key.family),
             port=maps.port_from(key.port),
@@ -61,7 +77,9 @@ def read_snapshot(obj: LoadedObject) -> Snapshot:
             backends=[maps.backend_from(value, nodes.get(i)) for _, i, value in own],
             affinity_timeout=int(entry.affinity_timeout_s) or None,
             scheduler=maps.scheduler_from(entry),
-            internal_traffic_policy=maps.traffic_policy_from(entry),
+            internal_traffic_policy=TrafficPolicy.CLUSTER if kind.external else policy,
+            kind=kind,
+            **(external if kind.external else {}),
         )
         services[service.key] = Installed(
             service,
@@ -70,6 +88,7 @@ def read_snapshot(obj: LoadedObject) -> Snapshot:
             tuple(backend_id for _, backend_id, _ in own),
             int(entry.count),
             frozenset(slots.get(int(entry.id), set())),
+            maps.origin_from(frontend) if frontend is not None else None,
         )
     return Snapshot(
         services=services,

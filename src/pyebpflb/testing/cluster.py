@@ -155,9 +155,28 @@ class Cluster(Namespaces):
         for pod in self.pods:
             start_server(pod, self._servers)
 
-    def http_get(self, address: Address | str, port: int, *, timeout: float = 2.0) -> str:
-        """GET / from the external client on a new connection: the answering pod's name."""
-        return http_get(self.client, address, port, timeout)
+    def http_get(
+        self,
+        address: Address | str,
+        port: int,
+        *,
+        timeout: float = 2.0,
+        source: Address | str | None = None,
+        path: str = "/",
+    ) -> str:
+        """GET ``path`` from the external client on a new connection (from ``source``,
+        one of its addresses): "/" answers the pod's name, "/peer" its name and the
+        client address it sees."""
+        return http_get(self.client, address, port, timeout, None, source, path)
+
+    def add_client_address(self, address: Address | str) -> Address:
+        """Give the external client another address (a second client, as the nodes see
+        it); the router reaches it on the client's link."""
+        added = ipaddress.ip_address(address)
+        length = 24 if added.version == 4 else 64
+        extra = ["nodad"] if added.version == 6 else []
+        _ip("-n", self.client.netns, "addr", "add", f"{added}/{length}", "dev", "eth0", *extra)
+        return added
 
 
 __all__ = ["Cluster", "Node"]

@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 
 from pyebpflb._bpf import fs
 from pyebpflb.datapath import Datapath
-from pyebpflb.model import Backend, Policy, Rule, Service
+from pyebpflb.health import HealthServer
+from pyebpflb.model import Backend, Node, Policy, Rule, Service
+from pyebpflb.testing.cluster import Cluster
 from pyebpflb.testing.sandbox import BACKEND_PORT, Sandbox
 
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
@@ -140,6 +142,7 @@ def run(out: Callable[[str], None] = print) -> int:
             failures += _node_local(sandbox, dp, out)
             _policy(sandbox, dp, my_app(4, remaining), out)
         out("\ndatapath detached, maps unpinned, namespaces removed")
+    failures += _north_south(out)
     if failures:
         out(f"FAILED: {failures[:3]}")
         return 1
@@ -293,3 +296,91 @@ def _show_refusal(sandbox: Sandbox, dp: Datapath, out: Callable[[str], None]) ->
         f"\na service with no endpoints (default/no-pods-yet, 10.96.0.20:80): {refused}"
         f" (a TCP reset from the datapath; drops: {dp.drops()['no backend'].packets})"
     )
+
+
+LB_IP = "10.99.0.1"
+
+
+def _north_south(out: Callable[[str], None]) -> list[str]:
+    """NodePort and LoadBalancer from outside the cluster: two nodes, each with its own
+    datapath, an external client behind a router."""
+    out(
+        "\nnorth-south: a cluster of two nodes (each with two pods and its own datapath "
+        "on its link to the router), an external client 10.70.0.2 behind the router; "
+        f"the router sends the load-balancer IP {LB_IP} to node-1"
+    )
+    failures: list[str] = []
+    with Cluster(nodes=2, pods=2, prefix="pyebpflb-demo") as cluster:
+        subprocess.run(
+            ["ip", "-n", cluster.router.netns, "route", "add", LB_IP, "via", "10.80.1.2"],
+            check=True,
+        )
+        pods = [Backend(p.ipv4, BACKEND_PORT, node=n.name) for n in cluster.nodes for p in n.pods]
+        dps = []
+        try:
+            for node in cluster.nodes:
+                dp = Datapath(
+                    f"demo-{node.name}-{os.getpid()}",
+                    netns=node.netns,
+                    node=Node(node.name, [node.host.ipv4]),
+                )
+                dps.append(dp)
+                dp.attach("eth0")
+
+            def my_app(on: Sequence[Backend] = pods, **north_south: object) -> Service:
+                return Service(
+                    VIP4, 80, name="default/my-app-service", backends=on, node_port=30080,
+                    load_balancer_ips=[LB_IP], **north_south,  # type: ignore[arg-type]
+                )  # fmt: skip
+
+            first = [b for b in pods if b.node == "node-1"]
+            for title, service in (
+                ("externalTrafficPolicy Cluster: any pod; one on the other node is reached "
+                 "by SNAT to node-1's address", my_app()),
+                ("externalTrafficPolicy Local, pods on node-1 only: node-1's pods, the "
+                 "client's address kept", my_app(first, external_traffic_policy="local",
+                                                  health_check_node_port=31000)),
+                ("direct server return: the other node's pods answer the client themselves, "
+                 "from the frontend's address", my_app(forwarding="dsr")),
+            ):  # fmt: skip
+                for dp in dps:
+                    dp.sync([service])
+                out(f"\n{title}; 24 requests to 10.80.1.2:30080 (node-1's NodePort):")
+                seen: collections.Counter[str] = collections.Counter()
+                for _ in range(24):
+                    try:
+                        seen[cluster.http_get("10.80.1.2", 30080, path="/peer")] += 1
+                    except OSError as exc:
+                        failures.append(f"NodePort: {exc}")
+                rows = [["pod", "connections", "client address the pod saw"]]
+                for answer, n in sorted(seen.items()):
+                    pod, peer = answer.split()
+                    rows.append([pod, str(n), peer])
+                _table(rows, out)
+                if service.health_check_node_port:
+                    with HealthServer(dps[0], port=None), HealthServer(dps[1], port=None):
+                        for node in cluster.nodes:
+                            status, answer = _status(cluster, str(node.host.ipv4), 31000)
+                            out(f"  health port 31000 on {node.name}: {status} {answer}")
+            answer = cluster.http_get(LB_IP, 80)
+            out(f"\nthe load-balancer IP {LB_IP}:80 answers too: {answer}")
+            frontends = ", ".join(f.label.split("(")[1].rstrip(")") for f in dps[0].frontends)
+            out(f"node-1's datapath holds one entry per frontend: {frontends}")
+        finally:
+            for dp in dps:
+                dp.destroy()
+    out("datapaths destroyed, cluster namespaces removed")
+    return failures
+
+
+def _status(cluster: Cluster, address: str, port: int) -> tuple[int, str]:
+    """GET / from the external client: the HTTP status and the body."""
+    with cluster.client.socket(4) as sock:
+        sock.settimeout(2)
+        sock.connect((address, port))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body.strip()

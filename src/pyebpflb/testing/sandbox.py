@@ -331,8 +331,8 @@ class HttpConnection:
     def __init__(self, sock: socket.socket) -> None:
         self.socket = sock
 
-    def get(self) -> str:
-        self.socket.sendall(b"GET / HTTP/1.1\r\nHost: sandbox\r\n\r\n")
+    def get(self, path: str = "/") -> str:
+        self.socket.sendall(f"GET {path} HTTP/1.1\r\nHost: sandbox\r\n\r\n".encode())
         return _http_body(self.socket, keep_alive=True)
 
     def read(self) -> str:

@@ -34,7 +34,10 @@ def serve(name: str, port: int) -> None:
 
         def do_GET(self) -> None:
             answer = body
-            if self.path.startswith("/bytes/"):  # /bytes/N: N bytes of "x", at most 64 MiB
+            if self.path == "/peer":  # who the server sees: name and the client's address
+                peer = self.client_address[0].removeprefix("::ffff:")
+                answer = f"{name} {peer}\n".encode()
+            elif self.path.startswith("/bytes/"):  # /bytes/N: N bytes of "x", at most 64 MiB
                 size = self.path.removeprefix("/bytes/")
                 if not size.isdigit() or int(size) > 1 << 26:
                     self.send_error(400, f"/bytes/N takes N from 0 to {1 << 26}, got {size!r}")
