@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import pyebpflb as lb
-from bench import local, measure, report
+from bench import local, measure, nodeport, report
 from bench.contenders import Contender, Ebpf, Floor, Iptables, Nftables
 from bench.servers import PORT, Nginx
 from pyebpflb.testing.sandbox import Sandbox, _sysctl
@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sandbox, services(args.sizes[-1], sandbox), args.samples, args.rounds
         )
         results["local_services"] = args.sizes[-1]
+        results["nodeport"] = nodeport.run(
+            sandbox, args.sizes[-1], args.samples, args.rounds, args.wrk_seconds
+        )
     results["cost"] = measure_costs(args)
     results["maglev"] = measure_maglev(args)
     results["policy"] = measure_policy(args)

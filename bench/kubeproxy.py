@@ -17,12 +17,12 @@ from collections.abc import Sequence
 import pyebpflb as lb
 
 
-def _chain_hash(text: str) -> str:
+def chain_hash(text: str) -> str:
     """kube-proxy's chain suffix: base32 of a SHA-256, 16 characters."""
     return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
 
 
-def _svc_port_name(index: int) -> str:
+def svc_port_name(index: int) -> str:
     return f"bench/svc-{index}:http"
 
 
@@ -57,9 +57,9 @@ def iptables_rules(services: Sequence[lb.Service]) -> str:
 
 def service_chains(index: int, svc: lb.Service) -> tuple[list[str], list[str]]:
     """The chains and rules of one service: KUBE-SERVICES entry, KUBE-SVC, KUBE-SEPs."""
-    name = _svc_port_name(index)
+    name = svc_port_name(index)
     proto = svc.protocol.value
-    svc_chain = f"KUBE-SVC-{_chain_hash(name + proto)}"
+    svc_chain = f"KUBE-SVC-{chain_hash(name + proto)}"
     chains = [f":{svc_chain} - [0:0]"]
     rules = [
         f'-A KUBE-SERVICES -d {svc.vip}/32 -p {proto} -m comment --comment "{name} cluster IP" '
@@ -67,7 +67,7 @@ def service_chains(index: int, svc: lb.Service) -> tuple[list[str], list[str]]:
     ]
     count = len(svc.backends)
     for i, backend in enumerate(svc.backends):
-        sep = f"KUBE-SEP-{_chain_hash(name + proto + str(backend))}"
+        sep = f"KUBE-SEP-{chain_hash(name + proto + str(backend))}"
         chains.append(f":{sep} - [0:0]")
         chance = (
             f"-m statistic --mode random --probability {1 / (count - i):.11f} "
@@ -133,12 +133,12 @@ def nft_rules(services: Sequence[lb.Service]) -> str:
 
 def nft_service(index: int, svc: lb.Service) -> tuple[str, list[str]]:
     """(chain name, chain definitions) of one service, named as kube-proxy names them."""
-    name = _svc_port_name(index)
+    name = svc_port_name(index)
     proto = svc.protocol.value
     where = f"bench/svc-{index}/{proto}/http"
-    chain = f"service-{_chain_hash(name + proto)[:8]}-{where}"
+    chain = f"service-{chain_hash(name + proto)[:8]}-{where}"
     endpoints = [
-        f"endpoint-{_chain_hash(name + str(b))[:8]}-{where}__{b.address}/{b.port}"
+        f"endpoint-{chain_hash(name + str(b))[:8]}-{where}__{b.address}/{b.port}"
         for b in svc.backends
     ]
     verdicts = ", ".join(f"{i} : goto {e}" for i, e in enumerate(endpoints))

@@ -265,8 +265,69 @@ def _targets(results: dict[str, Any], latency: dict[Any, float]) -> list[str]:
                 f"{ipt_ratio:.2f}x",
             )
         )
+    ports = results.get("nodeport")
+    if ports:
+        median = {k: statistics.median(v) for k, v in ports["latency"].items() if v}
+        for peer in ("kube-proxy iptables", "kube-proxy nftables"):
+            ratio = median["pyebpflb"] / median[peer]
+            checks.append(
+                (
+                    f"NodePort connect at {ports['n']} services below {peer}'s",
+                    ratio < 1.0,
+                    f"{ratio:.2f}x",
+                )
+            )
     rows = [[what, "met" if ok else "**missed**", value] for what, ok, value in checks]
-    return ["## Targets", "", *_table(["target", "", "measured"], rows), *_local(results)]
+    return [
+        "## Targets",
+        "",
+        *_table(["target", "", "measured"], rows),
+        *_local(results),
+        *_nodeport(results),
+    ]
+
+
+def _nodeport(results: dict[str, Any]) -> list[str]:
+    """North-south: an external client to a NodePort of the node."""
+    ports = results.get("nodeport")
+    if not ports:
+        return []
+    latency, rate = ports["latency"], ports["rate"]
+    median = {k: statistics.median(v) for k, v in latency.items() if v}
+    rates = {k: statistics.median(v) for k, v in rate.items() if v}
+    rows = [
+        [
+            name,
+            str(len(latency[name])),
+            _us(median[name]),
+            _us(_p(latency[name], 0.99)),
+            _ratio(median[name], median["no LB (floor)"]),
+            f"{rates[name]:,.0f}",
+            _ratio(rates[name], rates["kube-proxy iptables"]),
+        ]
+        for name in latency
+        if name in median
+    ]
+    return [
+        "",
+        f"## NodePort: an external client to a node, {ports['n']} services",
+        "",
+        f"The client connects to the node's address on the NodePort of the last of "
+        f"{ports['n']} NodePort Services (ports 20001 and up), whose one backend sees the "
+        "node's address as the source through every contender: kube-proxy's rules "
+        "(KUBE-SERVICES -> KUBE-NODEPORTS -> KUBE-EXT with KUBE-MARK-MASQ, then "
+        "MASQUERADE; nftables: the `service-nodeports` map and `external-*` chains) "
+        "masquerade it under externalTrafficPolicy Cluster, pyebpflb SNATs it because the "
+        "backend is on another node (tc on the client's and the backends' links). The "
+        "floor connects to the backend directly. Connects close with RST; the rate is "
+        "wrk with a new connection per request (8 connections, one thread). Interleaved "
+        "rounds, from `bench/nodeport.py`.",
+        "",
+        *_table(
+            ["path", "connects", "median", "p99", "vs floor", "requests/s", "vs iptables"],
+            rows,
+        ),
+    ]
 
 
 def _local(results: dict[str, Any]) -> list[str]:
