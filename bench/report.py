@@ -68,9 +68,9 @@ def write(results: dict[str, Any], out: pathlib.Path) -> None:
         "and wait a second for a SYN retry)",
         "",
         "To measure again: `make bench` as root (it installs what it needs, runs for about "
-        "5 minutes on 2 cores, cleans up every namespace and rule it made, and rewrites this "
-        "page and its plot). `python -m bench --help` lists the knobs; `--smoke` is the tiny "
-        "run `make test` does.",
+        f"{max(1, round(results['seconds'] / 60))} minutes on 2 cores, cleans up every "
+        "namespace and rule it made, and rewrites this page and its plot). `python -m bench "
+        "--help` lists the knobs; `--smoke` is the tiny run `make test` does.",
         "",
     ]
     lines += _targets(results, latency)
@@ -272,7 +272,7 @@ def _targets(results: dict[str, Any], latency: dict[Any, float]) -> list[str]:
             ratio = median["pyebpflb"] / median[peer]
             checks.append(
                 (
-                    f"NodePort connect at {ports['n']} services below {peer}'s",
+                    f"NodePort connect at {ports['n']} services below {peer}",
                     ratio < 1.0,
                     f"{ratio:.2f}x",
                 )

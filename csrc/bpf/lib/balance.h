@@ -468,16 +468,26 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 }
 
 /* An ICMP error about a balanced flow, sent to its VIP (path MTU discovery
- * through the load balancer), goes on to the backend; anything else meets
- * policy. */
+ * through the load balancer), goes on to the backend; one about a packet
+ * SNATed to a remote backend, to the client; anything else meets policy. */
 static __always_inline int icmp_ingress(struct ctx_buff *ctx, struct ingress *in)
 {
-	int translated = icmp_error_dnat(ctx, in->pkt, in->cfg, slot(in)->now);
+	struct snat_work *w = &slot(in)->snat;
+	int translated = icmp_error_dnat(ctx, in->pkt, w, in->cfg, slot(in)->now);
+	int no_route = 0;
 
 	if (translated < 0)
 		return CTX_DROP;
+	if (translated == ICMP_RELAYED) /* from this node: out by the FIB */
+		return fib_forward(ctx, in->pkt, &w->fib, &w->to, &w->backend.addr, &no_route);
 	if (translated)
 		return CTX_PASS;
+	/* About a packet SNATed to a remote backend: to the client, out by the FIB. */
+	translated = icmp_error_snat(ctx, in->pkt, w, in->cfg, slot(in)->now);
+	if (translated < 0)
+		return CTX_DROP;
+	if (translated)
+		return fib_forward(ctx, in->pkt, &w->fib, &w->vip, &w->client, &no_route);
 	return unrelated(ctx, in, PYEBPFLB_POLICY_INGRESS);
 }
 

@@ -20,6 +20,7 @@
 #include "lib/ctx.h"
 #include "lib/events.h"
 #include "lib/nat.h"
+#include "lib/nodeport.h"
 #include "lib/parse.h"
 
 /* linux/icmp.h drags in libc headers, so the few ICMP constants live here. */
@@ -385,6 +386,11 @@ static __always_inline int icmp_error_rev_nat(struct ctx_buff *ctx, const struct
 	return 1;
 }
 
+/* icmp_error_dnat translated an error for a SNAT or DSR flow (its backend is on
+ * another node): it now comes from this node (w->to) to the backend
+ * (w->backend.addr), to be sent out by the FIB. */
+#define ICMP_RELAYED 2
+
 /*
  * An ICMP error arriving for a VIP: a router between the client and the load
  * balancer could not deliver a packet the backend sent through the VIP
@@ -397,26 +403,104 @@ static __always_inline int icmp_error_rev_nat(struct ctx_buff *ctx, const struct
  * rewriting failed.
  */
 static __always_inline int icmp_error_dnat(struct ctx_buff *ctx, const struct packet *pkt,
+					   struct snat_work *w,
 					   const struct pyebpflb_lb_config *cfg, __u64 now)
 {
 	struct pyebpflb_ct_entry *entry;
-	struct pyebpflb_ct_key key;
+	struct pyebpflb_snat_entry *mapped;
+	struct pyebpflb_ct_key *key = &w->key;
 	struct icmp_quote quote;
 	struct ct_place place;
-	union pyebpflb_addr backend;
+	union pyebpflb_addr *backend = &w->backend.addr;
 	__u16 backend_port;
+	__u8 flags;
 
-	if (icmp_quoted_key(ctx, pkt, &key, &quote) || !addr_equal(&pkt->daddr, &key.daddr))
+	if (icmp_quoted_key(ctx, pkt, key, &quote) || !addr_equal(&pkt->daddr, &key->daddr))
 		return 0;
-	key.dir = PYEBPFLB_CT_SERVICE;
-	entry = ct_lookup_service(&key, pkt, cfg, now, &place);
+	key->dir = PYEBPFLB_CT_SERVICE;
+	entry = ct_lookup_service(key, pkt, cfg, now, &place);
 	if (!entry)
 		return 0;
-	backend = entry->nat_addr; /* copied: the entry may be reused under us */
+	*backend = entry->nat_addr; /* copied: the entry may be reused under us */
 	backend_port = entry->nat_port;
-	if (icmp_rewrite_quote(ctx, pkt, &quote, 0, &key.daddr, &backend, key.dport, backend_port))
+	flags = entry->flags;
+	if (icmp_rewrite_quote(ctx, pkt, &quote, 0, &key->daddr, backend, key->dport, backend_port))
 		return -1;
-	if (rewrite_addr(ctx, pkt, daddr_off(pkt), &pkt->daddr, &backend,
+	/* A SNAT flow: the backend knows its client as this node's address and port,
+	 * and the error comes from this node, which relays it (the router that sent
+	 * it would drop a packet with its own address as the source). */
+	if (flags & PYEBPFLB_CT_SNAT) {
+		snat_key(&w->out_key, &key->saddr, key->sport, backend, backend_port, pkt,
+			 PYEBPFLB_SNAT_OUT);
+		w->out_key.proto = key->proto; /* the quoted packet's, not the ICMP error's */
+		mapped = bpf_map_lookup_elem(&lb_snat, &w->out_key);
+		if (!mapped)
+			return -1;
+		w->to = mapped->addr;
+		if (icmp_rewrite_quote(ctx, pkt, &quote, 1, &key->saddr, &w->to, key->sport,
+				       mapped->port))
+			return -1;
+	} else if (flags & PYEBPFLB_CT_DSR) {
+		snat_source(&w->to, pkt); /* the backend's answers went around: relayed too */
+	}
+	if ((flags & (PYEBPFLB_CT_SNAT | PYEBPFLB_CT_DSR)) &&
+	    rewrite_addr(ctx, pkt, saddr_off(pkt), &pkt->saddr, &w->to,
+			 pkt->family == PYEBPFLB_IPV6))
+		return -1;
+	if (rewrite_addr(ctx, pkt, daddr_off(pkt), &pkt->daddr, backend,
+			 pkt->family == PYEBPFLB_IPV6))
+		return -1;
+	return flags & (PYEBPFLB_CT_SNAT | PYEBPFLB_CT_DSR) ? ICMP_RELAYED : 1;
+}
+
+/*
+ * An ICMP error about a packet this node SNATed towards a remote backend (a
+ * router on the way, or the backend's node, could not deliver node:port ->
+ * backend): it quotes that packet, so the mapping's answer half (backend ->
+ * node:port) names the client, and the flow's reply entry the frontend the
+ * client called. The quote becomes client -> frontend, the error goes to the
+ * client from the frontend (this node relays it: the router that sent it
+ * would drop a packet with its own address as the source); the caller sends
+ * it out (w->vip to w->client). 1 when translated, 0 when it is about no
+ * mapping, -1 on failure.
+ */
+static __always_inline int icmp_error_snat(struct ctx_buff *ctx, const struct packet *pkt,
+					   struct snat_work *w,
+					   const struct pyebpflb_lb_config *cfg, __u64 now)
+{
+	struct pyebpflb_ct_key *key = &w->key;
+	struct pyebpflb_ct_entry *reply, *flow;
+	struct pyebpflb_snat_entry *mapped;
+	struct icmp_quote quote;
+	struct ct_place place;
+	__u16 client_port, vip_port;
+
+	if (icmp_quoted_key(ctx, pkt, key, &quote) || !addr_equal(&pkt->daddr, &key->daddr))
+		return 0;
+	key->dir = PYEBPFLB_SNAT_IN; /* the key is backend -> node:port, as the mapping's */
+	mapped = bpf_map_lookup_elem(&lb_snat, key);
+	if (!mapped)
+		return 0;
+	w->client = mapped->addr;
+	client_port = mapped->port;
+	/* The flow as its backend's answers are keyed: backend -> client. */
+	w->in_key = *key;
+	w->in_key.daddr = w->client;
+	w->in_key.dport = client_port;
+	w->in_key.dir = PYEBPFLB_CT_REPLY;
+	reply = ct_lookup_reply(&w->in_key, pkt, cfg, now, &flow, &place);
+	if (!reply)
+		return 0;
+	w->vip = reply->nat_addr;
+	vip_port = reply->nat_port;
+	if (icmp_rewrite_quote(ctx, pkt, &quote, 1, &key->saddr, &w->vip, key->sport, vip_port) ||
+	    icmp_rewrite_quote(ctx, pkt, &quote, 0, &key->daddr, &w->client, key->dport,
+			       client_port))
+		return -1;
+	if (rewrite_addr(ctx, pkt, saddr_off(pkt), &pkt->saddr, &w->vip,
+			 pkt->family == PYEBPFLB_IPV6))
+		return -1;
+	if (rewrite_addr(ctx, pkt, daddr_off(pkt), &pkt->daddr, &w->client,
 			 pkt->family == PYEBPFLB_IPV6))
 		return -1;
 	return 1;
