@@ -242,9 +242,13 @@ static __always_inline int snat_mapping(struct ctx_buff *ctx, const struct packe
 			goto taken;
 		found = bpf_map_lookup_elem(&lb_snat, &w->in_key);
 		if (found && snat_stale(found, cfg, pkt->proto, now)) {
-			/* The idle mapping goes, both halves. */
+			/* The idle mapping goes, both halves; not while its other half is
+			 * in use (one-way traffic refreshes one half only). */
 			snat_key(&w->out_key, &found->addr, found->port, backend, port, pkt,
 				 PYEBPFLB_SNAT_OUT);
+			found = bpf_map_lookup_elem(&lb_snat, &w->out_key);
+			if (found && !snat_stale(found, cfg, pkt->proto, now))
+				goto next;
 			bpf_map_delete_elem(&lb_snat, &w->out_key);
 			snat_key(&w->out_key, &pkt->saddr, pkt->sport, backend, port, pkt,
 				 PYEBPFLB_SNAT_OUT);
