@@ -53,6 +53,9 @@ spec:
       containerPort: {BACKEND_PORT}
 status:
   podIP: 10.91.{i}.2
+  conditions:
+  - type: Ready
+    status: "True"
 """
     for i in (1, 2, 3)
 )
@@ -120,7 +123,9 @@ def main() -> None:
             manifest = os.path.join(folder, "my-app.yaml")
             pathlib.Path(manifest).write_text(MANIFEST)
             bad = os.path.join(folder, "broken.yaml")
-            pathlib.Path(bad).write_text(MANIFEST.replace("targetPort: http", "targetPort: htp"))
+            pathlib.Path(bad).write_text(
+                MANIFEST.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.300")
+            )
             applied = run(sandbox, "apply", "-f", manifest)
             broken = run(sandbox, "apply", "-f", bad)
             page(

@@ -149,17 +149,15 @@ def test_a_manifest_with_an_error_changes_nothing(
 ) -> None:
     before = dp.services
     bad = tmp_path / "bad.yaml"
-    bad.write_text(
-        MANIFEST.replace("targetPort: http", "targetPort: htttp").replace(
-            "10.96.0.10", "10.96.0.11"
-        )
-    )
+    bad.write_text(MANIFEST.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.300"))
     out = cli(sandbox, "apply", "-f", str(bad), ok=False)
-    assert "targetPort 'htttp' names no TCP containerPort" in out
+    assert "spec.clusterIP '10.96.0.300' is not an IP address" in out
     assert "nothing was applied" in out
     headless = tmp_path / "headless.yaml"
     headless.write_text(MANIFEST.replace("clusterIP: 10.96.0.10", "clusterIP: None"))
-    assert "spec.clusterIP 'None'" in cli(sandbox, "apply", "-f", str(headless), ok=False)
+    # kube-proxy does not proxy a headless Service: skipped, said so, nothing changed.
+    out = cli(sandbox, "apply", "-f", str(headless))
+    assert "skipped Service default/my-app-service: headless" in out
     assert dp.services == before
     out = cli(sandbox, "delete", "-f", str(applied))
     assert "service default/my-app-service (10.96.0.10:80/tcp) deleted" in out
@@ -357,3 +355,22 @@ def test_missing_datapath(sandbox: Sandbox) -> None:
     assert result.exit_code == 1
     assert "no datapath 'nope'" in result.output
     assert not (PIN_ROOT / "nope").exists()
+
+
+def test_apply_of_services_alone_keeps_their_endpoints_as_kubectl_does(
+    sandbox: Sandbox, dp: lb.Datapath, applied: Path, tmp_path: Path
+) -> None:
+    """`kubectl get svc -A -o yaml` holds Services, not their Pods or EndpointSlices:
+    applying it changes the Services and leaves their backends alone (a Service's
+    endpoints are not in its spec); --replace-endpoints says the manifest is all."""
+    only = tmp_path / "services.yaml"
+    only.write_text(MANIFEST.split("---")[0].replace("port: 80", "port: 80\n    nodePort: 30080")
+                    .replace("  clusterIP:", "  type: NodePort\n  clusterIP:"))  # fmt: skip
+    out = cli(sandbox, "apply", "-f", str(only))
+    assert "service default/my-app-service (10.96.0.10:80/tcp): 2 backends" in out
+    (svc,) = dp.services
+    assert svc.node_port == 30080 and len(svc.backends) == 2
+    assert sandbox.http_get("10.96.0.10", 80).startswith("backend-")
+    out = cli(sandbox, "apply", "-f", str(only), "--replace-endpoints")
+    assert "service default/my-app-service (10.96.0.10:80/tcp): 0 backends" in out
+    assert dp.services[0].backends == ()

@@ -84,7 +84,7 @@ items:
 - kind: Pod
   metadata: {name: api-1, labels: {app: api}, deletionTimestamp: "2026-11-26T10:00:00Z"}
   spec: {containers: [{name: c, ports: [{name: https, containerPort: 8443}]}]}
-  status: {podIP: 10.0.2.1}
+  status: {podIP: 10.0.2.1, conditions: [{type: Ready, status: "True"}]}
 - kind: Pod
   metadata: {name: api-2, labels: {app: api}}
   spec: {containers: [{name: c, ports: [{name: https, containerPort: 9443}]}]}
@@ -102,18 +102,11 @@ items:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (('clusterIPs: [10.96.0.10, "fd00:96::10"]', "clusterIP: None"), "spec.clusterIP 'None'"),
         (('clusterIPs: [10.96.0.10, "fd00:96::10"]', "clusterIP: 10.96.0.300"), "not an IP"),
-        (("protocol: UDP, targetPort", "protocol: SCTP, targetPort"), "protocol 'SCTP'"),
+        (("protocol: UDP, targetPort", "protocol: QUIC, targetPort"), "protocol 'QUIC'"),
         (("sessionAffinity: ClientIP", "sessionAffinity: Cookie"), "sessionAffinity 'Cookie'"),
         (("kind: Service", "kind: Ingress"), "kind 'Ingress' is not translated"),
-        (
-            (
-                "- {name: dns, port: 5353, protocol: UDP}\nendpoints:\n- addresses: [10.0.1.1]",
-                "endpoints:\n- addresses: [10.0.1.1]",
-            ),
-            "no UDP port named 'dns'",
-        ),
+        (("addresses: [10.0.1.1]", "addresses: [10.0.1.300]"), "'10.0.1.300' is not an IP"),
     ],
 )
 def test_untranslatable_fields_are_named(change: tuple[str, str], message: str) -> None:
@@ -127,14 +120,15 @@ def test_not_yaml_and_no_service() -> None:
         k8s.load("a: [")
     with pytest.raises(k8s.ManifestError, match="the manifest has no Service"):
         k8s.services(k8s.load(SLICES))
-    with pytest.raises(k8s.ManifestError, match=r"Pod default/p: status.podIP is missing"):
-        k8s.services(
-            k8s.load(
-                "kind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.1, "
-                "selector: {a: b}, ports: [{port: 80}]}\n---\n"
-                "kind: Pod\nmetadata: {name: p, labels: {a: b}}\nspec: {containers: []}\n"
-            )
+    # A pod without an address is no endpoint (yet): the controller leaves it out.
+    (svc,) = k8s.services(
+        k8s.load(
+            "kind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.1, "
+            "selector: {a: b}, ports: [{port: 80}]}\n---\n"
+            "kind: Pod\nmetadata: {name: p, labels: {a: b}}\nspec: {containers: []}\n"
         )
+    )
+    assert svc.backends == ()
 
 
 def test_internal_traffic_policy_and_node_names() -> None:
@@ -208,3 +202,191 @@ def test_node_port_and_cluster_policy_services() -> None:
         k8s.services(k8s.load(node_port.replace(": Cluster", ": Global") + SLICES))
     with pytest.raises(k8s.ManifestError, match=r"spec\.externalIPs: '10\.98\.0\.300'"):
         k8s.services(k8s.load(node_port.replace("10.98.0.1", "10.98.0.300") + SLICES))
+
+
+def _slice(endpoints: str, ports: str = "[{name: http, port: 8080, protocol: TCP}]",
+           name: str = "web-1", address_type: str = "IPv4", labels: str = "") -> str:  # fmt: skip
+    return f"""\
+---
+kind: EndpointSlice
+metadata:
+  name: {name}
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web{labels}}}
+addressType: {address_type}
+ports: {ports}
+endpoints: {endpoints}
+"""
+
+
+WEB = """\
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"""
+
+
+def _backends(manifest: str) -> list[tuple[str, str]]:
+    (svc,) = k8s.services(k8s.load(manifest))
+    return [(str(b.address), b.state.value) for b in svc.backends]
+
+
+def test_categorize_endpoints_falls_back_only_to_serving_terminating_ones() -> None:
+    """kube-proxy's CategorizeEndpoints (pkg/proxy/topology.go): ready endpoints take new
+    connections; with none, those serving and terminating; an endpoint terminating but
+    not serving takes none, and `serving` unset means what `ready` says."""
+    endpoints = """
+- {addresses: [10.0.0.1], conditions: {ready: true}}
+- {addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.0.0.3], conditions: {ready: false, serving: false, terminating: true}}
+- {addresses: [10.0.0.4], conditions: {ready: false, terminating: true}}
+- {addresses: [10.0.0.5]}
+"""
+    assert _backends(WEB + _slice(endpoints)) == [
+        ("10.0.0.1", "active"),
+        ("10.0.0.2", "terminating"),
+        ("10.0.0.3", "maintenance"),
+        ("10.0.0.4", "maintenance"),
+        ("10.0.0.5", "active"),  # no conditions: ready
+    ]
+
+
+def test_publish_not_ready_addresses_makes_terminating_endpoints_ready() -> None:
+    """With publishNotReadyAddresses the slice controller writes ready: true for every
+    endpoint, terminating ones too, and kube-proxy uses them as full members."""
+    endpoints = "[{addresses: [10.0.0.1], conditions: {ready: true, terminating: true}}]"
+    assert _backends(WEB + _slice(endpoints)) == [("10.0.0.1", "active")]
+
+
+PODS = """\
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{port: 80, targetPort: http}]
+---
+kind: Pod
+metadata: {name: ready, namespace: shop, labels: {app: web}}
+spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.0.0.1, conditions: [{type: Ready, status: "True"}]}
+---
+kind: Pod
+metadata: {name: no-condition, namespace: shop, labels: {app: web}}
+spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.0.0.2}
+---
+kind: Pod
+metadata: {name: done, namespace: shop, labels: {app: web}}
+spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {phase: Succeeded, podIP: 10.0.0.3, conditions: [{type: Ready, status: "True"}]}
+---
+kind: Pod
+metadata: {name: sidecar, namespace: shop, labels: {app: web}}
+spec:
+  containers: [{name: app}]
+  initContainers: [{name: proxy, restartPolicy: Always, ports: [{name: http, containerPort: 9090}]}]
+status: {podIP: 10.0.0.4, conditions: [{type: Ready, status: "True"}]}
+---
+kind: Pod
+metadata:
+  {name: leaving, namespace: shop, labels: {app: web}, deletionTimestamp: "2026-12-02T10:00:00Z"}
+spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.0.0.5, conditions: [{type: Ready, status: "True"}]}
+"""
+
+
+def test_pods_become_endpoints_as_the_endpointslice_controller_makes_them() -> None:
+    """k8s.io/endpointslice podToEndpoint and ShouldPodBeInEndpoints: a missing Ready
+    condition is not ready, Succeeded and Failed pods are left out, a sidecar init
+    container's named port counts, a terminating ready pod is serving-terminating;
+    publishNotReadyAddresses makes every pod ready."""
+    assert _backends(PODS) == [
+        ("10.0.0.1", "active"),
+        ("10.0.0.2", "maintenance"),
+        ("10.0.0.4", "active"),
+        ("10.0.0.5", "terminating"),
+    ]
+    (svc,) = k8s.services(
+        k8s.load(PODS.replace("  selector:", "  publishNotReadyAddresses: true\n  selector:"))
+    )
+    assert [b.port for b in svc.backends] == [8080, 8080, 9090, 8080]
+    assert {b.state.value for b in svc.backends} == {"active"}
+
+
+def test_endpointslice_cache_merges_slices_as_kube_proxy_does() -> None:
+    """kube-proxy's endpointslicecache: the controller's placeholder slice (no ports, no
+    endpoints) and a slice without the Service's port contribute nothing, FQDN slices
+    are ignored, an endpoint in two slices counts once, and only its first address is
+    used."""
+    manifest = (
+        WEB
+        + _slice("[]", ports="[]", name="web-placeholder")
+        + _slice("[{addresses: [10.0.0.1, 10.0.0.9]}]", name="web-a")
+        + _slice("[{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]", name="web-b")
+        + _slice("[{addresses: [10.0.0.3]}]", ports="[{name: other, port: 1}]", name="web-c")
+        + _slice("[{addresses: [web.example.com]}]", name="web-d", address_type="FQDN")
+    )
+    assert _backends(manifest) == [("10.0.0.1", "active"), ("10.0.0.2", "active")]
+    assert _backends(WEB + _slice("[]", ports="null", name="web-placeholder")) == []
+
+
+def test_services_kube_proxy_does_not_proxy_are_skipped_and_said_so() -> None:
+    """Headless and ExternalName Services, those labelled service.kubernetes.io/
+    service-proxy-name (another proxy's) or service.kubernetes.io/headless, and SCTP ports
+    (kube-proxy proxies them; pyebpflb cannot): skipped, the rest translated, so
+    `kubectl get svc -A -o yaml` applies."""
+    manifest = """\
+kind: List
+items:
+- {kind: Service, metadata: {name: db, namespace: shop},
+   spec: {clusterIP: None, ports: [{port: 5432}]}}
+- {kind: Service, metadata: {name: ext, namespace: shop},
+   spec: {type: ExternalName, externalName: example.com}}
+- {kind: Service,
+   metadata: {name: other, namespace: shop, labels: {service.kubernetes.io/service-proxy-name: x}},
+   spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}}
+- {kind: Service, metadata: {name: sig, namespace: shop},
+   spec: {clusterIP: 10.96.0.12, ports: [{port: 9, protocol: SCTP}, {port: 80}]}}
+"""
+    done = k8s.translate(k8s.load(manifest))
+    assert done.problems == []
+    assert [(s.name, s.port) for s in done.services] == [("shop/sig", 80)]
+    assert done.skipped == [
+        "Service shop/db: headless (clusterIP None: no VIP to balance)",
+        "Service shop/ext: type ExternalName (a DNS name, nothing to proxy)",
+        "Service shop/other: labelled service.kubernetes.io/service-proxy-name (kube-proxy "
+        "does not proxy it)",
+        "Service shop/sig: spec.ports[0]: SCTP is not balanced by pyebpflb",
+    ]
+
+
+def test_every_problem_of_a_manifest_is_reported_at_once_and_the_rest_translated() -> None:
+    manifest = """\
+kind: List
+items:
+- {kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}}
+- {kind: Service, metadata: {name: b}, spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}}
+- {kind: Service, metadata: {name: c},
+   spec: {clusterIP: 10.96.0.3, selector: {x: y}, ports: [{port: 80}]}}
+- {kind: Pod, metadata: {name: p, labels: {x: y}},
+   spec: {containers: [{ports: [{containerPort: 70000}]}]}, status: {podIP: 10.0.0.300}}
+"""
+    done = k8s.translate(k8s.load(manifest))
+    assert [s.name for s in done.services] == ["default/b"]
+    assert done.problems == [
+        "Service default/a: spec.clusterIP '10.96.0.300' is not an IP address",
+        "Pod default/p: status.podIPs: '10.0.0.300' is not an IP address",
+    ]
+    with pytest.raises(k8s.ManifestError, match=r"10\.96\.0\.300.*; Pod default/p"):
+        k8s.services(k8s.load(manifest))
+    bad_port = manifest.replace("10.0.0.300", "10.0.0.1").replace(
+        "selector: {x: y}, ports: [{port: 80}]",
+        "selector: {x: y}, ports: [{port: 80, targetPort: 70000}]",
+    )
+    assert k8s.translate(k8s.load(bad_port)).problems == [
+        "Service default/a: spec.clusterIP '10.96.0.300' is not an IP address",
+        "Pod default/p: containerPort 70000 (for targetPort 70000) must be from 1 to 65535",
+    ]

@@ -19,8 +19,13 @@ and ``healthCheckNodePort`` as they are; Cilium's annotation
 ``service.cilium.io/forwarding-mode: dsr`` as ``forwarding="dsr"``. Each address
 goes with the clusterIP of its family.
 
-Anything that cannot be translated raises :class:`ManifestError` naming the
-object and the field; nothing is returned then, so nothing is applied.
+Which objects and endpoints count is kube-proxy's (``pkg/proxy``,
+``endpointslicecache.go``, ``topology.go`` ``CategorizeEndpoints``) and the
+EndpointSlice controller's (``k8s.io/endpointslice/utils.go``): see
+:func:`translate`. Each Service is translated on its own: :func:`translate`
+returns the services and every problem of the manifest at once (one bad object
+never blocks the others); :func:`services` raises :class:`ManifestError` with all
+of them, so that nothing is applied.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from typing import Any
+
+import attrs
 
 from pyebpflb.model import (
     DEFAULT_AFFINITY_SECONDS,
@@ -40,6 +47,29 @@ from pyebpflb.model import (
 
 class ManifestError(ValueError):
     """A manifest that cannot be translated; the message names the object and field."""
+
+
+# kube-proxy lists Services and EndpointSlices without these labels (its label
+# selector): another proxy serves the first, the second marks a headless Service's.
+IGNORED_LABELS = ("service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless")
+
+
+@attrs.frozen
+class Translation:
+    """What :func:`translate` made of a manifest.
+
+    ``problems``: what could not be translated, one line each naming the object and
+    the field (its Service is left out, the others are not). ``skipped``: objects
+    and ports kube-proxy does not proxy either (headless and ExternalName Services,
+    those labelled for another proxy) or pyebpflb cannot (SCTP), and why.
+    """
+
+    services: list[Service]
+    problems: list[str]
+    skipped: list[str]
+    # Services (namespace/name) whose endpoints the manifest does not hold: no
+    # EndpointSlice of theirs and no Pod their selector matches (`kubectl get svc`).
+    without_endpoints: list[str] = attrs.field(factory=list)
 
 
 def load(text: str) -> list[dict[str, Any]]:
@@ -80,24 +110,66 @@ def _get(obj: dict[str, Any], path: str, default: Any = ...) -> Any:
 
 
 def services(objects: Iterable[dict[str, Any]]) -> list[Service]:
-    """The pyebpflb services of every Kubernetes Service in ``objects``."""
+    """The pyebpflb services of every Kubernetes Service in ``objects``;
+    :class:`ManifestError` listing every problem if any (then none is returned)."""
+    objects = list(objects)
+    done = translate(objects)
+    if done.problems:
+        raise ManifestError("; ".join(done.problems))
+    if not any(o.get("kind") == "Service" for o in objects):
+        raise ManifestError("the manifest has no Service")
+    return done.services
+
+
+def _labelled_away(obj: dict[str, Any]) -> str | None:
+    labels = _get(obj, "metadata.labels", None) or {}
+    return next((label for label in IGNORED_LABELS if label in labels), None)
+
+
+def translate(objects: Iterable[dict[str, Any]]) -> Translation:
+    """Every Kubernetes Service in ``objects``, translated on its own, as kube-proxy
+    would proxy it. Skipped as kube-proxy skips them: headless Services (clusterIP
+    None), ExternalName ones, Services and EndpointSlices labelled
+    ``service.kubernetes.io/service-proxy-name`` or ``service.kubernetes.io/headless``;
+    and SCTP ports (not balanced here). Endpoints: an EndpointSlice's by kube-proxy's
+    rules (the first address of each; FQDN slices and placeholder slices without
+    ports contribute none; the same endpoint in two slices once; ``ready`` ->
+    active, else ``serving`` and ``terminating`` -> terminating, else no new flows);
+    a Pod's by the EndpointSlice controller's (``publishNotReadyAddresses``; a
+    missing Ready condition is not ready; Succeeded, Failed and address-less pods
+    are left out; named ports of sidecar init containers count)."""
     objects = list(objects)
     result: list[Service] = []
+    problems: list[str] = []
+    skipped: list[str] = []
+    without: list[str] = []
     pods = [o for o in objects if o.get("kind") == "Pod"]
-    slices = [o for o in objects if o.get("kind") == "EndpointSlice"]
+    slices = [o for o in objects if o.get("kind") == "EndpointSlice" and _labelled_away(o) is None]
     known = {"Service", "Pod", "EndpointSlice"}
     for obj in objects:
-        if obj.get("kind") not in known:
-            raise ManifestError(
-                f"{_where(obj)}: kind {obj.get('kind')!r} is not translated "
-                "(Service, Pod and EndpointSlice are)"
+        if not isinstance(obj, dict) or obj.get("kind") not in known:
+            kind = obj.get("kind") if isinstance(obj, dict) else None
+            where = _where(obj) if isinstance(obj, dict) else repr(obj)[:60]
+            problems.append(
+                f"{where}: kind {kind!r} is not translated (Service, Pod and EndpointSlice are)"
             )
     for obj in objects:
-        if obj.get("kind") == "Service":
-            result.extend(_translate(obj, pods, slices))
-    if not result:
-        raise ManifestError("the manifest has no Service")
-    return result
+        if not isinstance(obj, dict) or obj.get("kind") != "Service":
+            continue
+        label = _labelled_away(obj)
+        if label is not None:
+            skipped.append(f"{_where(obj)}: labelled {label} (kube-proxy does not proxy it)")
+            continue
+        try:
+            made, left = _translate(obj, pods, slices)
+        except ManifestError as exc:
+            problems.append(str(exc))
+            continue
+        result.extend(made)
+        skipped.extend(left)
+        if made and not _own_slices(obj, slices) and not _selected_pods(obj, pods):
+            without.append(made[0].name)
+    return Translation(result, problems, skipped, without)
 
 
 def _namespace(obj: dict[str, Any]) -> str:
@@ -106,15 +178,22 @@ def _namespace(obj: dict[str, Any]) -> str:
 
 def _translate(
     svc: dict[str, Any], pods: list[dict[str, Any]], slices: list[dict[str, Any]]
-) -> list[Service]:
+) -> tuple[list[Service], list[str]]:
+    """The services of ``svc``, and what of it is skipped (and why)."""
     where = _where(svc)
     name = f"{_namespace(svc)}/{_get(svc, 'metadata.name')}"
     kind = _get(svc, "spec.type", "ClusterIP")
+    if kind == "ExternalName":
+        return [], [f"{where}: type ExternalName (a DNS name, nothing to proxy)"]
     if kind not in ("ClusterIP", "NodePort", "LoadBalancer"):
         raise ManifestError(
-            f"{where}: spec.type {kind!r} is not translated (ClusterIP, NodePort and "
-            "LoadBalancer are)"
+            f"{where}: spec.type {kind!r} is not translated (ClusterIP, NodePort, "
+            "LoadBalancer and ExternalName are)"
         )
+    if _get(svc, "spec.clusterIP", None) in ("None", "") or (
+        _get(svc, "spec.clusterIPs", None) or [None]
+    )[0] in ("None", ""):
+        return [], [f"{where}: headless (clusterIP None: no VIP to balance)"]
     vips = _vips(svc, where)
     north_south = _north_south(svc, kind, where)
     affinity = _affinity(svc, where)
@@ -126,12 +205,16 @@ def _translate(
         raise ManifestError(f"{where}: spec.ports must be a non-empty list")
     own_slices = _own_slices(svc, slices)
     matched = [] if own_slices else _selected_pods(svc, pods)
-    result = []
+    publish = bool(_get(svc, "spec.publishNotReadyAddresses", False))
+    result, skipped = [], []
     for index, port in enumerate(ports):
         field = f"spec.ports[{index}]"
         protocol = str(port.get("protocol", "TCP"))
+        if protocol == "SCTP":
+            skipped.append(f"{where}: {field}: SCTP is not balanced by pyebpflb")
+            continue
         if protocol not in ("TCP", "UDP"):
-            raise ManifestError(f"{where}: {field}.protocol {protocol!r} (TCP or UDP)")
+            raise ManifestError(f"{where}: {field}.protocol {protocol!r} (TCP, UDP or SCTP)")
         if "port" not in port:
             raise ManifestError(f"{where}: {field}.port is missing")
         target = port.get("targetPort", port["port"])
@@ -139,7 +222,7 @@ def _translate(
             if own_slices:
                 backends = _from_slices(own_slices, port, vip.version, protocol)
             else:
-                backends = _from_pods(matched, target, vip.version, protocol, where, field)
+                backends = _from_pods(matched, target, vip.version, protocol, publish)
             try:
                 result.append(
                     Service(
@@ -155,7 +238,7 @@ def _translate(
                 )
             except ValueError as exc:
                 raise ManifestError(f"{where}: {field}: {exc}") from None
-    return result
+    return result, skipped
 
 
 # Cilium's per-service choice between SNAT and direct server return.
@@ -248,9 +331,7 @@ def _vips(svc: dict[str, Any], where: str) -> list[ipaddress.IPv4Address | ipadd
     vips = []
     for ip in ips:
         if ip in (None, "None", ""):
-            raise ManifestError(
-                f"{where}: spec.clusterIP {ip!r}: a headless service has no VIP to balance"
-            )
+            raise ManifestError(f"{where}: spec.clusterIP is missing")
         try:
             vips.append(ipaddress.ip_address(str(ip)))
         except ValueError:
@@ -293,85 +374,121 @@ def _selected_pods(svc: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict
     ]
 
 
-def _state(ready: bool, terminating: bool) -> BackendState:
-    if terminating:
+def _state(ready: bool, serving: bool, terminating: bool) -> BackendState:
+    """kube-proxy's use of an endpoint: ready ones take new flows; when a service has
+    none, serving-and-terminating ones do (``CategorizeEndpoints``); the rest none."""
+    if ready:
+        return BackendState.ACTIVE
+    if serving and terminating:
         return BackendState.TERMINATING
-    return BackendState.ACTIVE if ready else BackendState.MAINTENANCE
+    return BackendState.MAINTENANCE
+
+
+def _container_port(pod: dict[str, Any], name: str, protocol: str) -> Any:
+    """The number of a pod's named port (``podutil.FindPort``): its containers', then
+    its sidecars' (init containers with ``restartPolicy: Always``); None if none."""
+    spec = _get(pod, "spec", {}) or {}
+    sidecars = [c for c in spec.get("initContainers") or [] if c.get("restartPolicy") == "Always"]
+    for container in [*(spec.get("containers") or []), *sidecars]:
+        for port in container.get("ports") or []:
+            if port.get("name") == name and port.get("protocol", "TCP") == protocol:
+                return port.get("containerPort")
+    return None
 
 
 def _from_pods(
-    pods: list[dict[str, Any]], target: Any, family: int, protocol: str, where: str, field: str
+    pods: list[dict[str, Any]], target: Any, family: int, protocol: str, publish: bool
 ) -> list[Backend]:
+    """Endpoints of the selected pods, as the EndpointSlice controller makes them
+    (``ShouldPodBeInEndpoints``, ``podToEndpoint``)."""
     backends = []
     for pod in pods:
         pod_where = _where(pod)
-        if isinstance(target, int):
-            number = target
-        else:
-            found = [
-                p["containerPort"]
-                for c in _get(pod, "spec.containers", [])
-                for p in c.get("ports") or []
-                if p.get("name") == target and p.get("protocol", "TCP") == protocol
-            ]
-            if not found:
-                raise ManifestError(
-                    f"{where}: {field}.targetPort {target!r} names no {protocol} containerPort "
-                    f"of {pod_where}"
-                )
-            number = found[0]
+        if _get(pod, "status.phase", None) in ("Succeeded", "Failed"):
+            continue  # ended: never an endpoint
         addresses = [a.get("ip") for a in _get(pod, "status.podIPs", None) or []] or [
             _get(pod, "status.podIP", None)
         ]
-        if not any(addresses):
-            raise ManifestError(f"{pod_where}: status.podIP is missing (the pod has no address)")
-        conditions = {c.get("type"): c.get("status") for c in _get(pod, "status.conditions", [])}
-        ready = conditions.get("Ready", "True") == "True"
-        terminating = bool(_get(pod, "metadata.deletionTimestamp", None))
-        node = _get(pod, "spec.nodeName", None) or None
+        ips = []
         for address in addresses:
-            ip = ipaddress.ip_address(address)
-            if ip.version == family:
-                backends.append(Backend(ip, number, state=_state(ready, terminating), node=node))
+            if not address:
+                continue
+            try:
+                ips.append(ipaddress.ip_address(str(address)))
+            except ValueError:
+                raise ManifestError(
+                    f"{pod_where}: status.podIPs: {address!r} is not an IP address"
+                ) from None
+        ip = next((a for a in ips if a.version == family), None)
+        if ip is None:
+            continue  # no address (yet) of this family: not an endpoint
+        number = target if isinstance(target, int) else _container_port(pod, target, protocol)
+        if number is None:
+            continue  # the controller leaves a pod without the named port out
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+            raise ManifestError(
+                f"{pod_where}: containerPort {number!r} (for targetPort {target!r}) must be "
+                "from 1 to 65535"
+            )
+        conditions = {c.get("type"): c.get("status") for c in _get(pod, "status.conditions", [])}
+        serving = conditions.get("Ready") == "True"  # no Ready condition: not ready
+        terminating = bool(_get(pod, "metadata.deletionTimestamp", None))
+        ready = publish or (serving and not terminating)
+        node = _get(pod, "spec.nodeName", None) or None
+        backends.append(Backend(ip, number, state=_state(ready, serving, terminating), node=node))
     return backends
 
 
 def _from_slices(
     slices: list[dict[str, Any]], port: dict[str, Any], family: int, protocol: str
 ) -> list[Backend]:
-    backends = []
-    for piece in slices:
+    """Endpoints of a Service's slices for one of its ports, as kube-proxy's
+    endpointslicecache reads them: the slices of the family that have the port (a
+    placeholder slice has none), the first address of each endpoint, and each
+    address:port once (the first slice that names it wins)."""
+    backends: list[Backend] = []
+    seen: set[tuple[Any, int]] = set()
+    for piece in sorted(slices, key=lambda s: str(_get(s, "metadata.name", ""))):
         where = _where(piece)
-        address_type = _get(piece, "addressType")
+        address_type = _get(piece, "addressType", None)
+        if address_type == "FQDN":
+            continue  # kube-proxy ignores FQDN slices
         if address_type not in ("IPv4", "IPv6"):
-            raise ManifestError(f"{where}: addressType {address_type!r} (IPv4 or IPv6)")
+            raise ManifestError(f"{where}: addressType {address_type!r} (IPv4, IPv6 or FQDN)")
         if int(address_type[-1]) != family:
             continue
         numbers = [
             p.get("port")
             for p in _get(piece, "ports", []) or []
-            if p.get("name", "") == port.get("name", "") and p.get("protocol", "TCP") == protocol
+            if (p.get("name") or "") == (port.get("name") or "")
+            and p.get("protocol", "TCP") == protocol
         ]
         if not numbers or numbers[0] is None:
-            raise ManifestError(
-                f"{where}: ports has no {protocol} port named {port.get('name', '')!r}"
-            )
+            continue  # this slice has no endpoints for this port
+        number = numbers[0]
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+            raise ManifestError(f"{where}: ports: {number!r} must be from 1 to 65535")
         for index, endpoint in enumerate(_get(piece, "endpoints", []) or []):
+            addresses = endpoint.get("addresses") or []
+            if not addresses:
+                continue
+            try:
+                ip = ipaddress.ip_address(str(addresses[0]))  # kube-proxy uses the first
+            except ValueError:
+                raise ManifestError(
+                    f"{where}: endpoints[{index}].addresses: {addresses[0]!r} is not an IP"
+                ) from None
+            if (ip, number) in seen:
+                continue
+            seen.add((ip, number))
             conditions = endpoint.get("conditions") or {}
-            ready = conditions.get("ready", True) is not False
-            terminating = conditions.get("terminating", False) is True
+            ready = conditions.get("ready") is not False  # nil: ready
+            serving = ready if conditions.get("serving") is None else conditions["serving"]
+            terminating = conditions.get("terminating") is True
             node = endpoint.get("nodeName") or None
-            for address in endpoint.get("addresses") or []:
-                try:
-                    ip = ipaddress.ip_address(address)
-                except ValueError:
-                    raise ManifestError(
-                        f"{where}: endpoints[{index}].addresses: {address!r} is not an IP"
-                    ) from None
-                backends.append(
-                    Backend(ip, numbers[0], state=_state(ready, terminating), node=node)
-                )
+            state = _state(ready, serving is True, terminating)
+            backends.append(Backend(ip, number, state=state, node=node))
     return backends
 
 
-__all__ = ["ManifestError", "load", "services"]
+__all__ = ["IGNORED_LABELS", "ManifestError", "Translation", "load", "services", "translate"]

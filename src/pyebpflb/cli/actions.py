@@ -83,27 +83,55 @@ def _read(path: str) -> str:
         raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _translate(path: str) -> list[Any]:
+def _translate(path: str) -> Any:
     from pyebpflb import k8s
 
     try:
-        return k8s.services(k8s.load(_read(path)))
+        objects = k8s.load(_read(path))
     except k8s.ManifestError as exc:
         raise click.ClickException(f"{path}: {exc}; nothing was applied") from None
+    done = k8s.translate(objects)
+    if done.problems:
+        listed = "".join(f"\n  {problem}" for problem in done.problems)
+        raise click.ClickException(f"{path}: nothing was applied:{listed}")
+    if not any(o.get("kind") == "Service" for o in objects):
+        raise click.ClickException(f"{path}: the manifest has no Service; nothing was applied")
+    for reason in done.skipped:
+        click.echo(f"skipped {reason}", err=True)
+    return done
 
 
 @main_group.command()
 @click.option("-f", "--filename", "path", required=True, help="manifest file (- for stdin)")
+@click.option(
+    "--replace-endpoints",
+    is_flag=True,
+    help="a Service whose endpoints the manifest does not hold gets none (default: it keeps "
+    "the backends it has, as `kubectl apply` of Services leaves their EndpointSlices alone)",
+)
 @OUTPUT
 @pass_context
-def apply(ctx: Context, path: str, output: str) -> None:
+def apply(ctx: Context, path: str, replace_endpoints: bool, output: str) -> None:
     """Apply Kubernetes Services (+ Pods or EndpointSlices) from a manifest."""
-    wanted = _translate(path)
+    done = _translate(path)
+    wanted = done.services
     names = {s.name for s in wanted}
     keys = {s.key for s in wanted}
     with ctx.datapath(create=True) as dp:
         with dp.write_lock():  # no other writer between the read and the sync
-            kept = [s for s in dp.services if s.name not in names and s.key not in keys]
+            installed = dp.services
+            if not replace_endpoints:
+                # Endpoints come from elsewhere (`kubectl get svc -A -o yaml` holds no
+                # Pods or EndpointSlices): what the datapath has stays.
+                held = {s.key: s for s in installed}
+                elsewhere = set(done.without_endpoints)
+                wanted = [
+                    s.with_backends(held[s.key].backends)
+                    if s.name in elsewhere and s.key in held
+                    else s
+                    for s in wanted
+                ]
+            kept = [s for s in installed if s.name not in names and s.key not in keys]
             dp.sync(kept + wanted)
         if not dp.interfaces:
             click.echo(
@@ -124,7 +152,7 @@ def apply(ctx: Context, path: str, output: str) -> None:
 @pass_context
 def delete(ctx: Context, path: str, output: str) -> None:
     """Remove the Services of a manifest."""
-    wanted = _translate(path)
+    wanted = _translate(path).services
     names = {s.name for s in wanted}
     with ctx.datapath(writes=True) as dp, dp.write_lock():
         before = dp.services
