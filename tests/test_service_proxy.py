@@ -1,0 +1,124 @@
+"""pyebpflb.k8s.ServiceProxy: Services and EndpointSlices as a watch delivers them,
+programmed into a real datapath in the sandbox and checked with real traffic."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import PIN_ROOT
+
+import pyebpflb as lb
+from pyebpflb import k8s
+from pyebpflb.testing.sandbox import Sandbox
+
+pytestmark = pytest.mark.kernel
+
+VIP = "10.96.0.10"
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(backends=3) as built:
+        yield built
+
+
+@pytest.fixture
+def dp(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[lb.Datapath]:
+    name = f"t{os.getpid()}-{request.node.name}"[:60]
+    with lb.Datapath(name, netns=sandbox.lb.netns, pin_root=PIN_ROOT) as datapath:
+        datapath.attach(sandbox.lb.iface)
+        yield datapath
+
+
+def service(cluster_ip: str = VIP) -> dict[str, Any]:
+    """A Service as a list's items come: no kind."""
+    return {
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": cluster_ip, "ports": [{"name": "http", "port": 80,
+                                                     "targetPort": 8080}]},
+    }  # fmt: skip
+
+
+def endpointslice(sandbox: Sandbox, states: dict[int, dict[str, bool]]) -> dict[str, Any]:
+    """Backend index -> its conditions."""
+    return {
+        "metadata": {"name": "web-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [str(sandbox.backends[i].ipv4)], "conditions": c}
+                      for i, c in states.items()],
+    }  # fmt: skip
+
+
+def answers(sandbox: Sandbox, count: int = 30) -> set[str]:
+    return {sandbox.http_get(VIP, 80) for _ in range(count)}
+
+
+def test_nothing_is_programmed_before_both_lists_arrived(sandbox: Sandbox, dp: lb.Datapath) -> None:
+    """kube-proxy's isInitialized: a Service seen before its EndpointSlices would be
+    programmed with no endpoints and refuse connections."""
+    proxy = k8s.ServiceProxy(dp, min_sync_period=0)
+    proxy.on_service("ADDED", service())
+    proxy.mark_synced("Service")
+    assert proxy.sync() is False and dp.services == []
+    proxy.on_endpointslice("ADDED", endpointslice(sandbox, {0: {"ready": True}}))
+    proxy.mark_synced("EndpointSlice")
+    assert proxy.sync() is True
+    assert answers(sandbox) == {"backend-1"}
+
+
+def test_changes_through_the_watch_are_followed_by_traffic(
+    sandbox: Sandbox, dp: lb.Datapath
+) -> None:
+    now = [100.0]
+    proxy = k8s.ServiceProxy(dp, min_sync_period=1.0, clock=lambda: now[0])
+    proxy.replace_all([service()], [endpointslice(sandbox, {0: {"ready": True}})])
+    assert proxy.sync()
+    assert answers(sandbox) == {"backend-1"}
+    # Scaled up: a second ready endpoint.
+    proxy.on_endpointslice("MODIFIED", endpointslice(sandbox, {0: {"ready": True},
+                                                                1: {"ready": True}}))  # fmt: skip
+    assert proxy.sync() is False and proxy.pending  # minSyncPeriod: not yet
+    now[0] += 1.0
+    assert proxy.sync() and not proxy.pending
+    assert answers(sandbox) == {"backend-1", "backend-2"}
+    # backend-1 terminating but serving: an open connection to it goes on; new ones go
+    # to backend-2 (kube-proxy falls back to it only when nothing is ready).
+    with sandbox.connection(VIP, 80) as open_conn:
+        first = open_conn.get()
+        terminating = {"ready": False, "serving": True, "terminating": True}
+        if first == "backend-1":
+            states = {0: terminating, 1: {"ready": True}}
+        else:
+            states = {0: {"ready": True}, 1: terminating}
+        proxy.on_endpointslice("MODIFIED", endpointslice(sandbox, states))
+        assert proxy.sync(force=True)
+        assert answers(sandbox) == ({"backend-2"} if first == "backend-1" else {"backend-1"})
+        assert open_conn.get() == first
+    # A malformed Service is reported and skipped; the rest goes on.
+    other = service("10.96.0.300")
+    other["metadata"] = {"name": "broken", "namespace": "shop"}
+    proxy.on_service("ADDED", other)
+    assert proxy.sync(force=True)
+    (event,) = proxy.events
+    assert event["reason"] == "FailedToProgram" and event["involvedObject"]["name"] == "broken"
+    assert "10.96.0.300" in event["message"]
+    assert [s.name for s in dp.services] == ["shop/web"]
+    # Deleted: gone from the datapath.
+    proxy.on_service("DELETED", service())
+    assert proxy.sync(force=True)
+    assert dp.services == []
+
+
+def test_bad_events_and_kinds_are_refused(dp: lb.Datapath) -> None:
+    proxy = k8s.ServiceProxy(dp)
+    with pytest.raises(ValueError, match="event must be one of ADDED, MODIFIED, DELETED"):
+        proxy.on_service("UPDATED", service())
+    with pytest.raises(ValueError, match="kind must be 'Service' or 'EndpointSlice'"):
+        proxy.mark_synced("Pod")
+    with pytest.raises(ValueError, match="min_sync_period must be >= 0 seconds"):
+        k8s.ServiceProxy(dp, min_sync_period=-1)
