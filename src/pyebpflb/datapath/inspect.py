@@ -139,13 +139,7 @@ class Inspector:
             dead = [(key, entry) for key, entry, flow in entries if id(flow) not in live]
             deleted = 0
             for key, entry in dead:
-                # A packet may have revived (or replaced) it since it was read.
-                now_there = bpf_map.lookup(key)
-                if now_there is None or int(now_there.last_seen_ns) != int(entry.last_seen_ns):
-                    continue
-                with contextlib.suppress(KeyError):
-                    bpf_map.delete(key)
-                    deleted += 1
+                deleted += _delete_if_unchanged(bpf_map, key, entry)
             if deleted:
                 self._count_collected(index, deleted)
             gone += deleted
@@ -187,12 +181,7 @@ class Inspector:
             partner = entries.get(maps.snat_partner(key, entry))
             if partner is not None and not idle(partner, proto):
                 continue
-            now_there = bpf_map.lookup(raw_key)
-            if now_there is None or int(now_there.last_seen_ns) != int(entry.last_seen_ns):
-                continue
-            with contextlib.suppress(KeyError):
-                bpf_map.delete(raw_key)
-                deleted += 1
+            deleted += _delete_if_unchanged(bpf_map, raw_key, entry)
         return deleted
 
     def _forget_gone_backends(self, referenced: set[int]) -> None:
@@ -339,3 +328,16 @@ def _flow(key: Any, entry: Any, config: Any, names: dict[int, str], now: int) ->
         created_ns=int(entry.created_ns),
         half_closed=not closing and bool(flags & _FIN_EITHER),
     )
+
+
+def _delete_if_unchanged(bpf_map: Any, key: Any, entry: Any) -> int:
+    """Delete a dead entry read before, unless a packet revived (or replaced) it since:
+    1 when deleted."""
+    now_there = bpf_map.lookup(key)
+    if now_there is None or int(now_there.last_seen_ns) != int(entry.last_seen_ns):
+        return 0
+    try:
+        bpf_map.delete(key)
+    except KeyError:
+        return 0
+    return 1
