@@ -228,9 +228,115 @@ spec:
 """
 
 
-def _backends(manifest: str) -> list[tuple[str, str]]:
-    (svc,) = k8s.services(k8s.load(manifest))
+def _backends(manifest: str, node: lb.Node | None = None) -> list[tuple[str, str]]:
+    done = k8s.translate(k8s.load(manifest), node=node)
+    assert done.problems == []
+    (svc,) = done.services
     return [(str(b.address), b.state.value) for b in svc.backends]
+
+
+ZONE_A = lb.Node("node-1", zone="zone-a")
+
+
+def test_topology_hints_prefer_the_zone_of_the_node() -> None:
+    """kube-proxy's topologyModeFromHints (pkg/proxy/topology_test.go "hints enabled,
+    hints annotation == auto"): every ready endpoint hinted, one for this zone: only
+    those of the zone take new flows; the others keep their connections."""
+    endpoints = """
+- {addresses: [10.0.0.1], hints: {forZones: [{name: zone-a}]}}
+- {addresses: [10.0.0.2], hints: {forZones: [{name: zone-b}]}}
+- {addresses: [10.0.0.3], hints: {forZones: [{name: zone-b}, {name: zone-a}]}}
+"""
+    assert _backends(WEB + _slice(endpoints), ZONE_A) == [
+        ("10.0.0.1", "active"),
+        ("10.0.0.2", "maintenance"),
+        ("10.0.0.3", "active"),
+    ]
+    # No node (a manifest applied from anywhere), or a node without a zone: no topology.
+    assert _backends(WEB + _slice(endpoints)) == [
+        ("10.0.0.1", "active"),
+        ("10.0.0.2", "active"),
+        ("10.0.0.3", "active"),
+    ]
+    assert [s for _, s in _backends(WEB + _slice(endpoints), lb.Node("n"))] == ["active"] * 3
+
+
+def test_topology_hints_are_ignored_unless_every_ready_endpoint_has_them() -> None:
+    """topology_test.go "hints, but one endpoint is missing hints" and "hints, no
+    endpoint for this zone": either way every ready endpoint takes new flows (not-ready
+    endpoints' hints do not count)."""
+    missing = """
+- {addresses: [10.0.0.1], hints: {forZones: [{name: zone-a}]}}
+- {addresses: [10.0.0.2]}
+- {addresses: [10.0.0.3], conditions: {ready: false}}
+"""
+    assert _backends(WEB + _slice(missing), ZONE_A) == [
+        ("10.0.0.1", "active"),
+        ("10.0.0.2", "active"),
+        ("10.0.0.3", "maintenance"),
+    ]
+    elsewhere = "[{addresses: [10.0.0.1], hints: {forZones: [{name: zone-b}]}}]"
+    assert _backends(WEB + _slice(elsewhere), ZONE_A) == [("10.0.0.1", "active")]
+
+
+def test_topology_falls_back_to_serving_terminating_endpoints() -> None:
+    """CategorizeEndpoints: topology picks among ready endpoints; with none ready the
+    serving-and-terminating ones take new flows whatever their hints."""
+    endpoints = """
+- {addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true},
+   hints: {forZones: [{name: zone-b}]}}
+"""
+    assert _backends(WEB + _slice(endpoints), ZONE_A) == [("10.0.0.1", "terminating")]
+
+
+def test_prefer_same_node_hints_win_over_zone_hints() -> None:
+    """topology_test.go "PreferSameNode" (trafficDistribution: PreferSameNode, KEP-3015):
+    forNodes naming this node beat forZones; forNodes for other nodes only: the zone."""
+    endpoints = """
+- {addresses: [10.0.0.1], hints: {forNodes: [{name: node-1}], forZones: [{name: zone-a}]}}
+- {addresses: [10.0.0.2], hints: {forNodes: [{name: node-2}], forZones: [{name: zone-a}]}}
+- {addresses: [10.0.0.3], hints: {forNodes: [{name: node-3}], forZones: [{name: zone-b}]}}
+"""
+    assert _backends(WEB + _slice(endpoints), ZONE_A) == [
+        ("10.0.0.1", "active"),
+        ("10.0.0.2", "maintenance"),
+        ("10.0.0.3", "maintenance"),
+    ]
+    assert _backends(WEB + _slice(endpoints), lb.Node("node-4", zone="zone-a")) == [
+        ("10.0.0.1", "active"),
+        ("10.0.0.2", "active"),
+        ("10.0.0.3", "maintenance"),
+    ]
+
+
+def test_traffic_distribution_of_pods_is_hinted_as_the_controller_would() -> None:
+    """Endpoints made from Pods get the EndpointSlice controller's hints
+    (pkg/controller/endpointslice trafficdist: PreferClose -> the zone of the pod's
+    node), the zones read from the manifest's Nodes."""
+    manifest = """kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  trafficDistribution: PreferClose
+  ports: [{port: 80, targetPort: 8080}]
+---
+kind: Node
+metadata: {name: node-1, labels: {topology.kubernetes.io/zone: zone-a}}
+---
+kind: Node
+metadata: {name: node-2, labels: {topology.kubernetes.io/zone: zone-b}}
+"""
+    for index, where in enumerate(["node-1", "node-2"], start=1):
+        manifest += f"""---
+kind: Pod
+metadata: {{name: p{index}, namespace: shop, labels: {{app: web}}}}
+spec: {{nodeName: {where}, containers: [{{name: c}}]}}
+status: {{podIP: 10.0.0.{index}, conditions: [{{type: Ready, status: "True"}}]}}
+"""
+    assert _backends(manifest, ZONE_A) == [("10.0.0.1", "active"), ("10.0.0.2", "maintenance")]
+    without = manifest.replace("  trafficDistribution: PreferClose\n", "")
+    assert _backends(without, ZONE_A) == [("10.0.0.1", "active"), ("10.0.0.2", "active")]
 
 
 def test_categorize_endpoints_falls_back_only_to_serving_terminating_ones() -> None:

@@ -41,6 +41,7 @@ from pyebpflb.model import (
     Address,
     Backend,
     BackendState,
+    Node,
     Service,
 )
 
@@ -126,7 +127,10 @@ def _labelled_away(obj: dict[str, Any]) -> str | None:
     return next((label for label in IGNORED_LABELS if label in labels), None)
 
 
-def translate(objects: Iterable[dict[str, Any]]) -> Translation:
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+def translate(objects: Iterable[dict[str, Any]], *, node: Node | None = None) -> Translation:
     """Every Kubernetes Service in ``objects``, translated on its own, as kube-proxy
     would proxy it. Skipped as kube-proxy skips them: headless Services (clusterIP
     None), ExternalName ones, Services and EndpointSlices labelled
@@ -137,7 +141,16 @@ def translate(objects: Iterable[dict[str, Any]]) -> Translation:
     active, else ``serving`` and ``terminating`` -> terminating, else no new flows);
     a Pod's by the EndpointSlice controller's (``publishNotReadyAddresses``; a
     missing Ready condition is not ready; Succeeded, Failed and address-less pods
-    are left out; named ports of sidecar init containers count)."""
+    are left out; named ports of sidecar init containers count).
+
+    Topology, as kube-proxy on ``node`` (its name and zone) applies it
+    (``topologyModeFromHints``): when every ready endpoint of a port has a
+    ``hints.forNodes`` and one names this node, only those take new flows; else when
+    every one has ``hints.forZones`` and one names the node's zone, only those. The
+    others keep their connections (``maintenance``). Endpoints made from Pods get the
+    hints the EndpointSlice controller would write for ``spec.trafficDistribution``
+    (``PreferClose``/``PreferSameZone``: the zone of the pod's node, from the Node
+    objects of the manifest; ``PreferSameNode``: its node too)."""
     objects = list(objects)
     result: list[Service] = []
     problems: list[str] = []
@@ -145,13 +158,21 @@ def translate(objects: Iterable[dict[str, Any]]) -> Translation:
     without: list[str] = []
     pods = [o for o in objects if o.get("kind") == "Pod"]
     slices = [o for o in objects if o.get("kind") == "EndpointSlice" and _labelled_away(o) is None]
-    known = {"Service", "Pod", "EndpointSlice"}
+    zones = {
+        str(_get(o, "metadata.name", "")): str((_get(o, "metadata.labels", {}) or {})[ZONE_LABEL])
+        for o in objects
+        if isinstance(o, dict)
+        and o.get("kind") == "Node"
+        and ZONE_LABEL in (_get(o, "metadata.labels", {}) or {})
+    }
+    known = {"Service", "Pod", "EndpointSlice", "Node"}
     for obj in objects:
         if not isinstance(obj, dict) or obj.get("kind") not in known:
             kind = obj.get("kind") if isinstance(obj, dict) else None
             where = _where(obj) if isinstance(obj, dict) else repr(obj)[:60]
             problems.append(
-                f"{where}: kind {kind!r} is not translated (Service, Pod and EndpointSlice are)"
+                f"{where}: kind {kind!r} is not translated (Service, Pod, EndpointSlice and "
+                "Node are)"
             )
     for obj in objects:
         if not isinstance(obj, dict) or obj.get("kind") != "Service":
@@ -161,7 +182,7 @@ def translate(objects: Iterable[dict[str, Any]]) -> Translation:
             skipped.append(f"{_where(obj)}: labelled {label} (kube-proxy does not proxy it)")
             continue
         try:
-            made, left = _translate(obj, pods, slices)
+            made, left = _translate(obj, pods, slices, _Topology(node, zones))
         except ManifestError as exc:
             problems.append(str(exc))
             continue
@@ -176,8 +197,57 @@ def _namespace(obj: dict[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("namespace") or "default")
 
 
+@attrs.frozen
+class _Topology:
+    """Where the translation is for (the datapath's node) and the zones of nodes."""
+
+    node: Node | None
+    zones: dict[str, str]
+
+    def hints(self, svc: dict[str, Any], node: str | None) -> _Hints:
+        """The hints the EndpointSlice controller writes for an endpoint of a pod on
+        ``node`` (``trafficdist``: PreferClose/PreferSameZone its zone, PreferSameNode
+        its node and zone)."""
+        distribution = _get(svc, "spec.trafficDistribution", None)
+        zone = self.zones.get(node or "")
+        if distribution not in ("PreferClose", "PreferSameZone", "PreferSameNode") or not zone:
+            return _Hints()
+        nodes = frozenset([node]) if distribution == "PreferSameNode" and node else frozenset()
+        return _Hints(frozenset([zone]), nodes)
+
+    def apply(self, endpoints: list[tuple[Backend, _Hints]]) -> list[Backend]:
+        """kube-proxy's ``topologyModeFromHints`` and ``availableForTopology``: the ready
+        endpoints outside the mode this node uses take no new flows."""
+        backends = [backend for backend, _ in endpoints]
+        ready = [(b, h) for b, h in endpoints if b.state is BackendState.ACTIVE]
+        if self.node is None or not ready:
+            return backends
+        name, zone = self.node.name, self.node.zone
+        if all(h.nodes for _, h in ready) and any(name in h.nodes for _, h in ready):
+            keep = [name in h.nodes for _, h in endpoints]
+        elif all(h.zones for _, h in ready) and any(zone and zone in h.zones for _, h in ready):
+            keep = [zone in h.zones for _, h in endpoints]
+        else:
+            return backends
+        return [
+            attrs.evolve(b, state=BackendState.MAINTENANCE)
+            if b.state is BackendState.ACTIVE and not kept
+            else b
+            for b, kept in zip(backends, keep, strict=True)
+        ]
+
+
+@attrs.frozen
+class _Hints:
+    zones: frozenset[str] = frozenset()
+    nodes: frozenset[str] = frozenset()
+
+
 def _translate(
-    svc: dict[str, Any], pods: list[dict[str, Any]], slices: list[dict[str, Any]]
+    svc: dict[str, Any],
+    pods: list[dict[str, Any]],
+    slices: list[dict[str, Any]],
+    topology: _Topology,
 ) -> tuple[list[Service], list[str]]:
     """The services of ``svc``, and what of it is skipped (and why)."""
     where = _where(svc)
@@ -220,9 +290,13 @@ def _translate(
         target = port.get("targetPort", port["port"])
         for vip in vips:
             if own_slices:
-                backends = _from_slices(own_slices, port, vip.version, protocol)
+                endpoints = _from_slices(own_slices, port, vip.version, protocol)
             else:
-                backends = _from_pods(matched, target, vip.version, protocol, publish)
+                endpoints = [
+                    (b, topology.hints(svc, b.node))
+                    for b in _from_pods(matched, target, vip.version, protocol, publish)
+                ]
+            backends = topology.apply(endpoints)
             try:
                 result.append(
                     Service(
@@ -441,12 +515,12 @@ def _from_pods(
 
 def _from_slices(
     slices: list[dict[str, Any]], port: dict[str, Any], family: int, protocol: str
-) -> list[Backend]:
+) -> list[tuple[Backend, _Hints]]:
     """Endpoints of a Service's slices for one of its ports, as kube-proxy's
     endpointslicecache reads them: the slices of the family that have the port (a
     placeholder slice has none), the first address of each endpoint, and each
-    address:port once (the first slice that names it wins)."""
-    backends: list[Backend] = []
+    address:port once (the first slice that names it wins); with their hints."""
+    backends: list[tuple[Backend, _Hints]] = []
     seen: set[tuple[Any, int]] = set()
     for piece in sorted(slices, key=lambda s: str(_get(s, "metadata.name", ""))):
         where = _where(piece)
@@ -487,7 +561,12 @@ def _from_slices(
             terminating = conditions.get("terminating") is True
             node = endpoint.get("nodeName") or None
             state = _state(ready, serving is True, terminating)
-            backends.append(Backend(ip, number, state=state, node=node))
+            hints = endpoint.get("hints") or {}
+            found = _Hints(
+                frozenset(str(z.get("name")) for z in hints.get("forZones") or [] if z.get("name")),
+                frozenset(str(n.get("name")) for n in hints.get("forNodes") or [] if n.get("name")),
+            )
+            backends.append((Backend(ip, number, state=state, node=node), found))
     return backends
 
 
@@ -507,6 +586,7 @@ class ServiceProxy:
     syncs are at least ``min_sync_period`` seconds apart (``minSyncPeriod``; ``sync``
     returns False when it is too early, and :attr:`pending` says a change waits);
     objects labelled for another proxy or headless are ignored (its label selector).
+    ``node`` (default: the datapath's) is whose topology hints count.
     A Service that cannot be translated keeps what it had, and its problem is recorded
     in :attr:`events` as a Kubernetes Event (``type: Warning``, ``reason:
     FailedToProgram``) and logged; the others are programmed.
@@ -516,6 +596,7 @@ class ServiceProxy:
         self,
         datapath: Any,
         *,
+        node: Node | None = None,
         min_sync_period: float = 1.0,
         clock: Any = None,
     ) -> None:
@@ -525,7 +606,11 @@ class ServiceProxy:
             raise ValueError(f"min_sync_period must be seconds, got {min_sync_period!r}")
         if min_sync_period < 0:
             raise ValueError(f"min_sync_period must be >= 0 seconds, got {min_sync_period!r}")
+        if node is not None and not isinstance(node, Node):
+            raise ValueError(f"node must be a pyebpflb.Node (its name and zone), got {node!r}")
         self.datapath = datapath
+        # Topology hints and Local traffic policies are the node's: the datapath's.
+        self.node = node if node is not None else getattr(datapath, "node", None)
         self.min_sync_period = float(min_sync_period)
         self._clock = clock or time.monotonic
         self._services: dict[Ref, dict[str, Any]] = {}
@@ -621,7 +706,7 @@ class ServiceProxy:
             if obj is None:
                 wanted: list[Service] = []
             else:
-                done = translate([obj, *self._slices.get(ref, {}).values()])
+                done = translate([obj, *self._slices.get(ref, {}).values()], node=self.node)
                 if done.problems:
                     for problem in done.problems:
                         logging.getLogger("pyebpflb.k8s").warning("%s", problem)
@@ -670,6 +755,7 @@ def _event(obj: dict[str, Any], message: str) -> dict[str, Any]:
 __all__ = [
     "EVENTS",
     "IGNORED_LABELS",
+    "ZONE_LABEL",
     "ManifestError",
     "ServiceProxy",
     "Translation",
