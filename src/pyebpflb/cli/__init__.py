@@ -6,7 +6,7 @@ Human tables by default, ``-o json`` for scripts. Every command but ``demo``,
 ``$PYEBPFLB_NETNS`` to reach one in another network namespace).
 """
 
-from pyebpflb.cli import actions, lifecycle, state  # noqa: F401  (they add their commands)
+from pyebpflb.cli import actions, agent, lifecycle, state  # noqa: F401  (they add their commands)
 from pyebpflb.cli.base import main, main_group
 
 __all__ = ["main", "main_group"]

@@ -1,0 +1,36 @@
+"""pyebpflb and Kubernetes: Services and EndpointSlices as kube-proxy reads them.
+
+- :func:`translate` / :func:`services` / :func:`load`: manifests (``kubectl get -o
+  yaml``) to pyebpflb services, with kube-proxy's semantics (pure Python).
+- :class:`ServiceProxy`: the caches, the initial-sync gate and the debounced,
+  incremental programming of a datapath from watch events, for a controller that
+  has its own watches (kopf, controller-runtime ports, a script).
+- :func:`run` / :class:`Watcher`: the list-and-watch loop itself on the official
+  ``kubernetes`` client (``pip install 'pyebpflb[kubernetes]'``), as the agent runs it.
+"""
+
+from pyebpflb.k8s.proxy import EVENTS, ServiceProxy
+from pyebpflb.k8s.translate import (
+    IGNORED_LABELS,
+    ZONE_LABEL,
+    ManifestError,
+    Translation,
+    load,
+    services,
+    translate,
+)
+from pyebpflb.k8s.watch import Watcher, run
+
+__all__ = [
+    "EVENTS",
+    "IGNORED_LABELS",
+    "ZONE_LABEL",
+    "ManifestError",
+    "ServiceProxy",
+    "Translation",
+    "Watcher",
+    "load",
+    "run",
+    "services",
+    "translate",
+]

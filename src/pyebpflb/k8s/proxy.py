@@ -1,0 +1,234 @@
+"""kube-proxy's service half as a library: :class:`ServiceProxy` keeps the Services and
+EndpointSlices a watch delivers and programs a datapath with what changed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pyebpflb.k8s.translate import _get, _labelled_away, _namespace, translate
+from pyebpflb.model import Node, Service
+
+EVENTS = ("ADDED", "MODIFIED", "DELETED")
+Ref = tuple[str, str]  # (namespace, name)
+
+
+class ServiceProxy:
+    """kube-proxy's service half for a controller: feed it what the API server says
+    (``on_service``, ``on_endpointslice`` with ADDED/MODIFIED/DELETED and the object as
+    the API returns it, or ``replace_all`` after a list), and :meth:`sync` programs
+    ``datapath`` with what changed since the last sync.
+
+    As kube-proxy: nothing is programmed before both initial lists arrived
+    (``mark_synced("Service")``, ``mark_synced("EndpointSlice")``, or ``replace_all``;
+    kube-proxy's ``isInitialized``), so no Service briefly loses its endpoints at start;
+    syncs are at least ``min_sync_period`` seconds apart (``minSyncPeriod``; ``sync``
+    returns False when it is too early, and :attr:`pending` says a change waits);
+    objects labelled for another proxy or headless are ignored (its label selector).
+    ``node`` (default: the datapath's) is whose topology hints count.
+    A Service that cannot be translated keeps what it had, and its problem is recorded
+    in :attr:`events` as a Kubernetes Event (``type: Warning``, ``reason:
+    FailedToProgram``) and logged; the others are programmed.
+    """
+
+    def __init__(
+        self,
+        datapath: Any,
+        *,
+        node: Node | None = None,
+        min_sync_period: float = 1.0,
+        clock: Any = None,
+    ) -> None:
+        import time
+
+        if isinstance(min_sync_period, bool) or not isinstance(min_sync_period, int | float):
+            raise ValueError(f"min_sync_period must be seconds, got {min_sync_period!r}")
+        if min_sync_period < 0:
+            raise ValueError(f"min_sync_period must be >= 0 seconds, got {min_sync_period!r}")
+        if node is not None and not isinstance(node, Node):
+            raise ValueError(f"node must be a pyebpflb.Node (its name and zone), got {node!r}")
+        self.datapath = datapath
+        # Topology hints and Local traffic policies are the node's: the datapath's.
+        self.node = node if node is not None else getattr(datapath, "node", None)
+        self.min_sync_period = float(min_sync_period)
+        self._clock = clock or time.monotonic
+        self._services: dict[Ref, dict[str, Any]] = {}
+        self._slices: dict[Ref, dict[str, dict[str, Any]]] = {}  # service -> slice name -> slice
+        self._programmed: dict[Ref, list[Service]] = {}
+        self._dirty: set[Ref] = set()
+        self._synced: set[str] = set()
+        self._last_sync: float | None = None
+        self._adopted = False
+        self.events: list[dict[str, Any]] = []
+
+    # -- what the API server says ----------------------------------------------------------
+    @staticmethod
+    def _check_event(event: str) -> str:
+        if event not in EVENTS:
+            raise ValueError(f"event must be one of {', '.join(EVENTS)}, got {event!r}")
+        return event
+
+    def on_service(self, event: str, obj: dict[str, Any]) -> None:
+        self._check_event(event)
+        obj = {**obj, "kind": "Service"}  # a list's items carry no kind
+        ref = (_namespace(obj), str(_get(obj, "metadata.name", "")))
+        if event == "DELETED" or _labelled_away(obj) is not None:
+            self._services.pop(ref, None)
+        else:
+            self._services[ref] = obj
+        self._dirty.add(ref)
+
+    def on_endpointslice(self, event: str, obj: dict[str, Any]) -> None:
+        self._check_event(event)
+        obj = {**obj, "kind": "EndpointSlice"}
+        labels = _get(obj, "metadata.labels", None) or {}
+        owner = labels.get("kubernetes.io/service-name")
+        if not owner:
+            return  # a slice of no Service (kube-proxy ignores it too)
+        ref = (_namespace(obj), str(owner))
+        name = str(_get(obj, "metadata.name", ""))
+        slices = self._slices.setdefault(ref, {})
+        if event == "DELETED" or _labelled_away(obj) is not None:
+            slices.pop(name, None)
+        else:
+            slices[name] = obj
+        if not slices:
+            del self._slices[ref]
+        self._dirty.add(ref)
+
+    def replace(self, kind: str, objects: Iterable[dict[str, Any]]) -> None:
+        """What a list of ``kind`` ("Service" or "EndpointSlice") returned, at start or
+        after a ``410 Gone``: its cache becomes exactly that, and the list is synced.
+        Services whose objects did not change are not touched by the next sync."""
+        self._check_kind(kind)
+        if kind == "Service":
+            before = set(self._services)
+            self._services = {}
+            for obj in objects:
+                self.on_service("ADDED", obj)
+        else:
+            before = set(self._slices)
+            self._slices = {}
+            for obj in objects:
+                self.on_endpointslice("ADDED", obj)
+        self._dirty |= before
+        self._synced.add(kind)
+
+    def replace_all(
+        self, services: Iterable[dict[str, Any]], endpointslices: Iterable[dict[str, Any]]
+    ) -> None:
+        """What a relist of both returned: the caches become exactly that; both lists
+        are synced."""
+        self.replace("Service", services)
+        self.replace("EndpointSlice", endpointslices)
+
+    @staticmethod
+    def _check_kind(kind: str) -> None:
+        if kind not in ("Service", "EndpointSlice"):
+            raise ValueError(f"kind must be 'Service' or 'EndpointSlice', got {kind!r}")
+
+    def mark_synced(self, kind: str) -> None:
+        """The initial list of ``kind`` ("Service" or "EndpointSlice") is complete."""
+        self._check_kind(kind)
+        self._synced.add(kind)
+
+    @property
+    def initialized(self) -> bool:
+        return self._synced == {"Service", "EndpointSlice"}
+
+    @property
+    def pending(self) -> bool:
+        """A change waits for a sync."""
+        return bool(self._dirty)
+
+    # -- programming -----------------------------------------------------------------------
+    def sync(self, *, force: bool = False) -> bool:
+        """Program what changed; False (and nothing done) before both lists arrived or
+        sooner than ``min_sync_period`` after the last sync (unless ``force``)."""
+        import logging
+
+        if not self.initialized:
+            return False
+        now = self._clock()
+        if (
+            not force
+            and self._last_sync is not None
+            and now - self._last_sync < self.min_sync_period
+        ):
+            return False
+        self._last_sync = now
+        if not self._adopted:
+            self._adopt()
+        dirty, self._dirty = self._dirty, set()
+        for ref in sorted(dirty):
+            obj = self._services.get(ref)
+            if obj is None:
+                wanted: list[Service] = []
+            else:
+                done = translate([obj, *self._slices.get(ref, {}).values()], node=self.node)
+                if done.problems:
+                    for problem in done.problems:
+                        logging.getLogger("pyebpflb.k8s").warning("%s", problem)
+                        host = self.node.name if self.node else None
+                        self.events.append(_event(obj, problem, host))
+                    continue  # it keeps what it had
+                wanted = done.services
+            old = self._programmed.get(ref, [])
+            keys = {s.key for s in wanted}
+            for gone in old:
+                if gone.key not in keys:
+                    self.datapath.remove(gone)
+            for service in wanted:
+                if service not in old:
+                    self.datapath.upsert(service, replace=True)
+            if wanted:
+                self._programmed[ref] = wanted
+            else:
+                self._programmed.pop(ref, None)
+        return True
+
+    def _adopt(self) -> None:
+        """At the first sync, what an earlier proxy (a restarted agent) programmed is this
+        one's: the datapath's services named ``namespace/name``, as translation names
+        them. Those the API server no longer has are removed; those unchanged are not
+        touched, so their connections go on."""
+        self._adopted = True
+        for service in self.datapath.services:
+            namespace, slash, name = service.name.partition("/")
+            if not slash or not namespace or not name or "/" in name:
+                continue
+            ref = (namespace, name)
+            self._programmed.setdefault(ref, []).append(service)
+            self._dirty.add(ref)
+
+
+def _event(obj: dict[str, Any], message: str, node: str | None = None) -> dict[str, Any]:
+    """A Kubernetes Event (core/v1) about ``obj``."""
+    import datetime
+    import uuid
+
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    name = str(_get(obj, "metadata.name", ""))
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{name}.{uuid.uuid4().hex[:16]}", "namespace": _namespace(obj)},
+        "type": "Warning",
+        "reason": "FailedToProgram",
+        "message": message,
+        "involvedObject": {
+            "apiVersion": "v1",
+            "kind": obj.get("kind", "Service"),
+            "namespace": _namespace(obj),
+            "name": name,
+            "uid": str(_get(obj, "metadata.uid", "")),
+            "resourceVersion": str(_get(obj, "metadata.resourceVersion", "")),
+        },
+        "source": {"component": "pyebpflb", "host": node} if node else {"component": "pyebpflb"},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
+__all__ = ["EVENTS", "ServiceProxy"]
