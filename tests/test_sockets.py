@@ -412,3 +412,11 @@ def test_socket_translations_make_flow_events(
     assert (str(trace.destination), trace.destination_port) == (VIP4, 80)
     assert str(trace.source) == "10.90.0.1"  # the node's address stands for an unbound source
     assert (drop.type, drop.interface, drop.drop_reason) == ("drop", "socket", "no service port")
+
+
+def test_the_root_cgroup_is_named_slash_as_the_cli_default_says() -> None:
+    """`attach-cgroup` with its default "/" (and `agent --cgroup /`) means the root of
+    the hierarchy, as None does; it used to be refused as no cgroup v2 directory."""
+    from pyebpflb.datapath import sockets
+
+    assert sockets.resolve("/") == sockets.resolve(None) == (sockets.cgroup2_root(), "/")

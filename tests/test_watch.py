@@ -292,3 +292,57 @@ def restart_the_agent(sandbox: Sandbox, api: ApiServer, tmp_path: pathlib.Path) 
             first.kill()
         with lb.Datapath(name, netns=sandbox.lb.netns, pin_root=PIN_ROOT, create=False) as dp:
             dp.destroy()
+
+
+def test_the_asyncio_twin_follows_and_stops_when_cancelled(
+    sandbox: Sandbox, api: ApiServer, dp: lb.Datapath, tmp_path: pathlib.Path
+) -> None:
+    import asyncio
+
+    api.apply(service(), endpointslice(sandbox, {2: READY}))
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+
+    async def main() -> None:
+        task = asyncio.create_task(
+            k8s.arun(dp, kubeconfig=kubeconfig, min_sync_period=0, timeout_seconds=2)
+        )
+        deadline = time.monotonic() + 15
+        while not dp.services and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert answers(sandbox) == {"backend-3"}
+    # The loop ended and closed its watches (the server sees it at its next write).
+    eventually(lambda: api.open_watches() == 0, "no watch left open")
+
+
+def test_the_kopf_example_follows_the_cluster(sandbox: Sandbox, tmp_path: pathlib.Path) -> None:
+    """examples/kopf_service_proxy.py, run by `kopf run` as its users run it, with kopf's
+    own watches (and discovery) against the stand-in API server."""
+    example = pathlib.Path(__file__).parents[1] / "examples" / "kopf_service_proxy.py"
+    name = f"t{os.getpid()}-kopf"
+    with ApiServer(netns=sandbox.lb.netns, bookmark_interval=0.3) as api:
+        api.apply(service(), endpointslice(sandbox, {0: READY}))
+        env = {**os.environ, "KUBECONFIG": api.kubeconfig(tmp_path / "kubeconfig"),
+               "NODE_NAME": "node-1", "IFACE": sandbox.lb.iface, "PYEBPFLB_DATAPATH": name,
+               "PYEBPFLB_PIN_ROOT": str(PIN_ROOT)}  # fmt: skip
+        operator = subprocess.Popen(
+            ["ip", "netns", "exec", sandbox.lb.netns, sys.executable, "-m", "kopf", "run",
+             "--standalone", "--all-namespaces", str(example)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            eventually(lambda: answers(sandbox) == {"backend-1"}, "the operator programs")
+            api.apply(endpointslice(sandbox, {0: READY, 2: READY}))
+            eventually(lambda: answers(sandbox) == {"backend-1", "backend-3"}, "kopf's event")
+        finally:
+            operator.terminate()
+            out = operator.communicate(timeout=60)[0]
+            with lb.Datapath(name, netns=sandbox.lb.netns, pin_root=PIN_ROOT,
+                             create=False) as dp:  # fmt: skip
+                dp.destroy()
+        assert operator.returncode == 0, out[-3000:]
+        assert "Activity 'stop' succeeded" in out

@@ -63,9 +63,9 @@ def resolve(path: str | os.PathLike[str] | None) -> tuple[str, str]:
     found again from under ``ip netns exec`` (where the hierarchy is mounted
     elsewhere)."""
     root = cgroup2_root()
-    if path is None:
+    given = "/" if path is None else os.fspath(path)
+    if given == "/":  # the root of the hierarchy: every process
         return root, "/"
-    given = os.fspath(path)
     for mount in [*fs.cgroup2_mounts(), root]:
         chosen = os.path.realpath(given)
         if chosen == mount or chosen.startswith(mount.rstrip("/") + "/"):

@@ -5,8 +5,9 @@
 - :class:`ServiceProxy`: the caches, the initial-sync gate and the debounced,
   incremental programming of a datapath from watch events, for a controller that
   has its own watches (kopf, controller-runtime ports, a script).
-- :func:`run` / :class:`Watcher`: the list-and-watch loop itself on the official
-  ``kubernetes`` client (``pip install 'pyebpflb[kubernetes]'``), as the agent runs it.
+- :func:`run` (:func:`arun` for asyncio) / :class:`Watcher`: the list-and-watch loop
+  itself on the official ``kubernetes`` client (``pip install 'pyebpflb[kubernetes]'``),
+  as ``pyebpflb agent`` runs it.
 """
 
 from pyebpflb.k8s.proxy import EVENTS, ServiceProxy
@@ -19,7 +20,7 @@ from pyebpflb.k8s.translate import (
     services,
     translate,
 )
-from pyebpflb.k8s.watch import Watcher, run
+from pyebpflb.k8s.watch import Watcher, arun, run
 
 __all__ = [
     "EVENTS",
@@ -29,6 +30,7 @@ __all__ = [
     "ServiceProxy",
     "Translation",
     "Watcher",
+    "arun",
     "load",
     "run",
     "services",

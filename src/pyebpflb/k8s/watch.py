@@ -353,4 +353,21 @@ def run(
         log.info("stopped following the cluster after %.0f s", time.monotonic() - started)
 
 
-__all__ = ["LABEL_SELECTOR", "Watcher", "api_client", "run"]
+async def arun(datapath: Any, **options: Any) -> None:
+    """:func:`run` for asyncio programs: the same loop in a worker thread, until the
+    task is cancelled (then it stops, and returns once the loop has ended)."""
+    import asyncio
+
+    stop = threading.Event()
+    done = asyncio.get_running_loop().run_in_executor(
+        None, lambda: run(datapath, stop=stop, **options)
+    )
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        stop.set()
+        await done
+        raise
+
+
+__all__ = ["LABEL_SELECTOR", "Watcher", "api_client", "arun", "run"]

@@ -6,7 +6,8 @@ for the objects a service proxy reads, and nothing more:
 - ``GET`` of a collection (all namespaces, or one) returns a ``<Kind>List`` with
   ``metadata.resourceVersion``; ``limit`` and ``continue`` page it from one snapshot
   (a ``continue`` older than the compaction point is ``410 Expired``); ``GET`` of one
-  object; ``POST`` of Events (kept in :attr:`ApiServer.events`).
+  object; ``POST`` of Events (kept in :attr:`ApiServer.events`); discovery
+  (``/version``, ``/api``, ``/apis``, each group version's resources).
 - ``?watch=1`` streams JSON WatchEvents, one per line, in a chunked response:
   ADDED/MODIFIED/DELETED after ``resourceVersion`` (every change since, in order),
   ``BOOKMARK`` every ``bookmark_interval`` seconds with ``allowWatchBookmarks``, an
@@ -365,6 +366,47 @@ class ApiServer:
                 yield "DELETED", gone
 
 
+def _discovery(path: str) -> dict[str, Any] | None:
+    """What ``/version``, ``/api``, ``/apis`` and each group version say (for clients
+    that discover resources, as kopf does); None for other paths."""
+    if path == "/version":
+        return {"major": "1", "minor": "31", "gitVersion": "v1.31.0-pyebpflb-stand-in"}
+    if path == "/api":
+        return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+    groups = sorted({g for g, _, _ in RESOURCES.values() if g.startswith("/apis/")})
+    if path == "/apis":
+        return {
+            "kind": "APIGroupList",
+            "apiVersion": "v1",
+            "groups": [
+                {
+                    "name": g.split("/")[2],
+                    "versions": [{"groupVersion": _API_VERSION[g], "version": "v1"}],
+                    "preferredVersion": {"groupVersion": _API_VERSION[g], "version": "v1"},
+                }
+                for g in groups
+            ],
+        }
+    if path in _API_VERSION:
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": _API_VERSION[path],
+            "resources": [
+                {
+                    "name": plural,
+                    "singularName": kind.lower(),
+                    "namespaced": namespaced,
+                    "kind": kind,
+                    "verbs": ["create", "get", "list", "watch"],
+                }
+                for kind, (group, plural, namespaced) in RESOURCES.items()
+                if group == path
+            ],
+        }
+    return None
+
+
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -448,6 +490,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         path, query = found
         api = self.server.api
+        discovered = _discovery(path.rstrip("/"))
+        if discovered is not None:
+            self._send(200, discovered)
+            return
         try:
             kind, namespace, name = api._route(path)
         except KeyError:
