@@ -70,6 +70,10 @@ PAGES = {
     "apply": "`apply -f` and `delete -f`: Kubernetes manifests in, services out.",
     "explain": "`explain`: what the programs would do with a packet, without touching state.",
     "metrics": "`metrics`: the counters as Prometheus metrics over HTTP.",
+    "agent": (
+        "`agent`: follow a cluster's Services and EndpointSlices into the datapath, as "
+        "kube-proxy (what deploy/daemonset.yaml runs; docs/kubernetes.md)."
+    ),
     "datapath": (
         "`datapath list`, `datapath prune`, `attach`, `detach`, `destroy`: a datapath's life "
         "(`$PYEBPFLB_DATAPATH` and `$PYEBPFLB_NETNS` give `--datapath` and `--netns`)."
@@ -110,6 +114,64 @@ def page(name: str, blocks: list[tuple[str, str]]) -> None:
     for title, text in blocks:
         lines += [f"## {title}", "", "```", text.rstrip(), "```", ""]
     (OUT / f"{name}.md").write_text("\n".join(lines))
+
+
+def agent_blocks(sandbox: Sandbox, folder: str) -> list[tuple[str, str]]:
+    """`pyebpflb agent` against the stand-in API server (pyebpflb.testing.apiserver)
+    holding my-app-service and its EndpointSlice, stopped by SIGTERM."""
+    import signal
+    import time
+
+    from pyebpflb.testing.apiserver import ApiServer
+
+    service = {
+        "kind": "Service",
+        "metadata": {"name": "my-app-service", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "web", "port": 80,
+                                                        "targetPort": "http"}]},
+    }  # fmt: skip
+    endpoints = {
+        "kind": "EndpointSlice",
+        "metadata": {"name": "my-app-service-abcde", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "my-app-service"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "web", "port": BACKEND_PORT, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [f"10.91.{i}.2"], "conditions": {"ready": True},
+                       "nodeName": "demo-node"} for i in (1, 2, 3)],
+    }  # fmt: skip
+    # In this namespace: `--netns` makes the agent's datapath there, its requests here.
+    with ApiServer() as api:
+        node = {
+            "kind": "Node",
+            "metadata": {"name": "demo-node", "labels": {"topology.kubernetes.io/zone": "a"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": str(sandbox.lb.ipv4)}]},
+        }
+        api.apply(node, service, endpoints)
+        kubeconfig = api.kubeconfig(os.path.join(folder, "kubeconfig"))
+        args = ["agent", "--kubeconfig", "kubeconfig", "--node-name", "demo-node",
+                "--interfaces", sandbox.lb.iface, "--metrics-address", "",
+                "--health-port", "0"]  # fmt: skip
+        started = subprocess.Popen(
+            [*command(sandbox, *args)[: -len(args)], *args[:2], kubeconfig, *args[3:]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                sandbox.http_get("10.96.0.10", 80)
+                break
+            time.sleep(0.1)
+        listed = run(sandbox, "service", "list")
+        started.send_signal(signal.SIGTERM)
+        out, _ = started.communicate(timeout=30)
+    shown = " ".join(["pyebpflb", "--datapath", NAME, "--netns", "demo-lb", *args])
+    return [
+        ("Follow the API server (stopped with SIGTERM)", f"$ {shown}\n{out}"),
+        ("What it programmed", listed),
+        ("Help", run(sandbox, "agent", "--help")),
+    ]
 
 
 def main() -> None:
@@ -285,6 +347,7 @@ def main() -> None:
             ]
             page("datapath", life)
             run(sandbox, "delete", "-f", manifest)
+            page("agent", agent_blocks(sandbox, folder))
     print(f"wrote {len(PAGES)} pages to {OUT}")
 
 

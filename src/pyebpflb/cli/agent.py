@@ -26,25 +26,41 @@ def _host_port(text: str, what: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def _node(api: Any, name: str, zone: str | None) -> Any:
+def _node(api: Any, name: str, zone: str | None, stop: threading.Event) -> Any:
     """This node as the API server describes it: its InternalIPs (one per family, the
-    first, kube-proxy's primary node IPs) and its zone label."""
+    first, kube-proxy's primary node IPs) and its zone label. Asked again (back-off up
+    to 30 s) while the API server cannot be reached; a Node the server does not have
+    or will not show is a warning, as in kube-proxy: no node addresses then."""
     import ipaddress
     import json
 
     from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
 
     from pyebpflb.k8s import ZONE_LABEL
     from pyebpflb.model import Node
 
-    try:
-        response: Any = client.CoreV1Api(api).read_node(
-            name, _preload_content=False, _request_timeout=30
-        )
-        obj = json.loads(response.data)  # the object as the API server sent it
-    except Exception as exc:  # kube-proxy goes on too, without node IPs
-        log.warning("cannot read Node %s (%s): NodePorts answer nowhere, no zone", name, exc)
-        return Node(name, zone=zone or "")
+    delay = 0.5
+    while True:
+        try:
+            response: Any = client.CoreV1Api(api).read_node(
+                name, _preload_content=False, _request_timeout=30
+            )
+            obj = json.loads(response.data)  # the object as the API server sent it
+            break
+        except ApiException as exc:
+            if exc.status in (401, 403, 404):
+                log.warning(
+                    "Node %s: %s %s: NodePorts answer nowhere", name, exc.status, exc.reason
+                )
+                return Node(name, zone=zone or "")
+            problem: Exception = exc
+        except Exception as exc:  # the network: ask again
+            problem = exc
+        log.warning("reading Node %s: %s; again in %.1f s", name, problem, delay)
+        if stop.wait(delay):
+            raise click.ClickException("stopped before the API server answered")
+        delay = min(delay * 2, 30.0)
     addresses: list[Any] = []
     for entry in (obj.get("status") or {}).get("addresses") or []:
         if entry.get("type") != "InternalIP":
@@ -130,6 +146,7 @@ def agent(
     from pyebpflb.k8s.watch import api_client
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # the watch loop says it once
     metrics_at = _host_port(metrics_address, "--metrics-address")
     ifaces = [i.strip() for i in interfaces.split(",") if i.strip()]
     try:
@@ -141,7 +158,7 @@ def agent(
     stop = threading.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stop.set())
-    node = _node(api, node_name or socket.gethostname(), zone)
+    node = _node(api, node_name or socket.gethostname(), zone, stop)
     try:
         dp = Datapath(
             ctx.name,

@@ -137,6 +137,11 @@ class ServiceProxy:
         return self._synced == {"Service", "EndpointSlice"}
 
     @property
+    def programmed(self) -> list[str]:
+        """The Services (``namespace/name``) this proxy has programmed."""
+        return [f"{ns}/{name}" for ns, name in sorted(self._programmed)]
+
+    @property
     def pending(self) -> bool:
         """A change waits for a sync."""
         return bool(self._dirty)

@@ -273,6 +273,7 @@ class Watcher:
         for thread in threads:
             thread.start()
         proxy = self.proxy
+        in_sync = False
         try:
             wait = 0.5
             while not self._stop.is_set():
@@ -290,6 +291,9 @@ class Watcher:
                 if proxy.pending and proxy.initialized:
                     if not proxy.sync():
                         wait = max(0.01, proxy.min_sync_period / 4)
+                    elif not in_sync:
+                        in_sync = True
+                        log.info("in sync: %d Services programmed", len(proxy.programmed))
                     self._post_events()
         finally:
             self.stop()
