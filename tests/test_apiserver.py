@@ -100,3 +100,19 @@ def test_requests_without_the_token_are_refused_and_watches_are_chunked(
     streamed = connection.getresponse()
     assert streamed.getheader("Transfer-Encoding") == "chunked"
     assert streamed.read() == b""  # nothing happened; the stream ended after 1 s
+
+
+def test_the_api_server_address_given_wins_over_the_kubeconfigs(
+    api: ApiServer, tmp_path: pathlib.Path
+) -> None:
+    """`agent --api-server` (Cilium's k8sServiceHost): the kubeconfig's credentials, this
+    address. A kubeconfig pointing nowhere then still reaches the server."""
+    from pyebpflb.k8s.watch import api_client
+
+    path = api.kubeconfig(tmp_path / "kubeconfig")
+    text = pathlib.Path(path).read_text().replace(api.url, "http://127.0.0.1:9")
+    pathlib.Path(path).write_text(text)
+    with api_client(path, api_server=api.url) as made:
+        assert client.CoreV1Api(made).list_node().items == []
+    with pytest.raises(ValueError, match=r"api_server must be a URL like https://10\.0\.0\.1:6443"):
+        api_client(path, api_server="10.0.0.1:6443")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -228,7 +229,7 @@ def agent(sandbox: Sandbox, name: str, kubeconfig: str) -> subprocess.Popen[str]
         ["ip", "netns", "exec", sandbox.lb.netns, PYEBPFLB, "--datapath", name,
          "--pin-root", str(PIN_ROOT), "agent", "--kubeconfig", kubeconfig,
          "--node-name", "node-1", "--interfaces", sandbox.lb.iface, "--cgroup", "",
-         "--metrics-address", "", "--health-port", "0", "--min-sync-period", "0",
+         "--min-sync-period", "0",
          "--watch-timeout", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -238,6 +239,23 @@ def agent(sandbox: Sandbox, name: str, kubeconfig: str) -> subprocess.Popen[str]
         process.kill()
         pytest.fail(f"the agent did not start: {line}{process.communicate()[1]}")
     return process
+
+
+def fetch(sandbox: Sandbox, port: int, path: str) -> tuple[int, str]:
+    """GET http://127.0.0.1:PORT/PATH in the node's namespace: (status, body)."""
+    import http.client
+
+    from pyebpflb._bpf.netns import entered
+
+    with entered(sandbox.lb.netns):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.connect()  # the socket is made here, in the namespace
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
 
 
 def stop(process: subprocess.Popen[str]) -> str:
@@ -267,6 +285,11 @@ def restart_the_agent(sandbox: Sandbox, api: ApiServer, tmp_path: pathlib.Path) 
     first = agent(sandbox, name, kubeconfig)
     try:
         eventually(lambda: answers(sandbox) == {"backend-1", "backend-2"}, "the agent syncs")
+        # kube-proxy's ports in the node's namespace: metrics, and the node's health.
+        metrics = eventually(lambda: fetch(sandbox, 10249, "/metrics"), "metrics served")
+        assert re.search(r'pyebpflb_service_packets_total\{[^}]*service="shop/web"', metrics[1])
+        health = eventually(lambda: fetch(sandbox, 10256, "/healthz"), "health served")
+        assert health[0] == 200 and '"nodeEligible": true' in health[1]
         with sandbox.connection(VIP, 80) as open_conn:
             backend = open_conn.get()
             assert "kept (pinned, attached)" in stop(first)

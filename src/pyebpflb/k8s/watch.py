@@ -81,7 +81,17 @@ def api_client(
             raise ValueError(
                 f"api_server must be a URL like https://10.0.0.1:6443, got {api_server!r}"
             )
-        configuration.host = api_server.rstrip("/")
+        host = configuration.host = api_server.rstrip("/")
+        # The kubeconfig loader's token refresh, run before each request, writes the
+        # kubeconfig's address back: keep this one.
+        refresh = configuration.refresh_api_key_hook
+        if refresh is not None:
+
+            def keep_host(done: Any) -> None:
+                refresh(done)
+                done.host = host
+
+            configuration.refresh_api_key_hook = keep_host
     return client.ApiClient(configuration)
 
 
