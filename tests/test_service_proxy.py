@@ -122,3 +122,32 @@ def test_bad_events_and_kinds_are_refused(dp: lb.Datapath) -> None:
         proxy.mark_synced("Pod")
     with pytest.raises(ValueError, match="min_sync_period must be >= 0 seconds"):
         k8s.ServiceProxy(dp, min_sync_period=-1)
+
+
+def test_a_frontend_another_service_holds_is_refused_then_taken_when_freed(
+    sandbox: Sandbox, dp: lb.Datapath
+) -> None:
+    """A ClusterIP handed to a new Service before the old one's deletion arrived (the
+    watch delivers them in that order): the new one is refused with a Warning Event,
+    never taking the frontend from the old, which goes on answering; once the old one
+    is deleted the new one is programmed at the same sync."""
+    proxy = k8s.ServiceProxy(dp, min_sync_period=0)
+    proxy.replace_all([service()], [endpointslice(sandbox, {0: {"ready": True}})])
+    assert proxy.sync()
+    new = service()
+    new["metadata"] = {"name": "web2", "namespace": "shop"}
+    slice2 = endpointslice(sandbox, {2: {"ready": True}})
+    slice2["metadata"] = {"name": "web2-1", "namespace": "shop",
+                          "labels": {"kubernetes.io/service-name": "web2"}}  # fmt: skip
+    proxy.on_service("ADDED", new)
+    proxy.on_endpointslice("ADDED", slice2)
+    assert proxy.sync()
+    (event,) = proxy.events
+    assert event["involvedObject"]["name"] == "web2" and event["reason"] == "FailedToProgram"
+    assert "is held by service 'shop/web'" in event["message"]
+    assert answers(sandbox) == {"backend-1"}
+    assert proxy.programmed == ["shop/web"]
+    proxy.on_service("DELETED", service())
+    assert proxy.sync()
+    assert answers(sandbox) == {"backend-3"}
+    assert proxy.programmed == ["shop/web2"] and len(proxy.events) == 1

@@ -59,6 +59,7 @@ class ServiceProxy:
         self._synced: set[str] = set()
         self._last_sync: float | None = None
         self._adopted = False
+        self._failed: dict[Ref, str] = {}  # refused by the datapath: tried at each sync
         self.events: list[dict[str, Any]] = []
 
     # -- what the API server says ----------------------------------------------------------
@@ -149,8 +150,9 @@ class ServiceProxy:
     # -- programming -----------------------------------------------------------------------
     def sync(self, *, force: bool = False) -> bool:
         """Program what changed; False (and nothing done) before both lists arrived or
-        sooner than ``min_sync_period`` after the last sync (unless ``force``)."""
-        import logging
+        sooner than ``min_sync_period`` after the last sync (unless ``force``). A Service
+        the datapath refuses (a frontend another Service holds, a full map) gets a
+        Warning Event, keeps what it had of it, and is tried again at each later sync."""
 
         if not self.initialized:
             return False
@@ -164,33 +166,69 @@ class ServiceProxy:
         self._last_sync = now
         if not self._adopted:
             self._adopt()
-        dirty, self._dirty = self._dirty, set()
-        for ref in sorted(dirty):
-            obj = self._services.get(ref)
-            if obj is None:
-                wanted: list[Service] = []
-            else:
-                done = translate([obj, *self._slices.get(ref, {}).values()], node=self.node)
-                if done.problems:
-                    for problem in done.problems:
-                        logging.getLogger("pyebpflb.k8s").warning("%s", problem)
-                        host = self.node.name if self.node else None
-                        self.events.append(_event(obj, problem, host))
-                    continue  # it keeps what it had
-                wanted = done.services
-            old = self._programmed.get(ref, [])
-            keys = {s.key for s in wanted}
+        # Those the datapath refused last time are tried again: what held them may be gone.
+        pending = sorted(self._dirty | set(self._failed))
+        self._dirty = set()
+        refused: dict[Ref, str] = {}
+        while pending:
+            refused = {}
+            for ref in pending:
+                problem = self._program(ref)
+                if problem is not None:
+                    refused[ref] = problem
+            # One that took a frontend another was leaving may fit now: again, while
+            # that helps.
+            pending = sorted(refused) if len(refused) < len(pending) else []
+        for ref, problem in refused.items():
+            if self._failed.get(ref) != problem:
+                self._report(ref, problem)
+        self._failed = refused
+        return True
+
+    def _program(self, ref: Ref) -> str | None:
+        """Make the datapath hold what ``ref`` translates to; the problem, if the
+        datapath refuses a part (the rest is done, what it had of that part stays)."""
+        from pyebpflb.errors import PyEbpfLbError
+
+        obj = self._services.get(ref)
+        if obj is None:
+            wanted: list[Service] = []
+        else:
+            done = translate([obj, *self._slices.get(ref, {}).values()], node=self.node)
+            if done.problems:
+                for problem in done.problems:
+                    self._report(ref, problem)
+                return None  # it keeps what it had; the same objects fail the same way
+            wanted = done.services
+        old = self._programmed.get(ref, [])
+        keys = {s.key for s in wanted}
+        held = [s for s in old if s.key in keys]
+        problem = None
+        try:
             for gone in old:
                 if gone.key not in keys:
                     self.datapath.remove(gone)
             for service in wanted:
                 if service not in old:
-                    self.datapath.upsert(service, replace=True)
-            if wanted:
-                self._programmed[ref] = wanted
-            else:
-                self._programmed.pop(ref, None)
-        return True
+                    # Not replace=True: a frontend another Service holds is refused,
+                    # never taken from it.
+                    self.datapath.upsert(service)
+                    held = [s for s in held if s.key != service.key] + [service]
+        except (ValueError, PyEbpfLbError) as exc:
+            problem = f"Service {ref[0]}/{ref[1]}: {exc}"
+        if held:
+            self._programmed[ref] = held
+        else:
+            self._programmed.pop(ref, None)
+        return problem
+
+    def _report(self, ref: Ref, problem: str) -> None:
+        import logging
+
+        logging.getLogger("pyebpflb.k8s").warning("%s", problem)
+        obj = self._services.get(ref) or {"metadata": {"namespace": ref[0], "name": ref[1]}}
+        host = self.node.name if self.node else None
+        self.events.append(_event({**obj, "kind": "Service"}, problem, host))
 
     def _adopt(self) -> None:
         """At the first sync, what an earlier proxy (a restarted agent) programmed is this
