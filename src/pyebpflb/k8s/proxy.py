@@ -196,14 +196,14 @@ class ServiceProxy:
         else:
             done = translate([obj, *self._slices.get(ref, {}).values()], node=self.node)
             if done.problems:
-                for problem in done.problems:
-                    self._report(ref, problem)
+                for found in done.problems:
+                    self._report(ref, found)
                 return None  # it keeps what it had; the same objects fail the same way
             wanted = done.services
         old = self._programmed.get(ref, [])
         keys = {s.key for s in wanted}
         held = [s for s in old if s.key in keys]
-        problem = None
+        problem: str | None = None
         try:
             for gone in old:
                 if gone.key not in keys:
