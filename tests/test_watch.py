@@ -288,6 +288,8 @@ def restart_the_agent(sandbox: Sandbox, api: ApiServer, tmp_path: pathlib.Path) 
         # kube-proxy's ports in the node's namespace: metrics, and the node's health.
         metrics = eventually(lambda: fetch(sandbox, 10249, "/metrics"), "metrics served")
         assert re.search(r'pyebpflb_service_packets_total\{[^}]*service="shop/web"', metrics[1])
+        assert re.search(r"^pyebpflb_k8s_services_programmed 2\.0$", metrics[1], re.M)
+        assert re.search(r"^pyebpflb_k8s_lists_total 2\.0$", metrics[1], re.M)
         health = eventually(lambda: fetch(sandbox, 10256, "/healthz"), "health served")
         assert health[0] == 200 and '"nodeEligible": true' in health[1]
         with sandbox.connection(VIP, 80) as open_conn:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from pyebpflb.datapath import Datapath, DatapathStats
+    from pyebpflb.k8s import Watcher
 
 
 class DatapathCollector(Collector):
@@ -161,4 +162,43 @@ class DatapathCollector(Collector):
         return iter((used, size))
 
 
-__all__ = ["DatapathCollector"]
+class WatcherCollector(Collector):
+    """How a :class:`~pyebpflb.k8s.Watcher` follows the API server (kube-proxy's
+    ``sync_proxy_rules`` metrics, and the watch loop's own counts)."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+
+    def collect(self) -> Iterator[Metric]:
+        watcher, proxy = self.watcher, self.watcher.proxy
+        counts = dict(watcher.counts)
+        for name, what in (
+            ("lists", "Lists of a resource (at start and after 410 Gone)"),
+            ("watches", "Watches made (each ends after its timeout and is made again)"),
+            ("gone", "410 Gone answers: the version watched from was compacted"),
+            ("errors", "Failed requests, each followed by a back-off"),
+            ("events", "Warning Events posted to the API server"),
+            ("syncs", "Syncs that programmed the datapath"),
+        ):
+            yield CounterMetricFamily(f"pyebpflb_k8s_{name}", what, value=counts[name])
+        yield CounterMetricFamily(
+            "pyebpflb_k8s_sync_seconds", "Time spent in syncs", value=watcher.sync_seconds
+        )
+        yield GaugeMetricFamily(
+            "pyebpflb_k8s_last_sync_timestamp_seconds",
+            "When the datapath was last synced (kube-proxy's last_timestamp_seconds)",
+            value=watcher.last_sync or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "pyebpflb_k8s_services_programmed",
+            "Kubernetes Services programmed",
+            value=len(proxy.programmed),
+        )
+        yield GaugeMetricFamily(
+            "pyebpflb_k8s_services_refused",
+            "Kubernetes Services the datapath refused at the last sync",
+            value=len(proxy.refused),
+        )
+
+
+__all__ = ["DatapathCollector", "WatcherCollector"]

@@ -177,13 +177,16 @@ def agent(
             dp.attach_cgroup(cgroup)
         if health_port:
             health = HealthServer(dp, port=health_port).start()
+        proxy = ServiceProxy(dp, node=node, min_sync_period=min_sync_period)
+        watcher = Watcher(proxy, api, timeout_seconds=watch_timeout)
         if metrics_at is not None:
             from prometheus_client import CollectorRegistry, start_http_server
 
-            from pyebpflb.metrics import DatapathCollector
+            from pyebpflb.metrics import DatapathCollector, WatcherCollector
 
             registry = CollectorRegistry()
             registry.register(DatapathCollector(dp))
+            registry.register(WatcherCollector(watcher))
             metrics_server, _ = start_http_server(
                 metrics_at[1], addr=metrics_at[0], registry=registry
             )
@@ -196,8 +199,7 @@ def agent(
             + f"; following {api.configuration.host}"
         )
         sys.stdout.flush()
-        proxy = ServiceProxy(dp, node=node, min_sync_period=min_sync_period)
-        Watcher(proxy, api, timeout_seconds=watch_timeout).run(stop)
+        watcher.run(stop)
     except (PyEbpfLbError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:

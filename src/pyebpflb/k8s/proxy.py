@@ -143,6 +143,12 @@ class ServiceProxy:
         return [f"{ns}/{name}" for ns, name in sorted(self._programmed)]
 
     @property
+    def refused(self) -> dict[str, str]:
+        """The Services (``namespace/name``) the datapath refused at the last sync, and
+        why; they are tried again at each later sync."""
+        return {f"{ns}/{name}": why for (ns, name), why in sorted(self._failed.items())}
+
+    @property
     def pending(self) -> bool:
         """A change waits for a sync."""
         return bool(self._dirty)

@@ -140,8 +140,10 @@ class Watcher:
         self._posted = 0
         # What happened, for logs, metrics and tests: lists (initial and after 410),
         # watches made, 410s, errors, events posted.
-        self.counts = {"lists": 0, "watches": 0, "gone": 0, "errors": 0, "events": 0}
+        self.counts = {"lists": 0, "watches": 0, "gone": 0, "errors": 0, "events": 0, "syncs": 0}
         self.last_error: str | None = None
+        self.last_sync: float | None = None  # time.time() of the last sync that ran
+        self.sync_seconds = 0.0  # all syncs together
 
     # -- the reflectors --------------------------------------------------------------------
     def _method(self, kind: str) -> Callable[..., Any]:
@@ -299,9 +301,14 @@ class Watcher:
                         item = None
                 wait = 0.5
                 if proxy.pending and proxy.initialized:
+                    began = time.monotonic()
                     if not proxy.sync():
                         wait = max(0.01, proxy.min_sync_period / 4)
-                    elif not in_sync:
+                        continue
+                    self.sync_seconds += time.monotonic() - began
+                    self.counts["syncs"] += 1
+                    self.last_sync = time.time()
+                    if not in_sync:
                         in_sync = True
                         log.info("in sync: %d Services programmed", len(proxy.programmed))
                     self._post_events()
