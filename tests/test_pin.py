@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -176,3 +177,16 @@ def test_an_incompatible_pinned_map_fails_the_load_and_is_kept(pin_dir: pathlib.
         assert "iface_counters" in info.value.log
         with Map.from_pinned(pin_dir / "iface_counters") as kept:
             assert kept.max_entries == 10
+
+
+def test_a_change_to_a_datapath_pinned_off_bpffs_is_refused_before_it_is_made(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A new datapath pins its maps at its first change: when the pin root is no bpffs,
+    that change is refused whole (it used to be made, and then raise)."""
+    import pyebpflb as lb
+
+    with lb.Datapath(f"t{os.getpid()}-offfs", pin_root=tmp_path) as dp:
+        with pytest.raises(ValueError, match=f"pin path '{tmp_path}' is not on a bpffs"):
+            dp.upsert(lb.Service("10.96.0.1", 80, name="shop/web"))
+        assert dp.services == []

@@ -151,3 +151,46 @@ def test_a_frontend_another_service_holds_is_refused_then_taken_when_freed(
     assert proxy.sync()
     assert answers(sandbox) == {"backend-3"}
     assert proxy.programmed == ["shop/web2"] and len(proxy.events) == 1
+
+
+def many(sandbox: Sandbox, count: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    services, slices = [], []
+    for i in range(count):
+        svc = service(f"10.96.1.{i + 1}")
+        svc["metadata"] = {"name": f"web{i}", "namespace": "shop"}
+        piece = endpointslice(sandbox, {i % 3: {"ready": True}})
+        piece["metadata"] = {"name": f"web{i}-1", "namespace": "shop",
+                             "labels": {"kubernetes.io/service-name": f"web{i}"}}  # fmt: skip
+        services.append(svc)
+        slices.append(piece)
+    return services, slices
+
+
+def test_many_changes_are_one_datapath_sync_and_a_conflict_falls_back_to_one_by_one(
+    sandbox: Sandbox, dp: lb.Datapath
+) -> None:
+    """The first sync of many Services (or a relist) is one all-or-nothing datapath sync;
+    a Service the datapath would refuse makes it write them one by one, so only that one
+    is refused (with its Event) and the others are programmed."""
+    count = k8s.proxy.BATCH_FROM + 6
+    services, slices = many(sandbox, count)
+    proxy = k8s.ServiceProxy(dp, min_sync_period=0)
+    proxy.replace_all(services, slices)
+    assert proxy.sync()
+    assert len(dp.services) == count and proxy.events == []
+    assert sandbox.http_get("10.96.1.5", 80) == "backend-2"  # web4: backend index 1
+    # A relist where one more Service wants web0's ClusterIP: refused alone.
+    clash = service("10.96.1.1")
+    clash["metadata"] = {"name": "clash", "namespace": "shop"}
+    moved = [service(f"10.96.2.{i + 1}") for i in range(count)]
+    for i, svc in enumerate(moved):
+        svc["metadata"] = {"name": f"web{i}", "namespace": "shop"}
+    moved[0] = services[0]  # web0 keeps its address
+    proxy.replace_all([*moved, clash], slices)
+    assert proxy.sync()
+    (event,) = proxy.events
+    assert event["involvedObject"]["name"] == "clash"
+    assert proxy.refused.keys() == {"shop/clash"}
+    assert len(dp.services) == count
+    assert sandbox.http_get("10.96.2.5", 80) == "backend-2"
+    assert sandbox.http_get("10.96.1.1", 80) == "backend-1"  # web0's, not the clash's

@@ -393,6 +393,10 @@ class Datapath:
                 finally:
                     self._lock_depth -= 1
                 return
+            if self.pin and not self._pinned:
+                # Where the pins will go must take them before anything changes: a pin
+                # root off bpffs refuses the change, not half of it.
+                fs.ensure_bpffs(os.path.dirname(self.pin_dir))
             with lock.held(self._lock_path):
                 self._lock_depth = 1
                 try:

@@ -10,6 +10,8 @@ from pyebpflb.k8s.translate import _get, _labelled_away, _namespace, translate
 from pyebpflb.model import Node, Service
 
 EVENTS = ("ADDED", "MODIFIED", "DELETED")
+# A sync changing at least this many Services writes them in one datapath sync.
+BATCH_FROM = 64
 Ref = tuple[str, str]  # (namespace, name)
 
 
@@ -173,39 +175,69 @@ class ServiceProxy:
         if not self._adopted:
             self._adopt()
         # Those the datapath refused last time are tried again: what held them may be gone.
-        pending = sorted(self._dirty | set(self._failed))
+        wanted: dict[Ref, list[Service]] = {}
+        for ref in sorted(self._dirty | set(self._failed)):
+            services = self._wanted(ref)
+            if services is not None and set(services) != set(self._programmed.get(ref, [])):
+                wanted[ref] = services
         self._dirty = set()
         refused: dict[Ref, str] = {}
-        while pending:
-            refused = {}
-            for ref in pending:
-                problem = self._program(ref)
-                if problem is not None:
-                    refused[ref] = problem
-            # One that took a frontend another was leaving may fit now: again, while
-            # that helps.
-            pending = sorted(refused) if len(refused) < len(pending) else []
+        if len(wanted) < BATCH_FROM or not self._write_all(wanted):
+            pending = sorted(wanted)
+            while pending:
+                refused = {}
+                for ref in pending:
+                    problem = self._write(ref, wanted[ref])
+                    if problem is not None:
+                        refused[ref] = problem
+                # One that took a frontend another was leaving may fit now: again, while
+                # that helps.
+                pending = sorted(refused) if len(refused) < len(pending) else []
         for ref, problem in refused.items():
             if self._failed.get(ref) != problem:
                 self._report(ref, problem)
         self._failed = refused
         return True
 
-    def _program(self, ref: Ref) -> str | None:
-        """Make the datapath hold what ``ref`` translates to; the problem, if the
-        datapath refuses a part (the rest is done, what it had of that part stays)."""
-        from pyebpflb.errors import PyEbpfLbError
-
+    def _wanted(self, ref: Ref) -> list[Service] | None:
+        """What ``ref`` translates to now; None when it cannot be translated (reported:
+        it keeps what it had, the same objects failing the same way)."""
         obj = self._services.get(ref)
         if obj is None:
-            wanted: list[Service] = []
-        else:
-            done = translate([obj, *self._slices.get(ref, {}).values()], node=self.node)
-            if done.problems:
-                for found in done.problems:
-                    self._report(ref, found)
-                return None  # it keeps what it had; the same objects fail the same way
-            wanted = done.services
+            return []
+        done = translate([obj, *self._slices.get(ref, {}).values()], node=self.node)
+        for problem in done.problems:
+            self._report(ref, problem)
+        return None if done.problems else done.services
+
+    def _write_all(self, wanted: dict[Ref, list[Service]]) -> bool:
+        """Many Services changed (the first sync, a relist): one datapath sync, all or
+        nothing, instead of a write each; False (nothing done) when the datapath
+        refuses it, to be written one by one and the refusal pinned on its Service."""
+        from pyebpflb.errors import PyEbpfLbError
+
+        stale = {s.key for ref in wanted for s in self._programmed.get(ref, [])}
+        kept = [s for s in self.datapath.services if s.key not in stale]
+        new = [s for services in wanted.values() for s in services]
+        fronts = [part.key for s in [*kept, *new] for part in s.frontends()]
+        if len(fronts) != len(set(fronts)):
+            return False  # two want one frontend: find which, one by one
+        try:
+            self.datapath.sync([*kept, *new])
+        except (ValueError, PyEbpfLbError):
+            return False
+        for ref, services in wanted.items():
+            if services:
+                self._programmed[ref] = services
+            else:
+                self._programmed.pop(ref, None)
+        return True
+
+    def _write(self, ref: Ref, wanted: list[Service]) -> str | None:
+        """Make the datapath hold ``wanted`` for ``ref``; the problem, if the datapath
+        refuses a part (the rest is done, what it had of that part stays)."""
+        from pyebpflb.errors import PyEbpfLbError
+
         old = self._programmed.get(ref, [])
         keys = {s.key for s in wanted}
         held = [s for s in old if s.key in keys]
