@@ -194,3 +194,13 @@ def test_many_changes_are_one_datapath_sync_and_a_conflict_falls_back_to_one_by_
     assert len(dp.services) == count
     assert sandbox.http_get("10.96.2.5", 80) == "backend-2"
     assert sandbox.http_get("10.96.1.1", 80) == "backend-1"  # web0's, not the clash's
+
+
+def test_a_list_item_that_is_no_object_is_skipped_not_the_list(
+    sandbox: Sandbox, dp: lb.Datapath
+) -> None:
+    proxy = k8s.ServiceProxy(dp, min_sync_period=0)
+    proxy.replace_all(["not an object", service()],
+                      [endpointslice(sandbox, {0: {"ready": True}}), 42])  # fmt: skip
+    assert proxy.sync()
+    assert answers(sandbox) == {"backend-1"}

@@ -3,6 +3,7 @@ EndpointSlices a watch delivers and programs a datapath with what changed."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -105,15 +106,18 @@ class ServiceProxy:
         Services whose objects did not change are not touched by the next sync."""
         self._check_kind(kind)
         if kind == "Service":
-            before = set(self._services)
+            before, add = set(self._services), self.on_service
             self._services = {}
-            for obj in objects:
-                self.on_service("ADDED", obj)
         else:
-            before = set(self._slices)
+            before, add = set(self._slices), self.on_endpointslice
             self._slices = {}
-            for obj in objects:
-                self.on_endpointslice("ADDED", obj)
+        for obj in objects:
+            try:
+                add("ADDED", obj)
+            except (TypeError, ValueError, AttributeError) as exc:  # not an object at all
+                logging.getLogger("pyebpflb.k8s").warning(
+                    "%s list: item skipped: %s (%.80r)", kind, exc, obj
+                )
         self._dirty |= before
         self._synced.add(kind)
 
@@ -261,8 +265,6 @@ class ServiceProxy:
         return problem
 
     def _report(self, ref: Ref, problem: str) -> None:
-        import logging
-
         logging.getLogger("pyebpflb.k8s").warning("%s", problem)
         obj = self._services.get(ref) or {"metadata": {"namespace": ref[0], "name": ref[1]}}
         host = self.node.name if self.node else None

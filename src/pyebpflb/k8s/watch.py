@@ -324,12 +324,16 @@ class Watcher:
             self._cut(response)
 
     def _deliver(self, event: str, kind: str, obj: Any) -> None:
-        if event == "LIST":
-            self.proxy.replace(kind, obj)
-        elif kind == "Service":
-            self.proxy.on_service(event, obj)
-        else:
-            self.proxy.on_endpointslice(event, obj)
+        try:
+            if event == "LIST":
+                self.proxy.replace(kind, obj)
+            elif kind == "Service":
+                self.proxy.on_service(event, obj)
+            else:
+                self.proxy.on_endpointslice(event, obj)
+        except (TypeError, ValueError, AttributeError) as exc:  # not an object at all
+            self.counts["errors"] += 1
+            log.warning("%s %s skipped: %s (%.80r)", event, kind, exc, obj)
 
     def _post_events(self) -> None:
         from kubernetes import client
