@@ -335,3 +335,70 @@ def test_small_classes_carry_their_ranges_large_ones_spill() -> None:
     (entry,) = compile_policies(alone, [RuleRef(1, "q", 0, alone[0].rules[0])], {}).cidrs
     assert not entry.spilled
     assert [(p.proto, p.low, p.high) for p in entry.pieces] == [(TCP, 80, 90)]
+
+
+# -- subjects ------------------------------------------------------------------------------
+
+
+def test_a_policy_with_subjects_isolates_only_them() -> None:
+    """Kubernetes: a pod selected by a policy of a type is isolated for that type;
+    the other pods are untouched (network_policy.go "should support a 'default-deny-
+    ingress' policy" in one namespace leaves the others open)."""
+    deny_web = Policy("shop/deny", [], default="deny", subjects=["10.0.1.0/24"])
+    to_web = Packet("10.0.9.9", "10.0.1.5", "tcp", 1234, 80)
+    to_db = Packet("10.0.9.9", "10.0.2.5", "tcp", 1234, 5432)
+    assert evaluate([deny_web], to_web) == evaluate([deny_web], to_web)  # pure
+    assert evaluate([deny_web], to_web).reason == "default"
+    assert not evaluate([deny_web], to_web).allowed
+    assert evaluate([deny_web], to_db).reason == "no policy"
+    # Egress subjects are sources: the web pods' outgoing traffic, not the others'.
+    out = Policy("shop/out", [], default="deny", direction="egress", subjects=["10.0.1.5"])
+    assert not evaluate([out], Packet("10.0.1.5", "1.1.1.1", "udp", 5, 53, "egress")).allowed
+    assert evaluate([out], Packet("10.0.1.6", "1.1.1.1", "udp", 5, 53, "egress")).allowed
+
+
+def test_rules_of_policies_for_one_subject_combine_and_others_do_not_leak() -> None:
+    """Allow rules union over the policies that select the endpoint; a policy for
+    another endpoint adds nothing to it (network_policy.go "should enforce policy to
+    allow traffic only from a pod ... " with two policies)."""
+    web = Policy("a", [Rule("allow", "10.0.9.0/24", "tcp", 80)], "deny", subjects=["10.0.1.5"])
+    more = Policy("b", [Rule("allow", "10.0.8.0/24")], "deny", subjects=["10.0.1.0/24"])
+    other = Policy("c", [Rule("allow", "10.0.7.0/24")], "deny", subjects=["10.0.2.5"])
+    policies = [web, more, other]
+    assert evaluate(policies, Packet("10.0.9.1", "10.0.1.5", "tcp", 1, 80)).policy == "a"
+    assert evaluate(policies, Packet("10.0.8.1", "10.0.1.5", "tcp", 1, 22)).policy == "b"
+    assert not evaluate(policies, Packet("10.0.7.1", "10.0.1.5", "tcp", 1, 80)).allowed
+    assert evaluate(policies, Packet("10.0.7.1", "10.0.2.5", "tcp", 1, 80)).policy == "c"
+
+
+def test_the_subject_of_a_translated_packet_is_its_backend() -> None:
+    """Policies on a pod reached through a Service act on the pod (after DNAT)."""
+    web = Service("10.96.0.10", 80, name="shop/web", backends=[Backend("10.0.1.5", 8080)])
+    policy = Policy("p", [Rule("allow", "10.0.9.0/24", "tcp", 8080)], "deny",
+                    subjects=["10.0.1.5"])  # fmt: skip
+    packet = Packet("10.0.9.1", "10.96.0.10", "tcp", 1, 80)
+    assert evaluate([policy], packet, service=web, backend=web.backends[0]).allowed
+    outsider = Packet("10.0.8.1", "10.96.0.10", "tcp", 1, 80)
+    assert not evaluate([policy], outsider, service=web, backend=web.backends[0]).allowed
+
+
+def test_an_isolated_endpoint_is_never_blocked_from_itself() -> None:
+    policy = Policy("p", [], "deny", subjects=["10.0.1.5"])
+    assert evaluate([policy], Packet("10.0.1.5", "10.0.1.5", "tcp", 1, 80)).reason == "self"
+
+
+def test_subjects_are_validated_and_not_yet_installed() -> None:
+    with pytest.raises(ValueError, match="subjects must be a list of addresses or CIDRs"):
+        Policy("p", [], subjects="10.0.0.1")
+    with pytest.raises(ValueError, match="has host bits set"):
+        Policy("p", [], subjects=["10.0.0.1/8"])
+    with pytest.raises(ValueError, match="polices the real endpoints, after translation"):
+        Policy("p", [Rule("allow", service="shop/web")], subjects=["10.0.0.1"])
+    assert Policy("p", [], subjects=["10.0.0.2", "10.0.0.1", "10.0.0.2"]).subjects == (
+        ipaddress.ip_network("10.0.0.1/32"),
+        ipaddress.ip_network("10.0.0.2/32"),
+    )
+    # Until the kernel enforces them, a datapath refuses them rather than apply the
+    # policy to every endpoint.
+    with pytest.raises(ValueError, match="has subjects, which this datapath cannot enforce"):
+        check_policies([Policy("p", [], subjects=["10.0.0.1"])], [])

@@ -832,6 +832,23 @@ def _to_rules(value: Iterable[Any]) -> tuple[Rule, ...]:
     return rules
 
 
+def _to_subjects(value: object) -> tuple[Network, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"subjects must be a list of addresses or CIDRs (the endpoints the policy is "
+            f"for), got {value!r}"
+        )
+    found = []
+    for item in value:
+        network = to_network(item)
+        if network is None:
+            raise ValueError("subjects must be addresses or CIDRs, got None among them")
+        found.append(network)
+    return tuple(sorted(set(found), key=lambda n: (n.version, n)))
+
+
 def _check_policy_name(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"policy name must be a non-empty string, got {value!r}")
@@ -847,14 +864,30 @@ class Policy:
     is one rule set: the direction denies by default when any of its policies
     does. Precedence (docs/policy.md): deny beats allow; among allows or
     among denies the most specific prefix wins.
+
+    ``subjects`` (addresses or CIDRs): the endpoints the policy is for, as a
+    NetworkPolicy's selected pods. Its ingress rules then police traffic *to* them
+    (the real destination, after translation), its egress rules traffic *from* them,
+    and only policies whose subjects hold an endpoint apply to it: it is isolated
+    (default deny) in a direction when one of those denies by default, others are
+    untouched. No subjects: the policy is for every endpoint, as before.
     """
 
     name: str = attrs.field(validator=_check_policy_name)
     rules: tuple[Rule, ...] = attrs.field(default=(), converter=_to_rules)
     default: Action = attrs.field(default=Action.ALLOW, converter=to_default)
     direction: Direction = attrs.field(default=Direction.INGRESS, converter=to_direction)
+    subjects: tuple[Network, ...] = attrs.field(default=(), converter=_to_subjects, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
+        if self.subjects:
+            for index, rule in enumerate(self.rules):
+                if rule.service is not None:
+                    raise ValueError(
+                        f"policy {self.name!r} rule {index} ({rule}) names service "
+                        f"{rule.service!r}, but a policy with subjects polices the real "
+                        "endpoints, after translation: name no service, or drop subjects"
+                    )
         if self.direction is Direction.EGRESS:
             for index, rule in enumerate(self.rules):
                 if rule.service is not None:
@@ -863,6 +896,12 @@ class Policy:
                         f"{rule.service!r}, but service rules apply to traffic addressed to "
                         "a VIP, which arrives on ingress: use direction='ingress'"
                     )
+
+    def selects(self, address: Address) -> bool:
+        """Is the endpoint at ``address`` one this policy is for?"""
+        return not self.subjects or any(
+            s.version == address.version and address in s for s in self.subjects
+        )
 
     def evaluate(self, packet: Any, **context: Any) -> Any:
         """This policy's verdict on ``packet`` (a :class:`pyebpflb.policy.Packet`);

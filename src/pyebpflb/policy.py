@@ -101,6 +101,12 @@ class Packet:
         return self.src if self.direction is Direction.INGRESS else self.dst
 
     @property
+    def local(self) -> Address:
+        """The endpoint policies are for: the destination on ingress, the source on
+        egress."""
+        return self.dst if self.direction is Direction.INGRESS else self.src
+
+    @property
     def proto_code(self) -> int:
         if self.protocol == 6:
             return TCP if self.dst_port is not None else TCP_NOPORT
@@ -117,9 +123,10 @@ class Verdict:
 
     ``reason`` is "rule" (``policy`` and ``rule``, its index, name the rule
     that decided), "default" (no rule matched; the direction's default),
-    "no policy" (no policy for the packet's direction) or "neighbour
+    "no policy" (no policy for the packet's direction and endpoint), "neighbour
     discovery" (ICMPv6 neighbour and multicast listener discovery, types
-    130-137 and 143, always let through).
+    130-137 and 143, always let through) or "self" (an endpoint a policy with
+    subjects selects, talking to itself: never blocked, as in Kubernetes).
     """
 
     action: Action
@@ -176,12 +183,22 @@ def evaluate(
       this only decides which rule is reported and counted);
     - no matching rule: deny if any policy of the direction has
       ``default="deny"``, else allow.
+
+    Only the policies for the packet's endpoint count (its ``local`` address: the
+    backend's on ingress when it is translated): those without subjects and those
+    whose subjects hold it. An endpoint a policy with subjects selects is never
+    blocked from itself.
     """
-    mine = [p for p in policies if p.direction is packet.direction]
+    local = packet.local
+    if service is not None and backend is not None and packet.direction is Direction.INGRESS:
+        local = backend.address
+    mine = [p for p in policies if p.direction is packet.direction and p.selects(local)]
     if not mine:
         return Verdict(Action.ALLOW, "no policy")
     if packet.protocol == 58 and packet.icmp_type in LINK_CONTROL_TYPES:
         return Verdict(Action.ALLOW, "neighbour discovery")
+    if local == packet.peer and any(p.subjects for p in mine):
+        return Verdict(Action.ALLOW, "self")
     code = packet.proto_code
     best: dict[Action, tuple[Candidate, Policy, int]] = {}
     for policy in mine:
@@ -458,6 +475,12 @@ def check_policies(policies: Iterable[Any], service_names: Iterable[str]) -> lis
             raise ValueError(f"expected a Policy, got {policy!r}")
         if policy.name in seen:
             raise ValueError(f"two policies are named {policy.name!r}; names must be unique")
+        if policy.subjects:
+            raise ValueError(
+                f"policy {policy.name!r} has subjects, which this datapath cannot enforce "
+                "yet (it would apply the policy to every endpoint): install it without "
+                "subjects, or evaluate it with pyebpflb.policy.evaluate"
+            )
         seen.add(policy.name)
         for index, rule in enumerate(policy.rules):
             if rule.service is not None and rule.service not in names:
