@@ -5,11 +5,15 @@
 - :class:`ServiceProxy`: the caches, the initial-sync gate and the debounced,
   incremental programming of a datapath from watch events, for a controller that
   has its own watches (kopf, controller-runtime ports, a script).
+- :func:`network_policies`: NetworkPolicies (with Pods and Namespaces) to policies with
+  subjects, Kubernetes' semantics (pure Python: the datapath does not enforce
+  subjects yet, and refuses them).
 - :func:`run` (:func:`arun` for asyncio) / :class:`Watcher`: the list-and-watch loop
   itself on the official ``kubernetes`` client (``pip install 'pyebpflb[kubernetes]'``),
   as ``pyebpflb agent`` runs it.
 """
 
+from pyebpflb.k8s.netpol import PolicyTranslation, network_policies
 from pyebpflb.k8s.proxy import EVENTS, ServiceProxy
 from pyebpflb.k8s.translate import (
     IGNORED_LABELS,
@@ -27,11 +31,13 @@ __all__ = [
     "IGNORED_LABELS",
     "ZONE_LABEL",
     "ManifestError",
+    "PolicyTranslation",
     "ServiceProxy",
     "Translation",
     "Watcher",
     "arun",
     "load",
+    "network_policies",
     "run",
     "services",
     "translate",
