@@ -374,3 +374,41 @@ def test_apply_of_services_alone_keeps_their_endpoints_as_kubectl_does(
     out = cli(sandbox, "apply", "-f", str(only), "--replace-endpoints")
     assert "service default/my-app-service (10.96.0.10:80/tcp): 0 backends" in out
     assert dp.services[0].backends == ()
+
+
+NETWORK_POLICY = """\
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: only-from-client
+  namespace: default
+spec:
+  podSelector:
+    matchLabels: {app: my-app}
+  ingress:
+  - from:
+    - ipBlock: {cidr: 10.90.0.0/24, except: [10.90.0.3/32]}
+"""
+
+
+def test_apply_and_delete_of_a_network_policy(
+    sandbox: Sandbox, dp: lb.Datapath, applied: Path, tmp_path: Path
+) -> None:
+    """`apply -f` of a NetworkPolicy with the Pods it selects: a policy for those pods
+    (10.91.1.2, 10.91.2.2, not the other pod), enforced; `delete -f` removes it."""
+    manifest = tmp_path / "with-policy.yaml"
+    manifest.write_text(MANIFEST + NETWORK_POLICY)
+    out = cli(sandbox, "apply", "-f", str(manifest))
+    assert "networkpolicy default/only-from-client: 1 policies for 2 endpoints" in out
+    (installed,) = dp.policies
+    assert installed.name == "default/only-from-client" and installed.default.value == "deny"
+    assert [str(s) for s in installed.subjects] == ["10.91.1.2/32", "10.91.2.2/32"]
+    assert sandbox.http_get("10.96.0.10", 80) in {b.name for b in sandbox.backends}
+    # Applying it again, changed: replaced, not added to.
+    manifest.write_text(MANIFEST + NETWORK_POLICY.replace("{app: my-app}", "{app: other}"))
+    cli(sandbox, "apply", "-f", str(manifest))
+    assert [str(s) for p in dp.policies for s in p.subjects] == ["10.91.9.9/32"]
+    out = cli(sandbox, "delete", "-f", str(manifest))
+    assert "networkpolicy default/only-from-client deleted" in out
+    assert dp.policies == [] and dp.services == []

@@ -130,24 +130,41 @@ def rules(draw: st.DrawFn, ingress: bool) -> Rule:
     )
 
 
+# Endpoints a policy may be for: none (every endpoint), backends of SERVICES, peers.
+SUBJECTS = [
+    (),
+    (),
+    ("10.0.1.1",),
+    ("10.0.0.0/8",),
+    ("10.1.2.3", "10.0.1.0/24"),
+    ("10.1.0.0/16",),
+    ("fd00:2::/32",),
+    ("fd00:1::3", "fd00:2::1"),
+]
+
+
 @st.composite
 def policy_sets(draw: st.DrawFn) -> list[Policy]:
     result = []
-    for i in range(draw(st.integers(1, 3))):
+    for i in range(draw(st.integers(1, 4))):
         direction = draw(st.sampled_from(["ingress", "ingress", "egress"]))
+        subjects = draw(st.sampled_from(SUBJECTS))
+        # Rules naming a service apply before translation: not in a policy with subjects.
+        service_rules = direction == "ingress" and not subjects
         result.append(
             Policy(
                 f"p{i}",
-                draw(st.lists(rules(direction == "ingress"), max_size=6)),
+                draw(st.lists(rules(service_rules), max_size=6)),
                 default=draw(st.sampled_from(["allow", "deny"])),
                 direction=direction,
+                subjects=subjects,
             )
         )
     return result
 
 
-PEERS4 = ["10.1.2.3", "10.1.7.7", "10.0.1.9", "192.168.4.4", "172.16.0.1"]
-PEERS6 = ["fd00:1::3", "fd00:1::4", "fd00:2::9", "fd00:3::1"]
+PEERS4 = ["10.1.2.3", "10.1.7.7", "10.0.1.9", "10.0.1.1", "192.168.4.4", "172.16.0.1"]
+PEERS6 = ["fd00:1::3", "fd00:1::4", "fd00:2::9", "fd00:2::1", "fd00:3::1"]
 
 
 @st.composite

@@ -14,6 +14,7 @@ DATAPATH_NAME_MAX = len(ffi.new("struct pyebpflb_lb_config *").name) - 1
 FAMILY_TAG = {4: int(lib.PYEBPFLB_IPV4), 6: int(lib.PYEBPFLB_IPV6)}
 SLOT_GEN_SHIFT = int(lib.PYEBPFLB_SLOT_GEN_SHIFT)
 POLICY_GEN_SHIFT = int(lib.PYEBPFLB_POLICY_GEN_SHIFT)
+POLICY_RULESET = int(lib.PYEBPFLB_POLICY_RULESET)  # scope bit: a rule set of endpoints
 
 
 class PolicyProto(enum.IntEnum):

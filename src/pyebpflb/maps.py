@@ -66,6 +66,8 @@ POL_RULES = "lb_pol_rules"
 RULE_STATS = "lb_rule_stats"
 POL_CIDRS = "lb_pol_cidrs"
 POL_PORTS = "lb_pol_ports"
+POL_SUBJECTS = "lb_pol_subjects"  # endpoint CIDR -> the rule set of the policies for it
+POL_MEMBERS = "lb_pol_members"  # (policy id, index) -> a subject of the policy (user space)
 POL_CT = "lb_pol_ct"
 FRAGS = "lb_frags"
 FRAG_NAT = "lb_frag_nat"
@@ -429,24 +431,66 @@ _CIDR_FIXED = int(lib.PYEBPFLB_POLICY_CIDR_FIXED_BITS)
 _PORT_FIXED = int(lib.PYEBPFLB_POLICY_PORT_FIXED_BITS)
 
 
-def policy_head(gen: int, compiled: policy.Compiled) -> Any:
-    def flags(on: bool, deny: bool, service_rules: bool = False) -> int:
-        return (
-            (lib.PYEBPFLB_POLICY_ON if on else 0)
-            | (lib.PYEBPFLB_POLICY_DEFAULT_DENY if deny else 0)
-            | (lib.PYEBPFLB_POLICY_SERVICE_RULES if service_rules else 0)
-        )
+def _policy_flags(on: bool, deny: bool, service_rules: bool = False, subjects: bool = False) -> int:
+    return (
+        (lib.PYEBPFLB_POLICY_ON if on else 0)
+        | (lib.PYEBPFLB_POLICY_DEFAULT_DENY if deny else 0)
+        | (lib.PYEBPFLB_POLICY_SERVICE_RULES if service_rules else 0)
+        | (lib.PYEBPFLB_POLICY_SUBJECTS if subjects else 0)
+    )
 
+
+def policy_head(gen: int, compiled: policy.Compiled) -> Any:
     return ffi.new(
         "struct pyebpflb_policy_head *",
         {
             "gen": gen,
-            "ingress": flags(
-                compiled.ingress_on, compiled.ingress_deny, compiled.ingress_service_rules
+            "ingress": _policy_flags(
+                compiled.ingress_on,
+                compiled.ingress_deny,
+                compiled.ingress_service_rules,
+                compiled.has_subjects(Direction.INGRESS),
             ),
-            "egress": flags(compiled.egress_on, compiled.egress_deny),
+            "egress": _policy_flags(
+                compiled.egress_on,
+                compiled.egress_deny,
+                subjects=compiled.has_subjects(Direction.EGRESS),
+            ),
         },
     )
+
+
+def policy_subject_key(entry: policy.SubjectEntry, gen: int) -> Any:
+    key = ffi.new("struct pyebpflb_policy_subject_key *")
+    key.prefixlen = _CIDR_FIXED + entry.network.prefixlen
+    key.gen = gen << POLICY_GEN_SHIFT
+    key.dir = POLICY_DIR_TAG[entry.direction]
+    key.family = FAMILY_TAG[entry.family]
+    ffi.memmove(key.addr.bytes, addr_bytes(entry.network.network_address), 16)
+    return key
+
+
+def policy_subject(entry: policy.SubjectEntry) -> Any:
+    return ffi.new(
+        "struct pyebpflb_policy_subject *",
+        {"scope": entry.scope, "flags": _policy_flags(True, entry.deny)},
+    )
+
+
+def policy_member_key(policy_id: int, index: int) -> Any:
+    return ffi.new("struct pyebpflb_policy_member_key *", {"policy_id": policy_id, "index": index})
+
+
+def policy_member(subject: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
+    value = ffi.new("struct pyebpflb_policy_member *")
+    ffi.memmove(value.addr.bytes, addr_bytes(subject.network_address), 16)
+    value.family = FAMILY_TAG[subject.version]
+    value.prefixlen = subject.prefixlen
+    return value
+
+
+def member_from(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network((addr_from(value.addr, value.family), int(value.prefixlen)))
 
 
 def policy_cidr_key(entry: policy.CidrEntry, gen: int) -> Any:

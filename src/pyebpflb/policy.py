@@ -26,7 +26,7 @@ from typing import Any
 
 import attrs
 
-from pyebpflb.layout import POLICY_INLINE, PolicyProto
+from pyebpflb.layout import POLICY_INLINE, POLICY_RULESET, PolicyProto
 from pyebpflb.model import (
     PROTOCOL_NUMBERS,
     Action,
@@ -257,9 +257,20 @@ class Piece:
 
 
 @attrs.frozen
+class SubjectEntry:
+    """An endpoint CIDR of a direction and the rule set of the policies for it."""
+
+    direction: Direction
+    family: int
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    scope: int  # POLICY_RULESET | the rule set
+    deny: bool  # one of the policies for it denies by default
+
+
+@attrs.frozen
 class CidrEntry:
     direction: Direction
-    scope: int  # service id, 0: the real destination
+    scope: int  # service id, 0: every endpoint's rules; POLICY_RULESET | n: a rule set
     family: int
     network: ipaddress.IPv4Network | ipaddress.IPv6Network
     class_id: int
@@ -283,10 +294,14 @@ class Compiled:
     cidrs: list[CidrEntry]
     ports: list[PortEntry]
     ingress_on: bool
-    ingress_deny: bool
+    ingress_deny: bool  # of the policies for every endpoint
     ingress_service_rules: bool  # a rule names a service: packets to services look twice
     egress_on: bool
     egress_deny: bool
+    subjects: list[SubjectEntry] = attrs.field(factory=list)
+
+    def has_subjects(self, direction: Direction) -> bool:
+        return any(s.direction is direction for s in self.subjects)
 
 
 def port_prefixes(low: int, high: int) -> list[tuple[int, int]]:
@@ -354,7 +369,8 @@ def compile_policies(
     cidrs: list[CidrEntry] = []
     ports: list[PortEntry] = []
     next_class = 1
-    groups = _groups(policies, refs, service_ids)
+    subjects, rulesets = _subjects(policies)
+    groups = _groups(policies, refs, service_ids, rulesets)
     for (direction, scope, family), members in sorted(
         groups.items(), key=lambda g: (g[0][0].value, g[0][1], g[0][2])
     ):
@@ -388,23 +404,92 @@ def compile_policies(
                     spilled,
                 )
             )
-    return _compiled(policies, cidrs, ports)
+    return attrs.evolve(_compiled(policies, cidrs, ports), subjects=subjects)
+
+
+Ruleset = tuple[Direction, frozenset[str]]  # a direction, the policies with subjects in it
+
+
+def _subjects(policies: Sequence[Policy]) -> tuple[list[SubjectEntry], dict[Ruleset, int]]:
+    """The endpoint CIDRs of the policies with subjects, each with the rule set of
+    the policies for it: those whose subjects contain it (the longest match in the
+    kernel then finds, for an address, every policy with a subject containing it),
+    with the policies for every endpoint. Equal sets are one rule set."""
+    entries: list[SubjectEntry] = []
+    rulesets: dict[Ruleset, int] = {}
+    by_name = {p.name: p for p in policies}
+    for direction in (Direction.INGRESS, Direction.EGRESS):
+        everyone_denies = any(
+            p.direction is direction and not p.subjects and p.default is Action.DENY
+            for p in policies
+        )
+        for family in (4, 6):
+            bits = 32 if family == 4 else 128
+            by_cidr: dict[tuple[int, int], list[str]] = {}
+            for p in policies:
+                if p.direction is not direction:
+                    continue
+                for subject in p.subjects:
+                    if subject.version == family:
+                        at = (subject.prefixlen, int(subject.network_address))
+                        by_cidr.setdefault(at, []).append(p.name)
+            for prefixlen, network in sorted(by_cidr):
+                names: set[str] = set()
+                for length in range(prefixlen, -1, -1):
+                    mask = ((1 << length) - 1) << (bits - length) if length else 0
+                    names.update(by_cidr.get((length, network & mask), ()))
+                members = frozenset(names)
+                number = rulesets.setdefault((direction, members), len(rulesets) + 1)
+                deny = everyone_denies or any(by_name[n].default is Action.DENY for n in members)
+                net_type = ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network
+                entries.append(
+                    SubjectEntry(
+                        direction,
+                        family,
+                        net_type((network, prefixlen)),
+                        POLICY_RULESET | number,
+                        deny,
+                    )
+                )
+    return entries, rulesets
 
 
 def _groups(
-    policies: Sequence[Policy], refs: Sequence[RuleRef], service_ids: dict[str, list[int]]
+    policies: Sequence[Policy],
+    refs: Sequence[RuleRef],
+    service_ids: dict[str, list[int]],
+    rulesets: dict[Ruleset, int] | None = None,
 ) -> dict[tuple[Direction, int, int], list[RuleRef]]:
     """The rules by (direction, scope, family): a rule naming a service is in the
-    scope of each installed service of that name, the others in scope 0."""
+    scope of each installed service of that name; the others of policies for every
+    endpoint in scope 0 and in every rule set of their direction; those of policies
+    with subjects in the rule sets they are members of."""
     by_policy = {p.name: p for p in policies}
     groups: dict[tuple[Direction, int, int], list[RuleRef]] = {}
+    own: dict[str, list[RuleRef]] = {}
     for ref in refs:
-        direction = by_policy[ref.policy].direction
-        scopes = service_ids[ref.rule.service] if ref.rule.service is not None else [0]
+        own.setdefault(ref.policy, []).append(ref)
+
+    def add(scope: int, direction: Direction, ref: RuleRef) -> None:
         families = (ref.rule.cidr.version,) if ref.rule.cidr is not None else (4, 6)
-        for scope in scopes:
-            for family in families:
-                groups.setdefault((direction, scope, family), []).append(ref)
+        for family in families:
+            groups.setdefault((direction, scope, family), []).append(ref)
+
+    everyone: dict[Direction, list[RuleRef]] = {Direction.INGRESS: [], Direction.EGRESS: []}
+    for ref in refs:
+        policy = by_policy[ref.policy]
+        if ref.rule.service is not None:
+            for scope in service_ids[ref.rule.service]:
+                add(scope, policy.direction, ref)
+        elif not policy.subjects:
+            add(0, policy.direction, ref)
+            everyone[policy.direction].append(ref)
+    for (direction, members), number in (rulesets or {}).items():
+        for ref in everyone[direction]:
+            add(POLICY_RULESET | number, direction, ref)
+        for name in sorted(members):
+            for ref in own.get(name, ()):
+                add(POLICY_RULESET | number, direction, ref)
     return groups
 
 
@@ -454,12 +539,14 @@ def _compiled(
         ports=ports,
         ingress_on=any(p.direction is Direction.INGRESS for p in policies),
         ingress_deny=any(
-            p.direction is Direction.INGRESS and p.default is Action.DENY for p in policies
+            p.direction is Direction.INGRESS and p.default is Action.DENY and not p.subjects
+            for p in policies
         ),
         ingress_service_rules=any(r.service is not None for p in policies for r in p.rules),
         egress_on=any(p.direction is Direction.EGRESS for p in policies),
         egress_deny=any(
-            p.direction is Direction.EGRESS and p.default is Action.DENY for p in policies
+            p.direction is Direction.EGRESS and p.default is Action.DENY and not p.subjects
+            for p in policies
         ),
     )
 
@@ -475,12 +562,6 @@ def check_policies(policies: Iterable[Any], service_names: Iterable[str]) -> lis
             raise ValueError(f"expected a Policy, got {policy!r}")
         if policy.name in seen:
             raise ValueError(f"two policies are named {policy.name!r}; names must be unique")
-        if policy.subjects:
-            raise ValueError(
-                f"policy {policy.name!r} has subjects, which this datapath cannot enforce "
-                "yet (it would apply the policy to every endpoint): install it without "
-                "subjects, or evaluate it with pyebpflb.policy.evaluate"
-            )
         seen.add(policy.name)
         for index, rule in enumerate(policy.rules):
             if rule.service is not None and rule.service not in names:
@@ -498,6 +579,7 @@ __all__ = [
     "Compiled",
     "Packet",
     "RuleRef",
+    "SubjectEntry",
     "Verdict",
     "check_policies",
     "compile_policies",

@@ -59,7 +59,7 @@ def diff_policies(
     policy_ids = itertools.count(next_policy_id)
     installed, refs = _names_and_rules(state, wanted, phases, rule_ids, policy_ids)
     gen = 1 - state.gen if state.active else 0
-    compiled, keys = _generation(state, wanted, refs, service_ids, gen, phases)
+    compiled, keys, subject_keys = _generation(state, wanted, refs, service_ids, gen, phases)
     _head(state, wanted, compiled, gen, phases)
     return PolicyPlan(
         prepare=phases.prepare.list(),
@@ -67,7 +67,12 @@ def diff_policies(
         undo=phases.undo_head.list() + phases.undo.list(),
         cleanup=phases.cleanup.list(),
         state=PolicyState(
-            gen=gen, active=bool(wanted), policies=installed, refs=tuple(refs), keys=keys
+            gen=gen,
+            active=bool(wanted),
+            policies=installed,
+            refs=tuple(refs),
+            keys=keys,
+            subject_keys=subject_keys,
         ),
         next_rule_id=next(rule_ids),
         next_policy_id=next(policy_ids),
@@ -104,6 +109,7 @@ def _names_and_rules(
         elif old[1] != item:
             prepare.write(maps.POL_NAMES, info_key, maps.policy_info(item))
             undo.write(maps.POL_NAMES, info_key, maps.policy_info(old[1]))
+        _members(policy_id, old[1].subjects if old is not None else (), item.subjects, phases)
         for index, rule in enumerate(item.rules):
             nth = seen[(item.name, rule)] = seen.get((item.name, rule), -1) + 1
             kept = old_ids.pop((item.name, rule, nth), None)
@@ -116,13 +122,31 @@ def _names_and_rules(
             elif kept.index != index:
                 prepare.write(maps.POL_RULES, rule_key, maps.policy_rule(ref, policy_id))
                 undo.write(maps.POL_RULES, rule_key, maps.policy_rule(kept, policy_id))
-    for name, (policy_id, _) in state.policies.items():
+    for name, (policy_id, gone_policy) in state.policies.items():
         if name not in installed:
             phases.cleanup.delete(maps.POL_NAMES, maps.u32(policy_id))
+            _members(policy_id, gone_policy.subjects, (), phases)
     for gone in old_ids.values():
         phases.cleanup.delete(maps.POL_RULES, maps.u32(gone.id))
         phases.cleanup.delete(maps.RULE_STATS, maps.u32(gone.id))
     return installed, refs
+
+
+def _members(policy_id: int, old: tuple[Any, ...], new: tuple[Any, ...], phases: _Phases) -> None:
+    """A policy's subjects in lb_pol_members (read back, not looked up by packets):
+    the new ones written first, those no longer there removed at cleanup."""
+    for index in range(max(len(old), len(new))):
+        key = maps.policy_member_key(policy_id, index)
+        if index < len(new):
+            if index < len(old) and old[index] == new[index]:
+                continue
+            phases.prepare.write(maps.POL_MEMBERS, key, maps.policy_member(new[index]))
+            if index < len(old):
+                phases.undo.write(maps.POL_MEMBERS, key, maps.policy_member(old[index]))
+            else:
+                phases.undo.delete(maps.POL_MEMBERS, key)
+        else:
+            phases.cleanup.delete(maps.POL_MEMBERS, key)
 
 
 def _generation(
@@ -132,7 +156,7 @@ def _generation(
     service_ids: dict[str, list[int]],
     gen: int,
     phases: _Phases,
-) -> tuple[policy.Compiled, dict[int, tuple[list[Any], list[Any]]]]:
+) -> tuple[policy.Compiled, dict[int, tuple[list[Any], list[Any]]], dict[int, list[Any]]]:
     """The lookup entries of generation ``gen``, the one packets do not read: first
     clear what a crashed change may have left there, then write it whole."""
     prepare, undo = phases.prepare, phases.undo
@@ -141,6 +165,8 @@ def _generation(
         prepare.delete(maps.POL_CIDRS, key, missing_ok=True)
     for key in stale_ports:
         prepare.delete(maps.POL_PORTS, key, missing_ok=True)
+    for key in state.subject_keys.get(gen, []):
+        prepare.delete(maps.POL_SUBJECTS, key, missing_ok=True)
     compiled = policy.compile_policies(wanted, refs, service_ids, gen << POLICY_GEN_SHIFT)
     cidr_keys = [maps.policy_cidr_key(entry, gen) for entry in compiled.cidrs]
     port_keys = [maps.policy_port_key(entry) for entry in compiled.ports]
@@ -148,11 +174,20 @@ def _generation(
         prepare.write(maps.POL_CIDRS, key, maps.policy_class(entry))
     for key, port_entry in zip(port_keys, compiled.ports, strict=True):
         prepare.write(maps.POL_PORTS, key, maps.policy_verdict(port_entry))
+    subject_keys = [maps.policy_subject_key(entry, gen) for entry in compiled.subjects]
+    for key, subject in zip(subject_keys, compiled.subjects, strict=True):
+        prepare.write(maps.POL_SUBJECTS, key, maps.policy_subject(subject))
     for key in cidr_keys:
         undo.delete(maps.POL_CIDRS, key)
     for key in port_keys:
         undo.delete(maps.POL_PORTS, key)
-    return compiled, {gen: (cidr_keys, port_keys), 1 - gen: ([], [])}
+    for key in subject_keys:
+        undo.delete(maps.POL_SUBJECTS, key)
+    return (
+        compiled,
+        {gen: (cidr_keys, port_keys), 1 - gen: ([], [])},
+        {gen: subject_keys, 1 - gen: []},
+    )
 
 
 def _head(
@@ -173,6 +208,8 @@ def _head(
             phases.cleanup.delete(maps.POL_CIDRS, key)
         for key in old_ports:
             phases.cleanup.delete(maps.POL_PORTS, key)
+        for key in state.subject_keys.get(state.gen, []):
+            phases.cleanup.delete(maps.POL_SUBJECTS, key)
     elif wanted:
         phases.undo_head.delete(maps.POLICY, head_key)
 

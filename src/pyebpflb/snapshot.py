@@ -79,6 +79,7 @@ class PolicyState:
     policies: dict[str, tuple[int, Policy]]  # name -> (policy id, policy), in install order
     refs: tuple[RuleRef, ...]
     keys: dict[int, tuple[list[Any], list[Any]]]  # gen -> (cidr keys, port keys) present
+    subject_keys: dict[int, list[Any]] = attrs.field(factory=dict)  # gen -> subject keys
 
     def ref(self, rule_id: int) -> RuleRef | None:
         return next((r for r in self.refs if r.id == rule_id), None) if rule_id else None

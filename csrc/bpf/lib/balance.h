@@ -243,14 +243,15 @@ static __always_inline int dnat_to(struct ctx_buff *ctx, const struct ingress *i
  * others on its real destination. The first packet of a flow it lets through
  * makes a policy event. */
 static __always_inline int service_denied(struct ctx_buff *ctx, const struct ingress *in,
-					  __u32 service_id, __u16 port, int new_flow)
+					  __u32 service_id, const union pyebpflb_addr *local,
+					  __u16 port, int new_flow)
 {
 	struct pyebpflb_policy_verdict verdict;
 
 	if (!in->policy)
 		return 0;
-	if (policy_decide(ctx, in->policy, PYEBPFLB_POLICY_INGRESS, in->pkt, service_id, port, 0,
-			  &verdict) == POLICY_DROP)
+	if (policy_decide(ctx, in->policy, PYEBPFLB_POLICY_INGRESS, in->pkt, local, service_id,
+			  port, 0, &verdict) == POLICY_DROP)
 		return 1;
 	if (new_flow && verdict.action != PYEBPFLB_POLICY_NONE)
 		policy_event(ctx, in->pkt, PYEBPFLB_POLICY_INGRESS, &verdict, service_id);
@@ -323,7 +324,7 @@ static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in)
 	ct_delete_flow(in->flow_at.map, in->ct_key, flow, in->pkt, in->cfg);
 	if (!copy_backend(in, backend_id))
 		return NEXT_STEP;
-	if (service_denied(ctx, in, service_id, slot(in)->backend.port, 1))
+	if (service_denied(ctx, in, service_id, &slot(in)->backend.addr, slot(in)->backend.port, 1))
 		return CTX_DROP;
 	return admit(ctx, in, &slot(in)->backend, backend_id, service_id, NULL, nat);
 }
@@ -364,7 +365,7 @@ static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *i
 		return NEXT_STEP;
 	/* Policy holds for every packet: a new deny ends a flow at once. */
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
-	if (service_denied(ctx, in, flow->service_id, flow->nat_port, 0))
+	if (service_denied(ctx, in, flow->service_id, &flow->nat_addr, flow->nat_port, 0))
 		return CTX_DROP;
 	ct_heal_reply(in->flow_at.map, in->ct_key, flow, pkt, in->cfg, slot(in)->now);
 	ct_touch(live, pkt, slot(in)->now, 0);
@@ -445,7 +446,8 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 	}
 	backend = backend ? keep_backend(in, backend) : NULL;
 	/* Without a backend, the rules on the real destination see the VIP's port. */
-	if (service_denied(ctx, in, svc->id, backend ? backend->port : in->pkt->dport, 1))
+	if (service_denied(ctx, in, svc->id, backend ? &backend->addr : &in->pkt->daddr,
+			   backend ? backend->port : in->pkt->dport, 1))
 		return CTX_DROP;
 	if (!backend_id || !backend)
 		return refuse(ctx, in, svc->id);

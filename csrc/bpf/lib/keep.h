@@ -29,6 +29,7 @@
 static __always_inline void keep_maps(const struct pyebpflb_lb_config *cfg)
 {
 	struct pyebpflb_sock_key sock_key = {};
+	struct pyebpflb_policy_member_key member_key = {};
 	__u32 key = 0;
 
 	if (cfg->layout_version != KEEP_MAPS_NEVER)
@@ -41,6 +42,7 @@ static __always_inline void keep_maps(const struct pyebpflb_lb_config *cfg)
 	bpf_map_lookup_elem(&lb_node, &key);
 	bpf_map_lookup_elem(&lb_frontends, &key);
 	bpf_map_lookup_elem(&lb_sock_revnat, &sock_key);
+	bpf_map_lookup_elem(&lb_pol_members, &member_key);
 }
 
 #endif

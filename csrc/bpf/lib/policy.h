@@ -82,6 +82,22 @@ struct {
 	__type(value, struct pyebpflb_policy_info);
 } lb_pol_names SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pyebpflb_policy_subject_key);
+	__type(value, struct pyebpflb_policy_subject);
+} lb_pol_subjects SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pyebpflb_policy_member_key);
+	__type(value, struct pyebpflb_policy_member);
+} lb_pol_members SEC(".maps");
+
 /* Per-rule counters, created by a rule's first match. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -195,24 +211,70 @@ static __always_inline void policy_event(struct ctx_buff *ctx, const struct pack
 }
 
 /*
+ * The rule set for the endpoint at `local` (the destination on ingress, the
+ * source on egress, after translation): its scope and flags when a policy is for
+ * it, else every endpoint's (scope 0, the direction's flags). Sets *self when
+ * the endpoint talks to itself: never blocked by the policies for it.
+ */
+static __always_inline __u32 policy_subject(__u32 gen, __u8 dir, const struct packet *pkt,
+					    const union pyebpflb_addr *local, __u8 *flags,
+					    int *self)
+{
+	struct pyebpflb_policy_subject_key key = {
+	    .prefixlen = PYEBPFLB_POLICY_CIDR_FIXED_BITS + 128,
+	    .gen = gen << PYEBPFLB_POLICY_GEN_SHIFT,
+	    .dir = dir,
+	    .family = pkt->family,
+	    .addr = *local,
+	};
+	const union pyebpflb_addr *peer =
+	    dir == PYEBPFLB_POLICY_INGRESS ? &pkt->saddr : &pkt->daddr;
+	struct pyebpflb_policy_subject *found = bpf_map_lookup_elem(&lb_pol_subjects, &key);
+
+	*self = 0;
+	if (!found)
+		return 0;
+	*flags = found->flags;
+	*self = local->v6[0] == peer->v6[0] && local->v6[1] == peer->v6[1] &&
+		local->v6[2] == peer->v6[2] && local->v6[3] == peer->v6[3];
+	return found->scope;
+}
+
+/*
  * Decide on a packet of direction `dir`. `port` is its destination port after
- * translation; a packet to a service also meets the rules naming the service
- * (`service_id`), on its VIP's port. Of the two scopes' verdicts, deny beats
- * allow, then the longer prefix wins, and a tie goes to the service's rule.
+ * translation and `local` its endpoint (the destination after translation on
+ * ingress, the source on egress); a packet to a service also meets the rules
+ * naming the service (`service_id`), on its VIP's port. Of the two scopes'
+ * verdicts, deny beats allow, then the longer prefix wins, and a tie goes to
+ * the service's rule.
  */
 static __always_inline int policy_decide(struct ctx_buff *ctx,
 					 const struct pyebpflb_policy_head *head, __u8 dir,
-					 const struct packet *pkt, __u32 service_id, __u16 port,
-					 int portless, struct pyebpflb_policy_verdict *verdict)
+					 const struct packet *pkt, const union pyebpflb_addr *local,
+					 __u32 service_id, __u16 port, int portless,
+					 struct pyebpflb_policy_verdict *verdict)
 {
 	__u8 flags = policy_flags(head, dir), proto = policy_proto(pkt, portless);
 	struct pyebpflb_policy_verdict other;
+	__u32 scope = 0;
+	int self = 0;
 
 	verdict->action = PYEBPFLB_POLICY_NONE;
 	verdict->is_default = 0;
 	if (!(flags & PYEBPFLB_POLICY_ON))
 		return POLICY_PASS;
-	policy_lookup(head->gen, 0, dir, pkt, proto, port, verdict);
+	if (flags & PYEBPFLB_POLICY_SUBJECTS) {
+		__u8 service_rules = flags & PYEBPFLB_POLICY_SERVICE_RULES;
+
+		scope = policy_subject(head->gen, dir, pkt, local, &flags, &self);
+		flags |= service_rules;
+		if (self) {
+			verdict->action = PYEBPFLB_POLICY_ALLOW;
+			verdict->rule_id = 0;
+			return POLICY_PASS;
+		}
+	}
+	policy_lookup(head->gen, scope, dir, pkt, proto, port, verdict);
 	if (service_id && (flags & PYEBPFLB_POLICY_SERVICE_RULES)) {
 		policy_lookup(head->gen, service_id, dir, pkt, proto, pkt->dport, &other);
 		if (other.action != PYEBPFLB_POLICY_NONE &&
@@ -405,7 +467,9 @@ static __always_inline int policy_enforce(struct ctx_buff *ctx,
 		portless = !policy_fragment_ports(pkt);
 	if (on && !portless && policy_ct_answer(ctx, pkt, answer_dir, cfg, now))
 		return CTX_PASS;
-	if (policy_decide(ctx, head, dir, pkt, 0, pkt->dport, portless, &verdict) == POLICY_DROP)
+	if (policy_decide(ctx, head, dir, pkt,
+			  dir == PYEBPFLB_POLICY_INGRESS ? &pkt->daddr : &pkt->saddr, 0, pkt->dport,
+			  portless, &verdict) == POLICY_DROP)
 		return CTX_DROP;
 	policy_ct_record(ctx, pkt, dir, other_dir, now, &verdict);
 	return CTX_PASS;

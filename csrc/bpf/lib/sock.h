@@ -103,7 +103,8 @@ static __always_inline int sock_select(struct bpf_sock_addr *ctx, const struct p
 		backend_id = 0;
 	policy = policy_head(cfg);
 	if (policy &&
-	    policy_decide(ctx, policy, PYEBPFLB_POLICY_INGRESS, pkt, svc.id,
+	    policy_decide(ctx, policy, PYEBPFLB_POLICY_INGRESS, pkt,
+			  backend_id ? &chosen->addr : &pkt->daddr, svc.id,
 			  backend_id ? chosen->port : pkt->dport, 0, &verdict) == POLICY_DROP) {
 		bpf_set_retval(-EPERM);
 		return -1;

@@ -371,10 +371,15 @@ enum pyebpflb_policy_flags {
 	PYEBPFLB_POLICY_ON = 1,		   /* the direction has policies */
 	PYEBPFLB_POLICY_DEFAULT_DENY = 2,  /* ... and one of them denies by default */
 	PYEBPFLB_POLICY_SERVICE_RULES = 4, /* ... and a rule names a service */
+	PYEBPFLB_POLICY_SUBJECTS = 8,	   /* ... and a policy is for some endpoints only */
 };
 
 enum {
 	PYEBPFLB_POLICY_GEN_SHIFT = 31,
+	/* A scope with this bit is a rule set of endpoints (lb_pol_subjects), its
+	 * other bits the set's number; without it, a service id (0: the rules of
+	 * every endpoint). */
+	PYEBPFLB_POLICY_RULESET = 1 << 30,
 	PYEBPFLB_POLICY_CIDR_FIXED_BITS = 64, /* scope, dir, family, _pad */
 	PYEBPFLB_POLICY_PORT_FIXED_BITS = 48, /* class_id, proto, _pad */
 };
@@ -452,6 +457,40 @@ struct pyebpflb_policy_rule {
 	__u32 policy_id;
 	__u32 index; /* in its policy */
 	char service[PYEBPFLB_NAME_MAX];
+};
+
+/*
+ * lb_pol_subjects (LPM trie): an endpoint's address (the destination on ingress,
+ * the source on egress) -> the rule set of the policies for it. An address no
+ * entry holds gets the rules of every endpoint (scope 0) and the direction's
+ * flags in lb_policy.
+ */
+struct pyebpflb_policy_subject_key {
+	__u32 prefixlen; /* PYEBPFLB_POLICY_CIDR_FIXED_BITS + the subject CIDR's */
+	__u32 gen;	 /* gen << 31 */
+	__u8 dir;	 /* enum pyebpflb_policy_dir */
+	__u8 family;
+	__u16 _pad;
+	union pyebpflb_addr addr;
+};
+
+struct pyebpflb_policy_subject {
+	__u32 scope; /* PYEBPFLB_POLICY_RULESET | the rule set */
+	__u8 flags;  /* enum pyebpflb_policy_flags of the policies for it */
+	__u8 _pad[3];
+};
+
+/* lb_pol_members: (policy id, index) -> a subject of the policy (user space only). */
+struct pyebpflb_policy_member_key {
+	__u32 policy_id;
+	__u32 index;
+};
+
+struct pyebpflb_policy_member {
+	union pyebpflb_addr addr;
+	__u8 family;
+	__u8 prefixlen;
+	__u16 _pad;
 };
 
 /* lb_pol_names: policy id -> what the rules belong to (user space only). */

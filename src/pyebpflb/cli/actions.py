@@ -83,22 +83,41 @@ def _read(path: str) -> str:
         raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _translate(path: str) -> Any:
+class _Manifest:
+    """What a manifest holds, translated: services and NetworkPolicies' policies."""
+
+    def __init__(self, done: Any, policies: Any, origins: list[str]) -> None:
+        self.done, self.policies, self.origins = done, policies, origins
+
+    def owned(self, name: str) -> bool:
+        from pyebpflb.k8s.netpol import owned_by
+
+        return any(owned_by(name, origin) for origin in self.origins)
+
+
+def _translate(path: str) -> _Manifest:
     from pyebpflb import k8s
+    from pyebpflb.k8s.translate import _namespace
 
     try:
         objects = k8s.load(_read(path))
     except k8s.ManifestError as exc:
         raise click.ClickException(f"{path}: {exc}; nothing was applied") from None
     done = k8s.translate(objects)
-    if done.problems:
-        listed = "".join(f"\n  {problem}" for problem in done.problems)
+    network = [o for o in objects if isinstance(o, dict) and o.get("kind") == "NetworkPolicy"]
+    policies = k8s.network_policies(objects) if network else None
+    problems = done.problems + (policies.problems if policies is not None else [])
+    if problems:
+        listed = "".join(f"\n  {problem}" for problem in problems)
         raise click.ClickException(f"{path}: nothing was applied:{listed}")
-    if not any(o.get("kind") == "Service" for o in objects):
-        raise click.ClickException(f"{path}: the manifest has no Service; nothing was applied")
-    for reason in done.skipped:
+    if not any(o.get("kind") == "Service" for o in objects) and not network:
+        raise click.ClickException(
+            f"{path}: the manifest has no Service and no NetworkPolicy; nothing was applied"
+        )
+    for reason in done.skipped + (policies.skipped if policies is not None else []):
         click.echo(f"skipped {reason}", err=True)
-    return done
+    origins = [f"{_namespace(o)}/{(o.get('metadata') or {}).get('name', '')}" for o in network]
+    return _Manifest(done, policies, origins)
 
 
 @main_group.command()
@@ -112,11 +131,14 @@ def _translate(path: str) -> Any:
 @OUTPUT
 @pass_context
 def apply(ctx: Context, path: str, replace_endpoints: bool, output: str) -> None:
-    """Apply Kubernetes Services (+ Pods or EndpointSlices) from a manifest."""
-    done = _translate(path)
+    """Apply Kubernetes Services (+ Pods or EndpointSlices) and NetworkPolicies (+ the
+    Pods and Namespaces they select) from a manifest."""
+    manifest = _translate(path)
+    done = manifest.done
     wanted = done.services
     names = {s.name for s in wanted}
     keys = {s.key for s in wanted}
+    new_policies = manifest.policies.policies if manifest.policies is not None else []
     with ctx.datapath(create=True) as dp:
         with dp.write_lock():  # no other writer between the read and the sync
             installed = dp.services
@@ -132,7 +154,9 @@ def apply(ctx: Context, path: str, replace_endpoints: bool, output: str) -> None
                     for s in wanted
                 ]
             kept = [s for s in installed if s.name not in names and s.key not in keys]
-            dp.sync(kept + wanted)
+            # A NetworkPolicy's policies are replaced whole: those it no longer makes go.
+            policies = [p for p in dp.policies if not manifest.owned(p.name)] + new_policies
+            dp.sync(kept + wanted, policies)
         if not dp.interfaces:
             click.echo(
                 f"note: datapath {dp.name} is attached to no interface: the services are "
@@ -144,6 +168,12 @@ def apply(ctx: Context, path: str, replace_endpoints: bool, output: str) -> None
         return
     for svc in wanted:
         click.echo(f"service {svc.label}: {len(svc.backends)} backends")
+    from pyebpflb.k8s.netpol import owned_by
+
+    for origin in manifest.origins:
+        made = [p for p in new_policies if owned_by(p.name, origin)]
+        subjects = len({s for p in made for s in p.subjects})
+        click.echo(f"networkpolicy {origin}: {len(made)} policies for {subjects} endpoints")
 
 
 @main_group.command()
@@ -151,19 +181,22 @@ def apply(ctx: Context, path: str, replace_endpoints: bool, output: str) -> None
 @OUTPUT
 @pass_context
 def delete(ctx: Context, path: str, output: str) -> None:
-    """Remove the Services of a manifest."""
-    wanted = _translate(path).services
-    names = {s.name for s in wanted}
+    """Remove the Services and NetworkPolicies of a manifest."""
+    manifest = _translate(path)
+    names = {s.name for s in manifest.done.services}
     with ctx.datapath(writes=True) as dp, dp.write_lock():
         before = dp.services
         kept = [s for s in before if s.name not in names]
-        dp.sync(kept)
+        policies = [p for p in dp.policies if not manifest.owned(p.name)]
+        dp.sync(kept, policies)
     gone = [s for s in before if s.name in names]
     if output == "json":
         emit(output, [service_dict(s) for s in gone], lambda: ([], []))
         return
     for svc in gone:
         click.echo(f"service {svc.label} deleted")
+    for origin in manifest.origins:
+        click.echo(f"networkpolicy {origin} deleted")
 
 
 # -- explain ------

@@ -69,6 +69,8 @@ SIZED = {
     # Both generations of the lookup entries, during a change.
     maps.POL_CIDRS: ("max_policy_entries", 1),
     maps.POL_PORTS: ("max_policy_entries", 1),
+    maps.POL_SUBJECTS: ("max_policy_entries", 1),
+    maps.POL_MEMBERS: ("max_policy_entries", 1),
     maps.POL_CT: ("max_policy_conntrack", 1),
 }
 

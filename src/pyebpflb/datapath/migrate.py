@@ -33,12 +33,13 @@ from pyebpflb.errors import IncompatibleDatapath
 # 2: weights, states, affinity; 3: network policy; 4: conntrack rework; 5: services
 # changed all at once (two services maps), backends' generations, Maglev per generation;
 # 6: socket-level balancing, the node, backends' nodes, service addresses; 7: north-south
-# frontends (NodePort, external and load-balancer IPs), SNAT, source ranges
-LAYOUT_VERSION = 7
+# frontends (NodePort, external and load-balancer IPs), SNAT, source ranges; 8: policies
+# with subjects (lb_pol_subjects, lb_pol_members)
+LAYOUT_VERSION = 8
 OLDEST = 3  # the layout of the first release (v0.1.0, commit cfb391b)
 
 # lb_config's size in each layout that is migrated from: later layouts only append.
-CONFIG_SIZES = {3: 272, 4: 304, 5: 304, 6: 304, 7: 328}
+CONFIG_SIZES = {3: 272, 4: 304, 5: 304, 6: 304, 7: 328, 8: 328}
 
 Before = Callable[[Mapping[str, Map], LoadedObject], None]
 After = Callable[[LoadedObject], None]
@@ -191,6 +192,12 @@ def _nothing(_new: LoadedObject) -> None:
     return None
 
 
+def _no_state(_old: Mapping[str, Map], _new: LoadedObject) -> None:
+    """Nothing to carry over: no policy of an older layout has subjects, and its lookup
+    entries mean in layout 8 what they meant (scope 0: every endpoint's rules)."""
+    return None
+
+
 def _both(*steps: Before) -> Before:
     def run(old: Mapping[str, Map], new: LoadedObject) -> None:
         for step in steps:
@@ -249,6 +256,17 @@ MIGRATIONS: dict[int, Migration] = {
         replaced=frozenset({maps.CONFIG}),
         added=frozenset({maps.NODEPORT, maps.FRONTENDS, maps.SNAT, maps.SRC_RANGES}),
         before=_both(_config_6_to_7, _remote_backends),
+        after=_nothing,
+    ),
+    8: Migration(
+        to=8,
+        summary=(
+            "policies for some endpoints only (subjects): their rule sets by endpoint "
+            "address (lb_pol_subjects) and each policy's subjects (lb_pol_members)"
+        ),
+        replaced=frozenset(),
+        added=frozenset({maps.POL_SUBJECTS, maps.POL_MEMBERS}),
+        before=_no_state,
         after=_nothing,
     ),
 }

@@ -106,6 +106,9 @@ def read_policy_state(obj: LoadedObject) -> PolicyState:
         rules.setdefault(int(value.policy_id), []).append(
             (int(value.index), int(key), maps.rule_from(value))
         )
+    members: dict[int, list[tuple[int, Any]]] = {}
+    for key, value in obj.map(maps.POL_MEMBERS).lookup_batch():
+        members.setdefault(int(key.policy_id), []).append((int(key.index), maps.member_from(value)))
     policies: dict[str, tuple[int, Policy]] = {}
     refs: list[RuleRef] = []
     for policy_id in sorted(infos):
@@ -119,6 +122,7 @@ def read_policy_state(obj: LoadedObject) -> PolicyState:
                 [rule for _, _, rule in own],
                 default=Action.DENY if int(info.default_deny) else Action.ALLOW,
                 direction=maps.POLICY_DIR_OF[int(info.dir)],
+                subjects=[subject for _, subject in sorted(members.get(policy_id, []))],
             ),
         )
         refs.extend(RuleRef(rule_id, name, index, rule) for index, rule_id, rule in own)
@@ -127,12 +131,16 @@ def read_policy_state(obj: LoadedObject) -> PolicyState:
         keys[int(key.scope) >> POLICY_GEN_SHIFT][0].append(key)
     for key in all_keys(obj.map(maps.POL_PORTS)):
         keys[int(key.class_id) >> POLICY_GEN_SHIFT][1].append(key)
+    subject_keys: dict[int, list[Any]] = {0: [], 1: []}
+    for key in all_keys(obj.map(maps.POL_SUBJECTS)):
+        subject_keys[int(key.gen) >> POLICY_GEN_SHIFT].append(key)
     return PolicyState(
         gen=int(head.gen) if head is not None else 0,
         active=head is not None,
         policies=policies,
         refs=tuple(refs),
         keys=keys,
+        subject_keys=subject_keys,
     )
 
 

@@ -6,8 +6,7 @@
   incremental programming of a datapath from watch events, for a controller that
   has its own watches (kopf, controller-runtime ports, a script).
 - :func:`network_policies`: NetworkPolicies (with Pods and Namespaces) to policies with
-  subjects, Kubernetes' semantics (pure Python: the datapath does not enforce
-  subjects yet, and refuses them).
+  subjects, Kubernetes' semantics (pure Python; the datapath enforces them).
 - :func:`run` (:func:`arun` for asyncio) / :class:`Watcher`: the list-and-watch loop
   itself on the official ``kubernetes`` client (``pip install 'pyebpflb[kubernetes]'``),
   as ``pyebpflb agent`` runs it.

@@ -346,4 +346,10 @@ def _port_rules(
     return [Rule("allow", cidr, protocol.lower(), (number, end) if end else number)]
 
 
-__all__ = ["NAME_LABEL", "PolicyTranslation", "network_policies", "selects"]
+def owned_by(name: str, origin: str) -> bool:
+    """Is the pyebpflb policy ``name`` one that NetworkPolicy ``origin`` (namespace/name)
+    is translated to?"""
+    return name == origin or name.startswith((f"{origin}:", f"{origin}#"))
+
+
+__all__ = ["NAME_LABEL", "PolicyTranslation", "network_policies", "owned_by", "selects"]

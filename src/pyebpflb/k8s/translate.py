@@ -165,14 +165,15 @@ def translate(objects: Iterable[dict[str, Any]], *, node: Node | None = None) ->
         and o.get("kind") == "Node"
         and ZONE_LABEL in (_get(o, "metadata.labels", {}) or {})
     }
-    known = {"Service", "Pod", "EndpointSlice", "Node"}
+    # NetworkPolicies (and the Namespaces their selectors read) are netpol's.
+    known = {"Service", "Pod", "EndpointSlice", "Node", "NetworkPolicy", "Namespace"}
     for obj in objects:
         if not isinstance(obj, dict) or obj.get("kind") not in known:
             kind = obj.get("kind") if isinstance(obj, dict) else None
             where = _where(obj) if isinstance(obj, dict) else repr(obj)[:60]
             problems.append(
-                f"{where}: kind {kind!r} is not translated (Service, Pod, EndpointSlice and "
-                "Node are)"
+                f"{where}: kind {kind!r} is not translated (Service, Pod, EndpointSlice, Node, "
+                "NetworkPolicy and Namespace are)"
             )
     for obj in objects:
         if not isinstance(obj, dict) or obj.get("kind") != "Service":
