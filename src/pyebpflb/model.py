@@ -880,22 +880,22 @@ class Policy:
     subjects: tuple[Network, ...] = attrs.field(default=(), converter=_to_subjects, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
-        if self.subjects:
-            for index, rule in enumerate(self.rules):
-                if rule.service is not None:
-                    raise ValueError(
-                        f"policy {self.name!r} rule {index} ({rule}) names service "
-                        f"{rule.service!r}, but a policy with subjects polices the real "
-                        "endpoints, after translation: name no service, or drop subjects"
-                    )
-        if self.direction is Direction.EGRESS:
-            for index, rule in enumerate(self.rules):
-                if rule.service is not None:
-                    raise ValueError(
-                        f"policy {self.name!r} rule {index} ({rule}) names service "
-                        f"{rule.service!r}, but service rules apply to traffic addressed to "
-                        "a VIP, which arrives on ingress: use direction='ingress'"
-                    )
+        # The first rule naming a service is the one refused, with the first reason.
+        for index, rule in enumerate(self.rules):
+            if rule.service is None:
+                continue
+            if self.subjects:
+                raise ValueError(
+                    f"policy {self.name!r} rule {index} ({rule}) names service "
+                    f"{rule.service!r}, but a policy with subjects polices the real "
+                    "endpoints, after translation: name no service, or drop subjects"
+                )
+            if self.direction is Direction.EGRESS:
+                raise ValueError(
+                    f"policy {self.name!r} rule {index} ({rule}) names service "
+                    f"{rule.service!r}, but service rules apply to traffic addressed to "
+                    "a VIP, which arrives on ingress: use direction='ingress'"
+                )
 
     def selects(self, address: Address) -> bool:
         """Is the endpoint at ``address`` one this policy is for?"""
