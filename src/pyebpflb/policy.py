@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Iterable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -289,6 +290,9 @@ class PortEntry:
     cidr_prefixlen: int
 
 
+Ruleset = tuple[Direction, frozenset[str]]  # a direction, the policies with subjects in it
+
+
 @attrs.frozen
 class Compiled:
     cidrs: list[CidrEntry]
@@ -299,9 +303,11 @@ class Compiled:
     egress_on: bool
     egress_deny: bool
     subjects: list[SubjectEntry] = attrs.field(factory=list)
+    rulesets: dict[Ruleset, int] = attrs.field(factory=dict)  # -> its number
+    subject_directions: frozenset[Direction] = frozenset()  # a policy has subjects in it
 
     def has_subjects(self, direction: Direction) -> bool:
-        return any(s.direction is direction for s in self.subjects)
+        return direction in self.subject_directions
 
 
 def port_prefixes(low: int, high: int) -> list[tuple[int, int]]:
@@ -368,46 +374,74 @@ def compile_policies(
     """
     cidrs: list[CidrEntry] = []
     ports: list[PortEntry] = []
-    next_class = 1
+    class_ids = itertools.count(class_base | 1)
     subjects, rulesets = _subjects(policies)
     groups = _groups(policies, refs, service_ids, rulesets)
     for (direction, scope, family), members in sorted(
         groups.items(), key=lambda g: (g[0][0].value, g[0][1], g[0][2])
     ):
-        bits = 32 if family == 4 else 128
-        by_cidr: dict[tuple[int, int], list[RuleRef]] = {}
-        for ref in members:
-            cidr = ref.rule.cidr
-            at = (0, 0) if cidr is None else (cidr.prefixlen, int(cidr.network_address))
-            by_cidr.setdefault(at, []).append(ref)
-        for prefixlen, network in sorted(by_cidr):
-            # Every rule whose CIDR contains this one: walk up the prefixes.
-            applying: list[RuleRef] = []
-            for length in range(prefixlen, -1, -1):
+        made_cidrs, made_ports = classes(direction, scope, family, members, class_ids)
+        cidrs += made_cidrs
+        ports += made_ports
+    return attrs.evolve(_compiled(policies, cidrs, ports), subjects=subjects, rulesets=rulesets)
+
+
+def prefix_walk(
+    by_cidr: dict[tuple[int, int], Any], bits: int
+) -> Callable[[int, int], Iterator[Any]]:
+    """For a network (prefix length, address), what ``by_cidr`` holds for it and for
+    every network containing it, walking only the prefix lengths present."""
+    lengths = sorted({length for length, _ in by_cidr}, reverse=True)
+
+    def walk(prefixlen: int, network: int) -> Iterator[Any]:
+        for length in lengths:
+            if length <= prefixlen:
                 mask = ((1 << length) - 1) << (bits - length) if length else 0
-                applying.extend(by_cidr.get((length, network & mask), ()))
-            class_id = class_base | next_class
-            next_class += 1
-            pieces = _pieces(applying)
-            spilled = len(pieces) > INLINE
-            if spilled:
-                ports.extend(_port_entries(class_id, pieces))
-            net_type = ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network
-            cidrs.append(
-                CidrEntry(
-                    direction,
-                    scope,
-                    family,
-                    net_type((network, prefixlen)),
-                    class_id,
-                    () if spilled else tuple(pieces),
-                    spilled,
-                )
+                found = by_cidr.get((length, network & mask))
+                if found is not None:
+                    yield found
+
+    return walk
+
+
+def classes(
+    direction: Direction,
+    scope: int,
+    family: int,
+    members: Sequence[RuleRef],
+    class_ids: Iterator[int],
+) -> tuple[list[CidrEntry], list[PortEntry]]:
+    """The classes of one scope and family (``members``: its rules), each with the
+    rules whose CIDRs contain it, and the port entries of those that spill."""
+    bits = 32 if family == 4 else 128
+    net_type = ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network
+    by_cidr: dict[tuple[int, int], list[RuleRef]] = {}
+    for ref in members:
+        cidr = ref.rule.cidr
+        at = (0, 0) if cidr is None else (cidr.prefixlen, int(cidr.network_address))
+        by_cidr.setdefault(at, []).append(ref)
+    up = prefix_walk(by_cidr, bits)
+    cidrs: list[CidrEntry] = []
+    ports: list[PortEntry] = []
+    for prefixlen, network in sorted(by_cidr):
+        applying = [ref for found in up(prefixlen, network) for ref in found]
+        class_id = next(class_ids)
+        pieces = _pieces(applying)
+        spilled = len(pieces) > INLINE
+        if spilled:
+            ports.extend(_port_entries(class_id, pieces))
+        cidrs.append(
+            CidrEntry(
+                direction,
+                scope,
+                family,
+                net_type((network, prefixlen)),
+                class_id,
+                () if spilled else tuple(pieces),
+                spilled,
             )
-    return attrs.evolve(_compiled(policies, cidrs, ports), subjects=subjects)
-
-
-Ruleset = tuple[Direction, frozenset[str]]  # a direction, the policies with subjects in it
+        )
+    return cidrs, ports
 
 
 def _subjects(policies: Sequence[Policy]) -> tuple[list[SubjectEntry], dict[Ruleset, int]]:
@@ -433,12 +467,9 @@ def _subjects(policies: Sequence[Policy]) -> tuple[list[SubjectEntry], dict[Rule
                     if subject.version == family:
                         at = (subject.prefixlen, int(subject.network_address))
                         by_cidr.setdefault(at, []).append(p.name)
+            up = prefix_walk(by_cidr, bits)
             for prefixlen, network in sorted(by_cidr):
-                names: set[str] = set()
-                for length in range(prefixlen, -1, -1):
-                    mask = ((1 << length) - 1) << (bits - length) if length else 0
-                    names.update(by_cidr.get((length, network & mask), ()))
-                members = frozenset(names)
+                members = frozenset(name for found in up(prefixlen, network) for name in found)
                 number = rulesets.setdefault((direction, members), len(rulesets) + 1)
                 deny = everyone_denies or any(by_name[n].default is Action.DENY for n in members)
                 net_type = ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network
@@ -531,6 +562,11 @@ def _port_entries(class_id: int, pieces: list[Piece]) -> Iterator[PortEntry]:
             )
 
 
+def flags(policies: Sequence[Policy]) -> Compiled:
+    """The head flags of ``policies``, no lookup entries compiled."""
+    return _compiled(policies, [], [])
+
+
 def _compiled(
     policies: Sequence[Policy], cidrs: list[CidrEntry], ports: list[PortEntry]
 ) -> Compiled:
@@ -548,6 +584,7 @@ def _compiled(
             p.direction is Direction.EGRESS and p.default is Action.DENY and not p.subjects
             for p in policies
         ),
+        subject_directions=frozenset(p.direction for p in policies if p.subjects),
     )
 
 
@@ -582,7 +619,10 @@ __all__ = [
     "SubjectEntry",
     "Verdict",
     "check_policies",
+    "classes",
     "compile_policies",
     "evaluate",
+    "flags",
     "port_prefixes",
+    "prefix_walk",
 ]

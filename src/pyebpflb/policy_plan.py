@@ -9,6 +9,7 @@ counters) stay with their rules, policy ids with their names.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -16,8 +17,8 @@ from typing import Any
 import attrs
 
 from pyebpflb import maps, policy
-from pyebpflb.layout import POLICY_GEN_SHIFT
-from pyebpflb.model import Policy, Rule
+from pyebpflb.layout import POLICY_GEN_SHIFT, POLICY_RULESET
+from pyebpflb.model import Action, Direction, Policy, Rule
 from pyebpflb.plan import Plan, Step, Steps
 from pyebpflb.snapshot import PolicyState
 
@@ -54,6 +55,9 @@ def diff_policies(
     A rule keeps its id (and its counter) while its policy keeps it, wherever
     it moves in the list; a policy keeps its id while its name stays.
     """
+    patched = _patch(state, wanted, service_ids, next_rule_id, next_policy_id)
+    if patched is not None:
+        return patched
     phases = _Phases()
     rule_ids = itertools.count(next_rule_id)
     policy_ids = itertools.count(next_policy_id)
@@ -61,6 +65,7 @@ def diff_policies(
     gen = 1 - state.gen if state.active else 0
     compiled, keys, subject_keys = _generation(state, wanted, refs, service_ids, gen, phases)
     _head(state, wanted, compiled, gen, phases)
+    index = RulesetIndex.of(wanted, refs, compiled, keys[gen], subject_keys[gen], gen, service_ids)
     return PolicyPlan(
         prepare=phases.prepare.list(),
         publish=phases.publish.list(),
@@ -73,6 +78,7 @@ def diff_policies(
             refs=tuple(refs),
             keys=keys,
             subject_keys=subject_keys,
+            index=index,
         ),
         next_rule_id=next(rule_ids),
         next_policy_id=next(policy_ids),
@@ -89,10 +95,23 @@ def _names_and_rules(
     """Ids for the wanted policies and rules, writing the names and rules that are
     new or moved; what left goes in cleanup."""
     prepare, undo = phases.prepare, phases.undo
+    known: RulesetIndex | None = state.index
+    wanted_names = {p.name for p in wanted}
+    kept_whole: set[str] = set()
+    if known is not None:  # a policy that did not change keeps its refs as they are
+        for item in wanted:
+            old = state.policies.get(item.name)
+            if old is not None and (old[1] is item or old[1] == item):
+                kept_whole.add(item.name)
     # The nth copy of a rule in a policy keeps the nth copy's id.
     old_ids: dict[tuple[str, Rule, int], policy.RuleRef] = {}
     seen: dict[tuple[str, Rule], int] = {}
-    for ref in state.refs:
+    old_refs = (
+        state.refs
+        if known is None
+        else [r for name, own in known.refs.items() if name not in kept_whole for r in own]
+    )
+    for ref in old_refs:
         nth = seen[(ref.policy, ref.rule)] = seen.get((ref.policy, ref.rule), -1) + 1
         old_ids[(ref.policy, ref.rule, nth)] = ref
     installed: dict[str, tuple[int, Policy]] = {}
@@ -102,6 +121,10 @@ def _names_and_rules(
         old = state.policies.get(item.name)
         policy_id = old[0] if old is not None else next(policy_ids)
         installed[item.name] = (policy_id, item)
+        if item.name in kept_whole:
+            assert known is not None
+            refs.extend(known.refs[item.name])
+            continue
         info_key = maps.u32(policy_id)
         if old is None:
             prepare.write(maps.POL_NAMES, info_key, maps.policy_info(item))
@@ -123,7 +146,7 @@ def _names_and_rules(
                 prepare.write(maps.POL_RULES, rule_key, maps.policy_rule(ref, policy_id))
                 undo.write(maps.POL_RULES, rule_key, maps.policy_rule(kept, policy_id))
     for name, (policy_id, gone_policy) in state.policies.items():
-        if name not in installed:
+        if name not in wanted_names:
             phases.cleanup.delete(maps.POL_NAMES, maps.u32(policy_id))
             _members(policy_id, gone_policy.subjects, (), phases)
     for gone in old_ids.values():
@@ -216,7 +239,7 @@ def _head(
 
 def _flags_of(state: PolicyState) -> policy.Compiled:
     """The head flags of the installed policies (no entries needed)."""
-    return policy.compile_policies([p for _, p in state.policies.values()], [], {})
+    return policy.flags([p for _, p in state.policies.values()])
 
 
 def with_policies(change: Plan, policies: PolicyPlan) -> Plan:
@@ -235,4 +258,361 @@ def with_policies(change: Plan, policies: PolicyPlan) -> Plan:
     )
 
 
-__all__ = ["PolicyPlan", "diff_policies", "with_policies"]
+# -- patching the active generation ----------------------------------------------------
+#
+# A change that only touches policies with subjects (a pod's labels moved it from one
+# policy to another, a peer pod came or went) need not rewrite a generation of tens of
+# thousands of entries: only the rule sets whose policies changed are compiled, each
+# under a new number where packets do not look yet (prepare); then each endpoint whose
+# rule set changed is pointed at its new one, one lb_pol_subjects entry each (publish,
+# every write atomic: a packet sees the endpoint's old rule set or its new one, whole);
+# then the rule sets no endpoint points at go (cleanup).
+
+SubjectAt = tuple[Direction, int, int, int]  # direction, family, prefix length, network
+
+
+@attrs.frozen
+class RulesetEntries:
+    """One rule set's lookup entries in the active generation."""
+
+    number: int
+    cidr_keys: tuple[Any, ...]
+    port_keys: tuple[Any, ...]
+
+
+@attrs.frozen
+class RulesetIndex:
+    """The active generation as the process that wrote it knows it: what patching it
+    needs. Never changed in place (a failed change keeps the old one)."""
+
+    gen: int
+    base: tuple[list[Any], list[Any]]  # cidr and port keys of scope 0 and the services
+    numbers: dict[policy.Ruleset, int]  # a rule set -> its number
+    rulesets: dict[int, RulesetEntries]  # by number
+    users: dict[int, int]  # number -> the endpoint entries pointing at it
+    subjects: dict[SubjectAt, tuple[policy.SubjectEntry, Any]]  # entry, its key
+    by_cidr: dict[tuple[Direction, int], dict[tuple[int, int], dict[str, int]]]
+    refs: dict[str, tuple[policy.RuleRef, ...]]  # by policy
+    everyone: dict[Direction, tuple[policy.RuleRef, ...]]  # of policies without subjects
+    everyone_denies: dict[Direction, bool]
+    next_number: int
+    next_class: int  # with the generation's bit
+    counts: dict[Direction, tuple[int, int]]  # policies in a direction, those with subjects
+    names_services: bool  # a rule names a service
+    service_ids: dict[str, list[int]]  # as compiled: the services' scopes
+
+    @classmethod
+    def of(
+        cls,
+        wanted: list[Policy],
+        refs: list[policy.RuleRef],
+        compiled: policy.Compiled,
+        keys: tuple[list[Any], list[Any]],
+        subject_keys: list[Any],
+        gen: int,
+        service_ids: dict[str, list[int]],
+    ) -> RulesetIndex:
+        """The index of a generation compiled whole."""
+        scope_of_class = {e.class_id: e.scope for e in compiled.cidrs}
+        cidr_keys, port_keys = keys
+        by_scope: dict[int, tuple[list[Any], list[Any]]] = {}
+        base: tuple[list[Any], list[Any]] = ([], [])
+        for key, entry in zip(cidr_keys, compiled.cidrs, strict=True):
+            if entry.scope & POLICY_RULESET:
+                by_scope.setdefault(entry.scope & ~POLICY_RULESET, ([], []))[0].append(key)
+            else:
+                base[0].append(key)
+        for key, port in zip(port_keys, compiled.ports, strict=True):
+            scope = scope_of_class[port.class_id]
+            if scope & POLICY_RULESET:
+                by_scope.setdefault(scope & ~POLICY_RULESET, ([], []))[1].append(key)
+            else:
+                base[1].append(key)
+        numbers = dict(compiled.rulesets)
+        rulesets = {
+            n: RulesetEntries(n, tuple(by_scope.get(n, ([], []))[0]),
+                              tuple(by_scope.get(n, ([], []))[1]))
+            for n in numbers.values()
+        }  # fmt: skip
+        users: dict[int, int] = {n: 0 for n in numbers.values()}
+        subjects: dict[SubjectAt, tuple[policy.SubjectEntry, Any]] = {}
+        for key, subject in zip(subject_keys, compiled.subjects, strict=True):
+            subjects[_at(subject.direction, subject.network)] = (subject, key)
+            users[subject.scope & ~POLICY_RULESET] += 1
+        by_cidr: dict[tuple[Direction, int], dict[tuple[int, int], dict[str, int]]] = {}
+        for item in wanted:
+            _count(by_cidr, item, 1)
+        own: dict[str, list[policy.RuleRef]] = {p.name: [] for p in wanted}
+        for ref in refs:
+            own[ref.policy].append(ref)
+        by_name = {p.name: p for p in wanted}
+        everyone: dict[Direction, list[policy.RuleRef]] = {d: [] for d in Direction}
+        for ref in refs:
+            item = by_name[ref.policy]
+            if not item.subjects and ref.rule.service is None:
+                everyone[item.direction].append(ref)
+        classes = [e.class_id & ~(1 << POLICY_GEN_SHIFT) for e in compiled.cidrs]
+        return cls(
+            gen=gen,
+            base=base,
+            numbers=numbers,
+            rulesets=rulesets,
+            users=users,
+            subjects=subjects,
+            by_cidr=by_cidr,
+            refs={name: tuple(r) for name, r in own.items()},
+            everyone={d: tuple(r) for d, r in everyone.items()},
+            everyone_denies={
+                d: any(
+                    p.direction is d and not p.subjects and p.default is Action.DENY for p in wanted
+                )
+                for d in Direction
+            },
+            next_number=max(numbers.values(), default=0) + 1,
+            next_class=(gen << POLICY_GEN_SHIFT) | (max(classes, default=0) + 1),
+            counts={
+                d: (
+                    sum(p.direction is d for p in wanted),
+                    sum(p.direction is d and bool(p.subjects) for p in wanted),
+                )
+                for d in Direction
+            },
+            names_services=any(r.service is not None for p in wanted for r in p.rules),
+            service_ids=service_ids,
+        )
+
+
+def _at(direction: Direction, network: Any) -> SubjectAt:
+    return (direction, network.version, network.prefixlen, int(network.network_address))
+
+
+def _count(
+    by_cidr: dict[tuple[Direction, int], dict[tuple[int, int], dict[str, int]]],
+    item: Policy,
+    step: int,
+    copied: set[Any] | None = None,
+) -> None:
+    """Count ``item``'s subjects in (``step`` 1) or out (-1) of ``by_cidr``; with
+    ``copied``, each mapping is copied before its first change (the old index keeps
+    its own)."""
+    for subject in item.subjects:
+        where = (item.direction, subject.version)
+        at = (subject.prefixlen, int(subject.network_address))
+        if copied is not None and where not in copied:
+            copied.add(where)
+            by_cidr[where] = dict(by_cidr.get(where, {}))
+        held = by_cidr.setdefault(where, {})
+        if copied is not None and (where, at) not in copied:
+            copied.add((where, at))
+            held[at] = dict(held.get(at, {}))
+        names = held.setdefault(at, {})
+        names[item.name] = names.get(item.name, 0) + step
+        if names[item.name] <= 0:
+            del names[item.name]
+            if not names:
+                del held[at]
+
+
+def _patch(
+    state: PolicyState,
+    wanted: list[Policy],
+    service_ids: dict[str, list[int]],
+    next_rule_id: int,
+    next_policy_id: int,
+) -> PolicyPlan | None:
+    """The plan that patches the active generation into ``wanted``; None when the
+    change is not one a patch can make (a generation is then written whole)."""
+    index: RulesetIndex | None = state.index
+    if index is None or not state.active or not wanted or index.gen != state.gen:
+        return None
+    if index.names_services and service_ids != index.service_ids:
+        return None  # the rules naming services are compiled for other services
+    new = {p.name: p for p in wanted}
+    before: list[Policy] = []
+    after: list[Policy] = []
+    for name, (_, old) in state.policies.items():
+        now = new.get(name)
+        if now is None:
+            before.append(old)
+        elif now is not old and now != old:
+            before.append(old)
+            after.append(now)
+    after += [p for name, p in new.items() if name not in state.policies]
+    for item in before + after:
+        if not item.subjects or any(r.service is not None for r in item.rules):
+            return None
+    counts = dict(index.counts)
+    for step, items in ((-1, before), (1, after)):
+        for item in items:
+            total, with_subjects = counts[item.direction]
+            counts[item.direction] = (total + step, with_subjects + step)
+    if any(
+        (a > 0, b > 0) != (c > 0, d > 0)
+        for (a, b), (c, d) in zip(counts.values(), index.counts.values(), strict=True)
+    ):
+        return None  # a direction gains its first policy or loses its last: the head changes
+    phases = _Phases()
+    rule_ids = itertools.count(next_rule_id)
+    policy_ids = itertools.count(next_policy_id)
+    installed, refs = _names_and_rules(state, wanted, phases, rule_ids, policy_ids)
+    own: dict[str, tuple[policy.RuleRef, ...]] = dict(index.refs)
+    for item in before:
+        own.pop(item.name, None)
+    changed = {p.name for p in before + after}
+    fresh: dict[str, list[policy.RuleRef]] = {name: [] for name in changed if name in new}
+    for ref in refs:
+        if ref.policy in fresh:
+            fresh[ref.policy].append(ref)
+    own.update({name: tuple(r) for name, r in fresh.items()})
+    by_cidr = dict(index.by_cidr)
+    copied: set[Any] = set()
+    affected: set[SubjectAt] = set()
+    for step, items in ((-1, before), (1, after)):
+        for item in items:
+            _count(by_cidr, item, step, copied)
+            affected.update(_at(item.direction, s) for s in item.subjects)
+    stale = {n for rs, n in index.numbers.items() if rs[1] & changed}
+    affected.update(at for at, (entry, _) in index.subjects.items()
+                    if entry.scope & ~POLICY_RULESET in stale)  # fmt: skip
+    wider = [at for at in affected if at[2] < (32 if at[1] == 4 else 128)]
+    if wider:  # the endpoints inside a changed CIDR subject change too
+        everything = set(index.subjects) | {
+            (d, f, length, net) for (d, f), held in by_cidr.items() for length, net in held
+        }
+        for d, f, length, net in wider:
+            shift = (32 if f == 4 else 128) - length
+            affected.update(at for at in everything
+                            if at[:2] == (d, f) and at[2] >= length
+                            and at[3] >> shift == net >> shift)  # fmt: skip
+    walkers: dict[tuple[Direction, int], Any] = {}
+    numbers = {rs: n for rs, n in index.numbers.items() if n not in stale}
+    rulesets = dict(index.rulesets)
+    users = dict(index.users)
+    subjects = dict(index.subjects)
+    next_number = index.next_number
+    class_ids = itertools.count(index.next_class)
+    gen = state.gen
+    for at in sorted(affected, key=lambda a: (a[0].value, a[1], a[2], a[3])):
+        direction, family, prefixlen, network = at
+        if (direction, family) not in walkers:
+            walkers[(direction, family)] = policy.prefix_walk(
+                by_cidr.get((direction, family), {}), 32 if family == 4 else 128
+            )
+        walk = walkers[(direction, family)]
+        names = frozenset(n for held in walk(prefixlen, network) for n in held)
+        was = subjects.get(at)
+        if was is not None and (prefixlen, network) not in by_cidr.get((direction, family), {}):
+            subjects.pop(at)  # no policy names this CIDR any more
+            users[was[0].scope & ~POLICY_RULESET] -= 1
+            phases.publish.delete(maps.POL_SUBJECTS, was[1])
+            phases.undo_head.write(maps.POL_SUBJECTS, was[1], maps.policy_subject(was[0]))
+            continue
+        if not names:
+            continue
+        ruleset = (direction, names)
+        number = numbers.get(ruleset)
+        if number is None:
+            number = numbers[ruleset] = next_number
+            next_number += 1
+            rulesets[number] = _write_ruleset(
+                ruleset, number, index.everyone[direction], own, class_ids, gen, phases
+            )
+            users[number] = 0
+        deny = index.everyone_denies[direction] or any(new[n].default is Action.DENY for n in names)
+        net_type = ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network
+        entry = policy.SubjectEntry(
+            direction, family, net_type((network, prefixlen)), POLICY_RULESET | number, deny
+        )
+        if was is not None and was[0] == entry:
+            continue
+        key = maps.policy_subject_key(entry, gen)
+        phases.publish.write(maps.POL_SUBJECTS, key, maps.policy_subject(entry))
+        if was is not None:
+            users[was[0].scope & ~POLICY_RULESET] -= 1
+            phases.undo_head.write(maps.POL_SUBJECTS, key, maps.policy_subject(was[0]))
+        else:
+            phases.undo_head.delete(maps.POL_SUBJECTS, key)
+        users[number] += 1
+        subjects[at] = (entry, key)
+    for number, count in list(users.items()):
+        if count <= 0:
+            gone = rulesets.pop(number)
+            del users[number]
+            for cidr_key in gone.cidr_keys:
+                phases.cleanup.delete(maps.POL_CIDRS, cidr_key)
+            for port_key in gone.port_keys:
+                phases.cleanup.delete(maps.POL_PORTS, port_key)
+    numbers = {rs: n for rs, n in numbers.items() if n in rulesets}
+    patched = attrs.evolve(
+        index,
+        numbers=numbers,
+        rulesets=rulesets,
+        users=users,
+        subjects=subjects,
+        by_cidr=by_cidr,
+        refs=own,
+        next_number=next_number,
+        next_class=next(class_ids),
+        counts=counts,
+    )
+    cidr_keys = list(index.base[0])
+    port_keys = list(index.base[1])
+    for entries in rulesets.values():
+        cidr_keys += entries.cidr_keys
+        port_keys += entries.port_keys
+    return PolicyPlan(
+        prepare=phases.prepare.list(),
+        publish=phases.publish.list(),
+        undo=phases.undo_head.list() + phases.undo.list(),
+        cleanup=phases.cleanup.list(),
+        state=PolicyState(
+            gen=gen,
+            active=True,
+            policies=installed,
+            refs=tuple(refs),
+            keys={gen: (cidr_keys, port_keys), 1 - gen: state.keys.get(1 - gen, ([], []))},
+            subject_keys={
+                gen: [key for _, key in subjects.values()],
+                1 - gen: state.subject_keys.get(1 - gen, []),
+            },
+            index=patched,
+        ),
+        next_rule_id=next(rule_ids),
+        next_policy_id=next(policy_ids),
+    )
+
+
+def _write_ruleset(
+    ruleset: policy.Ruleset,
+    number: int,
+    everyone: tuple[policy.RuleRef, ...],
+    own: dict[str, tuple[policy.RuleRef, ...]],
+    class_ids: Iterator[int],
+    gen: int,
+    phases: _Phases,
+) -> RulesetEntries:
+    """A rule set compiled under ``number``, written where no endpoint points yet."""
+    direction, names = ruleset
+    members = list(everyone)
+    for name in sorted(names):
+        members += [r for r in own.get(name, ()) if r.rule.service is None]
+    cidr_keys, port_keys = [], []
+    for family in (4, 6):
+        mine = [r for r in members if r.rule.cidr is None or r.rule.cidr.version == family]
+        if not mine:
+            continue
+        cidrs, ports = policy.classes(direction, POLICY_RULESET | number, family, mine, class_ids)
+        for port in ports:
+            key = maps.policy_port_key(port)
+            phases.prepare.write(maps.POL_PORTS, key, maps.policy_verdict(port))
+            phases.undo.delete(maps.POL_PORTS, key)
+            port_keys.append(key)
+        for cidr in cidrs:
+            key = maps.policy_cidr_key(cidr, gen)
+            phases.prepare.write(maps.POL_CIDRS, key, maps.policy_class(cidr))
+            phases.undo.delete(maps.POL_CIDRS, key)
+            cidr_keys.append(key)
+    return RulesetEntries(number, tuple(cidr_keys), tuple(port_keys))
+
+
+__all__ = ["PolicyPlan", "RulesetIndex", "diff_policies", "with_policies"]

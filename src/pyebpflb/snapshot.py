@@ -80,6 +80,9 @@ class PolicyState:
     refs: tuple[RuleRef, ...]
     keys: dict[int, tuple[list[Any], list[Any]]]  # gen -> (cidr keys, port keys) present
     subject_keys: dict[int, list[Any]] = attrs.field(factory=dict)  # gen -> subject keys
+    # What patching the active generation needs (pyebpflb.policy_plan.RulesetIndex):
+    # known only to the process that compiled it; None when read back from the kernel.
+    index: Any = attrs.field(default=None, eq=False, repr=False)
 
     def ref(self, rule_id: int) -> RuleRef | None:
         return next((r for r in self.refs if r.id == rule_id), None) if rule_id else None

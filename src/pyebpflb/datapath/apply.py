@@ -532,7 +532,12 @@ class Programmer:
         installed = [p for _, p in state.policy.policies.values()]
         # Rules naming services are compiled with the services' ids: a change that
         # adds, removes or renames services compiles the policies again.
-        names_rules = any(r.service is not None for p in installed for r in p.rules)
+        index = state.policy.index
+        names_rules = (
+            index.names_services
+            if index is not None
+            else any(r.service is not None for p in installed for r in p.rules)
+        )
         retarget = names_rules and any(
             (old := state.snapshot.services.get(key)) is None
             or new is None

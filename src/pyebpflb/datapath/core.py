@@ -468,6 +468,14 @@ class Datapath:
             current.append(policy)
         self._programmer.set_policies(current)
 
+    def set_policies(self, policies: Iterable[Policy]) -> None:
+        """Make the kernel hold exactly ``policies``, the services untouched; all or
+        nothing (as :meth:`sync` with the installed services, without reading them)."""
+        wanted = list(policies)
+        with self._writing():
+            self._fresh()
+            self._programmer.set_policies(wanted)
+
     def remove_policy(self, policy: Policy | str) -> bool:
         """Remove the policy of ``policy``'s name (or the name given); False if none."""
         name = policy.name if isinstance(policy, Policy) else policy
