@@ -12,7 +12,7 @@
   as ``pyebpflb agent`` runs it.
 """
 
-from pyebpflb.k8s.netpol import PolicyTranslation, network_policies
+from pyebpflb.k8s.netpol import NetworkPolicyTranslator, PolicyTranslation, network_policies
 from pyebpflb.k8s.proxy import EVENTS, ServiceProxy
 from pyebpflb.k8s.translate import (
     IGNORED_LABELS,
@@ -30,6 +30,7 @@ __all__ = [
     "IGNORED_LABELS",
     "ZONE_LABEL",
     "ManifestError",
+    "NetworkPolicyTranslator",
     "PolicyTranslation",
     "ServiceProxy",
     "Translation",

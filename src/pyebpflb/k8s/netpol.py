@@ -99,66 +99,242 @@ class _Pod:
         return found if isinstance(found, int) and not isinstance(found, bool) else None
 
 
-def _pods(objects: list[dict[str, Any]], problems: list[str]) -> list[_Pod]:
-    pods = []
-    for obj in objects:
-        if obj.get("kind") != "Pod" or _get(obj, "status.phase", None) in ("Succeeded", "Failed"):
-            continue
-        addresses = [a.get("ip") for a in _get(obj, "status.podIPs", None) or []] or [
-            _get(obj, "status.podIP", None)
-        ]
+def _pod(obj: dict[str, Any]) -> _Pod | None:
+    """A Pod as policies see it; None when it has no address (yet) or is done.
+    Raises ValueError for an address that is none."""
+    if _get(obj, "status.phase", None) in ("Succeeded", "Failed"):
+        return None
+    addresses = [a.get("ip") for a in _get(obj, "status.podIPs", None) or []] or [
+        _get(obj, "status.podIP", None)
+    ]
+    networks = tuple(ipaddress.ip_network(str(a)) for a in addresses if a)
+    host_ip = _get(obj, "status.hostIP", None)
+    host = ipaddress.ip_network(str(host_ip)) if host_ip else None
+    if not networks:
+        return None
+    labels = dict(_get(obj, "metadata.labels", {}) or {})
+    name = str(_get(obj, "metadata.name", ""))
+    return _Pod(_namespace(obj), name, labels, networks, host, obj)
+
+
+Ref = tuple[str, str]  # (namespace, name)
+_Made = list[tuple[Policy, dict[int, int], str]]  # a policy, its rules' origins, its type
+
+
+@attrs.define
+class _Done:
+    """One NetworkPolicy translated: what it made, its problem, what it skips."""
+
+    made: _Made
+    problem: str | None
+    skipped: list[str]
+
+
+class NetworkPolicyTranslator:
+    """:func:`network_policies` kept up to date: feed it Pods, Namespaces and
+    NetworkPolicies as a watch delivers them (``on_pod``, ``on_namespace``,
+    ``on_network_policy`` with ADDED/MODIFIED/DELETED, or ``replace`` after a list);
+    :meth:`result` translates again only the NetworkPolicies a change can alter (a
+    pod's labels, address or ports: the policies selecting it, before or after, as a
+    subject or a peer; a namespace's labels: those with namespace selectors), and the
+    policies of the others are the same objects as before (so a datapath sees at once
+    that they did not change)."""
+
+    def __init__(self) -> None:
+        self._pods: dict[Ref, _Pod] = {}
+        self._by_namespace: dict[str, dict[str, _Pod]] = {}
+        self._namespace_labels: dict[str, dict[str, str]] = {}  # from Namespace objects
+        self._pod_problems: dict[Ref, str] = {}
+        self._objects: dict[Ref, dict[str, Any]] = {}
+        self._in_namespace: dict[str, set[Ref]] = {}
+        self._namespace_selecting: set[Ref] = set()  # a peer with a namespaceSelector
+        self._peers: dict[Ref, list[dict[str, Any]]] = {}
+        self._origins: dict[str, tuple[str, str]] = {}
+        self._rules: dict[tuple[str, int], int] = {}
+        self._done: dict[Ref, _Done] = {}
+        self._dirty: set[Ref] = set()
+        self._result: PolicyTranslation | None = None
+
+    # -- what the API server says ----------------------------------------------------------
+    def on_pod(self, event: str, obj: dict[str, Any]) -> None:
+        ref = (_namespace(obj), str(_get(obj, "metadata.name", "")))
+        old = self._pods.pop(ref, None)
+        self._pod_problems.pop(ref, None)
+        new = None
+        if event != "DELETED":
+            try:
+                new = _pod(obj)
+            except ValueError as exc:
+                self._pod_problems[ref] = f"{_where({**obj, 'kind': 'Pod'})}: status: {exc}"
+        pods = self._by_namespace.setdefault(ref[0], {})
+        if new is not None:
+            self._pods[ref] = new
+            pods[ref[1]] = new
+        else:
+            pods.pop(ref[1], None)
+            if not pods:
+                del self._by_namespace[ref[0]]
+        for pod in (old, new):
+            if pod is not None:  # only those translated and not yet to be translated again
+                candidates = self._candidates(pod.namespace) - self._dirty
+                self._dirty |= {r for r in candidates if r in self._done and self._touches(r, pod)}
+        self._result = None
+
+    def on_namespace(self, event: str, obj: dict[str, Any]) -> None:
+        name = str(_get(obj, "metadata.name", ""))
+        if event == "DELETED":
+            self._namespace_labels.pop(name, None)
+        else:
+            self._namespace_labels[name] = dict(_get(obj, "metadata.labels", {}) or {})
+        self._dirty |= self._namespace_selecting
+        self._result = None
+
+    def on_network_policy(self, event: str, obj: dict[str, Any]) -> None:
+        obj = {**obj, "kind": "NetworkPolicy"}
+        ref = (_namespace(obj), str(_get(obj, "metadata.name", "")))
+        self._objects.pop(ref, None)
+        self._in_namespace.get(ref[0], set()).discard(ref)
+        self._namespace_selecting.discard(ref)
+        self._peers.pop(ref, None)
+        if event != "DELETED":
+            self._objects[ref] = obj
+            self._in_namespace.setdefault(ref[0], set()).add(ref)
+            self._peers[ref] = _peers(obj)
+            if any(p.get("namespaceSelector") is not None for p in self._peers[ref]):
+                self._namespace_selecting.add(ref)
+        self._dirty.add(ref)
+        self._result = None
+
+    def replace(self, kind: str, objects: Iterable[dict[str, Any]]) -> None:
+        """What a list of ``kind`` ("Pod", "Namespace" or "NetworkPolicy") returned: the
+        cache of that kind becomes exactly that."""
+        add = {
+            "Pod": self.on_pod,
+            "Namespace": self.on_namespace,
+            "NetworkPolicy": self.on_network_policy,
+        }.get(kind)
+        if add is None:
+            raise ValueError(f"kind must be 'Pod', 'Namespace' or 'NetworkPolicy', got {kind!r}")
+        items = [o for o in objects if isinstance(o, dict)]
+        keep = {(_namespace(o), str(_get(o, "metadata.name", ""))) for o in items}
+        if kind == "Pod":
+            known = set(self._pods) | set(self._pod_problems)
+        elif kind == "NetworkPolicy":
+            known = set(self._objects)
+        else:
+            known = {("", name) for name in self._namespace_labels}
+            keep = {("", str(_get(o, "metadata.name", ""))) for o in items}
+        for namespace, name in sorted(known - keep):
+            add("DELETED", {"metadata": {"namespace": namespace or None, "name": name}})
+        for obj in items:
+            if kind == "Pod" and self._same_pod(obj):
+                continue
+            add("ADDED", obj)
+
+    def _same_pod(self, obj: dict[str, Any]) -> bool:
+        ref = (_namespace(obj), str(_get(obj, "metadata.name", "")))
+        held = self._pods.get(ref)
+        return held is not None and held.obj == obj
+
+    # -- which policies a change can alter -------------------------------------------------
+    def _candidates(self, namespace: str) -> set[Ref]:
+        return self._in_namespace.get(namespace, set()) | self._namespace_selecting
+
+    def _touches(self, ref: Ref, pod: _Pod) -> bool:
+        """Can ``pod`` be a subject or a peer of NetworkPolicy ``ref``?"""
+        obj = self._objects[ref]
         try:
-            networks = tuple(ipaddress.ip_network(str(a)) for a in addresses if a)
-            host_ip = _get(obj, "status.hostIP", None)
-            host = ipaddress.ip_network(str(host_ip)) if host_ip else None
-        except ValueError as exc:
-            problems.append(f"{_where(obj)}: status: {exc}")
-            continue
-        if networks:
-            labels = dict(_get(obj, "metadata.labels", {}) or {})
-            name = str(_get(obj, "metadata.name", ""))
-            pods.append(_Pod(_namespace(obj), name, labels, networks, host, obj))
-    return pods
+            spec = _get(obj, "spec", {}) or {}
+            if ref[0] == pod.namespace and selects(spec.get("podSelector"), pod.labels, ""):
+                return True
+            for peer in self._peers[ref]:
+                by_namespace = peer.get("namespaceSelector")
+                by_pod = peer.get("podSelector")
+                if by_namespace is None and by_pod is None:
+                    continue  # an ipBlock
+                if by_namespace is None:
+                    if pod.namespace != ref[0]:
+                        continue
+                elif not selects(by_namespace, self._labels_of(pod.namespace), ""):
+                    continue
+                if by_pod is None or selects(by_pod, pod.labels, ""):
+                    return True
+        except (ManifestError, AttributeError, TypeError):
+            return True  # a malformed policy: translating it again reports it
+        return False
+
+    def _labels_of(self, namespace: str) -> dict[str, str]:
+        labels = dict(self._namespace_labels.get(namespace, {}))
+        labels.setdefault(NAME_LABEL, namespace)  # as the API server sets it
+        return labels
+
+    # -- the result ------------------------------------------------------------------------
+    def result(self) -> PolicyTranslation:
+        """The translation of everything fed so far."""
+        if self._result is not None:
+            return self._result
+        for ref in self._dirty:
+            for policy, origins, _ in getattr(self._done.pop(ref, None), "made", []):
+                self._origins.pop(policy.name, None)
+                for index in origins:
+                    self._rules.pop((policy.name, index), None)
+            obj = self._objects.get(ref)
+            if obj is None:
+                continue
+            done = _Done([], None, [])
+            try:
+                done.made = _translate(obj, self, done.skipped)
+            except ManifestError as exc:
+                done.problem = str(exc)
+            self._done[ref] = done
+            origin = f"{ref[0]}/{ref[1]}"
+            for policy, origins, kind in done.made:
+                self._origins[policy.name] = (origin, kind)
+                for index, k8s_index in origins.items():
+                    self._rules[(policy.name, index)] = k8s_index
+        self._dirty = set()
+        out = PolicyTranslation(
+            [], list(self._pod_problems.values()), [], dict(self._origins), dict(self._rules)
+        )
+        for ref in self._objects:
+            done = self._done[ref]
+            if done.problem is not None:
+                out.problems.append(done.problem)
+            out.skipped.extend(done.skipped)
+            out.policies.extend(policy for policy, _, _ in done.made)
+        self._result = out
+        return out
 
 
-def _namespaces(objects: list[dict[str, Any]], pods: list[_Pod]) -> dict[str, dict[str, str]]:
-    found = {
-        str(_get(o, "metadata.name", "")): dict(_get(o, "metadata.labels", {}) or {})
-        for o in objects
-        if o.get("kind") == "Namespace"
-    }
-    for pod in pods:  # a namespace only known from its pods has the label the server sets
-        found.setdefault(pod.namespace, {})
-    for name, labels in found.items():
-        labels.setdefault(NAME_LABEL, name)
+def _peers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every peer of a NetworkPolicy's rules (both directions), the mappings only."""
+    spec = _get(obj, "spec", {}) or {}
+    found = []
+    for field, peers_field in (("ingress", "from"), ("egress", "to")):
+        for rule in spec.get(field) or []:
+            if isinstance(rule, dict):
+                found += [p for p in rule.get(peers_field) or [] if isinstance(p, dict)]
     return found
 
 
 def network_policies(objects: Iterable[dict[str, Any]]) -> PolicyTranslation:
     """The pyebpflb policies of every NetworkPolicy in ``objects``, its selectors
     resolved against the Pods and Namespaces there."""
-    objects = [o for o in objects if isinstance(o, dict)]
-    problems: list[str] = []
-    skipped: list[str] = []
-    pods = _pods(objects, problems)
-    namespaces = _namespaces(objects, pods)
-    result = PolicyTranslation([], problems, skipped)
+    translator = NetworkPolicyTranslator()
     for obj in objects:
-        if obj.get("kind") != "NetworkPolicy":
+        if not isinstance(obj, dict):
             continue
-        try:
-            _translate(obj, pods, namespaces, result)
-        except ManifestError as exc:
-            problems.append(str(exc))
-    return result
+        kind = obj.get("kind")
+        if kind == "Pod":
+            translator.on_pod("ADDED", obj)
+        elif kind == "Namespace":
+            translator.on_namespace("ADDED", obj)
+        elif kind == "NetworkPolicy":
+            translator.on_network_policy("ADDED", obj)
+    return translator.result()
 
 
-def _translate(
-    obj: dict[str, Any],
-    pods: list[_Pod],
-    namespaces: dict[str, dict[str, str]],
-    out: PolicyTranslation,
-) -> None:
+def _translate(obj: dict[str, Any], cluster: NetworkPolicyTranslator, skipped: list[str]) -> _Made:
     where = _where(obj)
     namespace = _namespace(obj)
     origin = f"{namespace}/{_get(obj, 'metadata.name')}"
@@ -168,14 +344,14 @@ def _translate(
         raise ManifestError(f"{where}: spec.podSelector is missing ({{}} selects every pod)")
     subjects = [
         p
-        for p in pods
-        if p.namespace == namespace and selects(selector, p.labels, f"{where}: spec.podSelector")
+        for p in cluster._by_namespace.get(namespace, {}).values()
+        if selects(selector, p.labels, f"{where}: spec.podSelector")
     ]
     types = spec.get("policyTypes") or (["Ingress"] + (["Egress"] if spec.get("egress") else []))
     for kind in types:
         if kind not in ("Ingress", "Egress"):
             raise ManifestError(f"{where}: spec.policyTypes: {kind!r} (Ingress or Egress)")
-    made: list[tuple[Policy, dict[int, int], str]] = []
+    made: _Made = []
     for kind in types:
         field = kind.lower()
         rules = spec.get(field) or []
@@ -183,21 +359,15 @@ def _translate(
             raise ManifestError(f"{where}: spec.{field} must be a list of rules")
         name = origin if kind == "Ingress" else f"{origin}:egress"
         if not subjects:
-            out.skipped.append(f"{where}: {kind}: its podSelector selects no pod (yet)")
+            skipped.append(f"{where}: {kind}: its podSelector selects no pod (yet)")
             continue
         groups = _by_named_ports(subjects, rules, kind) if kind == "Ingress" else [subjects]
         for number, group in enumerate(groups, start=1):
             label = name if number == 1 else f"{name}#{number}"
-            translated, origins = _rules(
-                rules, kind, group, namespace, pods, namespaces, where, out
-            )
+            translated, origins = _rules(rules, kind, group, namespace, cluster, where, skipped)
             addresses = [a for p in group for a in p.addresses]
             made.append(
-                (
-                    Policy(label, translated, "deny", field, subjects=addresses),
-                    origins,
-                    kind,
-                )
+                (Policy(label, translated, "deny", field, subjects=addresses), origins, kind)
             )
         if kind == "Ingress":
             for host in sorted({p.host for p in subjects if p.host is not None}, key=str):
@@ -206,11 +376,7 @@ def _translate(
                 made.append(
                     (Policy(label, [Rule("allow", host)], "deny", subjects=on_node), {}, kind)
                 )
-    for policy, origins, kind in made:
-        out.policies.append(policy)
-        out.origins[policy.name] = (origin, kind)
-        for index, k8s_index in origins.items():
-            out.rules[(policy.name, index)] = k8s_index
+    return made
 
 
 def _by_named_ports(subjects: list[_Pod], rules: list[Any], kind: str) -> list[list[_Pod]]:
@@ -233,10 +399,9 @@ def _rules(
     kind: str,
     subjects: list[_Pod],
     namespace: str,
-    pods: list[_Pod],
-    namespaces: dict[str, dict[str, str]],
+    cluster: NetworkPolicyTranslator,
     where: str,
-    out: PolicyTranslation,
+    skipped: list[str],
 ) -> tuple[list[Rule], dict[int, int]]:
     """Allow rules for ``rules`` (one direction's), and rule index -> k8s rule index."""
     made: list[Rule] = []
@@ -253,17 +418,17 @@ def _rules(
             targets = [(None, None)]
         for number, peer in enumerate(peers):
             at_peer = f"{at}.{peers_field}[{number}]"
-            targets.extend(_peer(peer, at_peer, namespace, pods, namespaces))
+            targets.extend(_peer(peer, at_peer, namespace, cluster))
         for port in ports:
             for cidr, peer_pod in targets:
-                for made_rule in _port_rules(port, cidr, peer_pod, subjects, kind, at, out):
+                for made_rule in _port_rules(port, cidr, peer_pod, subjects, kind, at, skipped):
                     origins[len(made)] = index
                     made.append(made_rule)
     return made, origins
 
 
 def _peer(
-    peer: Any, at: str, namespace: str, pods: list[_Pod], namespaces: dict[str, dict[str, str]]
+    peer: Any, at: str, namespace: str, cluster: NetworkPolicyTranslator
 ) -> list[tuple[Network | None, _Pod | None]]:
     if not isinstance(peer, dict):
         raise ManifestError(f"{at} must be a mapping")
@@ -295,15 +460,19 @@ def _peer(
     if pod_selector is None and namespace_selector is None:
         raise ManifestError(f"{at}: give ipBlock, podSelector or namespaceSelector")
     chosen: list[tuple[Network | None, _Pod | None]] = []
-    for pod in pods:
-        if namespace_selector is None:
-            if pod.namespace != namespace:  # a podSelector alone: the policy's namespace
+    if namespace_selector is None:  # a podSelector alone: the policy's namespace
+        namespaces = [namespace]
+    else:
+        namespaces = [
+            n
+            for n in cluster._by_namespace
+            if selects(namespace_selector, cluster._labels_of(n), at)
+        ]
+    for name in namespaces:
+        for pod in cluster._by_namespace.get(name, {}).values():
+            if pod_selector is not None and not selects(pod_selector, pod.labels, at):
                 continue
-        elif not selects(namespace_selector, namespaces.get(pod.namespace, {}), at):
-            continue
-        if pod_selector is not None and not selects(pod_selector, pod.labels, at):
-            continue
-        chosen.extend((address, pod) for address in pod.addresses)
+            chosen.extend((address, pod) for address in pod.addresses)
     return chosen
 
 
@@ -314,7 +483,7 @@ def _port_rules(
     subjects: list[_Pod],
     kind: str,
     at: str,
-    out: PolicyTranslation,
+    skipped: list[str],
 ) -> list[Rule]:
     if port is None:
         return [Rule("allow", cidr)]
@@ -322,7 +491,7 @@ def _port_rules(
         raise ManifestError(f"{at}.ports: {port!r} must be a mapping")
     protocol = str(port.get("protocol", "TCP"))
     if protocol == "SCTP":
-        out.skipped.append(f"{at}.ports: SCTP is not matched by pyebpflb's rules")
+        skipped.append(f"{at}.ports: SCTP is not matched by pyebpflb's rules")
         return []
     if protocol not in ("TCP", "UDP"):
         raise ManifestError(f"{at}.ports: protocol {protocol!r} (TCP, UDP or SCTP)")
@@ -352,4 +521,11 @@ def owned_by(name: str, origin: str) -> bool:
     return name == origin or name.startswith((f"{origin}:", f"{origin}#"))
 
 
-__all__ = ["NAME_LABEL", "PolicyTranslation", "network_policies", "owned_by", "selects"]
+__all__ = [
+    "NAME_LABEL",
+    "NetworkPolicyTranslator",
+    "PolicyTranslation",
+    "network_policies",
+    "owned_by",
+    "selects",
+]
