@@ -118,8 +118,15 @@ def test_bad_events_and_kinds_are_refused(dp: lb.Datapath) -> None:
     proxy = k8s.ServiceProxy(dp)
     with pytest.raises(ValueError, match="event must be one of ADDED, MODIFIED, DELETED"):
         proxy.on_service("UPDATED", service())
-    with pytest.raises(ValueError, match="kind must be 'Service' or 'EndpointSlice'"):
+    with pytest.raises(
+        ValueError,
+        match=r"kind must be one of 'Service', 'EndpointSlice', got 'Pod' \(network_policy=True",
+    ):
         proxy.mark_synced("Pod")
+    with pytest.raises(ValueError, match=r"enforces no NetworkPolicy \(network_policy=False\)"):
+        proxy.on_pod("ADDED", {"metadata": {"name": "p"}})
+    with pytest.raises(ValueError, match="got 'Pods'"):
+        k8s.ServiceProxy(dp, network_policy=True).replace("Pods", [])
     with pytest.raises(ValueError, match="min_sync_period must be >= 0 seconds"):
         k8s.ServiceProxy(dp, min_sync_period=-1)
 

@@ -23,7 +23,7 @@ import pyebpflb as lb
 from pyebpflb import k8s
 from pyebpflb.k8s.watch import api_client
 from pyebpflb.testing.apiserver import ApiServer
-from pyebpflb.testing.sandbox import Sandbox
+from pyebpflb.testing.sandbox import BACKEND_PORT, Sandbox
 
 pytestmark = pytest.mark.kernel
 
@@ -101,7 +101,9 @@ def eventually(check: Callable[[], Any], what: str, timeout: float = 15.0) -> An
 def following(dp: lb.Datapath, api: ApiServer, tmp_path: pathlib.Path,
               **options: Any) -> Iterator[k8s.Watcher]:  # fmt: skip
     client = api_client(api.kubeconfig(tmp_path / "kubeconfig"))
-    proxy = k8s.ServiceProxy(dp, min_sync_period=0)
+    proxy = k8s.ServiceProxy(
+        dp, min_sync_period=0, network_policy=options.pop("network_policy", False)
+    )
     watcher = k8s.Watcher(proxy, client, timeout_seconds=2, backoff=(0.1, 0.5), **options)
     stop = threading.Event()
     thread = threading.Thread(target=watcher.run, args=(stop,))
@@ -220,6 +222,55 @@ def test_a_malformed_object_is_reported_and_skipped_while_the_rest_are_programme
         # Fixed: programmed.
         api.apply(service("broken", "10.96.0.11"))
         eventually(lambda: answers(sandbox, "10.96.0.11") == {"backend-2"}, "the fixed one")
+
+
+def pod(sandbox: Sandbox, index: int, labels: dict[str, str]) -> dict[str, Any]:
+    backend = sandbox.backends[index]
+    return {
+        "kind": "Pod",
+        "metadata": {"name": backend.name, "namespace": "shop", "labels": labels},
+        "status": {"phase": "Running", "podIP": str(backend.ipv4)},
+    }
+
+
+def isolated(sandbox: Sandbox, index: int) -> bool:
+    """Is backend ``index`` unreachable from the client (its SYN dropped)?"""
+    try:
+        sandbox.http_get(str(sandbox.backends[index].ipv4), BACKEND_PORT, timeout=0.5)
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_network_policies_pods_and_namespaces_through_the_watch_are_enforced(
+    sandbox: Sandbox, api: ApiServer, dp: lb.Datapath, tmp_path: pathlib.Path
+) -> None:
+    """ServiceProxy(network_policy=True) behind the Watcher: a NetworkPolicy listed with
+    its Pods isolates the pod it selects; a label change through the watch moves the
+    isolation to another pod; deleting it opens them all. The Service and a policy of
+    the datapath's own (no NetworkPolicy's) are left alone throughout."""
+    mine = lb.Policy("mine", [lb.Rule("deny", "192.0.2.0/24")], "allow")
+    dp.set_policies([mine])
+    api.apply(
+        service(), endpointslice(sandbox, {2: READY}),
+        {"kind": "Namespace", "metadata": {"name": "shop", "labels": {"team": "a"}}},
+        pod(sandbox, 0, {"app": "web"}), pod(sandbox, 1, {"app": "db"}),
+        {"kind": "NetworkPolicy", "apiVersion": "networking.k8s.io/v1",
+         "metadata": {"name": "web-closed", "namespace": "shop"},
+         "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": []}},
+    )  # fmt: skip
+    with following(dp, api, tmp_path, network_policy=True) as watcher:
+        eventually(lambda: isolated(sandbox, 0), "the selected pod isolated")
+        assert not isolated(sandbox, 1) and answers(sandbox) == {"backend-3"}
+        assert [p.name for p in dp.policies] == ["mine", "shop/web-closed"]
+        # Relabelled through the watch: backend-2 in, backend-1 out.
+        api.apply(pod(sandbox, 0, {}), pod(sandbox, 1, {"app": "web"}))
+        eventually(lambda: isolated(sandbox, 1) and not isolated(sandbox, 0), "moved")
+        api.delete("NetworkPolicy", "shop", "web-closed")
+        eventually(lambda: [p.name for p in dp.policies] == ["mine"], "the policy removed")
+        assert not isolated(sandbox, 1)
+        assert [s.name for s in dp.services] == ["shop/web"]
+        assert watcher.counts["lists"] == 5  # Services, slices, Pods, Namespaces, policies
 
 
 def agent(sandbox: Sandbox, name: str, kubeconfig: str) -> subprocess.Popen[str]:

@@ -113,6 +113,11 @@ def _node(api: Any, name: str, zone: str | None, stop: threading.Event) -> Any:
 )
 @click.option("--min-sync-period", type=click.FloatRange(0), default=1.0, show_default=True)
 @click.option(
+    "--network-policy",
+    is_flag=True,
+    help="enforce NetworkPolicies too (watches Pods, Namespaces and NetworkPolicies)",
+)
+@click.option(
     "--watch-timeout",
     type=click.IntRange(1),
     default=300,
@@ -132,9 +137,11 @@ def agent(
     metrics_address: str,
     health_port: int,
     min_sync_period: float,
+    network_policy: bool,
     watch_timeout: int,
 ) -> None:
-    """Follow the cluster's Services and EndpointSlices into the datapath, as kube-proxy.
+    """Follow the cluster's Services and EndpointSlices into the datapath, as kube-proxy
+    (and its NetworkPolicies, with --network-policy, as Cilium).
 
     Attaches to INTERFACES and CGROUP, serves metrics and health, and stops on
     SIGTERM or SIGINT keeping the datapath (pinned, attached): connections go on, and
@@ -177,7 +184,9 @@ def agent(
             dp.attach_cgroup(cgroup)
         if health_port:
             health = HealthServer(dp, port=health_port).start()
-        proxy = ServiceProxy(dp, node=node, min_sync_period=min_sync_period)
+        proxy = ServiceProxy(
+            dp, node=node, min_sync_period=min_sync_period, network_policy=network_policy
+        )
         watcher = Watcher(proxy, api, timeout_seconds=watch_timeout)
         if metrics_at is not None:
             from prometheus_client import CollectorRegistry, start_http_server
@@ -197,6 +206,7 @@ def agent(
             + f"; node {node.name}"
             + (f" in zone {node.zone}" if node.zone else "")
             + f"; following {api.configuration.host}"
+            + (" with NetworkPolicies" if network_policy else "")
         )
         sys.stdout.flush()
         watcher.run(stop)

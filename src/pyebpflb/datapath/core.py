@@ -10,7 +10,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, overload
 
 import attrs
@@ -468,12 +468,21 @@ class Datapath:
             current.append(policy)
         self._programmer.set_policies(current)
 
-    def set_policies(self, policies: Iterable[Policy]) -> None:
+    def set_policies(
+        self, policies: Iterable[Policy], *, keep: Callable[[Policy], bool] | None = None
+    ) -> None:
         """Make the kernel hold exactly ``policies``, the services untouched; all or
-        nothing (as :meth:`sync` with the installed services, without reading them)."""
+        nothing (as :meth:`sync` with the installed services, without reading them).
+        ``keep``: the installed policies it says True for stay too (ahead of
+        ``policies``; one of the same name is replaced), decided under the write lock,
+        so a policy another process installed meanwhile is not lost."""
         wanted = list(policies)
         with self._writing():
             self._fresh()
+            if keep is not None:
+                names = {p.name for p in wanted if isinstance(p, Policy)}
+                installed = self._state.policy.policies.values()
+                wanted = [p for _, p in installed if p.name not in names and keep(p)] + wanted
             self._programmer.set_policies(wanted)
 
     def remove_policy(self, policy: Policy | str) -> bool:

@@ -7,13 +7,16 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from pyebpflb.k8s.netpol import NetworkPolicyTranslator
 from pyebpflb.k8s.translate import _get, _labelled_away, _namespace, translate
-from pyebpflb.model import Node, Service
+from pyebpflb.model import Node, Policy, Service
 
 EVENTS = ("ADDED", "MODIFIED", "DELETED")
 # A sync changing at least this many Services writes them in one datapath sync.
 BATCH_FROM = 64
 Ref = tuple[str, str]  # (namespace, name)
+SERVICE_KINDS = ("Service", "EndpointSlice")
+POLICY_KINDS = ("Pod", "Namespace", "NetworkPolicy")
 
 
 class ServiceProxy:
@@ -32,6 +35,14 @@ class ServiceProxy:
     A Service that cannot be translated keeps what it had, and its problem is recorded
     in :attr:`events` as a Kubernetes Event (``type: Warning``, ``reason:
     FailedToProgram``) and logged; the others are programmed.
+
+    ``network_policy=True``: it enforces NetworkPolicies too, fed Pods, Namespaces and
+    NetworkPolicies (``on_pod``, ``on_namespace``, ``on_network_policy``, or
+    ``replace``); their lists count for :attr:`initialized`. A sync that follows a
+    change of those installs the policies of :class:`~pyebpflb.k8s.NetworkPolicyTranslator`
+    (only those a change alters are compiled and written again), leaving the services
+    and the datapath's other policies (names that are no NetworkPolicy's) alone. A
+    NetworkPolicy that cannot be translated is reported as a Warning Event and left out.
     """
 
     def __init__(
@@ -41,6 +52,7 @@ class ServiceProxy:
         node: Node | None = None,
         min_sync_period: float = 1.0,
         clock: Any = None,
+        network_policy: bool = False,
     ) -> None:
         import time
 
@@ -64,6 +76,12 @@ class ServiceProxy:
         self._adopted = False
         self._failed: dict[Ref, str] = {}  # refused by the datapath: tried at each sync
         self.events: list[dict[str, Any]] = []
+        self.network_policy = bool(network_policy)
+        self.kinds = SERVICE_KINDS + (POLICY_KINDS if network_policy else ())
+        self.policies = NetworkPolicyTranslator()
+        self._policies_dirty = False
+        self._policy_problems: set[str] = set()  # reported already
+        self._policies_refused: str | None = None
 
     # -- what the API server says ----------------------------------------------------------
     @staticmethod
@@ -100,11 +118,32 @@ class ServiceProxy:
             del self._slices[ref]
         self._dirty.add(ref)
 
+    def on_pod(self, event: str, obj: dict[str, Any]) -> None:
+        self._policy_event(self.policies.on_pod, event, {**obj, "kind": "Pod"})
+
+    def on_namespace(self, event: str, obj: dict[str, Any]) -> None:
+        self._policy_event(self.policies.on_namespace, event, {**obj, "kind": "Namespace"})
+
+    def on_network_policy(self, event: str, obj: dict[str, Any]) -> None:
+        self._policy_event(self.policies.on_network_policy, event, obj)
+
+    def _policy_event(self, feed: Any, event: str, obj: dict[str, Any]) -> None:
+        self._check_event(event)
+        if not self.network_policy:
+            raise ValueError("this proxy enforces no NetworkPolicy (network_policy=False)")
+        feed(event, obj)
+        self._policies_dirty = True
+
     def replace(self, kind: str, objects: Iterable[dict[str, Any]]) -> None:
-        """What a list of ``kind`` ("Service" or "EndpointSlice") returned, at start or
-        after a ``410 Gone``: its cache becomes exactly that, and the list is synced.
-        Services whose objects did not change are not touched by the next sync."""
+        """What a list of ``kind`` (one of :attr:`kinds`) returned, at start or after a
+        ``410 Gone``: its cache becomes exactly that, and the list is synced. Services
+        whose objects did not change are not touched by the next sync."""
         self._check_kind(kind)
+        if kind in POLICY_KINDS:
+            self.policies.replace(kind, objects)
+            self._policies_dirty = True
+            self._synced.add(kind)
+            return
         if kind == "Service":
             before, add = set(self._services), self.on_service
             self._services = {}
@@ -129,19 +168,21 @@ class ServiceProxy:
         self.replace("Service", services)
         self.replace("EndpointSlice", endpointslices)
 
-    @staticmethod
-    def _check_kind(kind: str) -> None:
-        if kind not in ("Service", "EndpointSlice"):
-            raise ValueError(f"kind must be 'Service' or 'EndpointSlice', got {kind!r}")
+    def _check_kind(self, kind: str) -> None:
+        if kind not in self.kinds:
+            raise ValueError(
+                f"kind must be one of {', '.join(map(repr, self.kinds))}, got {kind!r}"
+                + ("" if self.network_policy else " (network_policy=True adds the policy kinds)")
+            )
 
     def mark_synced(self, kind: str) -> None:
-        """The initial list of ``kind`` ("Service" or "EndpointSlice") is complete."""
+        """The initial list of ``kind`` (one of :attr:`kinds`) is complete."""
         self._check_kind(kind)
         self._synced.add(kind)
 
     @property
     def initialized(self) -> bool:
-        return self._synced == {"Service", "EndpointSlice"}
+        return self._synced == set(self.kinds)
 
     @property
     def programmed(self) -> list[str]:
@@ -157,7 +198,7 @@ class ServiceProxy:
     @property
     def pending(self) -> bool:
         """A change waits for a sync."""
-        return bool(self._dirty)
+        return bool(self._dirty) or self._policies_dirty
 
     # -- programming -----------------------------------------------------------------------
     def sync(self, *, force: bool = False) -> bool:
@@ -201,7 +242,39 @@ class ServiceProxy:
             if self._failed.get(ref) != problem:
                 self._report(ref, problem)
         self._failed = refused
+        if self._policies_dirty or self._policies_refused is not None:
+            self._sync_policies()
         return True
+
+    def _sync_policies(self) -> None:
+        """Install the NetworkPolicies' translation, the datapath's other policies kept.
+        Refused by the datapath: what it had stays, a Warning Event says why, and the
+        next sync tries again."""
+        from pyebpflb.errors import PyEbpfLbError
+
+        self._policies_dirty = False
+        done = self.policies.result()
+        for problem in done.problems:
+            if problem not in self._policy_problems:
+                self._report_object(problem, "NetworkPolicy")
+        self._policy_problems = set(done.problems)
+        try:
+            self.datapath.set_policies(done.policies, keep=lambda p: not _made_by_k8s(p))
+        except (ValueError, PyEbpfLbError) as exc:
+            problem = f"NetworkPolicies: {exc}"
+            if problem != self._policies_refused:
+                logging.getLogger("pyebpflb.k8s").warning("%s", problem)
+            self._policies_refused = problem
+            return
+        self._policies_refused = None
+
+    def _report_object(self, problem: str, kind: str) -> None:
+        """A Warning Event about the object a problem names ("Kind namespace/name: ...")."""
+        logging.getLogger("pyebpflb.k8s").warning("%s", problem)
+        where = problem.split(":", 1)[0].split()
+        namespace, _, name = (where[-1] if where else "").partition("/")
+        obj = {"kind": kind, "metadata": {"namespace": namespace or None, "name": name}}
+        self.events.append(_event(obj, problem, self.node.name if self.node else None))
 
     def _wanted(self, ref: Ref) -> list[Service] | None:
         """What ``ref`` translates to now; None when it cannot be translated (reported:
@@ -285,6 +358,16 @@ class ServiceProxy:
             self._dirty.add(ref)
 
 
+def _made_by_k8s(policy: Policy) -> bool:
+    """Is ``policy`` named as NetworkPolicies are translated (``namespace/name``, with
+    ``:egress``, ``#n`` or ``:node IP``), with subjects? As Services named
+    ``namespace/name``, those are the proxy's: a restarted agent adopts them and removes
+    those whose NetworkPolicy is gone."""
+    base = policy.name.split(":", 1)[0].split("#", 1)[0]
+    namespace, slash, name = base.partition("/")
+    return bool(slash and namespace and name and "/" not in name and policy.subjects)
+
+
 def _event(obj: dict[str, Any], message: str, node: str | None = None) -> dict[str, Any]:
     """A Kubernetes Event (core/v1) about ``obj``."""
     import datetime
@@ -314,4 +397,4 @@ def _event(obj: dict[str, Any], message: str, node: str | None = None) -> dict[s
     }
 
 
-__all__ = ["EVENTS", "ServiceProxy"]
+__all__ = ["EVENTS", "POLICY_KINDS", "SERVICE_KINDS", "ServiceProxy"]

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from pyebpflb.k8s.proxy import ServiceProxy
+from pyebpflb.k8s.proxy import SERVICE_KINDS, ServiceProxy
 
 log = logging.getLogger("pyebpflb.k8s")
 
@@ -37,6 +37,10 @@ LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.
 _LISTS = {
     "Service": ("CoreV1Api", "list_service_for_all_namespaces"),
     "EndpointSlice": ("DiscoveryV1Api", "list_endpoint_slice_for_all_namespaces"),
+    # With network_policy: every pod and namespace (peers may be anywhere), no selector.
+    "Pod": ("CoreV1Api", "list_pod_for_all_namespaces"),
+    "Namespace": ("CoreV1Api", "list_namespace"),
+    "NetworkPolicy": ("NetworkingV1Api", "list_network_policy_for_all_namespaces"),
 }
 
 
@@ -97,7 +101,8 @@ def api_client(
 
 class Watcher:
     """Lists and watches Services and EndpointSlices through ``api_client`` for
-    ``proxy``; :meth:`run` until ``stop`` is set.
+    ``proxy`` (and Pods, Namespaces and NetworkPolicies when it enforces them:
+    ``ServiceProxy(network_policy=True)``); :meth:`run` until ``stop`` is set.
 
     ``timeout_seconds``: how long one watch lasts before the server ends it and it is
     made again (client-go picks 5 to 10 minutes); ``page_size``: items per list page;
@@ -146,6 +151,9 @@ class Watcher:
         self.sync_seconds = 0.0  # all syncs together
 
     # -- the reflectors --------------------------------------------------------------------
+    def _selector(self, kind: str) -> str:
+        return self.label_selector if kind in SERVICE_KINDS else ""
+
     def _method(self, kind: str) -> Callable[..., Any]:
         from kubernetes import client
 
@@ -162,7 +170,7 @@ class Watcher:
         while True:
             try:
                 response = method(
-                    label_selector=self.label_selector,
+                    label_selector=self._selector(kind),
                     limit=self.page_size,
                     _continue=token,
                     _preload_content=False,
@@ -194,7 +202,7 @@ class Watcher:
 
         try:
             response = self._method(kind)(
-                label_selector=self.label_selector,
+                label_selector=self._selector(kind),
                 resource_version=version,
                 allow_watch_bookmarks=True,
                 timeout_seconds=self.timeout_seconds,
@@ -280,7 +288,7 @@ class Watcher:
             threading.Thread(target=relay, name="watch-stop", daemon=True).start()
         threads = [
             threading.Thread(target=self._reflect, args=(kind,), name=f"watch-{kind}", daemon=True)
-            for kind in _LISTS
+            for kind in self.proxy.kinds
         ]
         for thread in threads:
             thread.start()
@@ -327,10 +335,15 @@ class Watcher:
         try:
             if event == "LIST":
                 self.proxy.replace(kind, obj)
-            elif kind == "Service":
-                self.proxy.on_service(event, obj)
             else:
-                self.proxy.on_endpointslice(event, obj)
+                feed = {
+                    "Service": self.proxy.on_service,
+                    "EndpointSlice": self.proxy.on_endpointslice,
+                    "Pod": self.proxy.on_pod,
+                    "Namespace": self.proxy.on_namespace,
+                    "NetworkPolicy": self.proxy.on_network_policy,
+                }[kind]
+                feed(event, obj)
         except (TypeError, ValueError, AttributeError) as exc:  # not an object at all
             self.counts["errors"] += 1
             log.warning("%s %s skipped: %s (%.80r)", event, kind, exc, obj)
@@ -363,12 +376,14 @@ def run(
     api_server: str | None = None,
     stop: threading.Event | None = None,
     min_sync_period: float = 1.0,
+    network_policy: bool = False,
     **options: Any,
 ) -> None:
-    """Follow the cluster's Services and EndpointSlices into ``datapath`` until
-    ``stop`` is set: :func:`api_client` + :class:`~pyebpflb.k8s.ServiceProxy` +
-    :class:`Watcher` (``options`` are the Watcher's)."""
-    proxy = ServiceProxy(datapath, min_sync_period=min_sync_period)
+    """Follow the cluster's Services and EndpointSlices (and, with ``network_policy``,
+    its NetworkPolicies) into ``datapath`` until ``stop`` is set: :func:`api_client` +
+    :class:`~pyebpflb.k8s.ServiceProxy` + :class:`Watcher` (``options`` are the
+    Watcher's)."""
+    proxy = ServiceProxy(datapath, min_sync_period=min_sync_period, network_policy=network_policy)
     client = api_client(kubeconfig, context=context, api_server=api_server)
     started = time.monotonic()
     try:
