@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import pyebpflb as lb
-from bench import local, measure, nodeport, report
+from bench import local, measure, netpol, nodeport, report
 from bench.contenders import Contender, Ebpf, Floor, Iptables, Nftables
 from bench.servers import PORT, Nginx
 from pyebpflb.testing.sandbox import Sandbox, _sysctl
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["cost"] = measure_costs(args)
     results["maglev"] = measure_maglev(args)
     results["policy"] = measure_policy(args)
+    results["netpol"] = netpol.run(args)
     results["memory"] = measure_memory(10 if args.smoke else 10_000)
     results["seconds"] = time.monotonic() - started
     return results

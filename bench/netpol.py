@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Into pod-1 (app-1 of ns-0) from pod-0 (app-0, allowed), and from a stranger.
         allowed, refused = packet(pod_ip(2), pod_ip(1)), packet(pod_ip(2), "10.200.0.1")
         samples: dict[tuple[str, str], list[float]] = {}
-        for _ in range(3 if args.smoke else 7):
+        for _ in range(3 if args.smoke else max(args.rounds, 7)):
             for label, dp in datapaths.items():
                 ingress = dp._object.program("lb_ingress")
                 for what, data in (("allowed", allowed), ("denied", refused)):
@@ -169,11 +169,12 @@ def recompile(dp: lb.Datapath, objects: list[dict[str, Any]], changes: int) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.netpol", description=__doc__)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--repeat", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=100_000, help="BPF_PROG_TEST_RUN repeats")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds alternating the datapaths")
     args = parser.parse_args()
-    results = run(args)
-    for key, value in results.items():
-        print(f"{key}: {value}")
+    from bench.report import _netpol
+
+    print("\n".join(_netpol(run(args))))
 
 
 if __name__ == "__main__":

@@ -166,6 +166,8 @@ def write(results: dict[str, Any], out: pathlib.Path) -> None:
     lines += _costs(results["cost"], args)
     lines += _maglev(results["maglev"])
     lines += _policy(results["policy"])
+    if "netpol" in results:
+        lines += _netpol(results["netpol"])
     lines += _memory(results["memory"])
     lines += _plots(results, latency, out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -493,6 +495,41 @@ def _policy(result: dict[str, Any]) -> list[str]:
         f"Installing the policy of {many} (compile, write, flip): "
         f"{result['sync seconds'][many]:.2f} s ({result['sync seconds'][spilled]:.2f} s with 5 "
         f"ranges per address); of 1 rule: {_ms(result['sync seconds']['1 rule'])} ms.",
+        "",
+    ]
+    return lines
+
+
+def _netpol(result: dict[str, Any]) -> list[str]:
+    ns = result["ns"]
+    lines = [
+        "## Kubernetes NetworkPolicy at scale",
+        "",
+        f"`python -m bench.netpol` (also part of `make bench`): {result['pods']} pods in "
+        f"namespaces of 100, {result['policies']} NetworkPolicies (one per app of 5 pods: "
+        "ingress from the previous app on a named port and from 10.0.0.0/8 except the pod "
+        "network on 443; egress to the next app and to DNS), translated to "
+        f"{result['pyebpflb policies']} pyebpflb policies of {result['rules']} rules. "
+        "The ingress program's cost (BPF_PROG_TEST_RUN, median of rounds alternating the "
+        "two datapaths) for a SYN into a selected pod, against a datapath holding one "
+        "NetworkPolicy over the same pod:",
+        "",
+    ]
+    rows = [
+        [what, f"{ns[f'{what} one']:.0f}", f"{ns[f'{what} many']:.0f}",
+         _ratio(ns[f"{what} many"], ns[f"{what} one"])]
+        for what in ("allowed", "denied")
+    ]  # fmt: skip
+    lines += _table(["packet", "1 policy ns", f"{result['policies']} policies ns", "ratio"], rows)
+    spent = result["recompile ms"]
+    total = [a + b for a, b in zip(spent["translate"], spent["install"], strict=True)]
+    lines += [
+        "One pod relabelled into another app (its Pod MODIFIED event to the policy in "
+        "force: NetworkPolicyTranslator, then Datapath.set_policies patching the rule sets "
+        f"that changed), median of {len(total)}: {statistics.median(total):.0f} ms "
+        f"(translation {statistics.median(spent['translate']):.0f} ms, kernel "
+        f"{statistics.median(spent['install']):.0f} ms). Installing everything at first: "
+        f"{result['install seconds']:.1f} s.",
         "",
     ]
     return lines
