@@ -91,14 +91,19 @@ def _names_and_rules(
     phases: _Phases,
     rule_ids: Iterator[int],
     policy_ids: Iterator[int],
+    changed: set[str] | None = None,
+    fresh: dict[str, list[policy.RuleRef]] | None = None,
 ) -> tuple[dict[str, tuple[int, Policy]], list[policy.RuleRef]]:
     """Ids for the wanted policies and rules, writing the names and rules that are
-    new or moved; what left goes in cleanup."""
+    new or moved; what left goes in cleanup. ``changed``: the names of the policies
+    that are not as installed, when known; ``fresh`` receives their refs."""
     prepare, undo = phases.prepare, phases.undo
     known: RulesetIndex | None = state.index
     wanted_names = {p.name for p in wanted}
     kept_whole: set[str] = set()
-    if known is not None:  # a policy that did not change keeps its refs as they are
+    if known is not None and changed is not None:
+        kept_whole = wanted_names - changed
+    elif known is not None:  # a policy that did not change keeps its refs as they are
         for item in wanted:
             old = state.policies.get(item.name)
             if old is not None and (old[1] is item or old[1] == item):
@@ -117,7 +122,13 @@ def _names_and_rules(
     installed: dict[str, tuple[int, Policy]] = {}
     refs: list[policy.RuleRef] = []
     seen.clear()
-    for item in wanted:
+    work = wanted
+    if known is not None and changed is not None and fresh is not None:
+        # Only the changed ones are walked; the others are taken whole, in place.
+        held = state.policies
+        installed = {p.name: (held[p.name][0] if p.name in held else 0, p) for p in wanted}
+        work = [p for p in wanted if p.name not in kept_whole]
+    for item in work:
         old = state.policies.get(item.name)
         policy_id = old[0] if old is not None else next(policy_ids)
         installed[item.name] = (policy_id, item)
@@ -138,6 +149,8 @@ def _names_and_rules(
             kept = old_ids.pop((item.name, rule, nth), None)
             ref = policy.RuleRef(kept.id if kept else next(rule_ids), item.name, index, rule)
             refs.append(ref)
+            if fresh is not None:
+                fresh.setdefault(item.name, []).append(ref)
             rule_key = maps.u32(ref.id)
             if kept is None:
                 prepare.write(maps.POL_RULES, rule_key, maps.policy_rule(ref, policy_id))
@@ -152,6 +165,11 @@ def _names_and_rules(
     for gone in old_ids.values():
         phases.cleanup.delete(maps.POL_RULES, maps.u32(gone.id))
         phases.cleanup.delete(maps.RULE_STATS, maps.u32(gone.id))
+    if work is not wanted:
+        assert known is not None and fresh is not None
+        refs = [
+            r for p in wanted for r in (fresh[p.name] if p.name in fresh else known.refs[p.name])
+        ]
     return installed, refs
 
 
@@ -172,6 +190,20 @@ def _members(policy_id: int, old: tuple[Any, ...], new: tuple[Any, ...], phases:
             phases.cleanup.delete(maps.POL_MEMBERS, key)
 
 
+def _present(state: PolicyState, gen: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """The cidr, port and subject keys generation ``gen`` holds (a patched generation's
+    from its index, not kept as lists)."""
+    index: RulesetIndex | None = state.index
+    if index is not None and index.gen == gen and gen not in state.keys:
+        cidrs, ports = list(index.base[0]), list(index.base[1])
+        for entries in index.rulesets.values():
+            cidrs += entries.cidr_keys
+            ports += entries.port_keys
+        return cidrs, ports, [key for _, key in index.subjects.values()]
+    cidr_keys, port_keys = state.keys.get(gen, ([], []))
+    return cidr_keys, port_keys, state.subject_keys.get(gen, [])
+
+
 def _generation(
     state: PolicyState,
     wanted: list[Policy],
@@ -183,12 +215,12 @@ def _generation(
     """The lookup entries of generation ``gen``, the one packets do not read: first
     clear what a crashed change may have left there, then write it whole."""
     prepare, undo = phases.prepare, phases.undo
-    stale_cidrs, stale_ports = state.keys.get(gen, ([], []))
+    stale_cidrs, stale_ports, stale_subjects = _present(state, gen)
     for key in stale_cidrs:
         prepare.delete(maps.POL_CIDRS, key, missing_ok=True)
     for key in stale_ports:
         prepare.delete(maps.POL_PORTS, key, missing_ok=True)
-    for key in state.subject_keys.get(gen, []):
+    for key in stale_subjects:
         prepare.delete(maps.POL_SUBJECTS, key, missing_ok=True)
     compiled = policy.compile_policies(wanted, refs, service_ids, gen << POLICY_GEN_SHIFT)
     cidr_keys = [maps.policy_cidr_key(entry, gen) for entry in compiled.cidrs]
@@ -226,12 +258,12 @@ def _head(
     if state.active:
         old_head = maps.policy_head(state.gen, _flags_of(state))
         phases.undo_head.write(maps.POLICY, head_key, old_head)
-        old_cidrs, old_ports = state.keys.get(state.gen, ([], []))
+        old_cidrs, old_ports, old_subjects = _present(state, state.gen)
         for key in old_cidrs:
             phases.cleanup.delete(maps.POL_CIDRS, key)
         for key in old_ports:
             phases.cleanup.delete(maps.POL_PORTS, key)
-        for key in state.subject_keys.get(state.gen, []):
+        for key in old_subjects:
             phases.cleanup.delete(maps.POL_SUBJECTS, key)
     elif wanted:
         phases.undo_head.delete(maps.POLICY, head_key)
@@ -276,6 +308,7 @@ class RulesetEntries:
     """One rule set's lookup entries in the active generation."""
 
     number: int
+    ruleset: policy.Ruleset
     cidr_keys: tuple[Any, ...]
     port_keys: tuple[Any, ...]
 
@@ -290,6 +323,8 @@ class RulesetIndex:
     numbers: dict[policy.Ruleset, int]  # a rule set -> its number
     rulesets: dict[int, RulesetEntries]  # by number
     users: dict[int, int]  # number -> the endpoint entries pointing at it
+    pointing: dict[int, frozenset[SubjectAt]]  # number -> those entries
+    containing: dict[str, frozenset[int]]  # a policy -> the rule sets holding it
     subjects: dict[SubjectAt, tuple[policy.SubjectEntry, Any]]  # entry, its key
     by_cidr: dict[tuple[Direction, int], dict[tuple[int, int], dict[str, int]]]
     refs: dict[str, tuple[policy.RuleRef, ...]]  # by policy
@@ -330,15 +365,22 @@ class RulesetIndex:
                 base[1].append(key)
         numbers = dict(compiled.rulesets)
         rulesets = {
-            n: RulesetEntries(n, tuple(by_scope.get(n, ([], []))[0]),
+            n: RulesetEntries(n, rs, tuple(by_scope.get(n, ([], []))[0]),
                               tuple(by_scope.get(n, ([], []))[1]))
-            for n in numbers.values()
+            for rs, n in numbers.items()
         }  # fmt: skip
         users: dict[int, int] = {n: 0 for n in numbers.values()}
         subjects: dict[SubjectAt, tuple[policy.SubjectEntry, Any]] = {}
+        pointing: dict[int, set[SubjectAt]] = {n: set() for n in numbers.values()}
         for key, subject in zip(subject_keys, compiled.subjects, strict=True):
-            subjects[_at(subject.direction, subject.network)] = (subject, key)
+            at = _at(subject.direction, subject.network)
+            subjects[at] = (subject, key)
             users[subject.scope & ~POLICY_RULESET] += 1
+            pointing[subject.scope & ~POLICY_RULESET].add(at)
+        containing: dict[str, set[int]] = {}
+        for (_, names), n in numbers.items():
+            for name in names:
+                containing.setdefault(name, set()).add(n)
         by_cidr: dict[tuple[Direction, int], dict[tuple[int, int], dict[str, int]]] = {}
         for item in wanted:
             _count(by_cidr, item, 1)
@@ -358,6 +400,8 @@ class RulesetIndex:
             numbers=numbers,
             rulesets=rulesets,
             users=users,
+            pointing={n: frozenset(ats) for n, ats in pointing.items()},
+            containing={name: frozenset(ns) for name, ns in containing.items()},
             subjects=subjects,
             by_cidr=by_cidr,
             refs={name: tuple(r) for name, r in own.items()},
@@ -454,15 +498,12 @@ def _patch(
     phases = _Phases()
     rule_ids = itertools.count(next_rule_id)
     policy_ids = itertools.count(next_policy_id)
-    installed, refs = _names_and_rules(state, wanted, phases, rule_ids, policy_ids)
+    changed = {p.name for p in before + after}
+    fresh: dict[str, list[policy.RuleRef]] = {name: [] for name in changed if name in new}
+    installed, refs = _names_and_rules(state, wanted, phases, rule_ids, policy_ids, changed, fresh)
     own: dict[str, tuple[policy.RuleRef, ...]] = dict(index.refs)
     for item in before:
         own.pop(item.name, None)
-    changed = {p.name for p in before + after}
-    fresh: dict[str, list[policy.RuleRef]] = {name: [] for name in changed if name in new}
-    for ref in refs:
-        if ref.policy in fresh:
-            fresh[ref.policy].append(ref)
     own.update({name: tuple(r) for name, r in fresh.items()})
     by_cidr = dict(index.by_cidr)
     copied: set[Any] = set()
@@ -471,9 +512,9 @@ def _patch(
         for item in items:
             _count(by_cidr, item, step, copied)
             affected.update(_at(item.direction, s) for s in item.subjects)
-    stale = {n for rs, n in index.numbers.items() if rs[1] & changed}
-    affected.update(at for at, (entry, _) in index.subjects.items()
-                    if entry.scope & ~POLICY_RULESET in stale)  # fmt: skip
+    stale = {n for name in changed for n in index.containing.get(name, ())}
+    for number in stale:
+        affected.update(index.pointing.get(number, ()))
     wider = [at for at in affected if at[2] < (32 if at[1] == 4 else 128)]
     if wider:  # the endpoints inside a changed CIDR subject change too
         everything = set(index.subjects) | {
@@ -485,9 +526,19 @@ def _patch(
                             if at[:2] == (d, f) and at[2] >= length
                             and at[3] >> shift == net >> shift)  # fmt: skip
     walkers: dict[tuple[Direction, int], Any] = {}
-    numbers = {rs: n for rs, n in index.numbers.items() if n not in stale}
+    numbers = dict(index.numbers)
+    for number in stale:
+        numbers.pop(index.rulesets[number].ruleset, None)
     rulesets = dict(index.rulesets)
     users = dict(index.users)
+    pointing: dict[int, set[SubjectAt]] = {}  # the changed ones, copied
+
+    def moved(number: int, at: SubjectAt, step: int) -> None:
+        users[number] += step
+        if number not in pointing:
+            pointing[number] = set(index.pointing.get(number, ()))
+        (pointing[number].add if step > 0 else pointing[number].discard)(at)
+
     subjects = dict(index.subjects)
     next_number = index.next_number
     class_ids = itertools.count(index.next_class)
@@ -503,21 +554,23 @@ def _patch(
         was = subjects.get(at)
         if was is not None and (prefixlen, network) not in by_cidr.get((direction, family), {}):
             subjects.pop(at)  # no policy names this CIDR any more
-            users[was[0].scope & ~POLICY_RULESET] -= 1
+            moved(was[0].scope & ~POLICY_RULESET, at, -1)
             phases.publish.delete(maps.POL_SUBJECTS, was[1])
             phases.undo_head.write(maps.POL_SUBJECTS, was[1], maps.policy_subject(was[0]))
             continue
         if not names:
             continue
         ruleset = (direction, names)
-        number = numbers.get(ruleset)
-        if number is None:
+        found = numbers.get(ruleset)
+        if found is None:
             number = numbers[ruleset] = next_number
             next_number += 1
             rulesets[number] = _write_ruleset(
                 ruleset, number, index.everyone[direction], own, class_ids, gen, phases
             )
             users[number] = 0
+        else:
+            number = found
         deny = index.everyone_denies[direction] or any(new[n].default is Action.DENY for n in names)
         net_type = ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network
         entry = policy.SubjectEntry(
@@ -528,26 +581,39 @@ def _patch(
         key = maps.policy_subject_key(entry, gen)
         phases.publish.write(maps.POL_SUBJECTS, key, maps.policy_subject(entry))
         if was is not None:
-            users[was[0].scope & ~POLICY_RULESET] -= 1
+            moved(was[0].scope & ~POLICY_RULESET, at, -1)
             phases.undo_head.write(maps.POL_SUBJECTS, key, maps.policy_subject(was[0]))
         else:
             phases.undo_head.delete(maps.POL_SUBJECTS, key)
-        users[number] += 1
+        moved(number, at, 1)
         subjects[at] = (entry, key)
-    for number, count in list(users.items()):
-        if count <= 0:
-            gone = rulesets.pop(number)
-            del users[number]
-            for cidr_key in gone.cidr_keys:
-                phases.cleanup.delete(maps.POL_CIDRS, cidr_key)
-            for port_key in gone.port_keys:
-                phases.cleanup.delete(maps.POL_PORTS, port_key)
-    numbers = {rs: n for rs, n in numbers.items() if n in rulesets}
+    containing = dict(index.containing)
+    new_pointing = dict(index.pointing)
+    for number, ats in pointing.items():
+        new_pointing[number] = frozenset(ats)
+        if ats:
+            continue
+        gone = rulesets.pop(number)
+        del users[number], new_pointing[number]
+        if numbers.get(gone.ruleset) == number:
+            del numbers[gone.ruleset]
+        for name in gone.ruleset[1]:
+            containing[name] = containing.get(name, frozenset()) - {number}
+        for cidr_key in gone.cidr_keys:
+            phases.cleanup.delete(maps.POL_CIDRS, cidr_key)
+        for port_key in gone.port_keys:
+            phases.cleanup.delete(maps.POL_PORTS, port_key)
+    for number in set(rulesets) - set(index.rulesets):  # new ones
+        for name in rulesets[number].ruleset[1]:
+            containing[name] = containing.get(name, frozenset()) | {number}
+    containing = {name: held for name, held in containing.items() if held}
     patched = attrs.evolve(
         index,
         numbers=numbers,
         rulesets=rulesets,
         users=users,
+        pointing=new_pointing,
+        containing=containing,
         subjects=subjects,
         by_cidr=by_cidr,
         refs=own,
@@ -555,11 +621,6 @@ def _patch(
         next_class=next(class_ids),
         counts=counts,
     )
-    cidr_keys = list(index.base[0])
-    port_keys = list(index.base[1])
-    for entries in rulesets.values():
-        cidr_keys += entries.cidr_keys
-        port_keys += entries.port_keys
     return PolicyPlan(
         prepare=phases.prepare.list(),
         publish=phases.publish.list(),
@@ -570,11 +631,9 @@ def _patch(
             active=True,
             policies=installed,
             refs=tuple(refs),
-            keys={gen: (cidr_keys, port_keys), 1 - gen: state.keys.get(1 - gen, ([], []))},
-            subject_keys={
-                gen: [key for _, key in subjects.values()],
-                1 - gen: state.subject_keys.get(1 - gen, []),
-            },
+            # This generation's keys are the index's (_present): not listed each change.
+            keys={1 - gen: state.keys.get(1 - gen, ([], []))},
+            subject_keys={1 - gen: state.subject_keys.get(1 - gen, [])},
             index=patched,
         ),
         next_rule_id=next(rule_ids),
@@ -612,7 +671,7 @@ def _write_ruleset(
             phases.prepare.write(maps.POL_CIDRS, key, maps.policy_class(cidr))
             phases.undo.delete(maps.POL_CIDRS, key)
             cidr_keys.append(key)
-    return RulesetEntries(number, tuple(cidr_keys), tuple(port_keys))
+    return RulesetEntries(number, ruleset, tuple(cidr_keys), tuple(port_keys))
 
 
 __all__ = ["PolicyPlan", "RulesetIndex", "diff_policies", "with_policies"]

@@ -469,7 +469,8 @@ class Programmer:
 
     def set_policies(self, policies: list[Policy]) -> None:
         self._origins = {}
-        self.apply(self._diff([], []), policies)
+        with gc_paused():
+            self.apply(self._diff([], []), policies)
 
     def _diff(
         self, upserts: list[Service], removals: list[Key], *, distinct: bool = False

@@ -35,6 +35,7 @@ from typing import Any
 
 import attrs
 
+from pyebpflb.datapath.apply import gc_paused
 from pyebpflb.k8s.translate import ManifestError, _get, _namespace, _where
 from pyebpflb.model import Network, Policy, Rule
 
@@ -92,6 +93,14 @@ class _Pod:
     host: Network | None
     obj: dict[str, Any] = attrs.field(hash=False, repr=False)
 
+    def same_for_policies(self, other: _Pod) -> bool:
+        """Do both read the same to a policy: labels, addresses, node, container ports?"""
+        return (self.labels, self.addresses, self.host) == (
+            other.labels,
+            other.addresses,
+            other.host,
+        ) and _get(self.obj, "spec.containers", None) == _get(other.obj, "spec.containers", None)
+
     def port(self, name: str, protocol: str) -> int | None:
         from pyebpflb.k8s.translate import _container_port
 
@@ -128,6 +137,7 @@ class _Done:
     made: _Made
     problem: str | None
     skipped: list[str]
+    policies: list[Policy] = attrs.field(factory=list)  # those of ``made``
 
 
 class NetworkPolicyTranslator:
@@ -149,6 +159,9 @@ class NetworkPolicyTranslator:
         self._in_namespace: dict[str, set[Ref]] = {}
         self._namespace_selecting: set[Ref] = set()  # a peer with a namespaceSelector
         self._peers: dict[Ref, list[dict[str, Any]]] = {}
+        # namespace -> the NetworkPolicies with a namespaceSelector peer selecting it
+        # (found when a pod there changes; forgotten when a Namespace or policy does).
+        self._peering: dict[str, set[Ref]] = {}
         self._origins: dict[str, tuple[str, str]] = {}
         self._rules: dict[tuple[str, int], int] = {}
         self._done: dict[Ref, _Done] = {}
@@ -174,6 +187,8 @@ class NetworkPolicyTranslator:
             pods.pop(ref[1], None)
             if not pods:
                 del self._by_namespace[ref[0]]
+        if old is not None and new is not None and old.same_for_policies(new):
+            return  # a status update: nothing a policy reads changed
         for pod in (old, new):
             if pod is not None:  # only those translated and not yet to be translated again
                 candidates = self._candidates(pod.namespace) - self._dirty
@@ -186,6 +201,7 @@ class NetworkPolicyTranslator:
             self._namespace_labels.pop(name, None)
         else:
             self._namespace_labels[name] = dict(_get(obj, "metadata.labels", {}) or {})
+        self._peering.clear()
         self._dirty |= self._namespace_selecting
         self._result = None
 
@@ -196,6 +212,7 @@ class NetworkPolicyTranslator:
         self._in_namespace.get(ref[0], set()).discard(ref)
         self._namespace_selecting.discard(ref)
         self._peers.pop(ref, None)
+        self._peering.clear()
         if event != "DELETED":
             self._objects[ref] = obj
             self._in_namespace.setdefault(ref[0], set()).add(ref)
@@ -238,15 +255,33 @@ class NetworkPolicyTranslator:
 
     # -- which policies a change can alter -------------------------------------------------
     def _candidates(self, namespace: str) -> set[Ref]:
-        return self._in_namespace.get(namespace, set()) | self._namespace_selecting
+        """The NetworkPolicies a pod of ``namespace`` can be a subject or peer of: those
+        of its namespace, and those whose namespace selectors select it."""
+        peering = self._peering.get(namespace)
+        if peering is None:
+            labels = self._labels_of(namespace)
+            peering = set()
+            for ref in self._namespace_selecting:
+                for peer in self._peers[ref]:
+                    chosen = peer.get("namespaceSelector")
+                    try:
+                        if chosen is not None and selects(chosen, labels, ""):
+                            peering.add(ref)
+                            break
+                    except (ManifestError, AttributeError, TypeError):
+                        peering.add(ref)  # malformed: translating it again reports it
+                        break
+            self._peering[namespace] = peering
+        return self._in_namespace.get(namespace, set()) | peering
 
     def _touches(self, ref: Ref, pod: _Pod) -> bool:
         """Can ``pod`` be a subject or a peer of NetworkPolicy ``ref``?"""
         obj = self._objects[ref]
         try:
-            spec = _get(obj, "spec", {}) or {}
-            if ref[0] == pod.namespace and selects(spec.get("podSelector"), pod.labels, ""):
-                return True
+            if ref[0] == pod.namespace:
+                spec = _get(obj, "spec", {}) or {}
+                if selects(spec.get("podSelector"), pod.labels, ""):
+                    return True
             for peer in self._peers[ref]:
                 by_namespace = peer.get("namespaceSelector")
                 by_pod = peer.get("podSelector")
@@ -273,6 +308,10 @@ class NetworkPolicyTranslator:
         """The translation of everything fed so far."""
         if self._result is not None:
             return self._result
+        with gc_paused():
+            return self._translated()
+
+    def _translated(self) -> PolicyTranslation:
         for ref in self._dirty:
             for policy, origins, _ in getattr(self._done.pop(ref, None), "made", []):
                 self._origins.pop(policy.name, None)
@@ -286,6 +325,7 @@ class NetworkPolicyTranslator:
                 done.made = _translate(obj, self, done.skipped)
             except ManifestError as exc:
                 done.problem = str(exc)
+            done.policies = [policy for policy, _, _ in done.made]
             self._done[ref] = done
             origin = f"{ref[0]}/{ref[1]}"
             for policy, origins, kind in done.made:
@@ -300,8 +340,9 @@ class NetworkPolicyTranslator:
             done = self._done[ref]
             if done.problem is not None:
                 out.problems.append(done.problem)
-            out.skipped.extend(done.skipped)
-            out.policies.extend(policy for policy, _, _ in done.made)
+            if done.skipped:
+                out.skipped.extend(done.skipped)
+            out.policies.extend(done.policies)
         self._result = out
         return out
 
