@@ -199,6 +199,16 @@ def test_policy_types_default_and_rule_origins() -> None:
     assert reach(done, "x/a", "z/c")  # egress to every namespace's pods
     outside = Packet(ip("x", "a"), "192.0.2.1", "udp", 40000, 53, "egress")
     assert not evaluate(done.policies, outside).allowed  # but nowhere else
+    # A verdict named in Kubernetes' terms.
+    inside = Packet("10.9.1.1", ip("x", "a"), "tcp", 40000, 80)
+    verdict = evaluate(done.policies, inside)
+    assert done.describe(verdict.policy, verdict.rule) == "NetworkPolicy x/both ingress rule 0"
+    assert done.describe("x/both", 1) == "NetworkPolicy x/both ingress rule 1"
+    assert done.describe("x/both:egress", None) == "NetworkPolicy x/both egress (default deny)"
+    assert (
+        done.describe(f"x/both:node {NODE}", 0) == "NetworkPolicy x/both ingress (its pod's node)"
+    )
+    assert done.describe("mine", 0) is None
 
 
 @pytest.mark.parametrize(

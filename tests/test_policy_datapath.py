@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import attrs
 import pytest
 from lbtest import TC_ACT_OK, TC_ACT_SHOT, datapath, run
 from scapy.layers.inet import IP, TCP
@@ -131,6 +132,60 @@ def test_full_maps_change_nothing() -> None:
         assert dp.policies == [SOURCE_RANGES]
         assert run(dp, "lb_ingress", syn("10.2.0.1"))[0] == TC_ACT_SHOT
         assert run(dp, "lb_ingress", syn("10.1.2.3"))[0] == TC_ACT_OK
+
+
+def test_a_patch_that_does_not_fit_changes_nothing_and_the_next_one_works() -> None:
+    """A change of policies with subjects only patches the active generation in place;
+    when its new rule set does not fit, the patch is undone (the endpoints keep the rule
+    sets they had) and a later patch still works from the same state."""
+    pod = Policy("ns/web", [Rule("allow", "10.1.0.0/16")], "deny", subjects=["10.0.1.1"])
+    other = Policy("ns/db", [], "deny", subjects=["10.0.1.2"])
+    with datapath("pol-patch-full", max_policy_entries=32) as dp:
+        dp.sync([WEB], [pod, other])
+        gen = dp._state.policy.gen
+        before = policy_maps(dp)
+        big = attrs.evolve(
+            pod, rules=[Rule("allow", f"10.{i}.0.0/16", "tcp", 8080 + i) for i in range(40)]
+        )
+        with pytest.raises(lb.MapFull, match="nothing was changed"):
+            dp.set_policies([big, other])
+        assert policy_maps(dp) == before and dp.policies == [pod, other]
+        assert run(dp, "lb_ingress", syn("10.1.2.3", "10.0.1.1"))[0] == TC_ACT_OK
+        assert run(dp, "lb_ingress", syn("10.2.0.1", "10.0.1.1"))[0] == TC_ACT_SHOT
+        # The db pod joins web's policy: patched (the same generation), in force.
+        moved = attrs.evolve(pod, subjects=["10.0.1.1", "10.0.1.2"])
+        dp.set_policies([moved, attrs.evolve(other, subjects=["10.0.1.3"])])
+        assert dp._state.policy.gen == gen
+        dp.flush_conntrack()
+        assert run(dp, "lb_ingress", syn("10.1.2.3", "10.0.1.2"))[0] == TC_ACT_OK
+        assert run(dp, "lb_ingress", syn("10.2.0.1", "10.0.1.2"))[0] == TC_ACT_SHOT
+        # Read back by another Datapath (no index): its change writes a generation.
+        with lb.Datapath(dp.name, pin_root=dp.pin_root, create=False) as look:
+            assert look.policies == dp.policies
+            look.set_policies([pod, other])
+            assert look._state.policy.gen == 1 - gen
+        assert run(dp, "lb_ingress", syn("10.2.0.1", "10.0.1.2"))[0] == TC_ACT_SHOT
+        assert run(dp, "lb_ingress", syn("10.2.0.1", "10.0.1.3"))[0] == TC_ACT_OK
+
+
+def test_explain_names_the_subject_and_the_policies_selecting_it() -> None:
+    """Through a Service (after DNAT) the endpoint is the backend: explain says which
+    subject entry holds it and which policies select it, and which rule decided."""
+    web = Policy("ns/web", [Rule("allow", "10.1.0.0/16", "tcp", 8080)], "deny",
+                 subjects=["10.0.1.0/24"])  # fmt: skip
+    node = Policy("ns/web:node 10.0.0.1", [Rule("allow", "10.0.0.1")], "deny",
+                  subjects=["10.0.1.1"])  # fmt: skip
+    with datapath("pol-explain") as dp:
+        dp.sync([WEB], [web, node])
+        allowed = dp.explain("10.1.2.3", "10.96.0.10:80")
+        assert (allowed.endpoint, allowed.subject) == ("10.0.1.1", "10.0.1.1/32")
+        assert allowed.selected_by == ("ns/web", "ns/web:node 10.0.0.1")
+        assert (allowed.policy, allowed.rule) == ("ns/web", 0)
+        denied = dp.explain("10.9.9.9", "10.0.1.7:8080")
+        assert denied.policy_default and denied.selected_by == ("ns/web",)
+        assert denied.subject == "10.0.1.0/24" and denied.drop_reason == "policy denied"
+        free = dp.explain("10.9.9.9", "10.0.2.7:8080")
+        assert (free.endpoint, free.subject, free.selected_by) == ("10.0.2.7", None, ())
 
 
 def test_contradictions_are_accepted_with_the_documented_precedence() -> None:

@@ -21,6 +21,7 @@ from pyebpflb.layout import (
 from pyebpflb.maps import ACTION_OF
 from pyebpflb.model import (
     Address,
+    Direction,
     Protocol,
     endpoint_text,
     parse_endpoint,
@@ -55,6 +56,15 @@ def explain(
     if installed is not None and backend_id in installed.backend_ids:
         backend = installed.service.backends[installed.backend_ids.index(backend_id)]
     ref = state.policy.ref(cb[ExplainSlot.RULE])
+    local = target if where is Direction.INGRESS else source
+    if backend is not None and where is Direction.INGRESS:
+        local = backend.address
+    selecting = [
+        p
+        for _, p in state.policy.policies.values()
+        if p.direction is where and p.subjects and p.selects(local)
+    ]
+    held = [s for p in selecting for s in p.subjects if s.version == local.version and local in s]
     drop_reason = DROP_REASONS.get(cb[ExplainSlot.DROP])
     policy_code = cb[ExplainSlot.POLICY]
     return Explanation(
@@ -72,6 +82,9 @@ def explain(
         rule=ref.index if ref is not None else None,
         policy_default=bool(policy_code & EXPLAIN_DEFAULT),
         drop_reason=drop_reason,
+        endpoint=str(local),
+        subject=str(max(held, key=lambda s: s.prefixlen)) if held else None,
+        selected_by=tuple(p.name for p in selecting),
     )
 
 

@@ -119,6 +119,11 @@ class Explanation:
     reset or ICMP unreachable), DROPPED (``drop_reason``).
     ``policy_verdict`` is None when no policy applies to the direction;
     ``rule`` None with a verdict means the direction's default decided.
+    ``endpoint`` is the address policies are for (the backend after translation
+    on ingress, else the destination; the source on egress), ``subject`` the most
+    specific subject CIDR holding it (its ``lb_pol_subjects`` entry) and
+    ``selected_by`` the policies with subjects that select it (a NetworkPolicy's
+    pyebpflb policies, named ``namespace/name``...); () and None when none does.
     """
 
     source: str
@@ -133,6 +138,9 @@ class Explanation:
     rule: int | None
     policy_default: bool
     drop_reason: str | None
+    endpoint: str | None = None
+    subject: str | None = None
+    selected_by: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +156,9 @@ class Explanation:
             "rule": self.rule,
             "policy_default": self.policy_default,
             "drop_reason": self.drop_reason,
+            "endpoint": self.endpoint,
+            "subject": self.subject,
+            "selected_by": list(self.selected_by),
         }
 
 

@@ -56,6 +56,20 @@ class PolicyTranslation:
     origins: dict[str, tuple[str, str]] = attrs.field(factory=dict)
     rules: dict[tuple[str, int], int] = attrs.field(factory=dict)
 
+    def describe(self, policy: str | None, rule: int | None = None) -> str | None:
+        """What a verdict's pyebpflb policy and rule (a flow event's, an explanation's)
+        are in Kubernetes: "NetworkPolicy ns/name ingress rule 0", "... (its pod's
+        node)", "... (default deny)"; None for a policy no NetworkPolicy made."""
+        if policy is None or policy not in self.origins:
+            return None
+        origin, kind = self.origins[policy]
+        text = f"NetworkPolicy {origin} {kind.lower()}"
+        if rule is None:
+            return f"{text} (default deny)"
+        if (policy, rule) not in self.rules:
+            return f"{text} (its pod's node)"
+        return f"{text} rule {self.rules[(policy, rule)]}"
+
 
 def selects(selector: Any, labels: dict[str, str], where: str) -> bool:
     """Does a LabelSelector select ``labels``? ``{}`` selects everything."""
