@@ -159,3 +159,120 @@ def test_a_label_change_moves_a_pod_in_and_out_of_a_policy_while_a_client_connec
         worker.join()
     assert failures == []
     assert [s.name for s in dp.services] == [s.name for s in svc]
+
+
+# -- NetworkPolicies over pods in several namespaces ---------------------------------------
+# The backends are pods in namespaces x, y and z; the two client addresses are pods too
+# (client-a in namespace c1, team a; client-b in c2, team b), so that pod and namespace
+# selectors can pick them as peers.
+
+
+def cluster(sandbox: Sandbox, *policies: dict[str, Any]) -> list[Policy]:
+    objects: list[dict[str, Any]] = []
+    ports = [{"name": "serve-8080", "containerPort": BACKEND_PORT},
+             {"name": "serve-81", "containerPort": 81}]  # fmt: skip
+    for namespace, labels in (("x", {}), ("y", {}), ("z", {}), ("c1", {"team": "a"}),
+                              ("c2", {"team": "b"})):  # fmt: skip
+        objects.append({"kind": "Namespace", "metadata": {"name": namespace, "labels": labels}})
+    pods = [(b.name, ns, str(b.ipv4), {"app": "web"})
+            for b, ns in zip(sandbox.backends, "xyz", strict=True)]  # fmt: skip
+    pods += [("client-a", "c1", str(sandbox.client.ipv4), {"role": "client"}),
+             ("client-b", "c2", SECOND_CLIENT, {"role": "client"})]  # fmt: skip
+    for name, namespace, address, labels in pods:
+        objects.append({
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"containers": [{"name": "main", "ports": ports}]},
+            "status": {"podIP": address, "phase": "Running"},
+        })  # fmt: skip
+    for number, spec in enumerate(policies):
+        objects.append(
+            {
+                "kind": "NetworkPolicy",
+                "metadata": {"name": f"np-{number}", "namespace": "x"},
+                "spec": spec,
+            }
+        )
+    done = k8s.network_policies(objects)
+    assert done.problems == []
+    return done.policies
+
+
+WEB = {"matchLabels": {"app": "web"}}
+
+
+def test_should_ensure_an_ip_overlapping_both_ipblock_cidr_and_except_is_allowed(
+    sandbox: Sandbox, dp: lb.Datapath
+) -> None:
+    """network_policy.go "should ensure an IP overlapping both IPBlock.CIDR and
+    IPBlock.Except is allowed": except subtracts inside its own peer only."""
+    first = pods(sandbox)[0]
+    block = {"ingress": [{"from": [{"ipBlock": {"cidr": "10.90.0.0/24",
+                                                "except": [f"{SECOND_CLIENT}/32"]}}]}],
+             "podSelector": WEB}  # fmt: skip
+    dp.sync(services(sandbox), cluster(sandbox, block))
+    assert reaches(sandbox, first) and not reaches(sandbox, first, source=SECOND_CLIENT)
+    allow = {"podSelector": WEB,
+             "ingress": [{"from": [{"ipBlock": {"cidr": f"{SECOND_CLIENT}/32"}}]}]}  # fmt: skip
+    dp.set_policies(cluster(sandbox, block, allow))
+    assert reaches(sandbox, first, source=SECOND_CLIENT) and reaches(sandbox, first)
+
+
+def test_should_allow_ingress_access_on_one_named_port(sandbox: Sandbox, dp: lb.Datapath) -> None:
+    """network_policy.go "should allow ingress access on one named port": the name is
+    resolved against the selected pod's containers."""
+    first = pods(sandbox)[0]
+    named = {"podSelector": WEB, "ingress": [{"ports": [{"port": "serve-8080"}]}]}
+    dp.sync(services(sandbox), cluster(sandbox, named))
+    assert reaches(sandbox, first)
+    other = {"podSelector": WEB, "ingress": [{"ports": [{"port": "serve-81"}]}]}
+    dp.set_policies(cluster(sandbox, other))  # port 81 only: 8080 is closed
+    assert not reaches(sandbox, first)
+
+
+def test_should_allow_ingress_access_from_namespace_on_one_named_port_and_pod_in_one_peer(
+    sandbox: Sandbox, dp: lb.Datapath
+) -> None:
+    """network_policy.go "should enforce policy based on PodSelector and NamespaceSelector"
+    (both in one peer: pods matching the first in namespaces matching the second)."""
+    first = pods(sandbox)[0]
+    peer = {"podSelector": WEB, "ingress": [{"from": [{
+        "namespaceSelector": {"matchLabels": {"team": "b"}},
+        "podSelector": {"matchExpressions": [{"key": "role", "operator": "In",
+                                              "values": ["client"]}]}}]}]}  # fmt: skip
+    dp.sync(services(sandbox), cluster(sandbox, peer))
+    assert reaches(sandbox, first, source=SECOND_CLIENT)  # client-b: team b, a client
+    assert not reaches(sandbox, first)  # client-a: a client, but team a
+
+
+def test_should_enforce_ingress_policy_allowing_any_port_traffic_to_a_server_on_a_range(
+    sandbox: Sandbox, dp: lb.Datapath
+) -> None:
+    """network_policy.go "should enforce policy to allow ingress traffic from pods in all
+    namespaces" with an endPort range: 8000-8100 holds 8080, 8000-8079 does not."""
+    first = pods(sandbox)[0]
+    wide = {"podSelector": WEB, "ingress": [{"ports": [{"port": 8000, "endPort": 8100}]}]}
+    dp.sync(services(sandbox), cluster(sandbox, wide))
+    assert reaches(sandbox, first)
+    narrow = {"podSelector": WEB, "ingress": [{"ports": [{"port": 8000, "endPort": 8079}]}]}
+    dp.set_policies(cluster(sandbox, narrow))
+    assert not reaches(sandbox, first)
+
+
+def test_policies_on_a_pod_reached_through_a_service_behave_as_on_the_pod(
+    sandbox: Sandbox, dp: lb.Datapath
+) -> None:
+    """A NetworkPolicy admitting client-b to the x pods: through the pod's ClusterIP
+    (after DNAT, the backend is the subject, its port the pod's) as directly; the pods of
+    y and z, selected by no policy, take both clients."""
+    only_b = {"podSelector": WEB, "ingress": [{
+        "from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}],
+        "ports": [{"port": BACKEND_PORT}]}]}  # fmt: skip
+    dp.sync(services(sandbox), cluster(sandbox, only_b))
+    first, second, _ = pods(sandbox)
+    for address in (first, "10.96.0.11"):
+        assert reaches(sandbox, address, source=SECOND_CLIENT)
+        assert not reaches(sandbox, address)
+    assert reaches(sandbox, second) and reaches(sandbox, "10.96.0.12")
+    explained = dp.explain(str(sandbox.client.ipv4), "10.96.0.11:80")
+    assert explained.endpoint == first and explained.selected_by == ("x/np-0",)

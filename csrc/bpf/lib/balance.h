@@ -324,6 +324,7 @@ static __always_inline int reopen_flow(struct ctx_buff *ctx, struct ingress *in)
 	ct_delete_flow(in->flow_at.map, in->ct_key, flow, in->pkt, in->cfg);
 	if (!copy_backend(in, backend_id))
 		return NEXT_STEP;
+	explain(ctx, in->pkt, PYEBPFLB_EXPLAIN_BACKEND, backend_id);
 	if (service_denied(ctx, in, service_id, &slot(in)->backend.addr, slot(in)->backend.port, 1))
 		return CTX_DROP;
 	return admit(ctx, in, &slot(in)->backend, backend_id, service_id, NULL, nat);
@@ -365,11 +366,11 @@ static __always_inline int continue_flow(struct ctx_buff *ctx, struct ingress *i
 		return NEXT_STEP;
 	/* Policy holds for every packet: a new deny ends a flow at once. */
 	explain(ctx, pkt, PYEBPFLB_EXPLAIN_SERVICE, flow->service_id);
+	explain(ctx, pkt, PYEBPFLB_EXPLAIN_BACKEND, flow->backend_id);
 	if (service_denied(ctx, in, flow->service_id, &flow->nat_addr, flow->nat_port, 0))
 		return CTX_DROP;
 	ct_heal_reply(in->flow_at.map, in->ct_key, flow, pkt, in->cfg, slot(in)->now);
 	ct_touch(live, pkt, slot(in)->now, 0);
-	explain(ctx, pkt, PYEBPFLB_EXPLAIN_BACKEND, flow->backend_id);
 	if (!pkt->dry) {
 		count_traffic(&lb_svc_stats, flow->service_id, ctx_len(ctx));
 		count_traffic(&lb_be_stats, flow->backend_id, ctx_len(ctx));
@@ -445,6 +446,8 @@ static __always_inline int new_flow(struct ctx_buff *ctx, struct ingress *in)
 		backend_id = svc->count ? slot_backend(svc, in->pkt, 0, &backend) : 0;
 	}
 	backend = backend ? keep_backend(in, backend) : NULL;
+	if (backend)
+		explain(ctx, in->pkt, PYEBPFLB_EXPLAIN_BACKEND, backend_id); /* even if denied */
 	/* Without a backend, the rules on the real destination see the VIP's port. */
 	if (service_denied(ctx, in, svc->id, backend ? &backend->addr : &in->pkt->daddr,
 			   backend ? backend->port : in->pkt->dport, 1))
