@@ -174,16 +174,19 @@ def cluster(sandbox: Sandbox, *policies: dict[str, Any]) -> list[Policy]:
     for namespace, labels in (("x", {}), ("y", {}), ("z", {}), ("c1", {"team": "a"}),
                               ("c2", {"team": "b"})):  # fmt: skip
         objects.append({"kind": "Namespace", "metadata": {"name": namespace, "labels": labels}})
-    pods = [(b.name, ns, str(b.ipv4), {"app": "web"})
+    # Dual stack: each pod's podIPs has both families (client-b only its IPv4).
+    pods = [(b.name, ns, [str(b.ipv4), str(b.ipv6)], {"app": "web"})
             for b, ns in zip(sandbox.backends, "xyz", strict=True)]  # fmt: skip
-    pods += [("client-a", "c1", str(sandbox.client.ipv4), {"role": "client"}),
-             ("client-b", "c2", SECOND_CLIENT, {"role": "client"})]  # fmt: skip
-    for name, namespace, address, labels in pods:
+    pods += [("client-a", "c1", [str(sandbox.client.ipv4), str(sandbox.client.ipv6)],
+              {"role": "client"}),
+             ("client-b", "c2", [SECOND_CLIENT], {"role": "client"})]  # fmt: skip
+    for name, namespace, addresses, labels in pods:
         objects.append({
             "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "labels": labels},
             "spec": {"containers": [{"name": "main", "ports": ports}]},
-            "status": {"podIP": address, "phase": "Running"},
+            "status": {"podIP": addresses[0], "podIPs": [{"ip": a} for a in addresses],
+                       "phase": "Running"},
         })  # fmt: skip
     for number, spec in enumerate(policies):
         objects.append(
@@ -276,3 +279,38 @@ def test_policies_on_a_pod_reached_through_a_service_behave_as_on_the_pod(
     assert reaches(sandbox, second) and reaches(sandbox, "10.96.0.12")
     explained = dp.explain(str(sandbox.client.ipv4), "10.96.0.11:80")
     assert explained.endpoint == first and explained.selected_by == ("x/np-0",)
+
+
+def test_dual_stack_pods_are_policed_on_both_families(sandbox: Sandbox, dp: lb.Datapath) -> None:
+    """A pod's podIPs are all its subjects and all its peer addresses: client-a, selected
+    as a peer by its labels, reaches the x pod on IPv4 and IPv6; an ipBlock of client-a's
+    IPv6 address alone admits IPv6 only."""
+    backend = sandbox.backends[0]
+
+    def over(family: int) -> bool:
+        try:
+            sandbox.http_get(backend.address(family), BACKEND_PORT, timeout=DENIED)
+        except TimeoutError:
+            return False
+        return True
+
+    peers = {
+        "podSelector": WEB,
+        "ingress": [
+            {
+                "from": [
+                    {"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "client"}}}
+                ]
+            }
+        ],
+    }
+    dp.sync(services(sandbox), cluster(sandbox, peers))
+    assert over(4) and over(6)
+    block = {
+        "podSelector": WEB,
+        "ingress": [{"from": [{"ipBlock": {"cidr": f"{sandbox.client.ipv6}/128"}}]}],
+    }
+    dp.set_policies(cluster(sandbox, block))
+    assert over(6) and not over(4)
+    (installed,) = [p for p in dp.policies if p.name == "x/np-0"]
+    assert {str(s) for s in installed.subjects} == {f"{backend.ipv4}/32", f"{backend.ipv6}/128"}
