@@ -280,7 +280,7 @@ def agent(sandbox: Sandbox, name: str, kubeconfig: str) -> subprocess.Popen[str]
         ["ip", "netns", "exec", sandbox.lb.netns, PYEBPFLB, "--datapath", name,
          "--pin-root", str(PIN_ROOT), "agent", "--kubeconfig", kubeconfig,
          "--node-name", "node-1", "--interfaces", sandbox.lb.iface, "--cgroup", "",
-         "--min-sync-period", "0",
+         "--min-sync-period", "0", "--network-policy",
          "--watch-timeout", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -332,6 +332,11 @@ def restart_the_agent(sandbox: Sandbox, api: ApiServer, tmp_path: pathlib.Path) 
          "status": {"addresses": [{"type": "InternalIP", "address": str(sandbox.lb.ipv4)}]}},
         service(), endpointslice(sandbox, {0: READY, 1: READY}),
         service("old", "10.96.0.11"), endpointslice(sandbox, {2: READY}, owner="old"),
+        # --network-policy: backend-3 admits the clients' network only (the tests' client).
+        pod(sandbox, 2, {"app": "old"}),
+        {"kind": "NetworkPolicy", "metadata": {"name": "old-from-clients", "namespace": "shop"},
+         "spec": {"podSelector": {"matchLabels": {"app": "old"}},
+                  "ingress": [{"from": [{"ipBlock": {"cidr": "10.90.0.0/24"}}]}]}},
     )  # fmt: skip
     first = agent(sandbox, name, kubeconfig)
     try:
@@ -340,7 +345,12 @@ def restart_the_agent(sandbox: Sandbox, api: ApiServer, tmp_path: pathlib.Path) 
         metrics = eventually(lambda: fetch(sandbox, 10249, "/metrics"), "metrics served")
         assert re.search(r'pyebpflb_service_packets_total\{[^}]*service="shop/web"', metrics[1])
         assert re.search(r"^pyebpflb_k8s_services_programmed 2\.0$", metrics[1], re.M)
-        assert re.search(r"^pyebpflb_k8s_lists_total 2\.0$", metrics[1], re.M)
+        # Services, EndpointSlices, and with --network-policy Pods, Namespaces, policies.
+        assert re.search(r"^pyebpflb_k8s_lists_total 5\.0$", metrics[1], re.M)
+        with lb.Datapath(name, netns=sandbox.lb.netns, pin_root=PIN_ROOT,
+                         create=False) as look:  # fmt: skip
+            eventually(lambda: [p.name for p in look.policies] == ["shop/old-from-clients"],
+                       "the NetworkPolicy installed")  # fmt: skip
         health = eventually(lambda: fetch(sandbox, 10256, "/healthz"), "health served")
         assert health[0] == 200 and '"nodeEligible": true' in health[1]
         with sandbox.connection(VIP, 80) as open_conn:
@@ -349,8 +359,10 @@ def restart_the_agent(sandbox: Sandbox, api: ApiServer, tmp_path: pathlib.Path) 
             # No agent: the datapath goes on, the open connection and new ones too.
             assert open_conn.get() == backend
             assert answers(sandbox) == {"backend-1", "backend-2"}
-            # Changes while it is down: one Service deleted, the other scaled.
+            # Changes while it is down: one Service deleted, the other scaled, the
+            # NetworkPolicy deleted.
             api.delete("Service", "shop", "old")
+            api.delete("NetworkPolicy", "shop", "old-from-clients")
             api.apply(endpointslice(sandbox, {0: READY, 1: READY, 2: READY}))
             second = agent(sandbox, name, kubeconfig)
             try:
@@ -359,6 +371,8 @@ def restart_the_agent(sandbox: Sandbox, api: ApiServer, tmp_path: pathlib.Path) 
                                  create=False) as look:  # fmt: skip
                     eventually(lambda: [s.name for s in look.services] == ["shop/web"],
                                "the Service deleted meanwhile is removed")  # fmt: skip
+                    eventually(lambda: look.policies == [],
+                               "the NetworkPolicy deleted meanwhile is removed")  # fmt: skip
                     assert look.node is not None and look.node.zone == "zone-a"
                 assert open_conn.get() == backend  # never broken
             finally:
