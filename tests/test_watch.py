@@ -347,6 +347,7 @@ def restart_the_agent(sandbox: Sandbox, api: ApiServer, tmp_path: pathlib.Path) 
         assert re.search(r"^pyebpflb_k8s_services_programmed 2\.0$", metrics[1], re.M)
         # Services, EndpointSlices, and with --network-policy Pods, Namespaces, policies.
         assert re.search(r"^pyebpflb_k8s_lists_total 5\.0$", metrics[1], re.M)
+        assert re.search(r"^pyebpflb_k8s_network_policies_in_force 1\.0$", metrics[1], re.M)
         with lb.Datapath(name, netns=sandbox.lb.netns, pin_root=PIN_ROOT,
                          create=False) as look:  # fmt: skip
             eventually(lambda: [p.name for p in look.policies] == ["shop/old-from-clients"],

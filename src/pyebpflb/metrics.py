@@ -199,6 +199,16 @@ class WatcherCollector(Collector):
             "Kubernetes Services the datapath refused at the last sync",
             value=len(proxy.refused),
         )
+        if proxy.network_policy:
+            counts_now = proxy.network_policies
+            for key, name, what in (
+                ("in force", "in_force", "NetworkPolicies translated and installed"),
+                ("failed", "failed", "NetworkPolicies that could not be translated"),
+                ("refused", "refused", "1 while the datapath refuses the NetworkPolicies"),
+            ):
+                yield GaugeMetricFamily(
+                    f"pyebpflb_k8s_network_policies_{name}", what, value=counts_now[key]
+                )
 
 
 __all__ = ["DatapathCollector", "WatcherCollector"]

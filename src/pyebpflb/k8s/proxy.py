@@ -82,6 +82,8 @@ class ServiceProxy:
         self._policies_dirty = False
         self._policy_problems: set[str] = set()  # reported already
         self._policies_refused: str | None = None
+        self._policies_in_force = 0  # NetworkPolicies whose policies the datapath holds
+        self._policies_failed = 0
 
     # -- what the API server says ----------------------------------------------------------
     @staticmethod
@@ -258,6 +260,7 @@ class ServiceProxy:
             if problem not in self._policy_problems:
                 self._report_object(problem, "NetworkPolicy")
         self._policy_problems = set(done.problems)
+        self._policies_failed = len([p for p in done.problems if p.startswith("NetworkPolicy ")])
         try:
             self.datapath.set_policies(done.policies, keep=lambda p: not _made_by_k8s(p))
         except (ValueError, PyEbpfLbError) as exc:
@@ -267,6 +270,19 @@ class ServiceProxy:
             self._policies_refused = problem
             return
         self._policies_refused = None
+        self._policies_in_force = len({origin for origin, _ in done.origins.values()})
+
+    @property
+    def network_policies(self) -> dict[str, int]:
+        """NetworkPolicies ``in force`` (translated and installed: those selecting no
+        pod yet make no policy), ``failed`` (could not be translated) and ``refused``
+        (1 while the datapath refuses the translation, which is tried at each sync), as
+        of the last sync (read from any thread: nothing is translated here)."""
+        return {
+            "in force": self._policies_in_force,
+            "failed": self._policies_failed,
+            "refused": int(self._policies_refused is not None),
+        }
 
     def _report_object(self, problem: str, kind: str) -> None:
         """A Warning Event about the object a problem names ("Kind namespace/name: ...")."""

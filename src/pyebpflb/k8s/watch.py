@@ -23,9 +23,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyebpflb.k8s.proxy import SERVICE_KINDS, ServiceProxy
+
+if TYPE_CHECKING:
+    from kubernetes.client import CoreV1Api
 
 log = logging.getLogger("pyebpflb.k8s")
 
@@ -143,6 +146,7 @@ class Watcher:
         self._stop = threading.Event()
         self._open: set[Any] = set()  # the watch responses being read
         self._posted = 0
+        self._core: CoreV1Api | None = None  # what events are posted with, made once
         # What happened, for logs, metrics and tests: lists (initial and after 410),
         # watches made, 410s, errors, events posted.
         self.counts = {"lists": 0, "watches": 0, "gone": 0, "errors": 0, "events": 0, "syncs": 0}
@@ -355,7 +359,9 @@ class Watcher:
         self._posted = len(self.proxy.events)
         if not self.record_events:
             return
-        core = client.CoreV1Api(self.api_client)
+        if self._core is None:
+            self._core = client.CoreV1Api(self.api_client)
+        core = self._core
         for event in events:
             try:
                 core.create_namespaced_event(
