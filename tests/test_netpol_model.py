@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from pyebpflb import k8s
 from pyebpflb.k8s import netpol
 from pyebpflb.k8s.translate import ManifestError
 from pyebpflb.model import Backend, Service
@@ -232,3 +233,32 @@ def test_a_bad_network_policy_is_named_and_left_out(spec: dict[str, Any], messag
     assert problem.startswith("NetworkPolicy x/bad") and message in problem
     assert [p.name for p in done.policies] == ["y/good", f"y/good:node {NODE}"]
     assert isinstance(ManifestError(problem), ValueError)
+
+
+def test_the_translator_follows_events_and_a_relist_of_the_same_objects_changes_nothing() -> None:
+    """NetworkPolicyTranslator: the result of events equals a translation of the whole;
+    a relist returning the same objects (without their kind, as a list's items) gives
+    the same Policy objects, and a pod's status update changes nothing."""
+    objects = [*cluster(), policy("x", "web", {
+        "podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]})]  # fmt: skip
+    translator = k8s.NetworkPolicyTranslator()
+    for obj in objects:
+        feed = {"Pod": translator.on_pod, "Namespace": translator.on_namespace}
+        feed.get(obj["kind"], translator.on_network_policy)("ADDED", obj)
+    first = translator.result()
+    assert first.policies == k8s.network_policies(objects).policies
+    for kind in ("Namespace", "Pod", "NetworkPolicy"):
+        translator.replace(kind, [{k: v for k, v in o.items() if k != "kind"}
+                                  for o in objects if o["kind"] == kind])  # fmt: skip
+    again = translator.result()
+    assert [id(p) for p in again.policies] == [id(p) for p in first.policies]
+    (pod,) = [o for o in objects if o["kind"] == "Pod" and o["metadata"]["name"] == "a"
+              and o["metadata"]["namespace"] == "x"]  # fmt: skip
+    translator.on_pod("MODIFIED", {**pod, "status": {**pod["status"], "conditions": []}})
+    assert translator.result() is again
+    # x/a relabelled out: its policies go, as a whole translation says.
+    moved = {**pod, "metadata": {**pod["metadata"], "labels": {"pod": "z"}}}
+    translator.on_pod("MODIFIED", moved)
+    whole = k8s.network_policies([o if o is not pod else moved for o in objects])
+    assert translator.result().policies == whole.policies

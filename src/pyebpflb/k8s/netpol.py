@@ -184,6 +184,7 @@ class NetworkPolicyTranslator:
 
     # -- what the API server says ----------------------------------------------------------
     def on_pod(self, event: str, obj: dict[str, Any]) -> None:
+        obj = {**obj, "kind": "Pod"}  # a list's items carry no kind
         ref = (_namespace(obj), str(_get(obj, "metadata.name", "")))
         old = self._pods.pop(ref, None)
         self._pod_problems.pop(ref, None)
@@ -192,7 +193,7 @@ class NetworkPolicyTranslator:
             try:
                 new = _pod(obj)
             except ValueError as exc:
-                self._pod_problems[ref] = f"{_where({**obj, 'kind': 'Pod'})}: status: {exc}"
+                self._pod_problems[ref] = f"{_where(obj)}: status: {exc}"
         pods = self._by_namespace.setdefault(ref[0], {})
         if new is not None:
             self._pods[ref] = new
@@ -258,14 +259,19 @@ class NetworkPolicyTranslator:
         for namespace, name in sorted(known - keep):
             add("DELETED", {"metadata": {"namespace": namespace or None, "name": name}})
         for obj in items:
-            if kind == "Pod" and self._same_pod(obj):
-                continue
-            add("ADDED", obj)
+            if not self._unchanged(kind, obj):  # a relist mostly returns what is held
+                add("ADDED", obj)
 
-    def _same_pod(self, obj: dict[str, Any]) -> bool:
+    def _unchanged(self, kind: str, obj: dict[str, Any]) -> bool:
         ref = (_namespace(obj), str(_get(obj, "metadata.name", "")))
-        held = self._pods.get(ref)
-        return held is not None and held.obj == obj
+        if kind == "Pod":
+            held = self._pods.get(ref)
+            return held is not None and held.obj == {**obj, "kind": "Pod"}
+        if kind == "NetworkPolicy":
+            return self._objects.get(ref) == {**obj, "kind": "NetworkPolicy"}
+        name = str(_get(obj, "metadata.name", ""))
+        labels = dict(_get(obj, "metadata.labels", {}) or {})
+        return self._namespace_labels.get(name) == labels
 
     # -- which policies a change can alter -------------------------------------------------
     def _candidates(self, namespace: str) -> set[Ref]:
