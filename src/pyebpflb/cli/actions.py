@@ -230,11 +230,9 @@ def explain(ctx: Context, src: str, dst: str, proto: str, direction: str, output
     else:
         policy = f"{data['policy_verdict']} by policy {answer.policy!r} rule {answer.rule}"
     click.echo(f"policy   {policy}")
-    if answer.selected_by:
+    if answer.selected_by:  # policies for some endpoints (a NetworkPolicy's pods)
         names = ", ".join(repr(n) for n in answer.selected_by)
         click.echo(f"endpoint {answer.endpoint}: subject {answer.subject} of {names}")
-    else:
-        click.echo(f"endpoint {answer.endpoint}: no policy with subjects selects it")
 
 
 # -- metrics ------
