@@ -250,8 +250,8 @@ class ServiceProxy:
 
     def _sync_policies(self) -> None:
         """Install the NetworkPolicies' translation, the datapath's other policies kept.
-        Refused by the datapath: what it had stays, a Warning Event says why, and the
-        next sync tries again."""
+        Refused by the datapath (a full map): what it had stays, a log line says why, and
+        the next sync tries again."""
         from pyebpflb.errors import PyEbpfLbError
 
         self._policies_dirty = False
