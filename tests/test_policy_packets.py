@@ -30,7 +30,7 @@ from scapy.packet import Raw
 
 import pyebpflb as lb
 from pyebpflb.model import Direction, Policy, Rule
-from pyebpflb.policy import Packet, evaluate
+from pyebpflb.policy import Packet, Verdict, evaluate
 
 pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
@@ -190,6 +190,26 @@ def cases(draw: st.DrawFn) -> tuple[Packet, lb.Service | None, bool]:
     return packet, None, first
 
 
+def kernel_agrees(
+    dp: lb.Datapath,
+    installed: list[Policy],
+    packet: Packet,
+    service: lb.Service | None,
+    first: bool,
+    context: str = "",
+) -> tuple[Verdict, list[Any]]:
+    """Run ``packet`` (conntrack flushed) and check the kernel's verdict is the
+    reference's; the reference's verdict and what the program sent out."""
+    dp.flush_conntrack()
+    backend = service.backends[0] if service is not None else None
+    expected = evaluate(installed, packet, service=service, backend=backend)
+    retval, out = run(dp, program(packet), frame(packet, first_fragment=first))
+    assert retval == (TC_ACT_OK if expected.allowed else TC_ACT_SHOT), (
+        f"{packet} to {service}{context}: the kernel says {retval}, the reference {expected}"
+    )
+    return expected, out
+
+
 @settings(
     max_examples=150,
     deadline=None,
@@ -206,15 +226,9 @@ def test_kernel_verdicts_equal_the_reference(
     counted = {p.name: [t.packets for t in dp.policy_stats(p)] for p in installed}
     denied = 0
     for packet, service, first in sample:
-        dp.flush_conntrack()
-        backend = service.backends[0] if service is not None else None
-        expected = evaluate(installed, packet, service=service, backend=backend)
-        retval, out = run(dp, program(packet), frame(packet, first_fragment=first))
-        assert retval == (TC_ACT_OK if expected.allowed else TC_ACT_SHOT), (
-            f"{packet} to {service}: the kernel says {retval}, the reference {expected}"
-        )
+        expected, out = kernel_agrees(dp, installed, packet, service, first)
         if expected.allowed and service is not None:
-            assert out[1].dst == str(backend.address)  # type: ignore[union-attr]
+            assert out[1].dst == str(service.backends[0].address)
         denied += not expected.allowed
         if expected.reason == "rule":
             assert expected.policy is not None and expected.rule is not None
@@ -279,14 +293,7 @@ def test_patched_rule_sets_decide_as_the_reference(
         assert sorted(dp.policies, key=str) == sorted(installed, key=str)
         gens.add(dp._state.policy.gen)
         for packet, service, first in sample:
-            dp.flush_conntrack()
-            backend = service.backends[0] if service is not None else None
-            expected = evaluate(installed, packet, service=service, backend=backend)
-            retval, _ = run(dp, program(packet), frame(packet, first_fragment=first))
-            assert retval == (TC_ACT_OK if expected.allowed else TC_ACT_SHOT), (
-                f"{packet} to {service} under {wanted}: the kernel says {retval}, "
-                f"the reference {expected}"
-            )
+            kernel_agrees(dp, installed, packet, service, first, f" under {wanted}")
     assert len(gens) == 1  # every change was a patch: the head never flipped
 
 

@@ -66,20 +66,28 @@ def diff_policies(
     compiled, keys, subject_keys = _generation(state, wanted, refs, service_ids, gen, phases)
     _head(state, wanted, compiled, gen, phases)
     index = RulesetIndex.of(wanted, refs, compiled, keys[gen], subject_keys[gen], gen, service_ids)
+    state_now = PolicyState(
+        gen=gen,
+        active=bool(wanted),
+        policies=installed,
+        refs=tuple(refs),
+        keys=keys,
+        subject_keys=subject_keys,
+        index=index,
+    )
+    return _plan(phases, state_now, rule_ids, policy_ids)
+
+
+def _plan(
+    phases: _Phases, state: PolicyState, rule_ids: Iterator[int], policy_ids: Iterator[int]
+) -> PolicyPlan:
+    """The plan of ``phases``, leaving the policies as ``state`` says."""
     return PolicyPlan(
         prepare=phases.prepare.list(),
         publish=phases.publish.list(),
         undo=phases.undo_head.list() + phases.undo.list(),
         cleanup=phases.cleanup.list(),
-        state=PolicyState(
-            gen=gen,
-            active=bool(wanted),
-            policies=installed,
-            refs=tuple(refs),
-            keys=keys,
-            subject_keys=subject_keys,
-            index=index,
-        ),
+        state=state,
         next_rule_id=next(rule_ids),
         next_policy_id=next(policy_ids),
     )
@@ -100,14 +108,17 @@ def _names_and_rules(
     prepare, undo = phases.prepare, phases.undo
     known: RulesetIndex | None = state.index
     wanted_names = {p.name for p in wanted}
+    # With the index, a policy that did not change keeps its refs as they are.
     kept_whole: set[str] = set()
-    if known is not None and changed is not None:
+    if known is not None:
+        if changed is None:
+            changed = {
+                p.name
+                for p in wanted
+                if (old := state.policies.get(p.name)) is None or not (old[1] is p or old[1] == p)
+            }
         kept_whole = wanted_names - changed
-    elif known is not None:  # a policy that did not change keeps its refs as they are
-        for item in wanted:
-            old = state.policies.get(item.name)
-            if old is not None and (old[1] is item or old[1] == item):
-                kept_whole.add(item.name)
+        fresh = {} if fresh is None else fresh
     # The nth copy of a rule in a policy keeps the nth copy's id.
     old_ids: dict[tuple[str, Rule, int], policy.RuleRef] = {}
     seen: dict[tuple[str, Rule], int] = {}
@@ -123,7 +134,7 @@ def _names_and_rules(
     refs: list[policy.RuleRef] = []
     seen.clear()
     work = wanted
-    if known is not None and changed is not None and fresh is not None:
+    if known is not None:
         # Only the changed ones are walked; the others are taken whole, in place.
         held = state.policies
         installed = {p.name: (held[p.name][0] if p.name in held else 0, p) for p in wanted}
@@ -132,10 +143,6 @@ def _names_and_rules(
         old = state.policies.get(item.name)
         policy_id = old[0] if old is not None else next(policy_ids)
         installed[item.name] = (policy_id, item)
-        if item.name in kept_whole:
-            assert known is not None
-            refs.extend(known.refs[item.name])
-            continue
         info_key = maps.u32(policy_id)
         if old is None:
             prepare.write(maps.POL_NAMES, info_key, maps.policy_info(item))
@@ -168,7 +175,9 @@ def _names_and_rules(
     if work is not wanted:
         assert known is not None and fresh is not None
         refs = [
-            r for p in wanted for r in (fresh[p.name] if p.name in fresh else known.refs[p.name])
+            r
+            for p in wanted
+            for r in (known.refs[p.name] if p.name in kept_whole else fresh.get(p.name, ()))
         ]
     return installed, refs
 
@@ -322,8 +331,7 @@ class RulesetIndex:
     base: tuple[list[Any], list[Any]]  # cidr and port keys of scope 0 and the services
     numbers: dict[policy.Ruleset, int]  # a rule set -> its number
     rulesets: dict[int, RulesetEntries]  # by number
-    users: dict[int, int]  # number -> the endpoint entries pointing at it
-    pointing: dict[int, frozenset[SubjectAt]]  # number -> those entries
+    pointing: dict[int, frozenset[SubjectAt]]  # number -> the endpoint entries pointing at it
     containing: dict[str, frozenset[int]]  # a policy -> the rule sets holding it
     subjects: dict[SubjectAt, tuple[policy.SubjectEntry, Any]]  # entry, its key
     by_cidr: dict[tuple[Direction, int], dict[tuple[int, int], dict[str, int]]]
@@ -369,13 +377,11 @@ class RulesetIndex:
                               tuple(by_scope.get(n, ([], []))[1]))
             for rs, n in numbers.items()
         }  # fmt: skip
-        users: dict[int, int] = {n: 0 for n in numbers.values()}
         subjects: dict[SubjectAt, tuple[policy.SubjectEntry, Any]] = {}
         pointing: dict[int, set[SubjectAt]] = {n: set() for n in numbers.values()}
         for key, subject in zip(subject_keys, compiled.subjects, strict=True):
             at = _at(subject.direction, subject.network)
             subjects[at] = (subject, key)
-            users[subject.scope & ~POLICY_RULESET] += 1
             pointing[subject.scope & ~POLICY_RULESET].add(at)
         containing: dict[str, set[int]] = {}
         for (_, names), n in numbers.items():
@@ -394,12 +400,12 @@ class RulesetIndex:
             if not item.subjects and ref.rule.service is None:
                 everyone[item.direction].append(ref)
         classes = [e.class_id & ~(1 << POLICY_GEN_SHIFT) for e in compiled.cidrs]
+        head = policy.flags(wanted)
         return cls(
             gen=gen,
             base=base,
             numbers=numbers,
             rulesets=rulesets,
-            users=users,
             pointing={n: frozenset(ats) for n, ats in pointing.items()},
             containing={name: frozenset(ns) for name, ns in containing.items()},
             subjects=subjects,
@@ -407,10 +413,8 @@ class RulesetIndex:
             refs={name: tuple(r) for name, r in own.items()},
             everyone={d: tuple(r) for d, r in everyone.items()},
             everyone_denies={
-                d: any(
-                    p.direction is d and not p.subjects and p.default is Action.DENY for p in wanted
-                )
-                for d in Direction
+                Direction.INGRESS: head.ingress_deny,
+                Direction.EGRESS: head.egress_deny,
             },
             next_number=max(numbers.values(), default=0) + 1,
             next_class=(gen << POLICY_GEN_SHIFT) | (max(classes, default=0) + 1),
@@ -421,7 +425,7 @@ class RulesetIndex:
                 )
                 for d in Direction
             },
-            names_services=any(r.service is not None for p in wanted for r in p.rules),
+            names_services=head.ingress_service_rules,
             service_ids=service_ids,
         )
 
@@ -530,11 +534,9 @@ def _patch(
     for number in stale:
         numbers.pop(index.rulesets[number].ruleset, None)
     rulesets = dict(index.rulesets)
-    users = dict(index.users)
     pointing: dict[int, set[SubjectAt]] = {}  # the changed ones, copied
 
     def moved(number: int, at: SubjectAt, step: int) -> None:
-        users[number] += step
         if number not in pointing:
             pointing[number] = set(index.pointing.get(number, ()))
         (pointing[number].add if step > 0 else pointing[number].discard)(at)
@@ -568,7 +570,6 @@ def _patch(
             rulesets[number] = _write_ruleset(
                 ruleset, number, index.everyone[direction], own, class_ids, gen, phases
             )
-            users[number] = 0
         else:
             number = found
         deny = index.everyone_denies[direction] or any(new[n].default is Action.DENY for n in names)
@@ -594,7 +595,7 @@ def _patch(
         if ats:
             continue
         gone = rulesets.pop(number)
-        del users[number], new_pointing[number]
+        del new_pointing[number]
         if numbers.get(gone.ruleset) == number:
             del numbers[gone.ruleset]
         for name in gone.ruleset[1]:
@@ -611,7 +612,6 @@ def _patch(
         index,
         numbers=numbers,
         rulesets=rulesets,
-        users=users,
         pointing=new_pointing,
         containing=containing,
         subjects=subjects,
@@ -621,24 +621,17 @@ def _patch(
         next_class=next(class_ids),
         counts=counts,
     )
-    return PolicyPlan(
-        prepare=phases.prepare.list(),
-        publish=phases.publish.list(),
-        undo=phases.undo_head.list() + phases.undo.list(),
-        cleanup=phases.cleanup.list(),
-        state=PolicyState(
-            gen=gen,
-            active=True,
-            policies=installed,
-            refs=tuple(refs),
-            # This generation's keys are the index's (_present): not listed each change.
-            keys={1 - gen: state.keys.get(1 - gen, ([], []))},
-            subject_keys={1 - gen: state.subject_keys.get(1 - gen, [])},
-            index=patched,
-        ),
-        next_rule_id=next(rule_ids),
-        next_policy_id=next(policy_ids),
+    state_now = PolicyState(
+        gen=gen,
+        active=True,
+        policies=installed,
+        refs=tuple(refs),
+        # This generation's keys are the index's (_present): not listed each change.
+        keys={1 - gen: state.keys.get(1 - gen, ([], []))},
+        subject_keys={1 - gen: state.subject_keys.get(1 - gen, [])},
+        index=patched,
     )
+    return _plan(phases, state_now, rule_ids, policy_ids)
 
 
 def _write_ruleset(
