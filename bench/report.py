@@ -531,9 +531,9 @@ def _netpol(result: dict[str, Any]) -> list[str]:
         f"{statistics.median(spent['install']):.0f} ms). Installing everything at first: "
         f"{result['install seconds']:.1f} s.",
         "",
-        "The lookups are as many with one policy as with a thousand; what grows is the "
-        "tries' depth: each rule set's classes are entries of one trie, and an app's pods "
-        "on different nodes have different rule sets (each allows its own node).",
+        "The lookups are as many with one policy as with a thousand: the endpoint in a "
+        "hash (lb_pol_addrs), its peer in the class trie. What grows is that trie's "
+        "depth: every rule set's classes are entries of one trie (docs/decisions.md 63).",
         "",
     ]
     return lines

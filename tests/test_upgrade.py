@@ -1,12 +1,14 @@
 """Upgrades keep connections (issue 13): a datapath made by the first release,
 v0.1.0 (commit cfb391b, layout 3), built here from a `git worktree` of it into a
 venv of its own, is adopted by this version and upgraded in place while a
-keep-alive connection runs through it; and an old version meeting an upgraded
-datapath, or this one meeting a newer layout, refuses and changes nothing."""
+keep-alive connection runs through it; a datapath of layout 8 (policies with
+subjects) likewise, its policies still deciding; and an old version meeting an
+upgraded datapath, or this one meeting a newer layout, refuses and changes nothing."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import pathlib
@@ -26,6 +28,7 @@ from pyebpflb.testing.sandbox import BACKEND_PORT, LB_IFACE, Sandbox
 pytestmark = pytest.mark.kernel  # loads BPF programs: root and a real kernel
 
 FIRST_RELEASE = "cfb391b"  # v0.1.0: every clone of the repository has it
+LAST_LAYOUT_8 = "43061de"  # the last commit whose datapaths are of layout 8
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # Run by v0.1.0's interpreter: make the datapath, or report what it holds.
@@ -59,16 +62,43 @@ OLD = textwrap.dedent(
     """
 )
 
+# Run by layout 8's interpreter: a datapath whose policies have subjects, one of them
+# one address (layout 8 keeps it in the trie of subject CIDRs), or its policies.
+OLD8 = textwrap.dedent(
+    """
+    import json, sys
+    import pyebpflb as lb
+    what, name, netns, pin_root, backends = sys.argv[1:6]
+    b = json.loads(backends)
+    if what == "make":
+        dp = lb.Datapath(name, persist=True, netns=netns, pin_root=pin_root)
+        dp.attach("lb0")
+        dp.sync(
+            [lb.Service("10.96.0.10", 80, name="default/closed",
+                        backends=[lb.Backend(b[0], 8080)]),
+             lb.Service("10.96.0.11", 80, name="default/open",
+                        backends=[lb.Backend(b[1], 8080)])],
+            [lb.Policy("closed", [], "deny", subjects=[b[0]]),
+             lb.Policy("open", [lb.Rule("allow", "10.90.0.2")], "deny",
+                       subjects=[b[1].rsplit(".", 1)[0] + ".0/24"])],
+        )
+        dp.close()
+    else:
+        dp = lb.Datapath(name, persist=True, netns=netns, pin_root=pin_root, create=False)
+        print(json.dumps(sorted(p.name for p in dp.policies)))
+        dp.close()
+    """
+)
 
-@pytest.fixture(scope="module")
-def old_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The interpreter of a venv holding the wheel of v0.1.0, built from its commit."""
+
+@contextlib.contextmanager
+def venv_of(commit: str, place: pathlib.Path) -> Iterator[str]:
+    """The interpreter of a venv holding the wheel built from ``commit``."""
     if not (REPO / ".git").exists():
-        pytest.skip(f"{REPO} is not a git clone: the first release cannot be checked out")
-    place = tmp_path_factory.mktemp("v0.1.0")
+        pytest.skip(f"{REPO} is not a git clone: commit {commit} cannot be checked out")
     source, wheels, venv = place / "src", place / "wheels", place / "venv"
     subprocess.run(
-        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(source), FIRST_RELEASE],
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(source), commit],
         check=True,
         capture_output=True,
     )
@@ -93,6 +123,21 @@ def old_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             check=False,
             capture_output=True,
         )
+
+
+@pytest.fixture(scope="module")
+def old_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """v0.1.0's interpreter (layout 3)."""
+    with venv_of(FIRST_RELEASE, tmp_path_factory.mktemp("v0.1.0")) as python:
+        yield python
+
+
+@pytest.fixture(scope="module")
+def layout8_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The interpreter of the last version of layout 8 (policies with subjects, every
+    subject in the trie)."""
+    with venv_of(LAST_LAYOUT_8, tmp_path_factory.mktemp("layout8")) as python:
+        yield python
 
 
 @contextlib.contextmanager
@@ -133,9 +178,9 @@ def destroy(name: str, *where: str) -> None:
     assert gone.returncode == 0, gone.stderr
 
 
-def old(python: str, *args: str) -> subprocess.CompletedProcess[str]:
+def old(python: str, *args: str, script: str = OLD) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [python, "-c", OLD, *args], capture_output=True, text=True, timeout=120, cwd="/"
+        [python, "-c", script, *args], capture_output=True, text=True, timeout=120, cwd="/"
     )
 
 
@@ -231,6 +276,64 @@ def test_an_upgrade_from_the_first_release_keeps_the_connection_and_the_counters
                 )
                 assert sorted(PIN_ROOT.rglob("*")) == pins
                 assert conn.get() == answering
+        finally:
+            destroy(name, "--netns", sandbox.lb.netns)
+
+
+def test_an_upgrade_from_layout_8_keeps_policies_with_subjects_in_force(
+    layout8_python: str,
+) -> None:
+    """Layout 9 finds one-address subjects in a hash (lb_pol_addrs): those layout 8
+    wrote into the trie must still decide after the upgrade, until a change rewrites
+    them."""
+    name = f"t{os.getpid()}-upgrade8"
+    with Sandbox(backends=2) as sandbox:
+        first, second = (str(b.ipv4) for b in sandbox.backends)
+        where = [name, sandbox.lb.netns, str(PIN_ROOT), json.dumps([first, second])]
+        made = old(layout8_python, "make", *where, script=OLD8)
+        assert made.returncode == 0, made.stderr
+        try:
+
+            def closed() -> bool:
+                try:
+                    sandbox.http_get("10.96.0.10", 80, timeout=1.0)
+                except TimeoutError:
+                    return True
+                return False
+
+            with sandbox.connection("10.96.0.11", 80) as conn:
+                assert conn.get() == sandbox.backends[1].name
+                assert closed()  # the old programs: "closed" isolates its one address
+                with lb.Datapath(
+                    name, persist=True, netns=sandbox.lb.netns, pin_root=PIN_ROOT
+                ) as dp:
+                    assert dp.upgraded_from == 8
+                    assert {p.name: p.subjects for p in dp.policies} == {
+                        "closed": (ipaddress.ip_network(first),),
+                        "open": (ipaddress.ip_network(f"{second.rsplit('.', 1)[0]}.0/24"),),
+                    }
+                    # The new programs: the one-address subject, still in the trie, decides.
+                    assert closed()
+                    assert conn.get() == sandbox.backends[1].name
+                    assert sandbox.http_get("10.96.0.11", 80) == sandbox.backends[1].name
+                    endpoints = dp._object.map("lb_pol_addrs")
+                    assert list(endpoints.keys()) == []
+                    # A change writes the one-address subject to the hash, where it decides.
+                    opened = lb.Policy(
+                        "closed", [lb.Rule("allow", "10.90.0.2")], "deny", subjects=[first]
+                    )
+                    dp.set_policies([opened, *(p for p in dp.policies if p.name == "open")])
+                    assert len(list(endpoints.keys())) == 1
+                    assert len(list(dp._object.map("lb_pol_subjects").keys())) == 1  # the /24
+                    assert sandbox.http_get("10.96.0.10", 80) == sandbox.backends[0].name
+                    assert conn.get() == sandbox.backends[1].name
+                # Layout 8's version meets layout 9: it refuses, naming both layouts.
+                refused = old(layout8_python, "policies", *where, script=OLD8)
+                assert refused.returncode != 0
+                assert "made by a newer pyebpflb; nothing was changed" in refused.stderr
+                assert f"layout {LAYOUT_VERSION}, this pyebpflb knows layouts up to 8" in (
+                    refused.stderr
+                )
         finally:
             destroy(name, "--netns", sandbox.lb.netns)
 

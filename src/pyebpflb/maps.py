@@ -67,6 +67,7 @@ RULE_STATS = "lb_rule_stats"
 POL_CIDRS = "lb_pol_cidrs"
 POL_PORTS = "lb_pol_ports"
 POL_SUBJECTS = "lb_pol_subjects"  # endpoint CIDR -> the rule set of the policies for it
+POL_ADDRS = "lb_pol_addrs"  # the same for subjects of one address (hash)
 POL_MEMBERS = "lb_pol_members"  # (policy id, index) -> a subject of the policy (user space)
 POL_CT = "lb_pol_ct"
 FRAGS = "lb_frags"
@@ -461,13 +462,22 @@ def policy_head(gen: int, compiled: policy.Compiled) -> Any:
 
 
 def policy_subject_key(entry: policy.SubjectEntry, gen: int) -> Any:
+    """The key of a subject entry: in lb_pol_addrs (prefixlen 0) when the subject
+    is one address, else in lb_pol_subjects (see :func:`subject_map`)."""
     key = ffi.new("struct pyebpflb_policy_subject_key *")
-    key.prefixlen = _CIDR_FIXED + entry.network.prefixlen
+    one_address = entry.network.prefixlen == entry.network.max_prefixlen
+    key.prefixlen = 0 if one_address else _CIDR_FIXED + entry.network.prefixlen
     key.gen = gen << POLICY_GEN_SHIFT
     key.dir = POLICY_DIR_TAG[entry.direction]
     key.family = FAMILY_TAG[entry.family]
     ffi.memmove(key.addr.bytes, addr_bytes(entry.network.network_address), 16)
     return key
+
+
+def subject_map(key: Any) -> str:
+    """The map a subject key is in: a one-address subject's (prefixlen 0) in the hash
+    lb_pol_addrs, a CIDR's (and one address's written by layout 8) in the trie."""
+    return POL_ADDRS if int(key.prefixlen) == 0 else POL_SUBJECTS
 
 
 def policy_subject(entry: policy.SubjectEntry) -> Any:

@@ -230,7 +230,7 @@ def _generation(
     for key in stale_ports:
         prepare.delete(maps.POL_PORTS, key, missing_ok=True)
     for key in stale_subjects:
-        prepare.delete(maps.POL_SUBJECTS, key, missing_ok=True)
+        prepare.delete(maps.subject_map(key), key, missing_ok=True)
     compiled = policy.compile_policies(wanted, refs, service_ids, gen << POLICY_GEN_SHIFT)
     cidr_keys = [maps.policy_cidr_key(entry, gen) for entry in compiled.cidrs]
     port_keys = [maps.policy_port_key(entry) for entry in compiled.ports]
@@ -240,13 +240,13 @@ def _generation(
         prepare.write(maps.POL_PORTS, key, maps.policy_verdict(port_entry))
     subject_keys = [maps.policy_subject_key(entry, gen) for entry in compiled.subjects]
     for key, subject in zip(subject_keys, compiled.subjects, strict=True):
-        prepare.write(maps.POL_SUBJECTS, key, maps.policy_subject(subject))
+        prepare.write(maps.subject_map(key), key, maps.policy_subject(subject))
     for key in cidr_keys:
         undo.delete(maps.POL_CIDRS, key)
     for key in port_keys:
         undo.delete(maps.POL_PORTS, key)
     for key in subject_keys:
-        undo.delete(maps.POL_SUBJECTS, key)
+        undo.delete(maps.subject_map(key), key)
     return (
         compiled,
         {gen: (cidr_keys, port_keys), 1 - gen: ([], [])},
@@ -273,7 +273,7 @@ def _head(
         for key in old_ports:
             phases.cleanup.delete(maps.POL_PORTS, key)
         for key in old_subjects:
-            phases.cleanup.delete(maps.POL_SUBJECTS, key)
+            phases.cleanup.delete(maps.subject_map(key), key)
     elif wanted:
         phases.undo_head.delete(maps.POLICY, head_key)
 
@@ -557,8 +557,8 @@ def _patch(
         if was is not None and (prefixlen, network) not in by_cidr.get((direction, family), {}):
             subjects.pop(at)  # no policy names this CIDR any more
             moved(was[0].scope & ~POLICY_RULESET, at, -1)
-            phases.publish.delete(maps.POL_SUBJECTS, was[1])
-            phases.undo_head.write(maps.POL_SUBJECTS, was[1], maps.policy_subject(was[0]))
+            phases.publish.delete(maps.subject_map(was[1]), was[1])
+            phases.undo_head.write(maps.subject_map(was[1]), was[1], maps.policy_subject(was[0]))
             continue
         if not names:
             continue
@@ -580,12 +580,12 @@ def _patch(
         if was is not None and was[0] == entry:
             continue
         key = maps.policy_subject_key(entry, gen)
-        phases.publish.write(maps.POL_SUBJECTS, key, maps.policy_subject(entry))
+        phases.publish.write(maps.subject_map(key), key, maps.policy_subject(entry))
         if was is not None:
             moved(was[0].scope & ~POLICY_RULESET, at, -1)
-            phases.undo_head.write(maps.POL_SUBJECTS, key, maps.policy_subject(was[0]))
+            phases.undo_head.write(maps.subject_map(key), key, maps.policy_subject(was[0]))
         else:
-            phases.undo_head.delete(maps.POL_SUBJECTS, key)
+            phases.undo_head.delete(maps.subject_map(key), key)
         moved(number, at, 1)
         subjects[at] = (entry, key)
     containing = dict(index.containing)

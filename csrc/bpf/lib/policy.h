@@ -90,6 +90,15 @@ struct {
 	__type(value, struct pyebpflb_policy_subject);
 } lb_pol_subjects SEC(".maps");
 
+/* The subjects that are one address (prefixlen 0 in their key): one hash lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pyebpflb_policy_subject_key);
+	__type(value, struct pyebpflb_policy_subject);
+} lb_pol_addrs SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
@@ -221,7 +230,6 @@ static __always_inline __u32 policy_subject(__u32 gen, __u8 dir, const struct pa
 					    int *self)
 {
 	struct pyebpflb_policy_subject_key key = {
-	    .prefixlen = PYEBPFLB_POLICY_CIDR_FIXED_BITS + 128,
 	    .gen = gen << PYEBPFLB_POLICY_GEN_SHIFT,
 	    .dir = dir,
 	    .family = pkt->family,
@@ -229,9 +237,14 @@ static __always_inline __u32 policy_subject(__u32 gen, __u8 dir, const struct pa
 	};
 	const union pyebpflb_addr *peer =
 	    dir == PYEBPFLB_POLICY_INGRESS ? &pkt->saddr : &pkt->daddr;
-	struct pyebpflb_policy_subject *found = bpf_map_lookup_elem(&lb_pol_subjects, &key);
+	struct pyebpflb_policy_subject *found = bpf_map_lookup_elem(&lb_pol_addrs, &key);
 
 	*self = 0;
+	if (!found) {
+		/* No subject is this address: the most specific subject CIDR holding it. */
+		key.prefixlen = PYEBPFLB_POLICY_CIDR_FIXED_BITS + 128;
+		found = bpf_map_lookup_elem(&lb_pol_subjects, &key);
+	}
 	if (!found)
 		return 0;
 	*flags = found->flags;

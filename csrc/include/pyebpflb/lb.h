@@ -460,13 +460,15 @@ struct pyebpflb_policy_rule {
 };
 
 /*
- * lb_pol_subjects (LPM trie): an endpoint's address (the destination on ingress,
- * the source on egress) -> the rule set of the policies for it. An address no
- * entry holds gets the rules of every endpoint (scope 0) and the direction's
+ * lb_pol_addrs (hash) and lb_pol_subjects (LPM trie): an endpoint's address
+ * (the destination on ingress, the source on egress) -> the rule set of the
+ * policies for it. A subject of one address is in the hash (prefixlen 0), a
+ * wider one in the trie, looked up when the hash has no entry. An address
+ * neither holds gets the rules of every endpoint (scope 0) and the direction's
  * flags in lb_policy.
  */
 struct pyebpflb_policy_subject_key {
-	__u32 prefixlen; /* PYEBPFLB_POLICY_CIDR_FIXED_BITS + the subject CIDR's */
+	__u32 prefixlen; /* the trie's: PYEBPFLB_POLICY_CIDR_FIXED_BITS + the CIDR's; 0 */
 	__u32 gen;	 /* gen << 31 */
 	__u8 dir;	 /* enum pyebpflb_policy_dir */
 	__u8 family;

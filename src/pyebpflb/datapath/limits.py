@@ -70,6 +70,7 @@ SIZED = {
     maps.POL_CIDRS: ("max_policy_entries", 1),
     maps.POL_PORTS: ("max_policy_entries", 1),
     maps.POL_SUBJECTS: ("max_policy_entries", 1),
+    maps.POL_ADDRS: ("max_policy_entries", 1),
     maps.POL_MEMBERS: ("max_policy_entries", 1),
     maps.POL_CT: ("max_policy_conntrack", 1),
 }

@@ -34,12 +34,13 @@ from pyebpflb.errors import IncompatibleDatapath
 # changed all at once (two services maps), backends' generations, Maglev per generation;
 # 6: socket-level balancing, the node, backends' nodes, service addresses; 7: north-south
 # frontends (NodePort, external and load-balancer IPs), SNAT, source ranges; 8: policies
-# with subjects (lb_pol_subjects, lb_pol_members)
-LAYOUT_VERSION = 8
+# with subjects (lb_pol_subjects, lb_pol_members); 9: one-address subjects in a hash
+# (lb_pol_addrs)
+LAYOUT_VERSION = 9
 OLDEST = 3  # the layout of the first release (v0.1.0, commit cfb391b)
 
 # lb_config's size in each layout that is migrated from: later layouts only append.
-CONFIG_SIZES = {3: 272, 4: 304, 5: 304, 6: 304, 7: 328, 8: 328}
+CONFIG_SIZES = {3: 272, 4: 304, 5: 304, 6: 304, 7: 328, 8: 328, 9: 328}
 
 Before = Callable[[Mapping[str, Map], LoadedObject], None]
 After = Callable[[LoadedObject], None]
@@ -198,6 +199,13 @@ def _no_state(_old: Mapping[str, Map], _new: LoadedObject) -> None:
     return None
 
 
+def _trie_still_read(_old: Mapping[str, Map], _new: LoadedObject) -> None:
+    """Nothing to move: layout 9's programs look in lb_pol_subjects whenever
+    lb_pol_addrs has no entry, so layout 8's one-address entries there still
+    decide; the next policy change writes them to lb_pol_addrs."""
+    return None
+
+
 def _both(*steps: Before) -> Before:
     def run(old: Mapping[str, Map], new: LoadedObject) -> None:
         for step in steps:
@@ -267,6 +275,17 @@ MIGRATIONS: dict[int, Migration] = {
         replaced=frozenset(),
         added=frozenset({maps.POL_SUBJECTS, maps.POL_MEMBERS}),
         before=_no_state,
+        after=_nothing,
+    ),
+    9: Migration(
+        to=9,
+        summary=(
+            "subjects of one address (a pod's) found by one hash lookup (lb_pol_addrs) "
+            "before the trie of subject CIDRs"
+        ),
+        replaced=frozenset(),
+        added=frozenset({maps.POL_ADDRS}),
+        before=_trie_still_read,
         after=_nothing,
     ),
 }

@@ -132,8 +132,9 @@ def read_policy_state(obj: LoadedObject) -> PolicyState:
     for key in all_keys(obj.map(maps.POL_PORTS)):
         keys[int(key.class_id) >> POLICY_GEN_SHIFT][1].append(key)
     subject_keys: dict[int, list[Any]] = {0: [], 1: []}
-    for key in all_keys(obj.map(maps.POL_SUBJECTS)):
-        subject_keys[int(key.gen) >> POLICY_GEN_SHIFT].append(key)
+    for name in (maps.POL_ADDRS, maps.POL_SUBJECTS):
+        for key in all_keys(obj.map(name)):
+            subject_keys[int(key.gen) >> POLICY_GEN_SHIFT].append(key)
     return PolicyState(
         gen=int(head.gen) if head is not None else 0,
         active=head is not None,
