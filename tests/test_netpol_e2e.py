@@ -4,12 +4,16 @@ case of Kubernetes' test/e2e/network/netpol/network_policy.go it follows."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import PIN_ROOT
 from lbtest import attached
 
 import pyebpflb as lb
@@ -279,6 +283,50 @@ def test_policies_on_a_pod_reached_through_a_service_behave_as_on_the_pod(
     assert reaches(sandbox, second) and reaches(sandbox, "10.96.0.12")
     explained = dp.explain(str(sandbox.client.ipv4), "10.96.0.11:80")
     assert explained.endpoint == first and explained.selected_by == ("x/np-0",)
+
+
+def test_a_verdict_names_the_network_policy_and_its_rule_in_another_process(
+    sandbox: Sandbox, dp: lb.Datapath
+) -> None:
+    """A policy verdict names the NetworkPolicy (namespace/name) and the index of its
+    rule that decided, read from the datapath by other processes: `pyebpflb explain`
+    and the flow events of `pyebpflb monitor`."""
+    first = pods(sandbox)[0]
+    two_rules = {"podSelector": WEB, "ingress": [
+        {"ports": [{"port": 81}, {"port": 82}]},  # two pyebpflb rules, 0 and 1
+        {"from": [{"ipBlock": {"cidr": f"{SECOND_CLIENT}/32"}}],
+         "ports": [{"port": BACKEND_PORT}]}]}  # fmt: skip
+    dp.sync(services(sandbox), cluster(sandbox, two_rules))
+    where = ["--datapath", dp.name, "--netns", sandbox.lb.netns, "--pin-root", str(PIN_ROOT)]
+    cli = [sys.executable, "-m", "pyebpflb", *where]
+    explained = subprocess.run(
+        [*cli, "explain", "--src", SECOND_CLIENT, "--dst", f"{first}:{BACKEND_PORT}"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "allowed by policy 'x/np-0' rule 2 (ingress rule 1)" in explained.stdout
+    watching = subprocess.Popen(
+        [*cli, "monitor", "--type", "policy", "--timeout", "10", "-o", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert watching.stderr is not None and watching.stdout is not None
+        assert watching.stderr.readline().startswith("# reading the flow events")
+        assert reaches(sandbox, first, source=SECOND_CLIENT)
+        assert not reaches(sandbox, first)
+        seen: dict[str, dict[str, Any]] = {}
+        while len(seen) < 2:
+            line = watching.stdout.readline()
+            assert line, f"monitor ended with {sorted(seen)}: {watching.stderr.read()}"
+            event = json.loads(line)
+            seen.setdefault(event["verdict"], event)
+    finally:
+        watching.kill()
+        watching.wait()
+    allowed, denied = seen["allowed"], seen["denied"]
+    assert (allowed["source"], allowed["policy"]) == (SECOND_CLIENT, "x/np-0")
+    assert allowed["origin"] == "ingress rule 1"  # its rule 2: rule 1 of the NetworkPolicy
+    assert denied["source"] == str(sandbox.client.ipv4) and denied["policy"] is None
+    assert denied["origin"] is None  # the default denied: no rule
 
 
 def test_dual_stack_pods_are_policed_on_both_families(sandbox: Sandbox, dp: lb.Datapath) -> None:

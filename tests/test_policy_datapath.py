@@ -138,7 +138,10 @@ def test_a_patch_that_does_not_fit_changes_nothing_and_the_next_one_works() -> N
     """A change of policies with subjects only patches the active generation in place;
     when its new rule set does not fit, the patch is undone (the endpoints keep the rule
     sets they had) and a later patch still works from the same state."""
-    pod = Policy("ns/web", [Rule("allow", "10.1.0.0/16")], "deny", subjects=["10.0.1.1"])
+    pod = Policy(
+        "ns/web", [Rule("allow", "10.1.0.0/16", origin="ingress rule 0")], "deny",
+        subjects=["10.0.1.1"],
+    )  # fmt: skip
     other = Policy("ns/db", [], "deny", subjects=["10.0.1.2"])
     with datapath("pol-patch-full", max_policy_entries=32) as dp:
         dp.sync([WEB], [pod, other])
@@ -161,7 +164,8 @@ def test_a_patch_that_does_not_fit_changes_nothing_and_the_next_one_works() -> N
         assert run(dp, "lb_ingress", syn("10.2.0.1", "10.0.1.2"))[0] == TC_ACT_SHOT
         # Read back by another Datapath (no index): its change writes a generation.
         with lb.Datapath(dp.name, pin_root=dp.pin_root, create=False) as look:
-            assert look.policies == dp.policies
+            assert look.policies == dp.policies  # the rules' origins too
+            assert look.policies[0].rules[0].origin == "ingress rule 0"
             look.set_policies([pod, other])
             assert look._state.policy.gen == 1 - gen
         assert run(dp, "lb_ingress", syn("10.2.0.1", "10.0.1.2"))[0] == TC_ACT_SHOT

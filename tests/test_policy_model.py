@@ -43,12 +43,23 @@ from pyebpflb.policy import (
         ({"protocol": "icmp", "ports": 80}, "ports (80, 80) need protocol 'tcp' or 'udp'"),
         ({"ports": 80}, "got protocol 'any'"),
         ({"service": ""}, "service must be the name of a service, got ''"),
+        ({"origin": ""}, "origin must be a printable line saying where a rule comes from"),
+        ({"origin": "rule\n1"}, "got 'rule\\n1'"),
+        ({"origin": "é" * 32}, "origin must be at most 63 bytes of UTF-8, got 64"),
     ],
 )
 def test_bad_rules_name_the_value(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError) as error:
         Rule("allow", **kwargs)  # type: ignore[arg-type]
     assert message in str(error.value)
+
+
+def test_an_origin_fits_the_kernel_s_field() -> None:
+    from pyebpflb._bpf._libbpf import ffi
+    from pyebpflb.model import RULE_ORIGIN_MAX_BYTES
+
+    assert len(ffi.new("struct pyebpflb_policy_rule *").origin) == RULE_ORIGIN_MAX_BYTES + 1
+    assert Rule("allow", origin="é" * 31 + "x").origin == "é" * 31 + "x"  # 63 bytes
 
 
 def test_bad_policies_name_the_value() -> None:

@@ -285,7 +285,7 @@ def test_an_upgrade_from_layout_8_keeps_policies_with_subjects_in_force(
 ) -> None:
     """Layout 9 finds one-address subjects in a hash (lb_pol_addrs): those layout 8
     wrote into the trie must still decide after the upgrade, until a change rewrites
-    them."""
+    them; its rules (lb_pol_rules, grown by their origin) are carried over."""
     name = f"t{os.getpid()}-upgrade8"
     with Sandbox(backends=2) as sandbox:
         first, second = (str(b.ipv4) for b in sandbox.backends)
@@ -312,6 +312,9 @@ def test_an_upgrade_from_layout_8_keeps_policies_with_subjects_in_force(
                         "closed": (ipaddress.ip_network(first),),
                         "open": (ipaddress.ip_network(f"{second.rsplit('.', 1)[0]}.0/24"),),
                     }
+                    # The rules, copied into layout 9's lb_pol_rules, read back the same.
+                    opening = next(p for p in dp.policies if p.name == "open")
+                    assert opening.rules == (lb.Rule("allow", "10.90.0.2"),)
                     # The new programs: the one-address subject, still in the trie, decides.
                     assert closed()
                     assert conn.get() == sandbox.backends[1].name

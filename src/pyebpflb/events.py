@@ -71,7 +71,9 @@ class FlowEvent:
     ``drop_reason`` is readable, ``drop_reason_code`` the kernel's number.
     ``service`` and ``backend`` name what the flow was translated to (trace),
     ``policy`` and ``rule`` the rule that decided (``rule`` None: the
-    direction's default).
+    direction's default), ``origin`` where that rule comes from when its policy
+    said (:attr:`pyebpflb.Rule.origin`: "ingress rule 1" of the NetworkPolicy the
+    policy is named after).
     """
 
     time: datetime.datetime
@@ -92,6 +94,7 @@ class FlowEvent:
     policy: str | None = None
     rule: int | None = None
     is_reply: bool = False
+    origin: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (addresses as strings, time in ISO 8601)."""
@@ -134,6 +137,8 @@ class FlowEvent:
                 if self.policy is not None
                 else " (the direction's default)"
             )
+            if self.origin is not None:
+                line += f" ({self.origin})"
         return line
 
 
@@ -153,7 +158,9 @@ class Names:
 
     def __init__(
         self,
-        refresh: Callable[[], tuple[dict[int, str], dict[int, str], dict[int, tuple[str, int]]]],
+        refresh: Callable[
+            [], tuple[dict[int, str], dict[int, str], dict[int, tuple[str, int, str | None]]]
+        ],
         netns: str | None,
     ) -> None:
         self._refresh = refresh
@@ -161,7 +168,7 @@ class Names:
         self._last = 0.0
         self.services: dict[int, str] = {}
         self.backends: dict[int, str] = {}
-        self.rules: dict[int, tuple[str, int]] = {}
+        self.rules: dict[int, tuple[str, int, str | None]] = {}
         self._ifaces: dict[int, str] = {}
         self.reload()
 
@@ -186,11 +193,12 @@ class Names:
             return None
         return self._lookup("backends", backend_id) or f"backend #{backend_id}"
 
-    def rule(self, rule_id: int) -> tuple[str | None, int | None]:
+    def rule(self, rule_id: int) -> tuple[str | None, int | None, str | None]:
+        """(policy, rule index, origin) of a rule id; all None for the default."""
         if not rule_id:
-            return None, None
+            return None, None, None
         found = self._lookup("rules", rule_id)
-        return found if found is not None else (f"rule #{rule_id}", None)
+        return found if found is not None else (f"rule #{rule_id}", None, None)
 
     def interface(self, ifindex: int) -> str:
         """The interface's name; "socket" for the socket programs' events (no interface)."""
@@ -223,7 +231,7 @@ def decode(raw: Any, names: Names, offset: float) -> FlowEvent:
         verdict = Verdict.DENIED if denied else Verdict.ALLOWED
     else:
         verdict = verdict_of(reason, shot=kind == "drop", translated=True)
-    policy, rule = names.rule(int(raw.rule_id))
+    policy, rule, origin = names.rule(int(raw.rule_id))
     backend = None
     if kind == "trace":
         nat = maps.addr_from(raw.nat_addr, family)
@@ -248,6 +256,7 @@ def decode(raw: Any, names: Names, offset: float) -> FlowEvent:
         policy=policy,
         rule=rule,
         is_reply=bool(raw.is_reply),
+        origin=origin,
     )
 
 

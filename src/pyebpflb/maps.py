@@ -565,6 +565,9 @@ def policy_rule(ref: policy.RuleRef, policy_id: int) -> Any:
     if rule.service is not None:
         encoded = rule.service.encode()
         ffi.memmove(value.service, encoded, len(encoded))
+    if rule.origin is not None:
+        encoded = rule.origin.encode()
+        ffi.memmove(value.origin, encoded, len(encoded))
     return value
 
 
@@ -581,6 +584,7 @@ def rule_from(value: Any) -> Rule:
         protocol=RULE_PROTO_OF[int(value.proto)],
         ports=ports,
         service=service,
+        origin=ffi.string(value.origin).decode() or None,
     )
 
 

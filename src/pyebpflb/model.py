@@ -774,6 +774,24 @@ def _check_service_ref(
     _check_name(instance, attribute, value)
 
 
+RULE_ORIGIN_MAX_BYTES = 63  # char origin[64] of struct pyebpflb_policy_rule
+
+
+def _check_origin(instance: object, attribute: attrs.Attribute[str | None], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value or not value.isprintable():
+        raise ValueError(
+            f"origin must be a printable line saying where a rule comes from (e.g. "
+            f"'ingress rule 1'), got {value!r}"
+        )
+    if len(value.encode()) > RULE_ORIGIN_MAX_BYTES:
+        raise ValueError(
+            f"origin must be at most {RULE_ORIGIN_MAX_BYTES} bytes of UTF-8, got "
+            f"{len(value.encode())}: {value[:40]!r}..."
+        )
+
+
 @attrs.frozen
 class Rule:
     """Allow or deny traffic with a peer in ``cidr`` (``None``: every IPv4 and
@@ -784,6 +802,11 @@ class Rule:
     to that service's VIP:port, before translation, like Kubernetes'
     ``loadBalancerSourceRanges``; without it, to the real destination after
     translation. See docs/policy.md for how rules combine.
+
+    ``origin`` says where the rule comes from, for people reading verdicts (a
+    NetworkPolicy's translation sets "ingress rule 1": the rule's index in the
+    NetworkPolicy's ``spec.ingress``). It is kept in the datapath with the rule, so
+    flow events and ``explain`` name it in any process; it changes no verdict.
     """
 
     action: Action = attrs.field(converter=to_action)
@@ -791,6 +814,7 @@ class Rule:
     protocol: RuleProtocol = attrs.field(default=RuleProtocol.ANY, converter=to_rule_protocol)
     ports: tuple[int, int] | None = attrs.field(default=None, converter=to_ports)
     service: str | None = attrs.field(default=None, validator=_check_service_ref)
+    origin: str | None = attrs.field(default=None, validator=_check_origin, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         if self.ports is not None and self.protocol not in (RuleProtocol.TCP, RuleProtocol.UDP):

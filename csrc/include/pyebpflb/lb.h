@@ -12,6 +12,7 @@
 
 #define PYEBPFLB_NAME_MAX	   256
 #define PYEBPFLB_DATAPATH_NAME_MAX 64
+#define PYEBPFLB_RULE_ORIGIN_MAX   64
 
 /* Address family tags of keys and values (not the AF_* numbers). */
 enum pyebpflb_family {
@@ -457,6 +458,7 @@ struct pyebpflb_policy_rule {
 	__u32 policy_id;
 	__u32 index; /* in its policy */
 	char service[PYEBPFLB_NAME_MAX];
+	char origin[PYEBPFLB_RULE_ORIGIN_MAX]; /* where the rule comes from; "": not said */
 };
 
 /*

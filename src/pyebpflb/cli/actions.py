@@ -229,6 +229,8 @@ def explain(ctx: Context, src: str, dst: str, proto: str, direction: str, output
         policy = f"{data['policy_verdict']} by the direction's default"
     else:
         policy = f"{data['policy_verdict']} by policy {answer.policy!r} rule {answer.rule}"
+        if answer.origin is not None:
+            policy += f" ({answer.origin})"
     click.echo(f"policy   {policy}")
     if answer.selected_by:  # policies for some endpoints (a NetworkPolicy's pods)
         names = ", ".join(repr(n) for n in answer.selected_by)

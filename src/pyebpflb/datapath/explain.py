@@ -85,6 +85,7 @@ def explain(
         endpoint=str(local),
         subject=str(max(held, key=lambda s: s.prefixlen)) if held else None,
         selected_by=tuple(p.name for p in selecting),
+        origin=ref.rule.origin if ref is not None else None,
     )
 
 

@@ -35,7 +35,7 @@ from pyebpflb.errors import IncompatibleDatapath
 # 6: socket-level balancing, the node, backends' nodes, service addresses; 7: north-south
 # frontends (NodePort, external and load-balancer IPs), SNAT, source ranges; 8: policies
 # with subjects (lb_pol_subjects, lb_pol_members); 9: one-address subjects in a hash
-# (lb_pol_addrs)
+# (lb_pol_addrs), rules' origins
 LAYOUT_VERSION = 9
 OLDEST = 3  # the layout of the first release (v0.1.0, commit cfb391b)
 
@@ -199,11 +199,19 @@ def _no_state(_old: Mapping[str, Map], _new: LoadedObject) -> None:
     return None
 
 
-def _trie_still_read(_old: Mapping[str, Map], _new: LoadedObject) -> None:
-    """Nothing to move: layout 9's programs look in lb_pol_subjects whenever
-    lb_pol_addrs has no entry, so layout 8's one-address entries there still
-    decide; the next policy change writes them to lb_pol_addrs."""
-    return None
+def _rules_gain_origin(old: Mapping[str, Map], new: LoadedObject) -> None:
+    """lb_pol_rules grew each rule's origin at its end: the rules are copied as they
+    are, with no origin ("": not said). Nothing moves for the subjects: layout 9's
+    programs look in lb_pol_subjects whenever lb_pol_addrs has no entry, so layout 8's
+    one-address entries there still decide; the next policy change writes them to
+    lb_pol_addrs."""
+    before = old[maps.POL_RULES]
+    rules = new.map(maps.POL_RULES)
+    for key, value in before.items():
+        raw = value if isinstance(value, bytes) else bytes(ffi.buffer(value))
+        rule = ffi.new("struct pyebpflb_policy_rule *")
+        ffi.memmove(rule, raw[: before.value_size], before.value_size)
+        rules[key if isinstance(key, bytes) else bytes(ffi.buffer(key))] = rule[0]
 
 
 def _both(*steps: Before) -> Before:
@@ -281,11 +289,11 @@ MIGRATIONS: dict[int, Migration] = {
         to=9,
         summary=(
             "subjects of one address (a pod's) found by one hash lookup (lb_pol_addrs) "
-            "before the trie of subject CIDRs"
+            "before the trie of subject CIDRs; each rule keeps its origin (lb_pol_rules)"
         ),
-        replaced=frozenset(),
+        replaced=frozenset({maps.POL_RULES}),
         added=frozenset({maps.POL_ADDRS}),
-        before=_trie_still_read,
+        before=_rules_gain_origin,
         after=_nothing,
     ),
 }

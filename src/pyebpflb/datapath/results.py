@@ -118,10 +118,12 @@ class Explanation:
     (not for a service, let through), REFUSED (a service without backends:
     reset or ICMP unreachable), DROPPED (``drop_reason``).
     ``policy_verdict`` is None when no policy applies to the direction;
-    ``rule`` None with a verdict means the direction's default decided.
-    ``endpoint`` is the address policies are for (the backend after translation
+    ``rule`` None with a verdict means the direction's default decided;
+    ``origin`` is that rule's :attr:`~pyebpflb.Rule.origin` (a NetworkPolicy's
+    "ingress rule 1"). ``endpoint`` is the address policies are for (the backend after translation
     on ingress, else the destination; the source on egress), ``subject`` the most
-    specific subject CIDR holding it (its ``lb_pol_subjects`` entry) and
+    specific subject CIDR holding it (its entry of ``lb_pol_addrs`` or
+    ``lb_pol_subjects``) and
     ``selected_by`` the policies with subjects that select it (a NetworkPolicy's
     pyebpflb policies, named ``namespace/name``...); () and None when none does.
     """
@@ -141,6 +143,7 @@ class Explanation:
     endpoint: str | None = None
     subject: str | None = None
     selected_by: tuple[str, ...] = ()
+    origin: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -154,6 +157,7 @@ class Explanation:
             "policy_verdict": _POLICY_WORDS[self.policy_verdict] if self.policy_verdict else None,
             "policy": self.policy,
             "rule": self.rule,
+            "origin": self.origin,
             "policy_default": self.policy_default,
             "drop_reason": self.drop_reason,
             "endpoint": self.endpoint,

@@ -182,7 +182,7 @@ class State:
 
 def event_names(
     obj: LoadedObject,
-) -> tuple[dict[int, str], dict[int, str], dict[int, tuple[str, int]]]:
+) -> tuple[dict[int, str], dict[int, str], dict[int, tuple[str, int, str | None]]]:
     """Service, backend and rule ids -> what a person reads, for flow events."""
     snapshot = read_snapshot(obj)
     services = snapshot.names()
@@ -191,5 +191,5 @@ def event_names(
         for i in snapshot.services.values()
         for backend, backend_id in zip(i.service.backends, i.backend_ids, strict=True)
     }
-    rules = {r.id: (r.policy, r.index) for r in read_policy_state(obj).refs}
+    rules = {r.id: (r.policy, r.index, r.rule.origin) for r in read_policy_state(obj).refs}
     return services, backends, rules

@@ -23,6 +23,11 @@ allow, by default deny: Kubernetes' semantics as its documentation and the e2e t
   (``:node <ip>`` policies for the pods of each node), and a pod is never blocked
   from itself (the evaluator's and datapath's rule).
 
+Each rule made says where it comes from (``Rule.origin``: "ingress rule 1", the index
+in the NetworkPolicy's ``spec.ingress``; "its pod's node"), kept in the datapath, so flow
+events and ``explain`` in any process name the NetworkPolicy (the policy's name) and
+its rule.
+
 Selectors: ``matchLabels`` and ``matchExpressions`` (In, NotIn, Exists, DoesNotExist);
 namespaces carry ``kubernetes.io/metadata.name`` as the API server sets it.
 """
@@ -435,7 +440,16 @@ def _translate(obj: dict[str, Any], cluster: NetworkPolicyTranslator, skipped: l
                 on_node = [a for p in subjects if p.host == host for a in p.addresses]
                 label = f"{origin}:node {host.network_address}"
                 made.append(
-                    (Policy(label, [Rule("allow", host)], "deny", subjects=on_node), {}, kind)
+                    (
+                        Policy(
+                            label,
+                            [Rule("allow", host, origin="its pod's node")],
+                            "deny",
+                            subjects=on_node,
+                        ),
+                        {},
+                        kind,
+                    )
                 )
     return made
 
@@ -484,7 +498,7 @@ def _rules(
             for cidr, peer_pod in targets:
                 for made_rule in _port_rules(port, cidr, peer_pod, subjects, kind, at, skipped):
                     origins[len(made)] = index
-                    made.append(made_rule)
+                    made.append(attrs.evolve(made_rule, origin=f"{kind.lower()} rule {index}"))
     return made, origins
 
 
