@@ -20,6 +20,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import PIN_ROOT
+from lbtest import TC_ACT_OK, TC_ACT_SHOT
+from scapy.layers.inet import IP
+from scapy.layers.l2 import Ether
+from scapy.layers.sctp import SCTP, SCTPChunkInit
 
 import pyebpflb as lb
 from pyebpflb.datapath import LAYOUT_VERSION
@@ -280,6 +284,18 @@ def test_an_upgrade_from_the_first_release_keeps_the_connection_and_the_counters
             destroy(name, "--netns", sandbox.lb.netns)
 
 
+def sctp_verdict(dp: lb.Datapath, destination: str) -> int:
+    """The ingress program's verdict on an SCTP INIT from the client."""
+    frame = (
+        Ether()
+        / IP(src="10.90.0.2", dst=destination)
+        / SCTP(sport=40000, dport=5000)
+        / SCTPChunkInit(init_tag=7)
+    )
+    dp.flush_conntrack()
+    return int(dp._object.program("lb_ingress").test_run(bytes(frame)).retval)
+
+
 def test_an_upgrade_from_layout_8_keeps_policies_with_subjects_in_force(
     layout8_python: str,
 ) -> None:
@@ -317,6 +333,10 @@ def test_an_upgrade_from_layout_8_keeps_policies_with_subjects_in_force(
                     assert opening.rules == (lb.Rule("allow", "10.90.0.2"),)
                     # The new programs: the one-address subject, still in the trie, decides.
                     assert closed()
+                    # SCTP (no kernel module here to send it: a run of the program) is
+                    # matched as any other protocol by layout 8's classes, as it was.
+                    assert sctp_verdict(dp, first) == TC_ACT_SHOT
+                    assert sctp_verdict(dp, second) == TC_ACT_OK
                     assert conn.get() == sandbox.backends[1].name
                     assert sandbox.http_get("10.96.0.11", 80) == sandbox.backends[1].name
                     endpoints = dp._object.map("lb_pol_addrs")
@@ -330,6 +350,11 @@ def test_an_upgrade_from_layout_8_keeps_policies_with_subjects_in_force(
                     assert len(list(dp._object.map("lb_pol_subjects").keys())) == 1  # the /24
                     assert sandbox.http_get("10.96.0.10", 80) == sandbox.backends[0].name
                     assert conn.get() == sandbox.backends[1].name
+                    # Compiled again, SCTP has its own pieces: the "any" rules hold them.
+                    assert sctp_verdict(dp, first) == TC_ACT_OK
+                    assert sctp_verdict(dp, second) == TC_ACT_OK
+                    dp.set_policies([lb.Policy("closed", [], "deny", subjects=[first])])
+                    assert sctp_verdict(dp, first) == TC_ACT_SHOT
                 # Layout 8's version meets layout 9: it refuses, naming both layouts.
                 refused = old(layout8_python, "policies", *where, script=OLD8)
                 assert refused.returncode != 0

@@ -236,7 +236,7 @@ def decode(raw: Any, names: Names, offset: float) -> FlowEvent:
     if kind == "trace":
         nat = maps.addr_from(raw.nat_addr, family)
         backend = endpoint_text(nat, maps.port_from(int(raw.nat_port)))
-    with_ports = proto in (6, 17)
+    with_ports = proto in (6, 17, 132)
     return FlowEvent(
         time=datetime.datetime.fromtimestamp(int(raw.time_ns) / 1e9 + offset, tz=datetime.UTC),
         type=kind,

@@ -26,6 +26,8 @@ class PolicyProto(enum.IntEnum):
     OTHER = lib.PYEBPFLB_POLICY_OTHER
     TCP_NOPORT = lib.PYEBPFLB_POLICY_TCP_NOPORT
     UDP_NOPORT = lib.PYEBPFLB_POLICY_UDP_NOPORT
+    SCTP = lib.PYEBPFLB_POLICY_SCTP
+    SCTP_NOPORT = lib.PYEBPFLB_POLICY_SCTP_NOPORT
 
 
 # Port ranges a policy class carries in its first-trie entry (more spill into the second).

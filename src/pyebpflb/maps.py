@@ -426,22 +426,32 @@ RULE_PROTO_TAG = {
     RuleProtocol.TCP: lib.PYEBPFLB_POLICY_TCP,
     RuleProtocol.UDP: lib.PYEBPFLB_POLICY_UDP,
     RuleProtocol.ICMP: lib.PYEBPFLB_POLICY_ICMP,
+    RuleProtocol.SCTP: lib.PYEBPFLB_POLICY_SCTP,
 }
 RULE_PROTO_OF = {tag: proto for proto, tag in RULE_PROTO_TAG.items()}
 _CIDR_FIXED = int(lib.PYEBPFLB_POLICY_CIDR_FIXED_BITS)
 _PORT_FIXED = int(lib.PYEBPFLB_POLICY_PORT_FIXED_BITS)
 
 
-def _policy_flags(on: bool, deny: bool, service_rules: bool = False, subjects: bool = False) -> int:
+def _policy_flags(
+    on: bool,
+    deny: bool,
+    service_rules: bool = False,
+    subjects: bool = False,
+    sctp_pieces: bool = True,
+) -> int:
     return (
         (lib.PYEBPFLB_POLICY_ON if on else 0)
+        | (lib.PYEBPFLB_POLICY_SCTP_PIECES if on and sctp_pieces else 0)
         | (lib.PYEBPFLB_POLICY_DEFAULT_DENY if deny else 0)
         | (lib.PYEBPFLB_POLICY_SERVICE_RULES if service_rules else 0)
         | (lib.PYEBPFLB_POLICY_SUBJECTS if subjects else 0)
     )
 
 
-def policy_head(gen: int, compiled: policy.Compiled) -> Any:
+def policy_head(gen: int, compiled: policy.Compiled, sctp_pieces: bool = True) -> Any:
+    """The head of generation ``gen``; ``sctp_pieces=False`` for a generation compiled
+    before layout 9, whose classes match SCTP as any other protocol."""
     return ffi.new(
         "struct pyebpflb_policy_head *",
         {
@@ -451,11 +461,13 @@ def policy_head(gen: int, compiled: policy.Compiled) -> Any:
                 compiled.ingress_deny,
                 compiled.ingress_service_rules,
                 compiled.has_subjects(Direction.INGRESS),
+                sctp_pieces,
             ),
             "egress": _policy_flags(
                 compiled.egress_on,
                 compiled.egress_deny,
                 subjects=compiled.has_subjects(Direction.EGRESS),
+                sctp_pieces=sctp_pieces,
             ),
         },
     )
@@ -483,7 +495,7 @@ def subject_map(key: Any) -> str:
 def policy_subject(entry: policy.SubjectEntry) -> Any:
     return ffi.new(
         "struct pyebpflb_policy_subject *",
-        {"scope": entry.scope, "flags": _policy_flags(True, entry.deny)},
+        {"scope": entry.scope, "flags": _policy_flags(True, entry.deny, sctp_pieces=False)},
     )
 
 

@@ -149,7 +149,7 @@ class Protocol(enum.Enum):
 
 
 # IP protocol numbers and their names, for every protocol a flow or event may carry.
-PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 132: "sctp"}
 PROTOCOL_NUMBERS = {name: number for number, name in PROTOCOL_NAMES.items()}
 
 
@@ -688,13 +688,17 @@ class Verdict(enum.StrEnum):
 
 
 class RuleProtocol(enum.Enum):
-    """What a rule matches: TCP, UDP, ICMP (ICMP for IPv4, ICMPv6 for IPv6) or
+    """What a rule matches: TCP, UDP, SCTP, ICMP (ICMP for IPv4, ICMPv6 for IPv6) or
     any IP protocol, unknown ones included."""
 
     TCP = "tcp"
     UDP = "udp"
+    SCTP = "sctp"
     ICMP = "icmp"
     ANY = "any"
+
+
+PORTED = (RuleProtocol.TCP, RuleProtocol.UDP, RuleProtocol.SCTP)  # rules of these name ports
 
 
 def to_action(value: object) -> Action:
@@ -817,9 +821,9 @@ class Rule:
     origin: str | None = attrs.field(default=None, validator=_check_origin, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
-        if self.ports is not None and self.protocol not in (RuleProtocol.TCP, RuleProtocol.UDP):
+        if self.ports is not None and self.protocol not in PORTED:
             raise ValueError(
-                f"ports {self.ports} need protocol 'tcp' or 'udp', got protocol "
+                f"ports {self.ports} need protocol 'tcp', 'udp' or 'sctp', got protocol "
                 f"{self.protocol.value!r} (one rule per protocol)"
             )
 

@@ -45,7 +45,8 @@ from pyebpflb.model import (
 # enum pyebpflb_policy_proto, as the header has it: the kernel numbers protocols so too.
 # Plain ints: the compiler hashes them by the million, and an enum member hashes slowly.
 PROTO_CODES = tuple(int(code) for code in PolicyProto)
-TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT = PROTO_CODES
+TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT, SCTP, SCTP_NOPORT = PROTO_CODES
+WITH_PORTS = (TCP, UDP, SCTP)  # the codes whose pieces are port ranges
 INLINE = POLICY_INLINE  # port ranges a class carries itself
 # ICMPv6 multicast listener (130-132, 143) and neighbour discovery (133-137): IPv6
 # needs them on the link; no policy stops them.
@@ -58,7 +59,8 @@ def _to_protocol_number(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
         return value
     raise ValueError(
-        f"protocol must be 'tcp', 'udp', 'icmp' or an IP protocol number 0-255, got {value!r}"
+        f"protocol must be 'tcp', 'udp', 'sctp', 'icmp' or an IP protocol number 0-255, got "
+        f"{value!r}"
     )
 
 
@@ -76,7 +78,7 @@ class Packet:
 
     ``dst_port=None``: a TCP or UDP packet whose ports are not known (a later
     fragment whose first fragment was not seen); only rules for every port
-    match it. ``protocol``: 'tcp', 'udp', 'icmp' or an IP protocol number.
+    match it. ``protocol``: 'tcp', 'udp', 'sctp', 'icmp' or an IP protocol number.
     """
 
     src: Address = attrs.field(converter=to_address)
@@ -113,6 +115,8 @@ class Packet:
             return TCP if self.dst_port is not None else TCP_NOPORT
         if self.protocol == 17:
             return UDP if self.dst_port is not None else UDP_NOPORT
+        if self.protocol == 132:
+            return SCTP if self.dst_port is not None else SCTP_NOPORT
         if self.protocol in (1, 58):
             return ICMP
         return OTHER
@@ -153,6 +157,8 @@ def _protocol_matches(rule: Rule, code: int) -> bool:
         return rule.protocol is RuleProtocol.TCP and (code == TCP or rule.ports is None)
     if code in (UDP, UDP_NOPORT):
         return rule.protocol is RuleProtocol.UDP and (code == UDP or rule.ports is None)
+    if code in (SCTP, SCTP_NOPORT):
+        return rule.protocol is RuleProtocol.SCTP and (code == SCTP or rule.ports is None)
     return code == ICMP and rule.protocol is RuleProtocol.ICMP
 
 
@@ -216,7 +222,7 @@ def evaluate(
                 if service is not None and backend is not None:
                     port = backend.port
                 rank = 1
-            if code in (TCP, UDP):
+            if code in WITH_PORTS:
                 low, high = rule.port_range
                 assert port is not None
                 if not low <= port <= high:
@@ -534,14 +540,14 @@ def _pieces(applying: list[RuleRef]) -> list[Piece]:
                 (-r.rule.prefixlen, 0, r.policy, r.index),
                 r.rule.action,
                 r.id,
-                r.rule.port_range if code in (TCP, UDP) else (0, 65535),
+                r.rule.port_range if code in WITH_PORTS else (0, 65535),
                 r.rule.prefixlen,
             )
             for r in applying
             if _protocol_matches(r.rule, code)
         ]
         for low, high, action, rule_id, cidr_len in _resolve(relevant):
-            if code not in (TCP, UDP):
+            if code not in WITH_PORTS:
                 low, high = 0, 65535
             pieces.append(Piece(code, low, high, action, rule_id, cidr_len))
     return pieces

@@ -265,7 +265,7 @@ def _head(
     elif state.active:
         phases.publish.delete(maps.POLICY, head_key)
     if state.active:
-        old_head = maps.policy_head(state.gen, _flags_of(state))
+        old_head = maps.policy_head(state.gen, _flags_of(state), state.sctp_pieces)
         phases.undo_head.write(maps.POLICY, head_key, old_head)
         old_cidrs, old_ports, old_subjects = _present(state, state.gen)
         for key in old_cidrs:

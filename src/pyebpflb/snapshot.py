@@ -80,6 +80,8 @@ class PolicyState:
     refs: tuple[RuleRef, ...]
     keys: dict[int, tuple[list[Any], list[Any]]]  # gen -> (cidr keys, port keys) present
     subject_keys: dict[int, list[Any]] = attrs.field(factory=dict)  # gen -> subject keys
+    # The generation in force has SCTP's own pieces (compiled by layout 9 or later).
+    sctp_pieces: bool = True
     # What patching the active generation needs (pyebpflb.policy_plan.RulesetIndex):
     # known only to the process that compiled it; None when read back from the kernel.
     index: Any = attrs.field(default=None, eq=False, repr=False)

@@ -20,10 +20,11 @@
 #include "pyebpflb/lb.h"
 #include "lib/ctx.h"
 
-#define IPV4_FRAG_MASK	     0x3fff /* more-fragments flag and fragment offset */
-#define IPV4_FRAG_OFFSET     0x1fff
-#define IPV6_FRAG_OFFSET     0xfff8
-#define IPV6_MAX_EXT_HEADERS 6
+#define IPV4_FRAG_MASK	       0x3fff /* more-fragments flag and fragment offset */
+#define IPV4_FRAG_OFFSET       0x1fff
+#define IPV6_FRAG_OFFSET       0xfff8
+#define IPV6_MAX_EXT_HEADERS   6
+#define SCTP_COMMON_HEADER_LEN 12 /* ports, verification tag, checksum */
 
 #ifndef IPPROTO_ICMPV6
 #define IPPROTO_ICMPV6 58
@@ -143,6 +144,17 @@ static __always_inline int parse_l4(struct ctx_buff *ctx, struct packet *pkt)
 		pkt->dport = 0;
 		pkt->csum_off = pkt->l4_off + 2;
 		return PARSE_OK;
+	}
+	if (pkt->proto == IPPROTO_SCTP) {
+		__be16 ports[2];
+
+		/* Only policy reads SCTP's ports (its common header's first four bytes):
+		 * nothing balances or translates it, so it stays PARSE_OTHER. */
+		if (pkt->l4_off + SCTP_COMMON_HEADER_LEN > pkt->l3_end ||
+		    load_header(ctx, pkt->l4_off, ports, sizeof(ports)))
+			return PARSE_MALFORMED;
+		pkt->sport = ports[0];
+		pkt->dport = ports[1];
 	}
 	return PARSE_OTHER;
 }

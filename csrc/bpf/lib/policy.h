@@ -144,12 +144,16 @@ static __always_inline __u8 policy_flags(const struct pyebpflb_policy_head *head
 	return dir == PYEBPFLB_POLICY_INGRESS ? head->ingress : head->egress;
 }
 
-static __always_inline __u8 policy_proto(const struct packet *pkt, int portless)
+/* `flags`: the direction's; without PYEBPFLB_POLICY_SCTP_PIECES (rules compiled
+ * before layout 9) SCTP is any other protocol, as it was then. */
+static __always_inline __u8 policy_proto(const struct packet *pkt, int portless, __u8 flags)
 {
 	if (pkt->proto == IPPROTO_TCP)
 		return portless ? PYEBPFLB_POLICY_TCP_NOPORT : PYEBPFLB_POLICY_TCP;
 	if (pkt->proto == IPPROTO_UDP)
 		return portless ? PYEBPFLB_POLICY_UDP_NOPORT : PYEBPFLB_POLICY_UDP;
+	if (pkt->proto == IPPROTO_SCTP && (flags & PYEBPFLB_POLICY_SCTP_PIECES))
+		return portless ? PYEBPFLB_POLICY_SCTP_NOPORT : PYEBPFLB_POLICY_SCTP;
 	if (pkt->proto == IPPROTO_ICMP || pkt->proto == IPPROTO_ICMPV6)
 		return PYEBPFLB_POLICY_ICMP;
 	return PYEBPFLB_POLICY_OTHER;
@@ -171,7 +175,10 @@ static __always_inline void policy_lookup(__u32 gen, __u32 scope, __u8 dir,
 	struct pyebpflb_policy_port_key port_key = {
 	    .prefixlen = PYEBPFLB_POLICY_PORT_FIXED_BITS + 16,
 	    .proto = proto,
-	    .port = proto == PYEBPFLB_POLICY_TCP || proto == PYEBPFLB_POLICY_UDP ? port : 0,
+	    .port = proto == PYEBPFLB_POLICY_TCP || proto == PYEBPFLB_POLICY_UDP ||
+			    proto == PYEBPFLB_POLICY_SCTP
+			? port
+			: 0,
 	};
 	struct pyebpflb_policy_verdict *found;
 	struct pyebpflb_policy_class *cls;
@@ -267,7 +274,7 @@ static __always_inline int policy_decide(struct ctx_buff *ctx,
 					 __u32 service_id, __u16 port, int portless,
 					 struct pyebpflb_policy_verdict *verdict)
 {
-	__u8 flags = policy_flags(head, dir), proto = policy_proto(pkt, portless);
+	__u8 flags = policy_flags(head, dir), proto = policy_proto(pkt, portless, flags);
 	struct pyebpflb_policy_verdict other;
 	__u32 scope = 0;
 	int self = 0;
@@ -334,7 +341,7 @@ static __always_inline int policy_ct_key(struct pyebpflb_ct_key *key, const stru
 	key->dir = ct_dir;
 	key->saddr = reverse ? pkt->daddr : pkt->saddr;
 	key->daddr = reverse ? pkt->saddr : pkt->daddr;
-	if (pkt->proto == IPPROTO_TCP || pkt->proto == IPPROTO_UDP) {
+	if (pkt->proto == IPPROTO_TCP || pkt->proto == IPPROTO_UDP || pkt->proto == IPPROTO_SCTP) {
 		key->sport = reverse ? pkt->dport : pkt->sport;
 		key->dport = reverse ? pkt->sport : pkt->dport;
 		return 1;

@@ -366,6 +366,8 @@ enum pyebpflb_policy_proto {
 	PYEBPFLB_POLICY_OTHER = 4,
 	PYEBPFLB_POLICY_TCP_NOPORT = 5,
 	PYEBPFLB_POLICY_UDP_NOPORT = 6,
+	PYEBPFLB_POLICY_SCTP = 7, /* with PYEBPFLB_POLICY_SCTP_PIECES, else OTHER */
+	PYEBPFLB_POLICY_SCTP_NOPORT = 8,
 };
 
 enum pyebpflb_policy_flags {
@@ -373,6 +375,7 @@ enum pyebpflb_policy_flags {
 	PYEBPFLB_POLICY_DEFAULT_DENY = 2,  /* ... and one of them denies by default */
 	PYEBPFLB_POLICY_SERVICE_RULES = 4, /* ... and a rule names a service */
 	PYEBPFLB_POLICY_SUBJECTS = 8,	   /* ... and a policy is for some endpoints only */
+	PYEBPFLB_POLICY_SCTP_PIECES = 16,  /* ... and classes have SCTP's own (layout 9 on) */
 };
 
 enum {

@@ -297,7 +297,7 @@ def _flow(key: Any, entry: Any, config: Any, names: dict[int, str], now: int) ->
 
     def at(union: Any, port: int) -> str:
         address = maps.addr_from(union, family)
-        return endpoint_text(address, maps.port_from(port) if proto in (6, 17) else None)
+        return endpoint_text(address, maps.port_from(port) if proto in (6, 17, 132) else None)
 
     flags = int(entry.flags)
     closing = bool(flags & lib.PYEBPFLB_CT_CLOSING)

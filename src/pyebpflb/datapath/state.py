@@ -142,6 +142,8 @@ def read_policy_state(obj: LoadedObject) -> PolicyState:
         refs=tuple(refs),
         keys=keys,
         subject_keys=subject_keys,
+        sctp_pieces=head is None
+        or bool((int(head.ingress) | int(head.egress)) & lib.PYEBPFLB_POLICY_SCTP_PIECES),
     )
 
 

@@ -14,7 +14,8 @@ allow, by default deny: Kubernetes' semantics as its documentation and the e2e t
   policy allowing an excepted address still allows it), ``podSelector`` (the policy's
   namespace), ``namespaceSelector`` (every pod of those namespaces), both in one peer
   (pods matching the first in namespaces matching the second); no peers: everyone;
-- ``ports``: a number or a name, ``endPort`` ranges, protocol TCP by default; a named
+- ``ports``: a number or a name, ``endPort`` ranges, protocol TCP by default (UDP and
+  SCTP too: SCTP's ports are matched like TCP's); a named
   port is resolved against the selected pod (ingress: pods resolving it differently
   get policies of their own, ``:ingress#2``...) or each peer pod (egress; an
   ``ipBlock`` peer cannot resolve a name and gets nothing); no ports: every port and
@@ -496,7 +497,7 @@ def _rules(
             targets.extend(_peer(peer, at_peer, namespace, cluster))
         for port in ports:
             for cidr, peer_pod in targets:
-                for made_rule in _port_rules(port, cidr, peer_pod, subjects, kind, at, skipped):
+                for made_rule in _port_rules(port, cidr, peer_pod, subjects, kind, at):
                     origins[len(made)] = index
                     made.append(attrs.evolve(made_rule, origin=f"{kind.lower()} rule {index}"))
     return made, origins
@@ -558,17 +559,13 @@ def _port_rules(
     subjects: list[_Pod],
     kind: str,
     at: str,
-    skipped: list[str],
 ) -> list[Rule]:
     if port is None:
         return [Rule("allow", cidr)]
     if not isinstance(port, dict):
         raise ManifestError(f"{at}.ports: {port!r} must be a mapping")
     protocol = str(port.get("protocol", "TCP"))
-    if protocol == "SCTP":
-        skipped.append(f"{at}.ports: SCTP is not matched by pyebpflb's rules")
-        return []
-    if protocol not in ("TCP", "UDP"):
+    if protocol not in ("TCP", "UDP", "SCTP"):
         raise ManifestError(f"{at}.ports: protocol {protocol!r} (TCP, UDP or SCTP)")
     number = port.get("port")
     if number is None:
