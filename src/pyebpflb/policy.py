@@ -76,7 +76,7 @@ def _to_port(value: object) -> int | None:
 class Packet:
     """A packet as policy sees it.
 
-    ``dst_port=None``: a TCP or UDP packet whose ports are not known (a later
+    ``dst_port=None``: a TCP, UDP or SCTP packet whose ports are not known (a later
     fragment whose first fragment was not seen); only rules for every port
     match it. ``protocol``: 'tcp', 'udp', 'sctp', 'icmp' or an IP protocol number.
     """
