@@ -8,7 +8,9 @@ installed in a real (unattached) datapath. Measured:
 
 - the ingress program's per-packet cost (BPF_PROG_TEST_RUN) for a packet into a
   selected pod, against a datapath holding one NetworkPolicy over one pod, the two
-  measured in alternating rounds;
+  measured in alternating rounds; and the same two with a cluster-wide policy of the
+  datapath's own (a blocklist of 100 /24s, for every endpoint) added to each, with the
+  lookup entries each holds;
 - the time from one pod's label change to the policy in force: translation, compile,
   kernel writes (``Datapath.set_policies``), several changes, median.
 """
@@ -101,13 +103,25 @@ def packet(dst: str, src: str) -> bytes:
     return bytes(Ether() / IP(src=src, dst=dst) / TCP(sport=999, dport=8080, flags="S"))
 
 
-def install(name: str, objects: list[dict[str, Any]]) -> tuple[lb.Datapath, float, Any]:
+def blocklist() -> lb.Policy:
+    """A cluster-wide policy of the datapath's own (for every endpoint): 100 /24s denied."""
+    return lb.Policy("blocklist", [lb.Rule("deny", f"192.168.{i}.0/24") for i in range(100)])
+
+
+def install(
+    name: str, objects: list[dict[str, Any]], *extra: lb.Policy
+) -> tuple[lb.Datapath, float, Any]:
     dp = lb.Datapath(name, max_policy_entries=1 << 18)
     began = time.perf_counter()
     done = k8s.network_policies(objects)
     assert not done.problems, done.problems[:3]
-    dp.sync([], done.policies)
+    dp.sync([], [*done.policies, *extra])
     return dp, time.perf_counter() - began, done
+
+
+def entries(dp: lb.Datapath) -> int:
+    """The policy lookup entries the datapath holds (both tries of classes)."""
+    return sum(len(dp._object.map(name)) for name in ("lb_pol_cidrs", "lb_pol_ports"))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -122,6 +136,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["pyebpflb policies"] = len(done.policies)
         results["rules"] = sum(len(p.rules) for p in done.policies)
         datapaths["one"], _, _ = install("bench-netpol-one", one_policy())
+        datapaths["many+blocklist"], results["blocklist install seconds"], _ = install(
+            "bench-netpol-many-bl", objects, blocklist()
+        )
+        datapaths["one+blocklist"], _, _ = install("bench-netpol-one-bl", one_policy(), blocklist())
+        results["entries"] = {label: entries(dp) for label, dp in datapaths.items()}
         # Into pod-1 (app-1 of ns-0) from pod-0 (app-0, allowed), and from a stranger.
         allowed, refused = packet(pod_ip(2), pod_ip(1)), packet(pod_ip(2), "10.200.0.1")
         samples: dict[tuple[str, str], list[float]] = {}

@@ -521,6 +521,29 @@ def _netpol(result: dict[str, Any]) -> list[str]:
         for what in ("allowed", "denied")
     ]  # fmt: skip
     lines += _table(["packet", "1 policy ns", f"{result['policies']} policies ns", "ratio"], rows)
+    held = result["entries"]
+    lines += [
+        "With a cluster-wide policy of the datapath's own added to both (a blocklist of "
+        "100 denied /24s, for every endpoint: an endpoint with a rule set also looks up "
+        "those rules, docs/decisions.md 66):",
+        "",
+    ]
+    rows = [
+        [what, f"{ns[f'{what} one+blocklist']:.0f}", f"{ns[f'{what} many+blocklist']:.0f}",
+         _ratio(ns[f"{what} many+blocklist"], ns[f"{what} one+blocklist"]),
+         _ratio(ns[f"{what} many+blocklist"], ns[f"{what} many"])]
+        for what in ("allowed", "denied")
+    ]  # fmt: skip
+    lines += _table(
+        ["packet", "1 policy + blocklist ns", f"{result['policies']} + blocklist ns", "ratio",
+         "vs no blocklist"],
+        rows,
+    )  # fmt: skip
+    lines += [
+        f"Lookup entries: {held['many']} for the NetworkPolicies, {held['many+blocklist']} "
+        f"with the blocklist (installed in {result['blocklist install seconds']:.1f} s).",
+        "",
+    ]
     spent = result["recompile ms"]
     total = [a + b for a, b in zip(spent["translate"], spent["install"], strict=True)]
     lines += [
@@ -532,7 +555,8 @@ def _netpol(result: dict[str, Any]) -> list[str]:
         f"{result['install seconds']:.1f} s.",
         "",
         "The lookups are as many with one policy as with a thousand: the endpoint in a "
-        "hash (lb_pol_addrs), its peer in the class trie. What grows is that trie's "
+        "hash (lb_pol_addrs), its peer in the class trie of its rule set (and in that of "
+        "the rules for every endpoint, when there are some). What grows is the trie's "
         "depth: every rule set's classes are entries of one trie (docs/decisions.md 63).",
         "",
     ]

@@ -233,3 +233,36 @@ def test_a_persisted_datapath_keeps_its_policies(pin_dir: Any) -> None:
         assert run(second, "lb_ingress", syn("10.2.0.1", "10.5.5.5"))[0] == TC_ACT_OK
         assert len(list(second._object.map("lb_pol_cidrs"))) == 2
         second.destroy()  # adopted: closing alone would leave it
+
+
+def test_rules_for_every_endpoint_are_entries_once_and_every_endpoint_meets_them() -> None:
+    """A policy for every endpoint next to 50 rule sets: its rules are entries once (a
+    max_policy_entries that 50 copies would overflow holds them), and each endpoint with
+    a rule set still meets them: a deny for everyone beats the pod's own allow, an allow
+    for everyone opens the pod's default deny, and a tie is counted on the pod's rule."""
+    pods = [
+        Policy(f"ns/pod-{i}", [Rule("allow", "10.9.0.0/16", "tcp", 8080)], "deny",
+               subjects=[f"10.0.1.{i}"])
+        for i in range(1, 51)
+    ]  # fmt: skip
+    everyone = Policy(
+        "blocklist",
+        [Rule("deny", "10.9.9.0/24"), Rule("allow", "10.8.0.0/16"),
+         Rule("allow", "10.9.0.0/16", "tcp", 8080)],
+    )  # fmt: skip
+    with datapath("pol-everyone", max_policy_entries=256) as dp:
+        dp.sync([WEB], [*pods, everyone])
+        assert policy_maps(dp)["lb_pol_cidrs"] < 128
+        for pod in ("10.0.1.3", "10.0.1.50"):
+            dp.flush_conntrack()
+            assert run(dp, "lb_ingress", syn("10.9.1.1", pod, 8080))[0] == TC_ACT_OK
+            assert run(dp, "lb_ingress", syn("10.9.9.1", pod, 8080))[0] == TC_ACT_SHOT
+            assert run(dp, "lb_ingress", syn("10.8.0.1", pod, 22))[0] == TC_ACT_OK
+            assert run(dp, "lb_ingress", syn("10.7.0.1", pod, 8080))[0] == TC_ACT_SHOT
+        # 10.9.1.1:8080 matched the pod's rule and the blocklist's, equally specific.
+        assert [t.packets for t in dp.policy_stats("ns/pod-3")] == [1]
+        assert [t.packets for t in dp.policy_stats("blocklist")] == [2, 2, 0]
+        # An endpoint no policy selects meets only the rules for every endpoint.
+        dp.flush_conntrack()
+        assert run(dp, "lb_ingress", syn("10.9.9.1", "10.0.2.1", 8080))[0] == TC_ACT_SHOT
+        assert run(dp, "lb_ingress", syn("10.7.0.1", "10.0.2.1", 8080))[0] == TC_ACT_OK

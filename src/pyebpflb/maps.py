@@ -439,6 +439,7 @@ def _policy_flags(
     service_rules: bool = False,
     subjects: bool = False,
     sctp_pieces: bool = True,
+    everyone: bool = False,
 ) -> int:
     return (
         (lib.PYEBPFLB_POLICY_ON if on else 0)
@@ -446,6 +447,7 @@ def _policy_flags(
         | (lib.PYEBPFLB_POLICY_DEFAULT_DENY if deny else 0)
         | (lib.PYEBPFLB_POLICY_SERVICE_RULES if service_rules else 0)
         | (lib.PYEBPFLB_POLICY_SUBJECTS if subjects else 0)
+        | (lib.PYEBPFLB_POLICY_EVERYONE if everyone else 0)
     )
 
 
@@ -462,12 +464,14 @@ def policy_head(gen: int, compiled: policy.Compiled, sctp_pieces: bool = True) -
                 compiled.ingress_service_rules,
                 compiled.has_subjects(Direction.INGRESS),
                 sctp_pieces,
+                Direction.INGRESS in compiled.everyone_directions,
             ),
             "egress": _policy_flags(
                 compiled.egress_on,
                 compiled.egress_deny,
                 subjects=compiled.has_subjects(Direction.EGRESS),
                 sctp_pieces=sctp_pieces,
+                everyone=Direction.EGRESS in compiled.everyone_directions,
             ),
         },
     )

@@ -186,8 +186,9 @@ def evaluate(
 
     - a matching deny beats any matching allow;
     - among the matching rules of that action, the most specific CIDR wins
-      (then a rule naming the service, then policy name, then rule order:
-      this only decides which rule is reported and counted);
+      (then a rule naming the service, then a rule of a policy with subjects,
+      then policy name, then rule order: this only decides which rule is
+      reported and counted);
     - no matching rule: deny if any policy of the direction has
       ``default="deny"``, else allow.
 
@@ -221,7 +222,7 @@ def evaluate(
                 port = packet.dst_port
                 if service is not None and backend is not None:
                     port = backend.port
-                rank = 1
+                rank = 1 if policy.subjects else 2
             if code in WITH_PORTS:
                 low, high = rule.port_range
                 assert port is not None
@@ -311,6 +312,9 @@ class Compiled:
     subjects: list[SubjectEntry] = attrs.field(factory=list)
     rulesets: dict[Ruleset, int] = attrs.field(factory=dict)  # -> its number
     subject_directions: frozenset[Direction] = frozenset()  # a policy has subjects in it
+    # A policy for every endpoint has rules (scope 0) in it: endpoints with a rule set
+    # meet those too.
+    everyone_directions: frozenset[Direction] = frozenset()
 
     def has_subjects(self, direction: Direction) -> bool:
         return direction in self.subject_directions
@@ -499,7 +503,7 @@ def _groups(
 ) -> dict[tuple[Direction, int, int], list[RuleRef]]:
     """The rules by (direction, scope, family): a rule naming a service is in the
     scope of each installed service of that name; the others of policies for every
-    endpoint in scope 0 and in every rule set of their direction; those of policies
+    endpoint in scope 0 (which endpoints with a rule set also meet); those of policies
     with subjects in the rule sets they are members of."""
     by_policy = {p.name: p for p in policies}
     groups: dict[tuple[Direction, int, int], list[RuleRef]] = {}
@@ -512,7 +516,6 @@ def _groups(
         for family in families:
             groups.setdefault((direction, scope, family), []).append(ref)
 
-    everyone: dict[Direction, list[RuleRef]] = {Direction.INGRESS: [], Direction.EGRESS: []}
     for ref in refs:
         policy = by_policy[ref.policy]
         if ref.rule.service is not None:
@@ -520,10 +523,7 @@ def _groups(
                 add(scope, policy.direction, ref)
         elif not policy.subjects:
             add(0, policy.direction, ref)
-            everyone[policy.direction].append(ref)
     for (direction, members), number in (rulesets or {}).items():
-        for ref in everyone[direction]:
-            add(POLICY_RULESET | number, direction, ref)
         for name in sorted(members):
             for ref in own.get(name, ()):
                 add(POLICY_RULESET | number, direction, ref)
@@ -591,6 +591,11 @@ def _compiled(
             for p in policies
         ),
         subject_directions=frozenset(p.direction for p in policies if p.subjects),
+        everyone_directions=frozenset(
+            p.direction
+            for p in policies
+            if not p.subjects and any(r.service is None for r in p.rules)
+        ),
     )
 
 

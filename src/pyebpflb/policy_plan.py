@@ -336,7 +336,6 @@ class RulesetIndex:
     subjects: dict[SubjectAt, tuple[policy.SubjectEntry, Any]]  # entry, its key
     by_cidr: dict[tuple[Direction, int], dict[tuple[int, int], dict[str, int]]]
     refs: dict[str, tuple[policy.RuleRef, ...]]  # by policy
-    everyone: dict[Direction, tuple[policy.RuleRef, ...]]  # of policies without subjects
     everyone_denies: dict[Direction, bool]
     next_number: int
     next_class: int  # with the generation's bit
@@ -393,12 +392,6 @@ class RulesetIndex:
         own: dict[str, list[policy.RuleRef]] = {p.name: [] for p in wanted}
         for ref in refs:
             own[ref.policy].append(ref)
-        by_name = {p.name: p for p in wanted}
-        everyone: dict[Direction, list[policy.RuleRef]] = {d: [] for d in Direction}
-        for ref in refs:
-            item = by_name[ref.policy]
-            if not item.subjects and ref.rule.service is None:
-                everyone[item.direction].append(ref)
         classes = [e.class_id & ~(1 << POLICY_GEN_SHIFT) for e in compiled.cidrs]
         head = policy.flags(wanted)
         return cls(
@@ -411,7 +404,6 @@ class RulesetIndex:
             subjects=subjects,
             by_cidr=by_cidr,
             refs={name: tuple(r) for name, r in own.items()},
-            everyone={d: tuple(r) for d, r in everyone.items()},
             everyone_denies={
                 Direction.INGRESS: head.ingress_deny,
                 Direction.EGRESS: head.egress_deny,
@@ -567,9 +559,7 @@ def _patch(
         if found is None:
             number = numbers[ruleset] = next_number
             next_number += 1
-            rulesets[number] = _write_ruleset(
-                ruleset, number, index.everyone[direction], own, class_ids, gen, phases
-            )
+            rulesets[number] = _write_ruleset(ruleset, number, own, class_ids, gen, phases)
         else:
             number = found
         deny = index.everyone_denies[direction] or any(new[n].default is Action.DENY for n in names)
@@ -637,7 +627,6 @@ def _patch(
 def _write_ruleset(
     ruleset: policy.Ruleset,
     number: int,
-    everyone: tuple[policy.RuleRef, ...],
     own: dict[str, tuple[policy.RuleRef, ...]],
     class_ids: Iterator[int],
     gen: int,
@@ -645,7 +634,7 @@ def _write_ruleset(
 ) -> RulesetEntries:
     """A rule set compiled under ``number``, written where no endpoint points yet."""
     direction, names = ruleset
-    members = list(everyone)
+    members: list[policy.RuleRef] = []
     for name in sorted(names):
         members += [r for r in own.get(name, ()) if r.rule.service is None]
     cidr_keys, port_keys = [], []

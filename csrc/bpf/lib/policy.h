@@ -264,9 +264,10 @@ static __always_inline __u32 policy_subject(__u32 gen, __u8 dir, const struct pa
  * Decide on a packet of direction `dir`. `port` is its destination port after
  * translation and `local` its endpoint (the destination after translation on
  * ingress, the source on egress); a packet to a service also meets the rules
- * naming the service (`service_id`), on its VIP's port. Of the two scopes'
- * verdicts, deny beats allow, then the longer prefix wins, and a tie goes to
- * the service's rule.
+ * naming the service (`service_id`), on its VIP's port, and an endpoint with a
+ * rule set the rules for every endpoint (scope 0). Of the scopes' verdicts, deny
+ * beats allow, then the longer prefix wins; a tie goes to the service's rule,
+ * then to the rule set's.
  */
 static __always_inline int policy_decide(struct ctx_buff *ctx,
 					 const struct pyebpflb_policy_head *head, __u8 dir,
@@ -274,8 +275,9 @@ static __always_inline int policy_decide(struct ctx_buff *ctx,
 					 __u32 service_id, __u16 port, int portless,
 					 struct pyebpflb_policy_verdict *verdict)
 {
-	__u8 flags = policy_flags(head, dir), proto = policy_proto(pkt, portless, flags);
-	struct pyebpflb_policy_verdict other;
+	__u8 head_flags = policy_flags(head, dir);
+	__u8 flags = head_flags, proto = policy_proto(pkt, portless, flags);
+	struct pyebpflb_policy_verdict other = {};
 	__u32 scope = 0;
 	int self = 0;
 
@@ -295,6 +297,14 @@ static __always_inline int policy_decide(struct ctx_buff *ctx,
 		}
 	}
 	policy_lookup(head->gen, scope, dir, pkt, proto, port, verdict);
+	if (scope && (head_flags & PYEBPFLB_POLICY_EVERYONE)) {
+		/* The rules for every endpoint: a tie goes to the endpoint's own rule set. */
+		policy_lookup(head->gen, 0, dir, pkt, proto, port, &other);
+		if (other.action != PYEBPFLB_POLICY_NONE &&
+		    (other.action > verdict->action ||
+		     (other.action == verdict->action && other.prefixlen > verdict->prefixlen)))
+			*verdict = other;
+	}
 	if (service_id && (flags & PYEBPFLB_POLICY_SERVICE_RULES)) {
 		policy_lookup(head->gen, service_id, dir, pkt, proto, pkt->dport, &other);
 		if (other.action != PYEBPFLB_POLICY_NONE &&

@@ -376,6 +376,9 @@ enum pyebpflb_policy_flags {
 	PYEBPFLB_POLICY_SERVICE_RULES = 4, /* ... and a rule names a service */
 	PYEBPFLB_POLICY_SUBJECTS = 8,	   /* ... and a policy is for some endpoints only */
 	PYEBPFLB_POLICY_SCTP_PIECES = 16,  /* ... and classes have SCTP's own (layout 9 on) */
+	/* ... and a policy for every endpoint has rules: an endpoint with a rule set also
+	 * meets scope 0's (rule sets written without this flag hold them themselves) */
+	PYEBPFLB_POLICY_EVERYONE = 32,
 };
 
 enum {
