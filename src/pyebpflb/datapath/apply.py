@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import logging
 import sys
 from collections.abc import Iterable, Iterator
@@ -18,6 +17,7 @@ from pyebpflb import maps, plan, policy_plan
 from pyebpflb import policy as policy_mod
 from pyebpflb._bpf import LoadedObject, Map, MapType, ffi
 from pyebpflb._bpf._libbpf import lib
+from pyebpflb._gc import gc_paused
 from pyebpflb.datapath.limits import Limits, argument_for
 from pyebpflb.datapath.state import State
 from pyebpflb.errors import BpfError, MapFull
@@ -33,20 +33,6 @@ WRITERS = 4
 # chunk written while the next is planned.
 OVERLAP_FROM = 20_000
 CHUNK_SERVICES = 8_192
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for one change. Planning 100,000 services
-    makes millions of objects that live on, and each collection of the young
-    generation would walk them all again: a third of a large sync's time."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class Executor:

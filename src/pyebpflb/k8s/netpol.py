@@ -41,7 +41,7 @@ from typing import Any
 
 import attrs
 
-from pyebpflb.datapath.apply import gc_paused
+from pyebpflb._gc import gc_paused
 from pyebpflb.k8s.translate import ManifestError, _get, _namespace, _where
 from pyebpflb.model import Network, Policy, Rule
 
