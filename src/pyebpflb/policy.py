@@ -611,6 +611,9 @@ def check_policies(policies: Iterable[Any], service_names: Iterable[str]) -> lis
         if policy.name in seen:
             raise ValueError(f"two policies are named {policy.name!r}; names must be unique")
         seen.add(policy.name)
+        if policy.subjects:
+            result.append(policy)  # its rules name no service: Policy refuses that
+            continue
         for index, rule in enumerate(policy.rules):
             if rule.service is not None and rule.service not in names:
                 known = ", ".join(sorted(repr(n) for n in names if n)) or "none"
