@@ -13,6 +13,8 @@ from pyebpflb.model import Action, Backend, Direction, Policy, Rule, Service
 from pyebpflb.policy import (
     ICMP,
     OTHER,
+    PIECE_EVERY,
+    SCTP,
     TCP,
     UDP,
     Compiled,
@@ -231,13 +233,18 @@ def lpm_lookup(compiled: Compiled, packet: Packet, scope: int, port: int | None)
         return None
     best = max(classes, key=lambda c: c.network.prefixlen)
     code = packet.proto_code
-    look = port if code in (TCP, UDP) else 0
+    look = port if code in (TCP, UDP, SCTP) else 0
     assert look is not None
     if not best.spilled:
         assert len(best.pieces) <= 4
-        inline = [p for p in best.pieces if p.proto == code and p.low <= look <= p.high]
-        assert len(inline) <= 1, "pieces of one class overlap"
-        return inline[0] if inline else None
+        every = [p for p in best.pieces if p.proto == PIECE_EVERY]
+        assert every in ([], list(best.pieces[-1:])), "a piece for every protocol comes last"
+        # The kernel's loop: the first piece of the packet's code, or for every protocol.
+        found = [
+            p for p in best.pieces if p.proto in (code, PIECE_EVERY) and p.low <= look <= p.high
+        ]
+        assert len([p for p in found if p.proto == code]) <= 1, "pieces of one class overlap"
+        return found[0] if found else None
     hits = [
         p
         for p in compiled.ports
@@ -257,9 +264,9 @@ rules = st.builds(
     Rule,
     action=st.sampled_from(["allow", "deny"]),
     cidr=st.sampled_from(CIDRS4 + CIDRS6),
-    protocol=st.sampled_from(["tcp", "udp", "icmp", "any"]),
+    protocol=st.sampled_from(["tcp", "udp", "sctp", "icmp", "any"]),
 ).flatmap(
-    lambda r: st.sampled_from(PORTS if r.protocol.value in ("tcp", "udp") else [None]).map(
+    lambda r: st.sampled_from(PORTS if r.protocol.value in ("tcp", "udp", "sctp") else [None]).map(
         lambda ports: Rule(r.action, r.cidr, r.protocol, ports)
     )
 )
@@ -278,7 +285,7 @@ packets = st.builds(
     Packet,
     src=st.sampled_from(["10.1.2.3", "10.1.9.9", "10.200.0.1", "192.168.4.4", "172.16.0.1"]),
     dst=st.sampled_from(["10.1.2.3", "10.5.5.5", "192.168.4.4"]),
-    protocol=st.sampled_from(["tcp", "udp", "icmp", 47]),
+    protocol=st.sampled_from(["tcp", "udp", "sctp", "icmp", 47]),
     dst_port=st.sampled_from([None, 0, 1, 22, 80, 1024, 1025, 8080, 8500, 9001, 65535]),
     direction=st.sampled_from(["ingress", "egress"]),
 )
@@ -286,7 +293,7 @@ packets6 = st.builds(
     Packet,
     src=st.sampled_from(["fd00:1::3", "fd00:1::4", "fd00:2::1", "fe80::1"]),
     dst=st.sampled_from(["fd00:1::3", "fd00:9::9"]),
-    protocol=st.sampled_from(["tcp", "udp", "icmp", 47]),
+    protocol=st.sampled_from(["tcp", "udp", "sctp", "icmp", 47]),
     dst_port=st.sampled_from([None, 22, 80, 8080, 65535]),
     direction=st.sampled_from(["ingress", "egress"]),
 )
@@ -338,13 +345,29 @@ def test_small_classes_carry_their_ranges_large_ones_spill() -> None:
     ]
     refs = [RuleRef(i + 1, "p", i, r) for i, r in enumerate(installed[0].rules)]
     compiled = compile_policies(installed, refs, {})
-    spilled = {str(c.network): c.spilled for c in compiled.cidrs}
-    # /8: allow for all six protocol kinds (> 4 pieces); the others add theirs to it.
-    assert spilled == {"10.0.0.0/8": True, "10.1.0.0/16": True, "10.2.0.0/16": True}
-    # ICMP and other protocols are one entry for every port.
-    for entry in compiled.ports:
-        if entry.proto in (ICMP, OTHER):
-            assert entry.port_prefixlen == 0
+    shapes = {str(c.network): [(p.proto, p.low, p.high) for p in c.pieces] for c in compiled.cidrs}
+    # /8: allow for every protocol and port, 8 protocol codes: one piece for them all.
+    # /16s: the codes with pieces of their own (ICMP denied; TCP's port 22 by the
+    # narrower rule) come first, then that piece for the others.
+    every = (PIECE_EVERY, 0, 65535)
+    assert shapes == {
+        "10.0.0.0/8": [every],
+        "10.1.0.0/16": [(ICMP, 0, 65535), every],
+        "10.2.0.0/16": [(TCP, 0, 21), (TCP, 22, 22), (TCP, 23, 65535), every],
+    }
+    assert not any(c.spilled for c in compiled.cidrs) and compiled.ports == []
+    # With a gap in a protocol's ports, no piece may stand for every protocol: spilled,
+    # each code its own entries; ICMP and other protocols one entry for every port.
+    ranges = [Rule("allow", "10.3.0.0/16", "tcp", (p, p)) for p in (1, 3, 5, 7)]
+    gappy = [Policy("g", [Rule("allow", "10.3.0.0/16", "icmp"), *ranges])]
+    compiled = compile_policies(
+        gappy, [RuleRef(i + 1, "g", i, r) for i, r in enumerate(gappy[0].rules)], {}
+    )
+    (entry,) = compiled.cidrs
+    assert entry.spilled and {p.proto for p in compiled.ports} == {TCP, ICMP}
+    for port_entry in compiled.ports:
+        if port_entry.proto in (ICMP, OTHER):
+            assert port_entry.port_prefixlen == 0
     alone = [Policy("q", [Rule("allow", "10.0.0.0/8", "tcp", (80, 90))])]
     (entry,) = compile_policies(alone, [RuleRef(1, "q", 0, alone[0].rules[0])], {}).cidrs
     assert not entry.spilled

@@ -32,6 +32,8 @@ class PolicyProto(enum.IntEnum):
 
 # Port ranges a policy class carries in its first-trie entry (more spill into the second).
 POLICY_INLINE = int(lib.PYEBPFLB_POLICY_INLINE)
+# An inline piece's proto meaning every protocol (last in its class).
+POLICY_PIECE_EVERY = int(lib.PYEBPFLB_POLICY_PIECE_EVERY)
 
 
 class EventType(enum.IntEnum):

@@ -19,6 +19,7 @@ decides with two longest-prefix lookups, whatever the number of rules:
 
 from __future__ import annotations
 
+import collections
 import heapq
 import ipaddress
 import itertools
@@ -27,7 +28,7 @@ from typing import Any
 
 import attrs
 
-from pyebpflb.layout import POLICY_INLINE, POLICY_RULESET, PolicyProto
+from pyebpflb.layout import POLICY_INLINE, POLICY_PIECE_EVERY, POLICY_RULESET, PolicyProto
 from pyebpflb.model import (
     PROTOCOL_NUMBERS,
     Action,
@@ -48,6 +49,7 @@ PROTO_CODES = tuple(int(code) for code in PolicyProto)
 TCP, UDP, ICMP, OTHER, TCP_NOPORT, UDP_NOPORT, SCTP, SCTP_NOPORT = PROTO_CODES
 WITH_PORTS = (TCP, UDP, SCTP)  # the codes whose pieces are port ranges
 INLINE = POLICY_INLINE  # port ranges a class carries itself
+PIECE_EVERY = POLICY_PIECE_EVERY  # an inline piece for every protocol
 # ICMPv6 multicast listener (130-132, 143) and neighbour discovery (133-137): IPv6
 # needs them on the link; no policy stops them.
 LINK_CONTROL_TYPES = frozenset([*range(130, 138), 143])
@@ -437,7 +439,8 @@ def classes(
         applying = [ref for found in up(prefixlen, network) for ref in found]
         class_id = next(class_ids)
         pieces = _pieces(applying)
-        spilled = len(pieces) > INLINE
+        inline = _compact(pieces)
+        spilled = len(inline) > INLINE
         if spilled:
             ports.extend(_port_entries(class_id, pieces))
         cidrs.append(
@@ -447,7 +450,7 @@ def classes(
                 family,
                 net_type((network, prefixlen)),
                 class_id,
-                () if spilled else tuple(pieces),
+                () if spilled else tuple(inline),
                 spilled,
             )
         )
@@ -551,6 +554,46 @@ def _pieces(applying: list[RuleRef]) -> list[Piece]:
                 low, high = 0, 65535
             pieces.append(Piece(code, low, high, action, rule_id, cidr_len))
     return pieces
+
+
+def _compact(pieces: list[Piece]) -> list[Piece]:
+    """``pieces`` in fewer when they do not fit inline: when every protocol code is
+    covered on every port (a rule for every protocol and port applies, as a
+    NetworkPolicy peer without ports), the codes decided by one same piece share a
+    single last piece for every protocol (PIECE_EVERY), after the others' own."""
+    if len(pieces) <= INLINE:
+        return pieces
+    by_code: dict[int, list[Piece]] = {}
+    for piece in pieces:
+        by_code.setdefault(piece.proto, []).append(piece)
+    if len(by_code) != len(PROTO_CODES):
+        return pieces  # a code without pieces: a piece for every protocol would cover it
+    for own in by_code.values():
+        edge = -1
+        for piece in sorted(own, key=lambda p: p.low):
+            if piece.low != edge + 1:
+                return pieces
+            edge = piece.high
+        if edge != 65535:
+            return pieces  # a gap: there the protocol's verdict is no rule's
+    whole = collections.Counter(
+        (own[0].action, own[0].rule_id, own[0].cidr_prefixlen)
+        for own in by_code.values()
+        if len(own) == 1
+    )
+    if not whole:
+        return pieces
+    (action, rule_id, cidr_prefixlen), count = whole.most_common(1)[0]
+    if count < 2:
+        return pieces
+    shared = (action, rule_id, cidr_prefixlen)
+    kept = [
+        p
+        for own in by_code.values()
+        if not (len(own) == 1 and (own[0].action, own[0].rule_id, own[0].cidr_prefixlen) == shared)
+        for p in own
+    ]
+    return [*kept, Piece(PIECE_EVERY, 0, 65535, action, rule_id, cidr_prefixlen)]
 
 
 def _port_entries(class_id: int, pieces: list[Piece]) -> Iterator[PortEntry]:

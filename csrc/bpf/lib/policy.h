@@ -194,8 +194,9 @@ static __always_inline void policy_lookup(__u32 gen, __u32 scope, __u8 dir,
 		for (int i = 0; i < PYEBPFLB_POLICY_INLINE; i++) {
 			const struct pyebpflb_policy_piece *piece = &cls->pieces[i];
 
-			if (piece->proto == proto && piece->port_low <= host_port &&
-			    host_port <= piece->port_high) {
+			if ((piece->proto == proto ||
+			     piece->proto == PYEBPFLB_POLICY_PIECE_EVERY) &&
+			    piece->port_low <= host_port && host_port <= piece->port_high) {
 				out->rule_id = piece->rule_id;
 				out->action = piece->action;
 				out->prefixlen = piece->prefixlen;

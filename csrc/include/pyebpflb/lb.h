@@ -417,6 +417,9 @@ struct pyebpflb_policy_piece {
 
 enum {
 	PYEBPFLB_POLICY_INLINE = 4,
+	/* The proto of an inline piece for every protocol, last in its class: the
+	 * protocols with pieces of their own meet those first. */
+	PYEBPFLB_POLICY_PIECE_EVERY = 255,
 };
 
 struct pyebpflb_policy_class {
