@@ -29,7 +29,7 @@ from pyebpflb._bpf import RingBuffer, ffi
 from pyebpflb._bpf._libbpf import lib
 from pyebpflb._bpf.netns import entered
 from pyebpflb.layout import DROP_REASONS, DropReason, EventType
-from pyebpflb.model import Address, Direction, Verdict, endpoint_text, protocol_name
+from pyebpflb.model import WITH_PORTS, Address, Direction, Verdict, endpoint_text, protocol_name
 
 TYPES = {int(t): t.label for t in EventType}
 TYPE_BITS = {name: 1 << code for code, name in TYPES.items()}
@@ -236,7 +236,7 @@ def decode(raw: Any, names: Names, offset: float) -> FlowEvent:
     if kind == "trace":
         nat = maps.addr_from(raw.nat_addr, family)
         backend = endpoint_text(nat, maps.port_from(int(raw.nat_port)))
-    with_ports = proto in (6, 17, 132)
+    with_ports = proto in WITH_PORTS
     return FlowEvent(
         time=datetime.datetime.fromtimestamp(int(raw.time_ns) / 1e9 + offset, tz=datetime.UTC),
         type=kind,

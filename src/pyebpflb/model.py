@@ -151,6 +151,7 @@ class Protocol(enum.Enum):
 # IP protocol numbers and their names, for every protocol a flow or event may carry.
 PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 132: "sctp"}
 PROTOCOL_NUMBERS = {name: number for number, name in PROTOCOL_NAMES.items()}
+WITH_PORTS = frozenset({6, 17, 132})  # TCP, UDP, SCTP: the protocols a flow has ports in
 
 
 def protocol_name(number: int) -> str:

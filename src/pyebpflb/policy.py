@@ -576,24 +576,19 @@ def _compact(pieces: list[Piece]) -> list[Piece]:
             edge = piece.high
         if edge != 65535:
             return pieces  # a gap: there the protocol's verdict is no rule's
-    whole = collections.Counter(
-        (own[0].action, own[0].rule_id, own[0].cidr_prefixlen)
-        for own in by_code.values()
-        if len(own) == 1
-    )
+
+    def decision(own: list[Piece]) -> tuple[Action, int, int] | None:
+        """What a code's single piece decides (None: the code has several)."""
+        return (own[0].action, own[0].rule_id, own[0].cidr_prefixlen) if len(own) == 1 else None
+
+    whole = collections.Counter(d for own in by_code.values() if (d := decision(own)))
     if not whole:
         return pieces
-    (action, rule_id, cidr_prefixlen), count = whole.most_common(1)[0]
+    shared, count = whole.most_common(1)[0]
     if count < 2:
         return pieces
-    shared = (action, rule_id, cidr_prefixlen)
-    kept = [
-        p
-        for own in by_code.values()
-        if not (len(own) == 1 and (own[0].action, own[0].rule_id, own[0].cidr_prefixlen) == shared)
-        for p in own
-    ]
-    return [*kept, Piece(PIECE_EVERY, 0, 65535, action, rule_id, cidr_prefixlen)]
+    kept = [p for own in by_code.values() if decision(own) != shared for p in own]
+    return [*kept, Piece(PIECE_EVERY, 0, 65535, *shared)]
 
 
 def _port_entries(class_id: int, pieces: list[Piece]) -> Iterator[PortEntry]:

@@ -25,7 +25,7 @@ from pyebpflb.datapath.state import State, all_keys
 from pyebpflb.errors import NotFound
 from pyebpflb.events import EventStats
 from pyebpflb.layout import DROP_REASONS, CtKind
-from pyebpflb.model import Service, endpoint_text, protocol_name
+from pyebpflb.model import WITH_PORTS, Service, endpoint_text, protocol_name
 
 
 def _not_installed(what: str, datapath: str) -> NotFound:
@@ -297,7 +297,7 @@ def _flow(key: Any, entry: Any, config: Any, names: dict[int, str], now: int) ->
 
     def at(union: Any, port: int) -> str:
         address = maps.addr_from(union, family)
-        return endpoint_text(address, maps.port_from(port) if proto in (6, 17, 132) else None)
+        return endpoint_text(address, maps.port_from(port) if proto in WITH_PORTS else None)
 
     flags = int(entry.flags)
     closing = bool(flags & lib.PYEBPFLB_CT_CLOSING)

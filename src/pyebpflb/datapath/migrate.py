@@ -208,10 +208,9 @@ def _rules_gain_origin(old: Mapping[str, Map], new: LoadedObject) -> None:
     before = old[maps.POL_RULES]
     rules = new.map(maps.POL_RULES)
     for key, value in before.items():
-        raw = value if isinstance(value, bytes) else bytes(ffi.buffer(value))
         rule = ffi.new("struct pyebpflb_policy_rule *")
-        ffi.memmove(rule, raw[: before.value_size], before.value_size)
-        rules[key if isinstance(key, bytes) else bytes(ffi.buffer(key))] = rule[0]
+        ffi.memmove(rule, _bytes(value)[: before.value_size], before.value_size)
+        rules[_bytes(key)] = rule[0]
 
 
 def _both(*steps: Before) -> Before:
@@ -318,8 +317,12 @@ def path(name: str, layout: int) -> list[Migration]:
 
 
 def _raw(config_map: Map) -> bytes:
-    value = config_map[bytes(4)]
-    return value if isinstance(value, bytes) else bytes(ffi.buffer(value))
+    return _bytes(config_map[bytes(4)])
+
+
+def _bytes(item: Any) -> bytes:
+    """A key or value read from a map, as bytes (a struct of this version's or raw)."""
+    return item if isinstance(item, bytes) else bytes(ffi.buffer(item))
 
 
 def read_config(config_map: Map) -> Any:

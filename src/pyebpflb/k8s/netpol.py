@@ -497,9 +497,10 @@ def _rules(
             targets.extend(_peer(peer, at_peer, namespace, cluster))
         for port in ports:
             for cidr, peer_pod in targets:
-                for made_rule in _port_rules(port, cidr, peer_pod, subjects, kind, at):
+                origin = f"{kind.lower()} rule {index}"
+                for made_rule in _port_rules(port, cidr, peer_pod, subjects, kind, at, origin):
                     origins[len(made)] = index
-                    made.append(attrs.evolve(made_rule, origin=f"{kind.lower()} rule {index}"))
+                    made.append(made_rule)
     return made, origins
 
 
@@ -559,9 +560,10 @@ def _port_rules(
     subjects: list[_Pod],
     kind: str,
     at: str,
+    origin: str,
 ) -> list[Rule]:
     if port is None:
-        return [Rule("allow", cidr)]
+        return [Rule("allow", cidr, origin=origin)]
     if not isinstance(port, dict):
         raise ManifestError(f"{at}.ports: {port!r} must be a mapping")
     protocol = str(port.get("protocol", "TCP"))
@@ -569,7 +571,7 @@ def _port_rules(
         raise ManifestError(f"{at}.ports: protocol {protocol!r} (TCP, UDP or SCTP)")
     number = port.get("port")
     if number is None:
-        return [Rule("allow", cidr, protocol.lower())]  # every port of the protocol
+        return [Rule("allow", cidr, protocol.lower(), origin=origin)]  # every port of it
     if isinstance(number, str):
         # Ingress: the selected pods of this group resolve it alike; egress: the peer.
         owner = subjects[0] if kind == "Ingress" else peer_pod
@@ -584,7 +586,7 @@ def _port_rules(
         isinstance(end, bool) or not isinstance(end, int) or not number <= end <= 65535
     ):
         raise ManifestError(f"{at}.ports: endPort {end!r} must be from port {number} to 65535")
-    return [Rule("allow", cidr, protocol.lower(), (number, end) if end else number)]
+    return [Rule("allow", cidr, protocol.lower(), (number, end) if end else number, origin=origin)]
 
 
 def owned_by(name: str, origin: str) -> bool:
